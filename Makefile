@@ -1,0 +1,25 @@
+# make run   - the service on its embedded default (SQLite, no Redis), with a demo key and curl
+# make test  - the test suite (needs PostgreSQL and Redis; see README)
+PYTHON ?= $(shell command -v python3.11 || command -v python3)
+VENV := .venv
+BIN := $(VENV)/bin
+
+.PHONY: setup run test lint bench
+
+$(BIN)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip
+	$(BIN)/pip install --quiet -e '.[dev]'
+	touch $@
+
+setup: $(BIN)/.installed
+
+run: setup
+	$(BIN)/python manage.py serve
+
+test: setup
+	scripts/test
+
+lint: setup
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .

@@ -1,0 +1,84 @@
+from __future__ import annotations
+
+import logging
+
+from asgiref.sync import iscoroutinefunction, markcoroutinefunction
+from django.conf import settings
+from django.core.exceptions import RequestDataTooBig
+from django.http import Http404
+
+from agentsvc.errors import problem_response
+
+logger = logging.getLogger(__name__)
+
+
+def _is_api(request) -> bool:
+    return request.path.startswith("/api/")
+
+
+def _body_problem(request):
+    """413 before any view sees a body over MAX_REQUEST_BYTES."""
+    if request.method not in ("POST", "PUT", "PATCH") or not _is_api(request):
+        return None
+    try:
+        declared = int(request.headers.get("Content-Length") or 0)
+    except ValueError:
+        return problem_response(request, "validation_error", "Invalid Content-Length header.")
+    if declared > settings.MAX_REQUEST_BYTES:
+        return problem_response(
+            request,
+            "payload_too_large",
+            f"The body may be at most {settings.MAX_REQUEST_BYTES} bytes.",
+        )
+    try:
+        request.body  # noqa: B018 - reading it enforces DATA_UPLOAD_MAX_MEMORY_SIZE
+    except RequestDataTooBig:
+        return problem_response(
+            request,
+            "payload_too_large",
+            f"The body may be at most {settings.MAX_REQUEST_BYTES} bytes.",
+        )
+    return None
+
+
+class ApiProblemMiddleware:
+    """Keeps HTML error pages and stack traces away from API callers."""
+
+    sync_capable = True
+    async_capable = True
+
+    def __init__(self, get_response):
+        self.get_response = get_response
+        if iscoroutinefunction(get_response):
+            markcoroutinefunction(self)
+
+    def __call__(self, request):
+        if iscoroutinefunction(self):
+            return self.__acall__(request)
+        return self._finish(request, _body_problem(request) or self.get_response(request))
+
+    async def __acall__(self, request):
+        problem = _body_problem(request)
+        if problem is not None:
+            return problem
+        return self._finish(request, await self.get_response(request))
+
+    @staticmethod
+    def _finish(request, response):
+        if (
+            _is_api(request)
+            and response.status_code >= 500
+            and not response.get("Content-Type", "").startswith(
+                ("application/problem+json", "text/event-stream")
+            )
+        ):
+            return problem_response(request, "server_error", status=response.status_code)
+        return response
+
+    def process_exception(self, request, exception):
+        if not _is_api(request):
+            return None
+        if isinstance(exception, Http404):
+            return problem_response(request, "not_found", "No such resource.")
+        logger.exception("Unhandled error on %s", request.path, exc_info=exception)
+        return problem_response(request, "server_error")

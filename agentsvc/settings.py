@@ -1,0 +1,246 @@
+"""Settings, all from environment variables (see README "Configuration").
+
+Unset, they give the embedded default: SQLite, the django-q2 ORM broker, in-process cache and
+channel layer. DATABASE_URL and REDIS_URL switch to PostgreSQL and Redis.
+"""
+
+from __future__ import annotations
+
+import secrets
+from decimal import Decimal
+from pathlib import Path
+
+import dj_database_url
+from django.core.exceptions import ImproperlyConfigured
+
+from agentsvc.env import (
+    env_bool,
+    env_float,
+    env_int,
+    env_list,
+    env_prices,
+    env_str,
+)
+
+BASE_DIR = Path(__file__).resolve().parent.parent
+DATA_DIR = Path(env_str("DATA_DIR", str(BASE_DIR / "var")))
+
+DATABASE_URL = env_str("DATABASE_URL")
+REDIS_URL = env_str("REDIS_URL")
+EMBEDDED = not DATABASE_URL
+
+DEBUG = env_bool("DEBUG", False)
+ALLOWED_HOSTS = env_list("ALLOWED_HOSTS", ["localhost", "127.0.0.1", "[::1]"])
+CSRF_TRUSTED_ORIGINS = env_list("CSRF_TRUSTED_ORIGINS", [])
+
+
+def _secret_key() -> str:
+    key = env_str("SECRET_KEY")
+    if key:
+        return key
+    if not EMBEDDED:
+        raise ImproperlyConfigured("SECRET_KEY must be set when DATABASE_URL is set")
+    # Embedded default: a random key kept next to the SQLite database, so sessions survive restarts.
+    DATA_DIR.mkdir(parents=True, exist_ok=True)
+    path = DATA_DIR / "secret_key"
+    if not path.exists():
+        path.write_text(secrets.token_urlsafe(50))
+        path.chmod(0o600)
+    return path.read_text().strip()
+
+
+SECRET_KEY = _secret_key()
+
+INSTALLED_APPS = [
+    "daphne",
+    "django.contrib.admin",
+    "django.contrib.auth",
+    "django.contrib.contenttypes",
+    "django.contrib.sessions",
+    "django.contrib.messages",
+    "django.contrib.staticfiles",
+    "rest_framework",
+    "django_q",
+    "channels",
+    "agentsvc",
+    "runs",
+    "webhooks",
+]
+
+MIDDLEWARE = [
+    "agentsvc.middleware.ApiProblemMiddleware",
+    "django.middleware.security.SecurityMiddleware",
+    "django.contrib.sessions.middleware.SessionMiddleware",
+    "django.middleware.common.CommonMiddleware",
+    "django.middleware.csrf.CsrfViewMiddleware",
+    "django.contrib.auth.middleware.AuthenticationMiddleware",
+    "django.contrib.messages.middleware.MessageMiddleware",
+    "django.middleware.clickjacking.XFrameOptionsMiddleware",
+]
+
+ROOT_URLCONF = "agentsvc.urls"
+ASGI_APPLICATION = "agentsvc.asgi.application"
+WSGI_APPLICATION = None
+APPEND_SLASH = False
+
+TEMPLATES = [
+    {
+        "BACKEND": "django.template.backends.django.DjangoTemplates",
+        "DIRS": [BASE_DIR / "templates"],
+        "APP_DIRS": True,
+        "OPTIONS": {
+            "context_processors": [
+                "django.template.context_processors.request",
+                "django.contrib.auth.context_processors.auth",
+                "django.contrib.messages.context_processors.messages",
+            ],
+        },
+    },
+]
+
+if EMBEDDED:
+    DATA_DIR.mkdir(parents=True, exist_ok=True)
+    DATABASES = {
+        "default": {
+            "ENGINE": "django.db.backends.sqlite3",
+            "NAME": DATA_DIR / "agentsvc.sqlite3",
+            # WAL lets the web and worker processes read while one writes; IMMEDIATE takes the write
+            # lock at BEGIN, so concurrent writers wait (busy timeout) instead of failing mid-way.
+            "OPTIONS": {
+                "init_command": "PRAGMA journal_mode=WAL; PRAGMA synchronous=NORMAL;",
+                "transaction_mode": "IMMEDIATE",
+                "timeout": 20,
+            },
+        }
+    }
+else:
+    try:
+        DATABASES = {"default": dj_database_url.parse(DATABASE_URL, conn_max_age=60)}
+    except ValueError as e:
+        raise ImproperlyConfigured(f"DATABASE_URL is not a valid database URL: {e}") from e
+    DATABASES["default"]["CONN_HEALTH_CHECKS"] = True
+
+DEFAULT_AUTO_FIELD = "django.db.models.BigAutoField"
+
+if REDIS_URL:
+    CACHES = {
+        "default": {"BACKEND": "django.core.cache.backends.redis.RedisCache", "LOCATION": REDIS_URL}
+    }
+    CHANNEL_LAYERS = {
+        "default": {
+            "BACKEND": "channels_redis.core.RedisChannelLayer",
+            "CONFIG": {"hosts": [REDIS_URL]},
+        }
+    }
+else:
+    CACHES = {"default": {"BACKEND": "django.core.cache.backends.locmem.LocMemCache"}}
+    CHANNEL_LAYERS = {"default": {"BACKEND": "channels.layers.InMemoryChannelLayer"}}
+
+AUTH_PASSWORD_VALIDATORS = [
+    {"NAME": "django.contrib.auth.password_validation.MinimumLengthValidator"},
+    {"NAME": "django.contrib.auth.password_validation.CommonPasswordValidator"},
+]
+
+LANGUAGE_CODE = "en-us"
+TIME_ZONE = "UTC"
+USE_I18N = False
+USE_TZ = True
+
+STATIC_URL = "static/"
+STATIC_ROOT = DATA_DIR / "static"
+
+SESSION_COOKIE_HTTPONLY = True
+SESSION_COOKIE_SECURE = env_bool("SECURE_COOKIES", False)
+CSRF_COOKIE_SECURE = SESSION_COOKIE_SECURE
+
+# --- Requests -------------------------------------------------------------------------------
+MAX_REQUEST_BYTES = env_int("MAX_REQUEST_BYTES", 1024 * 1024, minimum=1024)
+DATA_UPLOAD_MAX_MEMORY_SIZE = MAX_REQUEST_BYTES
+
+REST_FRAMEWORK = {
+    "DEFAULT_AUTHENTICATION_CLASSES": ["agentsvc.auth.ApiKeyAuthentication"],
+    "DEFAULT_PERMISSION_CLASSES": ["rest_framework.permissions.IsAuthenticated"],
+    "DEFAULT_PARSER_CLASSES": ["rest_framework.parsers.JSONParser"],
+    "DEFAULT_RENDERER_CLASSES": ["rest_framework.renderers.JSONRenderer"],
+    "EXCEPTION_HANDLER": "agentsvc.errors.exception_handler",
+    "DEFAULT_CONTENT_NEGOTIATION_CLASS": "agentsvc.negotiation.JSONContentNegotiation",
+    "UNAUTHENTICATED_USER": None,
+}
+
+# --- Runs -----------------------------------------------------------------------------------
+RUN_TIMEOUT_MAX_S = env_int("RUN_TIMEOUT_MAX_S", 900, minimum=1)
+INVOKE_WAIT_DEFAULT_S = env_float("INVOKE_WAIT_DEFAULT_S", 30, minimum=0)
+INVOKE_WAIT_MAX_S = env_float("INVOKE_WAIT_MAX_S", 60, minimum=0)
+STREAM_COALESCE_MS = env_int("STREAM_COALESCE_MS", 50, minimum=0)
+
+# --- Model providers --------------------------------------------------------------------------
+# An agent names a provider; the provider says where the OpenAI-compatible server is and which
+# environment variable holds its key (the key itself is never stored in the database).
+PROVIDERS = {
+    "openai": {
+        "base_url": env_str("OPENAI_BASE_URL", "https://api.openai.com/v1"),
+        "api_key_env": "OPENAI_API_KEY",
+    },
+    "local": {
+        "base_url": env_str("LOCAL_MODEL_URL", "http://127.0.0.1:8089/v1"),
+        "api_key_env": "",
+    },
+}
+PROVIDER_CONNECT_TIMEOUT_S = env_float("PROVIDER_CONNECT_TIMEOUT_S", 5, minimum=0.1)
+PROVIDER_READ_TIMEOUT_S = env_float("PROVIDER_READ_TIMEOUT_S", 60, minimum=0.1)
+PROVIDER_MAX_RETRIES = env_int("PROVIDER_MAX_RETRIES", 2, minimum=0)
+PROVIDER_RETRY_MAX_WAIT_S = env_float("PROVIDER_RETRY_MAX_WAIT_S", 20, minimum=0)
+
+# USD per million tokens (input, output). Sources: the providers' public price pages.
+MODEL_PRICES: dict[str, tuple[Decimal, Decimal]] = {
+    "gpt-4o-mini": (Decimal("0.15"), Decimal("0.60")),
+    "gpt-4o": (Decimal("2.50"), Decimal("10.00")),
+    "gpt-4.1-mini": (Decimal("0.40"), Decimal("1.60")),
+    "gpt-4.1-nano": (Decimal("0.10"), Decimal("0.40")),
+}
+MODEL_PRICES.update(env_prices("MODEL_PRICES"))
+
+# --- Workers (django-q2) --------------------------------------------------------------------
+Q_WORKERS = env_int("Q_WORKERS", 2, minimum=1)
+# A task running longer than `retry` would be handed to a second worker, so `retry` stays above
+# `timeout`, which stays above the longest chain timeout.
+_task_timeout = RUN_TIMEOUT_MAX_S + 60
+Q_CLUSTER = {
+    "name": env_str("Q_CLUSTER_NAME", "agentsvc"),
+    "workers": Q_WORKERS,
+    "timeout": _task_timeout,
+    "retry": _task_timeout + 60,
+    "max_attempts": 1,
+    "queue_limit": Q_WORKERS * 4,
+    "catch_up": False,
+    "ack_failures": True,
+    "save_limit": 1000,
+    "label": "Worker tasks",
+    "poll": env_float("Q_POLL_S", 0.05, minimum=0.01),
+}
+if REDIS_URL:
+    Q_CLUSTER["redis"] = REDIS_URL
+else:
+    Q_CLUSTER["orm"] = "default"
+
+# --- Logging --------------------------------------------------------------------------------
+LOG_LEVEL = env_str("LOG_LEVEL", "INFO").upper()
+if LOG_LEVEL not in ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"):
+    raise ImproperlyConfigured(
+        f"LOG_LEVEL must be DEBUG, INFO, WARNING, ERROR or CRITICAL, got {LOG_LEVEL!r}"
+    )
+LOGGING = {
+    "version": 1,
+    "disable_existing_loggers": False,
+    "formatters": {"plain": {"format": "%(asctime)s %(levelname)s %(name)s %(message)s"}},
+    "handlers": {"console": {"class": "logging.StreamHandler", "formatter": "plain"}},
+    "root": {"handlers": ["console"], "level": LOG_LEVEL},
+    "loggers": {
+        "django.channels.server": {"level": "WARNING"},
+        "httpx": {"level": "WARNING"},
+    },
+}
+
+# --- Model availability ---------------------------------------------------------------------
+MODEL_PROBE_TIMEOUT_S = env_float("MODEL_PROBE_TIMEOUT_S", 2, minimum=0.1)
+MODEL_PROBE_CACHE_S = env_float("MODEL_PROBE_CACHE_S", 5, minimum=0)

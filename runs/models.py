@@ -1,0 +1,156 @@
+from __future__ import annotations
+
+import uuid
+
+from django.db import models
+from django.db.models import Q
+
+from agentsvc.models import ApiKey, Owner
+
+
+class Chain(models.Model):
+    """One version of a chain. Publishing a change adds a row with the next version."""
+
+    name = models.SlugField(max_length=100)
+    version = models.PositiveIntegerField()
+    description = models.TextField(blank=True)
+    input_schema = models.JSONField(default=dict)
+    timeout_s = models.PositiveIntegerField(default=120)
+    estimated_duration_s = models.PositiveIntegerField(default=30)
+    published = models.BooleanField(default=True)
+    # SHA-256 of the canonical definition: loading an unchanged file adds no version.
+    definition_hash = models.CharField(max_length=64)
+    created_at = models.DateTimeField(auto_now_add=True)
+
+    class Meta:
+        constraints = [
+            models.UniqueConstraint(fields=["name", "version"], name="chain_name_version_uniq"),
+            models.CheckConstraint(condition=Q(version__gte=1), name="chain_version_positive"),
+            models.CheckConstraint(condition=Q(timeout_s__gte=1), name="chain_timeout_positive"),
+        ]
+        ordering = ["name", "-version"]
+
+    def __str__(self) -> str:
+        return f"{self.name} v{self.version}"
+
+
+class Agent(models.Model):
+    chain = models.ForeignKey(Chain, on_delete=models.CASCADE, related_name="agents")
+    position = models.PositiveIntegerField()
+    name = models.SlugField(max_length=100)
+    provider = models.CharField(max_length=50)
+    model = models.CharField(max_length=200)
+    system_prompt = models.TextField(blank=True)
+    # Django template syntax over {input, outputs, previous}.
+    prompt_template = models.TextField()
+    max_tokens = models.PositiveIntegerField(default=512)
+    temperature = models.FloatField(default=0.7)
+    # Optional per-agent server; the API key still comes from the provider's environment variable.
+    base_url = models.URLField(blank=True)
+
+    class Meta:
+        constraints = [
+            models.UniqueConstraint(fields=["chain", "position"], name="agent_chain_position_uniq"),
+            models.UniqueConstraint(fields=["chain", "name"], name="agent_chain_name_uniq"),
+        ]
+        ordering = ["chain", "position"]
+
+    def __str__(self) -> str:
+        return f"{self.chain} #{self.position} {self.name}"
+
+
+class RunStatus(models.TextChoices):
+    QUEUED = "queued"
+    RUNNING = "running"
+    COMPLETED = "completed"
+    FAILED = "failed"
+    CANCELLED = "cancelled"
+    TIMED_OUT = "timed_out"
+
+
+TERMINAL_STATUSES = frozenset(
+    {RunStatus.COMPLETED, RunStatus.FAILED, RunStatus.CANCELLED, RunStatus.TIMED_OUT}
+)
+
+
+class Run(models.Model):
+    id = models.UUIDField(primary_key=True, default=uuid.uuid4, editable=False)
+    owner = models.ForeignKey(Owner, on_delete=models.CASCADE, related_name="runs")
+    api_key = models.ForeignKey(ApiKey, on_delete=models.SET_NULL, null=True, blank=True)
+    chain = models.ForeignKey(Chain, on_delete=models.PROTECT, related_name="runs")
+    status = models.CharField(max_length=16, choices=RunStatus.choices, default=RunStatus.QUEUED)
+
+    input = models.JSONField(default=dict)
+    output = models.TextField(null=True, blank=True)  # noqa: DJ001 - null until completed
+    metadata = models.JSONField(default=dict, blank=True)
+    error_code = models.CharField(max_length=64, blank=True)
+    error_message = models.TextField(blank=True)
+
+    current_agent = models.CharField(max_length=100, blank=True)
+    agents_completed = models.PositiveIntegerField(default=0)
+    agents_total = models.PositiveIntegerField(default=0)
+
+    input_tokens = models.PositiveIntegerField(default=0)
+    output_tokens = models.PositiveIntegerField(default=0)
+    cost = models.DecimalField(max_digits=14, decimal_places=6, default=0)
+
+    created_at = models.DateTimeField(auto_now_add=True)
+    started_at = models.DateTimeField(null=True, blank=True)
+    finished_at = models.DateTimeField(null=True, blank=True)
+    deadline_at = models.DateTimeField(null=True, blank=True)
+    heartbeat_at = models.DateTimeField(null=True, blank=True)
+    worker = models.CharField(max_length=100, blank=True)
+
+    cancel_requested_at = models.DateTimeField(null=True, blank=True)
+    cancel_reason = models.CharField(max_length=16, blank=True)
+
+    # The last event number handed out; incremented under the row lock, so seq is gapless.
+    last_seq = models.PositiveIntegerField(default=0)
+
+    webhook_url = models.URLField(max_length=2000, blank=True)
+    webhook_secret = models.CharField(max_length=200, blank=True)
+    webhook_events = models.JSONField(default=list, blank=True)
+
+    class Meta:
+        indexes = [
+            # GET /runs: an owner's runs newest first, keyset-paginated on (created_at, id).
+            models.Index(fields=["owner", "-created_at", "-id"], name="run_owner_created_idx"),
+            # Filtered lists and operator views by status.
+            models.Index(fields=["owner", "status", "-created_at"], name="run_owner_status_idx"),
+            # Workers and the reaper find queued and running runs.
+            models.Index(
+                fields=["status", "heartbeat_at"],
+                name="run_active_idx",
+                condition=Q(status__in=["queued", "running"]),
+            ),
+        ]
+        constraints = [
+            models.CheckConstraint(
+                condition=Q(status__in=[s.value for s in RunStatus]), name="run_status_valid"
+            ),
+        ]
+
+    def __str__(self) -> str:
+        return str(self.id)
+
+    @property
+    def is_terminal(self) -> bool:
+        return self.status in TERMINAL_STATUSES
+
+
+class RunEvent(models.Model):
+    run = models.ForeignKey(Run, on_delete=models.CASCADE, related_name="events")
+    seq = models.PositiveIntegerField()
+    type = models.CharField(max_length=32)
+    data = models.JSONField()
+    created_at = models.DateTimeField()
+
+    class Meta:
+        constraints = [
+            # Readers page by (run, seq > cursor); the constraint's index serves that query.
+            models.UniqueConstraint(fields=["run", "seq"], name="runevent_run_seq_uniq"),
+        ]
+        ordering = ["run", "seq"]
+
+    def __str__(self) -> str:
+        return f"{self.run_id}#{self.seq} {self.type}"

@@ -1,0 +1,88 @@
+"""Run and chain as the API shows them: hand-built dicts, one place for each shape."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from runs.availability import chain_available
+from runs.models import Chain, Run, RunEvent
+from runs.timefmt import iso
+
+
+def run_urls(run: Run) -> dict[str, str]:
+    return {
+        "poll_url": f"/api/v1/runs/{run.id}",
+        "events_url": f"/api/v1/runs/{run.id}/events",
+        "ws_url": f"/ws/v1/runs/{run.id}",
+    }
+
+
+def run_handle(run: Run) -> dict[str, Any]:
+    """The answer to an accepted run: where to find it next."""
+    return {
+        "run_id": str(run.id),
+        "status": run.status,
+        "chain": run.chain.name,
+        "version": run.chain.version,
+        "created_at": iso(run.created_at),
+        "estimated_duration_s": run.chain.estimated_duration_s,
+        **run_urls(run),
+    }
+
+
+def run_dict(run: Run) -> dict[str, Any]:
+    duration_ms = None
+    if run.started_at and run.finished_at:
+        duration_ms = int((run.finished_at - run.started_at).total_seconds() * 1000)
+    return {
+        "run_id": str(run.id),
+        "chain": run.chain.name,
+        "version": run.chain.version,
+        "status": run.status,
+        "input": run.input,
+        "output": run.output,
+        "error": (
+            {"code": run.error_code, "message": run.error_message} if run.error_code else None
+        ),
+        "progress": {
+            "current_agent": run.current_agent or None,
+            "agents_completed": run.agents_completed,
+            "agents_total": run.agents_total,
+        },
+        "usage": {
+            "input_tokens": run.input_tokens,
+            "output_tokens": run.output_tokens,
+            "total_tokens": run.input_tokens + run.output_tokens,
+        },
+        "cost": f"{run.cost:.6f}",
+        "duration_ms": duration_ms,
+        "created_at": iso(run.created_at),
+        "started_at": iso(run.started_at),
+        "finished_at": iso(run.finished_at),
+        "cancel_requested": run.cancel_requested_at is not None,
+        "metadata": run.metadata,
+        "webhook": (
+            {"url": run.webhook_url, "events": run.webhook_events} if run.webhook_url else None
+        ),
+        **run_urls(run),
+    }
+
+
+def event_dict(event: RunEvent) -> dict[str, Any]:
+    return {"seq": event.seq, "event": event.type, "data": event.data, "ts": iso(event.created_at)}
+
+
+def chain_dict(chain: Chain) -> dict[str, Any]:
+    return {
+        "name": chain.name,
+        "version": chain.version,
+        "description": chain.description,
+        "agents": [
+            {"name": a.name, "provider": a.provider, "model": a.model} for a in chain.agents.all()
+        ],
+        "input_schema": chain.input_schema,
+        "timeout_s": chain.timeout_s,
+        "estimated_duration_s": chain.estimated_duration_s,
+        "available": chain_available(chain),
+        "created_at": iso(chain.created_at),
+    }

@@ -1,0 +1,100 @@
+"""Reads on chains and runs, always scoped to an owner where runs are concerned."""
+
+from __future__ import annotations
+
+import base64
+import binascii
+from datetime import datetime
+from uuid import UUID
+
+from django.db.models import Max, Q, QuerySet
+from django.http import Http404
+
+from agentsvc.errors import ApplicationError
+from agentsvc.models import Owner
+from runs.models import Chain, Run, RunEvent
+
+
+def chain_latest_list() -> list[Chain]:
+    """The newest published version of every chain."""
+    latest = (
+        Chain.objects.filter(published=True)
+        .values("name")
+        .annotate(v=Max("version"))
+        .values_list("name", "v")
+    )
+    wanted = Q()
+    for name, version in latest:
+        wanted |= Q(name=name, version=version)
+    if not wanted:
+        return []
+    return list(Chain.objects.filter(wanted).prefetch_related("agents").order_by("name"))
+
+
+def chain_get(*, name: str, version: int | None = None) -> Chain:
+    chains = Chain.objects.filter(name=name, published=True).prefetch_related("agents")
+    chain = (
+        chains.filter(version=version) if version is not None else chains.order_by("-version")
+    ).first()
+    if chain is None:
+        raise Http404
+    return chain
+
+
+def run_get(*, owner: Owner, run_id: UUID) -> Run:
+    try:
+        return Run.objects.select_related("chain").get(pk=run_id, owner=owner)
+    except Run.DoesNotExist:
+        raise Http404 from None
+
+
+def encode_cursor(created_at: datetime, pk: UUID) -> str:
+    return base64.urlsafe_b64encode(f"{created_at.isoformat()}|{pk}".encode()).decode()
+
+
+def decode_cursor(cursor: str) -> tuple[datetime, UUID]:
+    try:
+        created, _, pk = base64.urlsafe_b64decode(cursor.encode()).decode().partition("|")
+        return datetime.fromisoformat(created), UUID(pk)
+    except (ValueError, binascii.Error, UnicodeError):
+        raise ApplicationError(
+            "validation_error",
+            "Invalid cursor.",
+            errors=[{"field": "cursor", "message": "Not a valid cursor."}],
+        ) from None
+
+
+def run_list(
+    *,
+    owner: Owner,
+    status: list[str] | None = None,
+    chain: str | None = None,
+    created_after: datetime | None = None,
+    cursor: str | None = None,
+    limit: int = 20,
+) -> tuple[list[Run], str | None]:
+    """A page of an owner's runs, newest first, and the cursor of the next page (or None)."""
+    runs: QuerySet[Run] = Run.objects.filter(owner=owner).select_related("chain")
+    if status:
+        runs = runs.filter(status__in=status)
+    if chain:
+        runs = runs.filter(chain__name=chain)
+    if created_after:
+        runs = runs.filter(created_at__gt=created_after)
+    if cursor:
+        created, pk = decode_cursor(cursor)
+        runs = runs.filter(Q(created_at__lt=created) | Q(created_at=created, id__lt=pk))
+    page = list(runs.order_by("-created_at", "-id")[: limit + 1])
+    next_cursor = None
+    if len(page) > limit:
+        page = page[:limit]
+        next_cursor = encode_cursor(page[-1].created_at, page[-1].id)
+    return page, next_cursor
+
+
+def run_events_after(*, run: Run, after: int, limit: int = 100) -> list[RunEvent]:
+    return list(RunEvent.objects.filter(run=run, seq__gt=after).order_by("seq")[:limit])
+
+
+def chain_exists(*, name: str) -> bool:
+    return Chain.objects.filter(name=name).exists()
