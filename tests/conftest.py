@@ -37,11 +37,18 @@ class Api:
     def get(self, path: str, params: dict | None = None, headers: dict | None = None):
         return self.client.get(path, params or {}, headers=self._headers(headers))
 
-    def post(self, path: str, body=None, headers: dict | None = None, raw: bytes | None = None,
-             content_type: str = "application/json"):
+    def post(
+        self,
+        path: str,
+        body=None,
+        headers: dict | None = None,
+        raw: bytes | None = None,
+        content_type: str = "application/json",
+    ):
         data = raw if raw is not None else json.dumps(body if body is not None else {})
-        return self.client.post(path, data, content_type=content_type,
-                                headers=self._headers(headers))
+        return self.client.post(
+            path, data, content_type=content_type, headers=self._headers(headers)
+        )
 
 
 @pytest.fixture
@@ -75,19 +82,36 @@ def fake(**opts) -> str:
 
 @pytest.fixture
 def make_chain(fake_model):
-    def make(name: str = "demo", models: list[str] | None = None, timeout_s: int = 30,
-             schema: dict | None = None, base_url: str = "", **extra):
+    def make(
+        name: str = "demo",
+        models: list[str] | None = None,
+        timeout_s: int = 30,
+        schema: dict | None = None,
+        base_url: str = "",
+        **extra,
+    ):
         agents = [
-            {"name": f"agent{i}", "provider": "local", "model": model,
-             "base_url": base_url or fake_model.base_url,
-             "prompt": "Work on {{ input.topic }}. {{ previous }}"}
+            {
+                "name": f"agent{i}",
+                "provider": "local",
+                "model": model,
+                "base_url": base_url or fake_model.base_url,
+                "prompt": "Work on {{ input.topic }}. {{ previous }}",
+            }
             for i, model in enumerate(models or [fake(tokens=5)])
         ]
-        definition = {"name": name, "timeout_s": timeout_s, "agents": agents,
-                      "input_schema": schema or {
-                          "type": "object", "required": ["topic"],
-                          "properties": {"topic": {"type": "string", "minLength": 1}}},
-                      **extra}
+        definition = {
+            "name": name,
+            "timeout_s": timeout_s,
+            "agents": agents,
+            "input_schema": schema
+            or {
+                "type": "object",
+                "required": ["topic"],
+                "properties": {"topic": {"type": "string", "minLength": 1}},
+            },
+            **extra,
+        }
         chain, _ = chain_publish(definition=definition)
         return chain
 
@@ -104,8 +128,7 @@ def process_env(**extra: str) -> dict[str, str]:
     """The environment of a child process: same settings, the test database."""
     db = settings.DATABASES["default"]
     env = dict(os.environ)
-    env["DATABASE_URL"] = (f"postgres://{db['USER']}@{db['HOST']}:{db['PORT'] or 5432}/"
-                           f"{db['NAME']}")
+    env["DATABASE_URL"] = f"postgres://{db['USER']}@{db['HOST']}:{db['PORT'] or 5432}/{db['NAME']}"
     env.update(extra)
     return env
 
@@ -124,8 +147,9 @@ class Proc:
     def __init__(self, args: list[str], env: dict[str, str], log: Path) -> None:
         self.log_path = log
         self.log = log.open("wb")
-        self.proc = subprocess.Popen(args, cwd=ROOT, env=env, stdout=self.log,
-                                     stderr=subprocess.STDOUT)
+        self.proc = subprocess.Popen(
+            args, cwd=ROOT, env=env, stdout=self.log, stderr=subprocess.STDOUT
+        )
 
     def output(self) -> str:
         return self.log_path.read_text(errors="replace")
@@ -144,10 +168,16 @@ class Proc:
 @pytest.fixture(scope="session")
 def worker(django_db_setup, django_db_blocker, tmp_path_factory):
     """A real django-q2 cluster (qcluster) against the test database and Redis."""
-    proc = Proc([sys.executable, "manage.py", "qcluster"], process_env(),
-                tmp_path_factory.mktemp("worker") / "qcluster.log")
-    wait_until(lambda: "running" in proc.output() or proc.proc.poll() is not None, 30,
-               message="qcluster start")
+    proc = Proc(
+        [sys.executable, "manage.py", "qcluster"],
+        process_env(),
+        tmp_path_factory.mktemp("worker") / "qcluster.log",
+    )
+    wait_until(
+        lambda: "running" in proc.output() or proc.proc.poll() is not None,
+        30,
+        message="qcluster start",
+    )
     assert proc.proc.poll() is None, proc.output()
     yield proc
     proc.stop()
@@ -157,9 +187,20 @@ def worker(django_db_setup, django_db_blocker, tmp_path_factory):
 def live_server_url(django_db_setup, tmp_path_factory):
     """A real daphne process serving the app against the test database."""
     port = free_port()
-    proc = Proc([sys.executable, "-m", "daphne", "-b", "127.0.0.1", "-p", str(port),
-                 "agentsvc.asgi:application"], process_env(),
-                tmp_path_factory.mktemp("web") / "daphne.log")
+    proc = Proc(
+        [
+            sys.executable,
+            "-m",
+            "daphne",
+            "-b",
+            "127.0.0.1",
+            "-p",
+            str(port),
+            "agentsvc.asgi:application",
+        ],
+        process_env(),
+        tmp_path_factory.mktemp("web") / "daphne.log",
+    )
     url = f"http://127.0.0.1:{port}"
 
     def up():

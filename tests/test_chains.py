@@ -20,8 +20,17 @@ def test_list_shows_latest_version(alice, make_chain):
     assert [(c["name"], c["version"]) for c in body["results"]] == [("alpha", 2), ("beta", 1)]
     alpha = body["results"][0]
     assert [a["name"] for a in alpha["agents"]] == ["agent0", "agent1"]
-    assert set(alpha) == {"name", "version", "description", "agents", "input_schema", "timeout_s",
-                          "estimated_duration_s", "available", "created_at"}
+    assert set(alpha) == {
+        "name",
+        "version",
+        "description",
+        "agents",
+        "input_schema",
+        "timeout_s",
+        "estimated_duration_s",
+        "available",
+        "created_at",
+    }
     assert alpha["available"] is True
 
 
@@ -74,16 +83,36 @@ def test_demo_chains_load(db):
     [
         ({"name": "Bad Name", "agents": []}, "must match"),
         ({"name": "c", "agents": []}, "non-empty"),
-        ({"name": "c", "agents": [{"name": "a", "provider": "nope", "model": "m",
-                                   "prompt": "x"}]}, "unknown provider"),
-        ({"name": "c", "agents": [{"name": "a", "provider": "local", "model": "m",
-                                   "prompt": "{% if %}"}]}, "bad template"),
-        ({"name": "c", "input_schema": {"type": "nonsense"},
-          "agents": [{"name": "a", "provider": "local", "model": "m", "prompt": "x"}]},
-         "JSON Schema"),
-        ({"name": "c", "timeout_s": 0,
-          "agents": [{"name": "a", "provider": "local", "model": "m", "prompt": "x"}]},
-         "timeout_s"),
+        (
+            {
+                "name": "c",
+                "agents": [{"name": "a", "provider": "nope", "model": "m", "prompt": "x"}],
+            },
+            "unknown provider",
+        ),
+        (
+            {
+                "name": "c",
+                "agents": [{"name": "a", "provider": "local", "model": "m", "prompt": "{% if %}"}],
+            },
+            "bad template",
+        ),
+        (
+            {
+                "name": "c",
+                "input_schema": {"type": "nonsense"},
+                "agents": [{"name": "a", "provider": "local", "model": "m", "prompt": "x"}],
+            },
+            "JSON Schema",
+        ),
+        (
+            {
+                "name": "c",
+                "timeout_s": 0,
+                "agents": [{"name": "a", "provider": "local", "model": "m", "prompt": "x"}],
+            },
+            "timeout_s",
+        ),
     ],
 )
 def test_bad_definitions_are_refused(db, definition, message):

@@ -20,16 +20,16 @@ def test_wrong_method_is_405(alice):
 
 def test_wrong_content_type_is_415(alice, make_chain):
     make_chain("demo")
-    response = alice.post("/api/v1/chains/demo/runs", raw=b"topic=x",
-                          content_type="application/x-www-form-urlencoded")
+    response = alice.post(
+        "/api/v1/chains/demo/runs", raw=b"topic=x", content_type="application/x-www-form-urlencoded"
+    )
     assert_problem(response, 415, "unsupported_media_type")
 
 
 @pytest.mark.parametrize("raw", [b"{not json", b"\xff\xfe{}", b'{"input": {"topic": "x"}'])
 def test_malformed_json_is_400(alice, make_chain, raw):
     make_chain("demo")
-    body = assert_problem(alice.post("/api/v1/chains/demo/runs", raw=raw), 400,
-                          "validation_error")
+    body = assert_problem(alice.post("/api/v1/chains/demo/runs", raw=raw), 400, "validation_error")
     assert body["errors"][0]["field"] == "body"
 
 
