@@ -8,6 +8,7 @@ from django.core.exceptions import RequestDataTooBig
 from django.http import Http404
 
 from agentsvc.errors import problem_response
+from agentsvc.limits import ratelimit_headers
 
 logger = logging.getLogger(__name__)
 
@@ -65,6 +66,10 @@ class ApiProblemMiddleware:
 
     @staticmethod
     def _finish(request, response):
+        state = getattr(request, "ratelimit_state", None)
+        if state is not None:
+            for name, value in ratelimit_headers(state).items():
+                response[name] = value
         if (
             _is_api(request)
             and response.status_code >= 500

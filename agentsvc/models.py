@@ -64,3 +64,40 @@ class ApiKey(models.Model):
 
     def matches(self, raw: str) -> bool:
         return hmac.compare_digest(self.key_hash, hash_key(raw))
+
+
+class IdempotencyRecord(models.Model):
+    """The first answer to a POST with an Idempotency-Key, replayed for retries of it."""
+
+    owner = models.ForeignKey(Owner, on_delete=models.CASCADE)
+    key = models.CharField(max_length=255)
+    method = models.CharField(max_length=8)
+    path = models.CharField(max_length=500)
+    fingerprint = models.CharField(max_length=64)  # SHA-256 of the canonical JSON body
+    # Set in the transaction that creates the run, so a crash before the answer is stored
+    # still leaves the run findable.
+    run = models.ForeignKey("runs.Run", on_delete=models.SET_NULL, null=True, blank=True)
+    response_status = models.PositiveSmallIntegerField(null=True, blank=True)
+    response_body = models.JSONField(null=True, blank=True)
+    response_headers = models.JSONField(default=dict, blank=True)
+    created_at = models.DateTimeField(auto_now_add=True)
+    expires_at = models.DateTimeField()
+
+    class Meta:
+        constraints = [
+            # The one decision point when parallel requests carry the same key.
+            models.UniqueConstraint(
+                fields=["owner", "method", "path", "key"], name="idempotency_scope_uniq"
+            ),
+        ]
+        indexes = [
+            # The purge task deletes expired records.
+            models.Index(fields=["expires_at"], name="idempotency_expires_idx"),
+        ]
+
+    def __str__(self) -> str:
+        return f"{self.method} {self.path} [{self.key}]"
+
+    @property
+    def completed(self) -> bool:
+        return self.response_status is not None

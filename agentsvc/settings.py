@@ -133,7 +133,14 @@ if REDIS_URL:
         }
     }
 else:
-    CACHES = {"default": {"BACKEND": "django.core.cache.backends.locmem.LocMemCache"}}
+    CACHES = {
+        "default": {"BACKEND": "django.core.cache.backends.locmem.LocMemCache"},
+        # Shared by the web and worker processes of one machine: worker liveness for /readyz.
+        "shared": {
+            "BACKEND": "django.core.cache.backends.filebased.FileBasedCache",
+            "LOCATION": str(DATA_DIR / "cache"),
+        },
+    }
     CHANNEL_LAYERS = {"default": {"BACKEND": "channels.layers.InMemoryChannelLayer"}}
 
 AUTH_PASSWORD_VALIDATORS = [
@@ -160,6 +167,7 @@ DATA_UPLOAD_MAX_MEMORY_SIZE = MAX_REQUEST_BYTES
 REST_FRAMEWORK = {
     "DEFAULT_AUTHENTICATION_CLASSES": ["agentsvc.auth.ApiKeyAuthentication"],
     "DEFAULT_PERMISSION_CLASSES": ["rest_framework.permissions.IsAuthenticated"],
+    "DEFAULT_THROTTLE_CLASSES": ["agentsvc.limits.KeyRequestThrottle"],
     "DEFAULT_PARSER_CLASSES": ["rest_framework.parsers.JSONParser"],
     "DEFAULT_RENDERER_CLASSES": ["rest_framework.renderers.JSONRenderer"],
     "EXCEPTION_HANDLER": "agentsvc.errors.exception_handler",
@@ -222,6 +230,7 @@ if REDIS_URL:
     Q_CLUSTER["redis"] = REDIS_URL
 else:
     Q_CLUSTER["orm"] = "default"
+    Q_CLUSTER["cache"] = "shared"
 
 # --- Logging --------------------------------------------------------------------------------
 LOG_LEVEL = env_str("LOG_LEVEL", "INFO").upper()
@@ -244,3 +253,21 @@ LOGGING = {
 # --- Model availability ---------------------------------------------------------------------
 MODEL_PROBE_TIMEOUT_S = env_float("MODEL_PROBE_TIMEOUT_S", 2, minimum=0.1)
 MODEL_PROBE_CACHE_S = env_float("MODEL_PROBE_CACHE_S", 5, minimum=0)
+
+# --- Idempotency ----------------------------------------------------------------------------
+IDEMPOTENCY_TTL_S = env_int("IDEMPOTENCY_TTL_S", 24 * 3600, minimum=60)
+# A request holding a key longer than this is taken as abandoned (its process died).
+IDEMPOTENCY_LOCK_S = env_int("IDEMPOTENCY_LOCK_S", int(INVOKE_WAIT_MAX_S) + 60, minimum=5)
+
+# --- Limits ---------------------------------------------------------------------------------
+RATE_REQUESTS_PER_MINUTE = env_int("RATE_REQUESTS_PER_MINUTE", 600, minimum=1)
+RATE_RUNS_PER_MINUTE = env_int("RATE_RUNS_PER_MINUTE", 60, minimum=1)
+RATE_TOKENS_PER_MINUTE = env_int("RATE_TOKENS_PER_MINUTE", 200_000, minimum=1)
+MAX_ACTIVE_RUNS = env_int("MAX_ACTIVE_RUNS", 20, minimum=1)
+CONCURRENCY_RETRY_AFTER_S = env_int("CONCURRENCY_RETRY_AFTER_S", 5, minimum=1)
+QUEUE_MAX = env_int("QUEUE_MAX", 10_000, minimum=1)
+QUEUE_RETRY_AFTER_S = env_int("QUEUE_RETRY_AFTER_S", 5, minimum=1)
+RATELIMIT_USE_CACHE = "default"
+
+# --- Observability ----------------------------------------------------------------------------
+METRICS_TOKEN = env_str("METRICS_TOKEN")

@@ -17,6 +17,8 @@ api_v1 = [
 
 urlpatterns = [
     path("healthz", views.healthz),
+    path("readyz", views.readyz),
+    path("metrics", views.metrics),
     path("api/problems/<slug:code>", views.problem_page),
     path("api/v1/", include(api_v1)),
     path("admin/", admin.site.urls),

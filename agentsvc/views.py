@@ -1,13 +1,37 @@
 from __future__ import annotations
 
+import hmac
+
+from django.conf import settings
 from django.http import Http404, HttpResponse, JsonResponse
 from django.utils.html import escape
+from prometheus_client import CONTENT_TYPE_LATEST
 
 from agentsvc.errors import PROBLEMS, problem_response
+from agentsvc.health import readiness
+from agentsvc.metrics import metrics_text
 
 
 def healthz(request):
+    """Liveness: the process answers. Nothing else is checked."""
     return JsonResponse({"status": "ok"})
+
+
+def readyz(request):
+    ready, checks = readiness()
+    return JsonResponse(
+        {"status": "ready" if ready else "not_ready", "checks": checks},
+        status=200 if ready else 503,
+    )
+
+
+def metrics(request):
+    token = settings.METRICS_TOKEN
+    if token and not hmac.compare_digest(
+        request.headers.get("Authorization", ""), f"Bearer {token}"
+    ):
+        return HttpResponse("Forbidden\n", status=403, content_type="text/plain")
+    return HttpResponse(metrics_text(), content_type=CONTENT_TYPE_LATEST)
 
 
 def problem_page(request, code: str):

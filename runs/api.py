@@ -14,6 +14,7 @@ from rest_framework.response import Response
 from rest_framework.views import APIView
 
 from agentsvc.errors import ApplicationError
+from agentsvc.idempotency import IdempotentMixin
 from runs import selectors, services
 from runs.models import TERMINAL_STATUSES, RunStatus
 from runs.presenters import chain_dict, event_dict, run_dict, run_handle
@@ -97,6 +98,7 @@ class RunCreateInput(StrictSerializer):
     version = serializers.IntegerField(required=False, min_value=1, max_value=2**31 - 1)
     metadata = JSONObjectField(required=False, default=dict, validators=[_validate_metadata])
     webhook = serializers.JSONField(required=False)
+    idempotency_key = serializers.CharField(required=False, max_length=255)
 
     def validate_webhook(self, value):
         raise serializers.ValidationError("Webhook delivery is not enabled on this server yet.")
@@ -106,7 +108,7 @@ class RunInvokeInput(RunCreateInput):
     wait_s = serializers.FloatField(required=False, min_value=0)
 
 
-def _start_run(request, name: str, serializer_class=RunCreateInput):
+def _start_run(view, request, name: str, serializer_class=RunCreateInput):
     body = serializer_class(data=request.data)
     body.is_valid(raise_exception=True)
     data = body.validated_data
@@ -120,7 +122,11 @@ def _start_run(request, name: str, serializer_class=RunCreateInput):
         )
         raise ApplicationError("not_found", detail) from None
     run = services.run_create(
-        api_key=request.auth, chain=chain, run_input=data["input"], metadata=data["metadata"]
+        api_key=request.auth,
+        chain=chain,
+        run_input=data["input"],
+        metadata=data["metadata"],
+        idempotency=view.idempotency,
     )
     return run, data
 
@@ -133,15 +139,15 @@ def _accepted(run) -> Response:
     )
 
 
-class RunCreateApi(APIView):
+class RunCreateApi(IdempotentMixin, APIView):
     def post(self, request, name: str):
-        run, _ = _start_run(request, name)
+        run, _ = _start_run(self, request, name)
         return _accepted(run)
 
 
-class RunInvokeApi(APIView):
+class RunInvokeApi(IdempotentMixin, APIView):
     def post(self, request, name: str):
-        run, data = _start_run(request, name, RunInvokeInput)
+        run, data = _start_run(self, request, name, RunInvokeInput)
         wait_s = min(data.get("wait_s", settings.INVOKE_WAIT_DEFAULT_S), settings.INVOKE_WAIT_MAX_S)
         run = services.run_wait(run_id=run.id, timeout_s=wait_s)
         if run.status == RunStatus.FAILED:
@@ -259,7 +265,7 @@ class RunDetailApi(APIView):
         return Response(run_dict(run), headers=headers)
 
 
-class RunCancelApi(APIView):
+class RunCancelApi(IdempotentMixin, APIView):
     def post(self, request, run_id):
         run = selectors.run_get(owner=request.user, run_id=run_id)
         run = services.run_cancel(run=run, reason="api")

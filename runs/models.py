@@ -68,6 +68,7 @@ class RunStatus(models.TextChoices):
     TIMED_OUT = "timed_out"
 
 
+ACTIVE_STATUSES = frozenset({RunStatus.QUEUED, RunStatus.RUNNING})
 TERMINAL_STATUSES = frozenset(
     {RunStatus.COMPLETED, RunStatus.FAILED, RunStatus.CANCELLED, RunStatus.TIMED_OUT}
 )
@@ -104,6 +105,10 @@ class Run(models.Model):
     cancel_requested_at = models.DateTimeField(null=True, blank=True)
     cancel_reason = models.CharField(max_length=16, blank=True)
 
+    # Tokens this run reserved against its key's per-minute budget, and in which window.
+    tokens_reserved = models.PositiveIntegerField(default=0)
+    tokens_window = models.PositiveBigIntegerField(default=0)
+
     # The last event number handed out; incremented under the row lock, so seq is gapless.
     last_seq = models.PositiveIntegerField(default=0)
 
@@ -117,6 +122,12 @@ class Run(models.Model):
             models.Index(fields=["owner", "-created_at", "-id"], name="run_owner_created_idx"),
             # Filtered lists and operator views by status.
             models.Index(fields=["owner", "status", "-created_at"], name="run_owner_status_idx"),
+            # The active-runs limit counts a key's queued and running runs.
+            models.Index(
+                fields=["api_key", "status"],
+                name="run_key_active_idx",
+                condition=Q(status__in=["queued", "running"]),
+            ),
             # Workers and the reaper find queued and running runs.
             models.Index(
                 fields=["status", "heartbeat_at"],

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+import math
 import time
 from datetime import datetime
 from typing import Any
@@ -12,11 +14,14 @@ from django.db.models import F, Q
 from django.utils import timezone
 from django_q.tasks import async_task
 
+from agentsvc import limits
 from agentsvc.errors import ApplicationError
-from agentsvc.models import ApiKey
+from agentsvc.models import ApiKey, IdempotencyRecord
 from runs.chains import chain_validate_input
-from runs.models import TERMINAL_STATUSES, Chain, Run, RunEvent, RunStatus
+from runs.models import ACTIVE_STATUSES, TERMINAL_STATUSES, Chain, Run, RunEvent, RunStatus
 from runs.timefmt import iso
+
+TERMINAL_EVENTS = frozenset({"run.completed", "run.failed", "run.cancelled", "run.timed_out"})
 
 
 def event_append(
@@ -49,6 +54,8 @@ def event_append(
             created_at=now,
             data={**data, "run_id": str(run_id), "seq": seq, "ts": iso(now)},
         )
+        if event in TERMINAL_EVENTS:
+            transaction.on_commit(lambda: run_ended(run_id=run_id))
     return seq
 
 
@@ -56,39 +63,84 @@ def _enqueue(run_id: UUID) -> None:
     async_task("runs.tasks.run_execute", str(run_id), task_name=f"run-{run_id}", save=False)
 
 
+def token_reservation(*, chain: Chain, run_input: Any) -> int:
+    """What a run reserves of its key's token budget: its input and every agent's max_tokens."""
+    input_chars = len(json.dumps(run_input, separators=(",", ":"), ensure_ascii=False))
+    return math.ceil(input_chars / 4) + sum(a.max_tokens for a in chain.agents.all())
+
+
 def run_create(
-    *, api_key: ApiKey, chain: Chain, run_input: Any, metadata: dict, webhook: dict | None = None
+    *,
+    api_key: ApiKey,
+    chain: Chain,
+    run_input: Any,
+    metadata: dict,
+    webhook: dict | None = None,
+    idempotency: IdempotencyRecord | None = None,
 ) -> Run:
+    """Admit and queue a run: limits first, then the run, its first event and the idempotency
+    record in one transaction; the task is enqueued after commit."""
     chain_validate_input(chain=chain, data=run_input)
-    agents_total = chain.agents.count()
-    with transaction.atomic():
-        run = Run.objects.create(
-            owner_id=api_key.owner_id,
-            api_key=api_key,
-            chain=chain,
-            input=run_input,
-            metadata=metadata,
-            agents_total=agents_total,
-            last_seq=1,
-            webhook_url=(webhook or {}).get("url", ""),
-            webhook_secret=(webhook or {}).get("secret", ""),
-            webhook_events=(webhook or {}).get("events", []),
-        )
-        RunEvent.objects.create(
-            run=run,
-            seq=1,
-            type="run.queued",
-            created_at=run.created_at,
-            data={
-                "chain": chain.name,
-                "version": chain.version,
-                "run_id": str(run.id),
-                "seq": 1,
-                "ts": iso(run.created_at),
-            },
-        )
-        transaction.on_commit(lambda: _enqueue(run.id))
+    limits.queue_check()
+    limits.runs_admit(key=api_key)
+    reserved = token_reservation(chain=chain, run_input=run_input)
+    window = limits.tokens_reserve(key=api_key, amount=reserved)
+    try:
+        with transaction.atomic():
+            # The key's row lock serialises its run starts, so the active-runs count is exact.
+            ApiKey.objects.select_for_update().filter(pk=api_key.pk).exists()
+            active = Run.objects.filter(api_key=api_key, status__in=ACTIVE_STATUSES).count()
+            limits.active_runs_check(key=api_key, active=active)
+            run = Run.objects.create(
+                owner_id=api_key.owner_id,
+                api_key=api_key,
+                chain=chain,
+                input=run_input,
+                metadata=metadata,
+                agents_total=len(chain.agents.all()),
+                last_seq=1,
+                tokens_reserved=reserved,
+                tokens_window=window,
+                webhook_url=(webhook or {}).get("url", ""),
+                webhook_secret=(webhook or {}).get("secret", ""),
+                webhook_events=(webhook or {}).get("events", []),
+            )
+            RunEvent.objects.create(
+                run=run,
+                seq=1,
+                type="run.queued",
+                created_at=run.created_at,
+                data={
+                    "chain": chain.name,
+                    "version": chain.version,
+                    "run_id": str(run.id),
+                    "seq": 1,
+                    "ts": iso(run.created_at),
+                },
+            )
+            if idempotency is not None:
+                IdempotencyRecord.objects.filter(pk=idempotency.pk).update(run=run)
+            transaction.on_commit(lambda: _enqueue(run.id))
+    except BaseException:
+        limits.tokens_settle(key_id=api_key.pk, window=window, reserved=reserved, used=0)
+        raise
     return run
+
+
+def run_ended(*, run_id: UUID) -> None:
+    """After a run's terminal event commits: settle its token reservation to real usage."""
+    run = (
+        Run.objects.filter(pk=run_id)
+        .values("api_key_id", "tokens_window", "tokens_reserved", "input_tokens", "output_tokens")
+        .first()
+    )
+    if run and run["api_key_id"] and run["tokens_reserved"]:
+        limits.tokens_settle(
+            key_id=run["api_key_id"],
+            window=run["tokens_window"],
+            reserved=run["tokens_reserved"],
+            used=run["input_tokens"] + run["output_tokens"],
+        )
 
 
 def run_cancel(*, run: Run, reason: str) -> Run:

@@ -1,0 +1,112 @@
+"""Readiness: is this process able to take traffic, and can runs actually run?"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from typing import Any
+
+from asgiref.sync import async_to_sync
+from channels.layers import get_channel_layer
+from django.core.cache import caches
+from django.db import connection
+from django.db.migrations.executor import MigrationExecutor
+
+# Checks whose failure makes the service not ready (API.md section 9); models are added below.
+REQUIRED = ("database", "migrations", "broker", "workers")
+
+
+def _timed(check: Callable[[], str]) -> dict[str, Any]:
+    started = time.monotonic()
+    try:
+        detail, ok = check(), True
+    except Exception as e:
+        detail, ok = f"{type(e).__name__}: {e}"[:300], False
+    return {"ok": ok, "latency_ms": round((time.monotonic() - started) * 1000, 1), "detail": detail}
+
+
+def _database() -> str:
+    with connection.cursor() as cursor:
+        cursor.execute("SELECT 1")
+    return connection.vendor
+
+
+_migrations_ok_at = 0.0
+
+
+def _migrations() -> str:
+    global _migrations_ok_at
+    if time.monotonic() - _migrations_ok_at < 60:
+        return "applied"
+    executor = MigrationExecutor(connection)
+    plan = executor.migration_plan(executor.loader.graph.leaf_nodes())
+    if plan:
+        raise RuntimeError(f"{len(plan)} migrations not applied")
+    _migrations_ok_at = time.monotonic()
+    return "applied"
+
+
+def _cache() -> str:
+    cache = caches["default"]
+    cache.set("readyz", "1", 10)
+    if cache.get("readyz") != "1":
+        raise RuntimeError("value written was not read back")
+    return type(cache).__name__
+
+
+def _channel_layer() -> str:
+    layer = get_channel_layer()
+    async_to_sync(layer.group_send)("readyz", {"type": "readyz.ping"})
+    return type(layer).__name__
+
+
+def _broker() -> str:
+    from django_q.brokers import get_broker
+
+    broker = get_broker()
+    if not broker.ping():
+        raise RuntimeError("broker did not answer")
+    return f"{type(broker).__name__}, {broker.queue_size()} queued"
+
+
+def _workers() -> str:
+    from django_q.conf import Conf
+    from django_q.status import Stat
+
+    clusters = [s for s in Stat.get_all() if s.status in (Conf.IDLE, Conf.WORKING)]
+    if not clusters:
+        raise RuntimeError("no worker cluster is alive")
+    return f"{len(clusters)} cluster(s), {sum(len(s.workers) for s in clusters)} workers"
+
+
+def _models() -> dict[str, dict[str, Any]]:
+    from runs.availability import model_status
+    from runs.selectors import chain_latest_list
+
+    needed = {
+        (a.provider, a.model, a.base_url) for c in chain_latest_list() for a in c.agents.all()
+    }
+    result = {}
+    for provider, model, base_url in sorted(needed):
+        ok, detail, latency_ms = model_status(provider=provider, model=model, base_url=base_url)
+        result[f"{provider}/{model}"] = {"ok": ok, "latency_ms": latency_ms, "detail": detail}
+    return result
+
+
+def readiness() -> tuple[bool, dict[str, Any]]:
+    checks: dict[str, Any] = {
+        "database": _timed(_database),
+        "migrations": _timed(_migrations),
+        "cache": _timed(_cache),
+        "channel_layer": _timed(_channel_layer),
+        "broker": _timed(_broker),
+        "workers": _timed(_workers),
+    }
+    try:
+        checks["models"] = _models() if checks["database"]["ok"] else {}
+    except Exception as e:
+        checks["models"] = {"*": {"ok": False, "latency_ms": 0, "detail": str(e)[:300]}}
+    ready = all(checks[name]["ok"] for name in REQUIRED) and all(
+        m["ok"] for m in checks["models"].values()
+    )
+    return ready, checks

@@ -1,0 +1,201 @@
+"""Per-key limits (API.md section 7): requests and runs per minute, tokens per minute, active
+runs; and the global queue bound. Counters live in the cache: Redis in production, so every
+web process shares them.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass
+
+from django.conf import settings
+from django.core.cache import cache
+from django_ratelimit.core import get_usage
+from rest_framework.throttling import BaseThrottle
+
+from agentsvc.errors import ApplicationError
+from agentsvc.models import ApiKey
+
+WINDOW_S = 60
+
+
+@dataclass(frozen=True)
+class Quotas:
+    requests: int
+    runs: int
+    tokens: int
+    active_runs: int
+
+
+def quotas(key: ApiKey) -> Quotas:
+    return Quotas(
+        requests=key.requests_per_minute or settings.RATE_REQUESTS_PER_MINUTE,
+        runs=key.runs_per_minute or settings.RATE_RUNS_PER_MINUTE,
+        tokens=key.tokens_per_minute or settings.RATE_TOKENS_PER_MINUTE,
+        active_runs=key.max_active_runs or settings.MAX_ACTIVE_RUNS,
+    )
+
+
+def _limited(code: str, policy: str, detail: str, retry_after: float | None) -> ApplicationError:
+    from agentsvc.metrics import rejection
+
+    rejection(code)
+    headers = {"Retry-After": str(max(1, math.ceil(retry_after)))} if retry_after else {}
+    return ApplicationError(code, detail, headers=headers, **{"violated-policies": [policy]})
+
+
+def _count(request, group: str, key: ApiKey, quota: int, increment: bool) -> dict:
+    # `request` may be None: the key function ignores it and every method counts.
+    return get_usage(
+        request, group=group, key=lambda g, r: str(key.pk), rate=f"{quota}/m", increment=increment
+    )
+
+
+class KeyRequestThrottle(BaseThrottle):
+    """Counts every authenticated /api/ request against the key's requests-per-minute."""
+
+    def allow_request(self, request, view) -> bool:
+        key = request.auth
+        if not isinstance(key, ApiKey):
+            return True
+        q = quotas(key)
+        usage = _count(request, "requests", key, q.requests, increment=True)
+        window_end = time.time() + usage["time_left"]
+        state = {
+            "requests": (q.requests, max(0, q.requests - usage["count"]), usage["time_left"]),
+            "tokens": (q.tokens, *_tokens_remaining(key, q.tokens)),
+        }
+        request._request.ratelimit_state = state
+        if usage["should_limit"]:
+            raise _limited(
+                "rate_limited",
+                "requests",
+                f"More than {q.requests} requests in {WINDOW_S} s for this key.",
+                window_end - time.time(),
+            )
+        return True
+
+
+def ratelimit_headers(state: dict) -> dict[str, str]:
+    policy = ", ".join(f'"{name}";q={q};w={WINDOW_S}' for name, (q, _, _) in state.items())
+    current = ", ".join(
+        f'"{name}";r={r};t={max(0, math.ceil(t))}' for name, (_, r, t) in state.items()
+    )
+    return {"RateLimit-Policy": policy, "RateLimit": current}
+
+
+def runs_admit(*, key: ApiKey) -> None:
+    """Count a run start against runs-per-minute; 429 when over."""
+    q = quotas(key)
+    usage = _count(None, "runs", key, q.runs, increment=True)
+    if usage["should_limit"]:
+        raise _limited(
+            "rate_limited",
+            "runs",
+            f"More than {q.runs} runs started in {WINDOW_S} s for this key.",
+            usage["time_left"],
+        )
+
+
+def active_runs_check(*, key: ApiKey, active: int) -> None:
+    q = quotas(key)
+    if active >= q.active_runs:
+        raise _limited(
+            "concurrency_limit",
+            "active_runs",
+            f"This key already has {active} active runs (at most {q.active_runs}).",
+            settings.CONCURRENCY_RETRY_AFTER_S,
+        )
+
+
+# --- Tokens: a fixed one-minute window per key; runs reserve, then settle to real usage ----------
+
+
+def _window(now: float | None = None) -> int:
+    return int((now or time.time()) // WINDOW_S) * WINDOW_S
+
+
+def _tokens_key(key_id: int, window: int) -> str:
+    return f"limits:tokens:{key_id}:{window}"
+
+
+def _tokens_remaining(key: ApiKey, quota: int) -> tuple[int, float]:
+    now = time.time()
+    window = _window(now)
+    used = cache.get(_tokens_key(key.pk, window)) or 0
+    return max(0, quota - used), window + WINDOW_S - now
+
+
+def tokens_reserve(*, key: ApiKey, amount: int) -> int:
+    """Reserve `amount` tokens in the current window; returns the window for settling."""
+    quota = quotas(key).tokens
+    if amount > quota:
+        # No Retry-After: waiting cannot make this run fit.
+        raise _limited(
+            "token_budget_exceeded",
+            "tokens",
+            f"This run reserves {amount} tokens, more than this key's whole budget of "
+            f"{quota} tokens per minute; it can never start under this limit.",
+            None,
+        )
+    now = time.time()
+    window = _window(now)
+    cache_key = _tokens_key(key.pk, window)
+    cache.add(cache_key, 0, WINDOW_S * 2)
+    used = cache.incr(cache_key, amount)
+    if used > quota:
+        cache.decr(cache_key, amount)
+        raise _limited(
+            "token_budget_exceeded",
+            "tokens",
+            f"This run reserves {amount} tokens; {max(0, quota - used + amount)} of "
+            f"{quota} are left in this minute.",
+            window + WINDOW_S - now,
+        )
+    return window
+
+
+def tokens_settle(*, key_id: int, window: int, reserved: int, used: int) -> None:
+    """Replace a reservation by real usage: refund in its window, charge overspend now."""
+    delta = used - reserved
+    try:
+        if delta < 0:
+            cache_key = _tokens_key(key_id, window)
+            if cache.get(cache_key) is not None:
+                cache.decr(cache_key, -delta)
+        elif delta > 0:
+            cache_key = _tokens_key(key_id, _window())
+            cache.add(cache_key, 0, WINDOW_S * 2)
+            cache.incr(cache_key, delta)
+    except ValueError:
+        pass  # the window expired between get and decr: nothing left to refund
+
+
+# --- Queue ---------------------------------------------------------------------------------
+
+_queue_depth: tuple[float, int] = (0.0, 0)
+
+
+def queue_depth() -> int:
+    """Queued runs, counted at most once a second per process."""
+    global _queue_depth
+    from runs.models import Run, RunStatus
+
+    at, depth = _queue_depth
+    if time.monotonic() - at > 1:
+        depth = Run.objects.filter(status=RunStatus.QUEUED).count()
+        _queue_depth = (time.monotonic(), depth)
+    return depth
+
+
+def queue_check() -> None:
+    if queue_depth() >= settings.QUEUE_MAX:
+        from agentsvc.metrics import rejection
+
+        rejection("queue_full")
+        raise ApplicationError(
+            "queue_full",
+            f"{settings.QUEUE_MAX} runs are waiting; try again shortly.",
+            headers={"Retry-After": str(settings.QUEUE_RETRY_AFTER_S)},
+        )

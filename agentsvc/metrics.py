@@ -1,0 +1,88 @@
+"""Prometheus metrics. Run figures are read from the database at scrape time, so every web
+process reports the same totals whichever worker did the work; what only a web process sees
+(rejections) is counted in that process."""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, generate_latest
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
+
+REGISTRY = CollectorRegistry()
+REJECTIONS = Counter(
+    "agentsvc_rejections", "Requests refused by a limit, by reason", ["reason"], registry=REGISTRY
+)
+DURATION_BUCKETS_S = (0.1, 0.5, 1, 2, 5, 10, 30, 60, 120, 300, 600)
+
+
+def rejection(reason: str) -> None:
+    REJECTIONS.labels(reason=reason).inc()
+
+
+class RunsCollector:
+    def collect(self):
+        from django.db.models import Count, DurationField, ExpressionWrapper, F, Q, Sum
+
+        from runs.models import Run, RunStatus
+
+        by_status = {
+            row["status"]: row
+            for row in Run.objects.values("status").annotate(
+                n=Count("id"), tin=Sum("input_tokens"), tout=Sum("output_tokens"), cost=Sum("cost")
+            )
+        }
+        runs = CounterMetricFamily("agentsvc_runs", "Runs by status", labels=["status"])
+        for status in RunStatus.values:
+            runs.add_metric([status], by_status.get(status, {}).get("n", 0))
+        yield runs
+        yield GaugeMetricFamily(
+            "agentsvc_queue_depth",
+            "Runs waiting for a worker",
+            value=by_status.get(RunStatus.QUEUED, {}).get("n", 0),
+        )
+        yield GaugeMetricFamily(
+            "agentsvc_runs_active",
+            "Runs queued or running",
+            value=sum(
+                by_status.get(s, {}).get("n", 0) for s in (RunStatus.QUEUED, RunStatus.RUNNING)
+            ),
+        )
+        tokens = CounterMetricFamily("agentsvc_tokens", "Model tokens used", labels=["kind"])
+        tokens.add_metric(["input"], sum(r["tin"] or 0 for r in by_status.values()))
+        tokens.add_metric(["output"], sum(r["tout"] or 0 for r in by_status.values()))
+        yield tokens
+        yield CounterMetricFamily(
+            "agentsvc_cost_usd",
+            "Model cost in USD",
+            value=float(sum(r["cost"] or 0 for r in by_status.values())),
+        )
+
+        duration = ExpressionWrapper(
+            F("finished_at") - F("started_at"), output_field=DurationField()
+        )
+        from datetime import timedelta
+
+        aggregates = {
+            f"le{i}": Count("id", filter=Q(d__lte=timedelta(seconds=b)))
+            for i, b in enumerate(DURATION_BUCKETS_S)
+        }
+        finished = (
+            Run.objects.filter(started_at__isnull=False, finished_at__isnull=False)
+            .annotate(d=duration)
+            .aggregate(n=Count("id"), total=Sum("d"), **aggregates)
+        )
+        buckets = [(str(b), finished[f"le{i}"]) for i, b in enumerate(DURATION_BUCKETS_S)]
+        buckets.append(("+Inf", finished["n"]))
+        total = finished["total"]
+        yield HistogramMetricFamily(
+            "agentsvc_run_duration_seconds",
+            "Run duration, start to end",
+            buckets=buckets,
+            sum_value=total.total_seconds() if isinstance(total, timedelta) else (total or 0) / 1e6,
+        )
+
+
+REGISTRY.register(RunsCollector())
+
+
+def metrics_text() -> bytes:
+    return generate_latest(REGISTRY)
