@@ -6,7 +6,9 @@ import logging
 from typing import Any
 
 from django.core.exceptions import PermissionDenied, RequestDataTooBig
+from django.db import InterfaceError, OperationalError
 from django.http import Http404, JsonResponse
+from redis.exceptions import RedisError
 from rest_framework import exceptions as drf_exceptions
 
 logger = logging.getLogger(__name__)
@@ -85,6 +87,11 @@ PROBLEMS: dict[str, tuple[int, str, str]] = {
         "The run ended with an error; `run_id` names it and GET /api/v1/runs/{id} has details.",
     ),
     "chain_timed_out": (504, "Chain timed out", "The run exceeded its chain's timeout."),
+    "service_unavailable": (
+        503,
+        "Service unavailable",
+        "A backing service (database or queue) is unreachable right now; retry after Retry-After.",
+    ),
     "server_error": (
         500,
         "Internal server error",
@@ -159,7 +166,11 @@ def _field_errors(detail: Any, prefix: str = "") -> list[dict[str, str]]:
 
 def exception_handler(exc: Exception, context: dict) -> JsonResponse:
     """DRF's EXCEPTION_HANDLER: every API error leaves as problem+json."""
-    request = context.get("request")
+    return exception_problem(context.get("request"), exc)
+
+
+def exception_problem(request, exc: Exception) -> JsonResponse:
+    """The problem+json answer for any exception: the one mapping, for DRF and plain views."""
     if isinstance(exc, ApplicationError):
         return problem_response(
             request, exc.code, exc.detail, status=exc.status, headers=exc.headers, **exc.extra
@@ -204,5 +215,8 @@ def exception_handler(exc: Exception, context: dict) -> JsonResponse:
         )
     if isinstance(exc, drf_exceptions.APIException):
         return problem_response(request, "server_error", str(exc.detail), status=exc.status_code)
+    if isinstance(exc, OperationalError | InterfaceError | RedisError):
+        logger.warning("Backing service error on %s: %s", request.path if request else "?", exc)
+        return problem_response(request, "service_unavailable", headers={"Retry-After": "5"})
     logger.exception("Unhandled error on %s", request.path if request else "?", exc_info=exc)
     return problem_response(request, "server_error")

@@ -12,6 +12,7 @@ import json
 from datetime import timedelta
 from typing import Any
 
+import http_sf
 from django.conf import settings
 from django.db import IntegrityError, transaction
 from django.utils import timezone
@@ -37,25 +38,15 @@ def _invalid(message: str) -> ApplicationError:
 
 
 def parse_key(raw: str) -> str:
-    """A key from the header: an RFC 8941 sf-string ("...") or, leniently, a bare token."""
+    """A key from the header: an RFC 8941 sf-string ("...") or, leniently, a bare value."""
     value = raw.strip()
-    if len(value) >= 2 and value[0] == value[-1] == '"':
-        inner, out, escaped = value[1:-1], [], False
-        for ch in inner:
-            if escaped:
-                if ch not in '"\\':
-                    raise _invalid("Bad escape in the quoted key.")
-                out.append(ch)
-                escaped = False
-            elif ch == "\\":
-                escaped = True
-            elif ch == '"':
-                raise _invalid("Unescaped quote in the quoted key.")
-            else:
-                out.append(ch)
-        if escaped:
-            raise _invalid("Bad escape in the quoted key.")
-        value = "".join(out)
+    if value.startswith('"'):
+        try:
+            value, _params = http_sf.parse(value.encode(), tltype="item")
+        except ValueError:
+            raise _invalid("Not a valid quoted string.") from None
+        if not isinstance(value, str):
+            raise _invalid("Not a valid quoted string.")
     if not 1 <= len(value) <= 255:
         raise _invalid("Must be 1 to 255 characters.")
     if any(not 0x20 <= ord(ch) <= 0x7E for ch in value):

@@ -178,12 +178,12 @@ _queue_depth: tuple[float, int] = (0.0, 0)
 
 
 def queue_depth() -> int:
-    """Queued runs, counted at most once a second per process."""
+    """Queued runs, counted at most once per QUEUE_DEPTH_CACHE_S per process."""
     global _queue_depth
     from runs.models import Run, RunStatus
 
     at, depth = _queue_depth
-    if time.monotonic() - at > 1:
+    if time.monotonic() - at >= settings.QUEUE_DEPTH_CACHE_S:
         depth = Run.objects.filter(status=RunStatus.QUEUED).count()
         _queue_depth = (time.monotonic(), depth)
     return depth

@@ -1,16 +1,11 @@
 from __future__ import annotations
 
-import logging
-
 from asgiref.sync import iscoroutinefunction, markcoroutinefunction
 from django.conf import settings
 from django.core.exceptions import RequestDataTooBig
-from django.http import Http404
 
-from agentsvc.errors import problem_response
+from agentsvc.errors import exception_problem, problem_response
 from agentsvc.limits import ratelimit_headers
-
-logger = logging.getLogger(__name__)
 
 
 def _is_api(request) -> bool:
@@ -83,7 +78,4 @@ class ApiProblemMiddleware:
     def process_exception(self, request, exception):
         if not _is_api(request):
             return None
-        if isinstance(exception, Http404):
-            return problem_response(request, "not_found", "No such resource.")
-        logger.exception("Unhandled error on %s", request.path, exc_info=exception)
-        return problem_response(request, "server_error")
+        return exception_problem(request, exception)

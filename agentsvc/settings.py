@@ -267,6 +267,7 @@ MAX_ACTIVE_RUNS = env_int("MAX_ACTIVE_RUNS", 20, minimum=1)
 CONCURRENCY_RETRY_AFTER_S = env_int("CONCURRENCY_RETRY_AFTER_S", 5, minimum=1)
 QUEUE_MAX = env_int("QUEUE_MAX", 10_000, minimum=1)
 QUEUE_RETRY_AFTER_S = env_int("QUEUE_RETRY_AFTER_S", 5, minimum=1)
+QUEUE_DEPTH_CACHE_S = env_float("QUEUE_DEPTH_CACHE_S", 1, minimum=0)
 RATELIMIT_USE_CACHE = "default"
 
 # --- Observability ----------------------------------------------------------------------------

@@ -51,6 +51,14 @@ class Api:
         )
 
 
+@pytest.fixture(scope="session", autouse=True)
+def _fresh_cache():
+    """Rate-limit counters from an earlier test session must not leak into this one."""
+    from django.core.cache import cache
+
+    cache.clear()
+
+
 @pytest.fixture
 def alice(db):
     key, raw = api_key_create(owner_name="alice", name="alice-key")

@@ -1,0 +1,151 @@
+from __future__ import annotations
+
+import http_sf
+import pytest
+
+from agentsvc.models import ApiKey
+from runs.engine import run_execute
+from runs.models import Run
+from runs.services import token_reservation
+from tests.conftest import fake
+from tests.test_auth import assert_problem
+
+BODY = {"input": {"topic": "tides"}}
+
+
+def set_limits(api, **limits):
+    ApiKey.objects.filter(pk=api.key.pk).update(**limits)
+
+
+def create(api, chain="demo"):
+    return api.post(f"/api/v1/chains/{chain}/runs", BODY)
+
+
+def parse_ratelimit(response) -> tuple[dict, dict]:
+    policy = dict(http_sf.parse(response["RateLimit-Policy"].encode(), tltype="list"))
+    current = dict(http_sf.parse(response["RateLimit"].encode(), tltype="list"))
+    return policy, current
+
+
+def test_headers_are_structured_fields(alice, make_chain, settings):
+    settings.RATE_REQUESTS_PER_MINUTE = 100
+    make_chain("demo")
+    response = alice.get("/api/v1/runs")
+    policy, current = parse_ratelimit(response)
+    assert policy["requests"] == {"q": 100, "w": 60}
+    assert policy["tokens"] == {"q": settings.RATE_TOKENS_PER_MINUTE, "w": 60}
+    assert current["requests"]["r"] == 99
+    assert 0 <= current["requests"]["t"] <= 60
+    create(alice)
+    assert parse_ratelimit(alice.get("/api/v1/runs"))[1]["requests"]["r"] == 97
+    # Error answers carry them too.
+    assert "RateLimit" in alice.get("/api/v1/chains/nope")
+
+
+def test_request_limit_per_key(alice, bob, make_chain):
+    make_chain("demo")
+    set_limits(alice, requests_per_minute=3)
+    for _ in range(3):
+        assert alice.get("/api/v1/runs").status_code == 200
+    problem = assert_problem(alice.get("/api/v1/runs"), 429, "rate_limited")
+    assert problem["violated-policies"] == ["requests"]
+    response = alice.get("/api/v1/runs")
+    assert 1 <= int(response["Retry-After"]) <= 60
+    assert parse_ratelimit(response)[1]["requests"]["r"] == 0
+    # Another key is not affected.
+    assert bob.get("/api/v1/runs").status_code == 200
+
+
+def test_runs_per_minute(alice, make_chain):
+    make_chain("demo")
+    set_limits(alice, runs_per_minute=2)
+    assert create(alice).status_code == 202
+    assert create(alice).status_code == 202
+    response = create(alice)
+    problem = assert_problem(response, 429, "rate_limited")
+    assert problem["violated-policies"] == ["runs"]
+    assert int(response["Retry-After"]) >= 1
+    assert Run.objects.count() == 2
+    # Reads are still allowed.
+    assert alice.get("/api/v1/runs").status_code == 200
+
+
+def test_active_runs(alice, bob, make_chain):
+    make_chain("demo")
+    set_limits(alice, max_active_runs=2)
+    first = create(alice).json()["run_id"]
+    create(alice)
+    response = create(alice)
+    problem = assert_problem(response, 429, "concurrency_limit")
+    assert problem["violated-policies"] == ["active_runs"]
+    assert response["Retry-After"]
+    assert create(bob).status_code == 202
+    alice.post(f"/api/v1/runs/{first}/cancel")
+    assert create(alice).status_code == 202
+
+
+def test_run_larger_than_token_budget(alice, make_chain):
+    chain = make_chain("demo")
+    reservation = token_reservation(chain=chain, run_input=BODY["input"])
+    set_limits(alice, tokens_per_minute=reservation - 1)
+    response = create(alice)
+    problem = assert_problem(response, 429, "token_budget_exceeded")
+    assert "never" in problem["detail"]
+    assert problem["violated-policies"] == ["tokens"]
+    assert "Retry-After" not in response
+    assert not Run.objects.exists()
+
+
+def test_token_budget_reserve_and_settle(alice, make_chain, django_capture_on_commit_callbacks):
+    chain = make_chain("demo", models=[fake(tokens=5)])
+    reservation = token_reservation(chain=chain, run_input=BODY["input"])
+    set_limits(alice, tokens_per_minute=reservation * 2)
+    first = create(alice).json()["run_id"]
+    create(alice)
+    response = create(alice)
+    assert_problem(response, 429, "token_budget_exceeded")
+    assert 1 <= int(response["Retry-After"]) <= 60
+    remaining = parse_ratelimit(alice.get("/api/v1/runs"))[1]["tokens"]["r"]
+    assert remaining == 0
+    # The first run ends using far fewer tokens than it reserved: the rest is refunded.
+    with django_capture_on_commit_callbacks(execute=True):
+        run_execute(run_id=first)
+    run = Run.objects.get(pk=first)
+    used = run.input_tokens + run.output_tokens
+    assert 0 < used < reservation
+    _, current = parse_ratelimit(alice.get("/api/v1/runs"))
+    assert current["tokens"]["r"] == reservation - used
+    assert create(alice).status_code == 429  # refund smaller than a whole reservation
+
+
+def test_queue_full(alice, make_chain, settings):
+    settings.QUEUE_MAX = 1
+    settings.QUEUE_DEPTH_CACHE_S = 0
+    make_chain("demo")
+    assert create(alice).status_code == 202
+    response = create(alice)
+    assert_problem(response, 503, "queue_full")
+    assert response["Retry-After"] == str(settings.QUEUE_RETRY_AFTER_S)
+    assert Run.objects.count() == 1
+
+
+def test_limits_do_not_apply_to_infrastructure(db, settings):
+    from django.test import Client
+
+    client = Client()
+    assert "RateLimit" not in client.get("/healthz")
+
+
+@pytest.mark.parametrize("limit", ["requests_per_minute", "runs_per_minute"])
+def test_limits_are_per_key_not_per_owner(alice, make_chain, limit):
+    """Two keys of one owner have their own counters."""
+    from agentsvc.services import api_key_create
+    from tests.conftest import Api
+
+    make_chain("demo")
+    _, raw = api_key_create(owner_name="alice", name="second")
+    other = Api(raw)
+    set_limits(alice, **{limit: 1})
+    create(alice)
+    assert create(alice).status_code == 429
+    assert create(other).status_code == 202
