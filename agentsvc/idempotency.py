@@ -176,6 +176,8 @@ class IdempotentMixin:
     def initial(self, request, *args, **kwargs):
         super().initial(request, *args, **kwargs)
         self.idempotency = None
+        if request.method != "POST":
+            return
         key = request_key(request)
         if key is None:
             return

@@ -60,6 +60,8 @@ INSTALLED_APPS = [
     "django.contrib.messages",
     "django.contrib.staticfiles",
     "rest_framework",
+    "drf_spectacular",
+    "drf_spectacular_sidecar",
     "django_q",
     "channels",
     "agentsvc",
@@ -168,9 +170,10 @@ REST_FRAMEWORK = {
     "DEFAULT_AUTHENTICATION_CLASSES": ["agentsvc.auth.ApiKeyAuthentication"],
     "DEFAULT_PERMISSION_CLASSES": ["rest_framework.permissions.IsAuthenticated"],
     "DEFAULT_THROTTLE_CLASSES": ["agentsvc.limits.KeyRequestThrottle"],
-    "DEFAULT_PARSER_CLASSES": ["rest_framework.parsers.JSONParser"],
+    "DEFAULT_PARSER_CLASSES": ["agentsvc.parsers.StrictJSONParser"],
     "DEFAULT_RENDERER_CLASSES": ["rest_framework.renderers.JSONRenderer"],
     "EXCEPTION_HANDLER": "agentsvc.errors.exception_handler",
+    "DEFAULT_SCHEMA_CLASS": "drf_spectacular.openapi.AutoSchema",
     "DEFAULT_CONTENT_NEGOTIATION_CLASS": "agentsvc.negotiation.JSONContentNegotiation",
     "UNAUTHENTICATED_USER": None,
 }
@@ -272,3 +275,25 @@ RATELIMIT_USE_CACHE = "default"
 
 # --- Observability ----------------------------------------------------------------------------
 METRICS_TOKEN = env_str("METRICS_TOKEN")
+
+# --- OpenAPI ------------------------------------------------------------------------------------
+SPECTACULAR_SETTINGS = {
+    "TITLE": "agentsvc API",
+    "DESCRIPTION": (
+        "Agent chains behind an HTTP API: async runs (202 + poll), bounded synchronous calls, "
+        "event logs, idempotency keys and per-key limits. Every error is application/problem+json."
+    ),
+    "VERSION": "1",
+    "OAS_VERSION": "3.1.0",
+    "SERVE_INCLUDE_SCHEMA": False,
+    "SERVE_PERMISSIONS": ["rest_framework.permissions.AllowAny"],
+    "SERVE_AUTHENTICATION": [],
+    "SWAGGER_UI_DIST": "SIDECAR",
+    "SWAGGER_UI_FAVICON_HREF": "SIDECAR",
+    "REDOC_DIST": "SIDECAR",
+    "COMPONENT_SPLIT_REQUEST": True,
+    "POSTPROCESSING_HOOKS": [
+        "drf_spectacular.hooks.postprocess_schema_enums",
+        "agentsvc.openapi.add_common_headers",
+    ],
+}

@@ -1,5 +1,6 @@
 from django.contrib import admin
 from django.urls import include, path
+from drf_spectacular.views import SpectacularAPIView, SpectacularSwaggerView
 
 from agentsvc import views
 from runs import api as runs_api
@@ -21,6 +22,8 @@ urlpatterns = [
     path("metrics", views.metrics),
     path("api/problems/<slug:code>", views.problem_page),
     path("api/v1/", include(api_v1)),
+    path("api/v1/schema", SpectacularAPIView.as_view(), name="schema"),
+    path("api/docs", SpectacularSwaggerView.as_view(url_name="schema"), name="docs"),
     path("admin/", admin.site.urls),
 ]
 

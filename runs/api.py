@@ -9,15 +9,23 @@ from datetime import datetime
 from django.conf import settings
 from django.http import Http404
 from django.utils import timezone
+from drf_spectacular.utils import (
+    OpenApiParameter,
+    OpenApiResponse,
+    extend_schema,
+    extend_schema_field,
+)
 from rest_framework import serializers, status
 from rest_framework.response import Response
 from rest_framework.views import APIView
 
 from agentsvc.errors import ApplicationError
 from agentsvc.idempotency import IdempotentMixin
+from agentsvc.openapi import IDEMPOTENCY_KEY, problems
 from runs import selectors, services
 from runs.models import TERMINAL_STATUSES, RunStatus
 from runs.presenters import chain_dict, event_dict, run_dict, run_handle
+from runs.schemas import ChainOut, ChainPage, EventPage, RunHandle, RunOut, RunPage
 
 MAX_LIMIT = 100
 
@@ -69,6 +77,7 @@ class StrictSerializer(serializers.Serializer):
         return attrs
 
 
+@extend_schema_field({"type": "object", "additionalProperties": True})
 class JSONObjectField(serializers.JSONField):
     default_error_messages = {"not_object": "Must be a JSON object."}
 
@@ -93,12 +102,33 @@ def _validate_metadata(value: dict) -> dict:
     return value
 
 
+@extend_schema_field(
+    {
+        "type": "object",
+        "maxProperties": 50,
+        "propertyNames": {"maxLength": 40},
+        "additionalProperties": {
+            "oneOf": [
+                {"type": "string", "maxLength": 500},
+                {"type": "number"},
+                {"type": "boolean"},
+                {"type": "null"},
+            ]
+        },
+    }
+)
+class MetadataField(JSONObjectField):
+    """Up to 50 keys of at most 40 characters; values strings (≤ 500), numbers or booleans."""
+
+
 class RunCreateInput(StrictSerializer):
     input = JSONObjectField(required=False, default=dict)
     version = serializers.IntegerField(required=False, min_value=1, max_value=2**31 - 1)
-    metadata = JSONObjectField(required=False, default=dict, validators=[_validate_metadata])
-    webhook = serializers.JSONField(required=False)
-    idempotency_key = serializers.CharField(required=False, max_length=255)
+    metadata = MetadataField(required=False, default=dict, validators=[_validate_metadata])
+    webhook = JSONObjectField(required=False)
+    idempotency_key = serializers.RegexField(
+        r"^[\x20-\x7e]{1,255}$", required=False, trim_whitespace=False
+    )
 
     def validate_webhook(self, value):
         raise serializers.ValidationError("Webhook delivery is not enabled on this server yet.")
@@ -140,12 +170,30 @@ def _accepted(run) -> Response:
 
 
 class RunCreateApi(IdempotentMixin, APIView):
+    @extend_schema(
+        operation_id="runs_create",
+        summary="Start a run (async)",
+        request=RunCreateInput,
+        parameters=[IDEMPOTENCY_KEY],
+        responses={202: RunHandle, **problems(404, 409, 422)},
+    )
     def post(self, request, name: str):
         run, _ = _start_run(self, request, name)
         return _accepted(run)
 
 
 class RunInvokeApi(IdempotentMixin, APIView):
+    @extend_schema(
+        operation_id="runs_invoke",
+        summary="Run and wait up to wait_s",
+        request=RunInvokeInput,
+        parameters=[IDEMPOTENCY_KEY],
+        responses={
+            200: OpenApiResponse(RunOut, description="The run ended in time."),
+            202: OpenApiResponse(RunHandle, description="Still going; poll the handle."),
+            **problems(404, 409, 422, 502, 504),
+        },
+    )
     def post(self, request, name: str):
         run, data = _start_run(self, request, name, RunInvokeInput)
         wait_s = min(data.get("wait_s", settings.INVOKE_WAIT_DEFAULT_S), settings.INVOKE_WAIT_MAX_S)
@@ -164,7 +212,18 @@ class RunInvokeApi(IdempotentMixin, APIView):
         return _accepted(run)
 
 
+LIMIT = OpenApiParameter(
+    "limit", {"type": "integer", "minimum": 1, "maximum": MAX_LIMIT}, description="Page size."
+)
+CURSOR = OpenApiParameter("cursor", str, description="The `next` cursor of the previous page.")
+
+
 class ChainListApi(APIView):
+    @extend_schema(
+        operation_id="chains_list",
+        parameters=[LIMIT, CURSOR],
+        responses={200: ChainPage, **problems()},
+    )
     def get(self, request):
         _check_query(request, {"limit", "cursor"})
         limit = _int_param(request, "limit", MAX_LIMIT, 1, MAX_LIMIT)
@@ -190,6 +249,17 @@ class ChainListApi(APIView):
 
 
 class ChainDetailApi(APIView):
+    @extend_schema(
+        operation_id="chains_retrieve",
+        parameters=[
+            OpenApiParameter(
+                "version",
+                {"type": "integer", "minimum": 1, "maximum": 2**31 - 1},
+                description="A version; default latest.",
+            )
+        ],
+        responses={200: ChainOut, **problems(404)},
+    )
     def get(self, request, name: str):
         _check_query(request, {"version"})
         version = None
@@ -199,6 +269,17 @@ class ChainDetailApi(APIView):
 
 
 class RunListApi(APIView):
+    @extend_schema(
+        operation_id="runs_list",
+        parameters=[
+            OpenApiParameter("status", str, description="Comma-separated statuses."),
+            OpenApiParameter("chain", str, description="A chain name."),
+            OpenApiParameter("created_after", str, description="RFC 3339 timestamp with zone."),
+            LIMIT,
+            CURSOR,
+        ],
+        responses={200: RunPage, **problems()},
+    )
     def get(self, request):
         _check_query(request, {"status", "chain", "created_after", "limit", "cursor"})
         params = request.query_params
@@ -258,6 +339,7 @@ def _poll_after(run) -> str:
 
 
 class RunDetailApi(APIView):
+    @extend_schema(operation_id="runs_retrieve", responses={200: RunOut, **problems(404)})
     def get(self, request, run_id):
         _check_query(request, set())
         run = selectors.run_get(owner=request.user, run_id=run_id)
@@ -266,6 +348,16 @@ class RunDetailApi(APIView):
 
 
 class RunCancelApi(IdempotentMixin, APIView):
+    @extend_schema(
+        operation_id="runs_cancel",
+        request=None,
+        parameters=[IDEMPOTENCY_KEY],
+        responses={
+            200: OpenApiResponse(RunOut, description="Cancelled (now or before)."),
+            202: OpenApiResponse(RunOut, description="Running; asked to stop."),
+            **problems(404, 409, 422),
+        },
+    )
     def post(self, request, run_id):
         run = selectors.run_get(owner=request.user, run_id=run_id)
         run = services.run_cancel(run=run, reason="api")
@@ -274,6 +366,22 @@ class RunCancelApi(IdempotentMixin, APIView):
 
 
 class RunEventsApi(APIView):
+    @extend_schema(
+        operation_id="runs_events",
+        parameters=[
+            OpenApiParameter(
+                "after",
+                {"type": "integer", "minimum": 0, "maximum": 2**31 - 1},
+                description="Return events with seq > after.",
+            ),
+            OpenApiParameter(
+                "limit",
+                {"type": "integer", "minimum": 1, "maximum": 1000},
+                description="Page size.",
+            ),
+        ],
+        responses={200: EventPage, **problems(404)},
+    )
     def get(self, request, run_id):
         _check_query(request, {"after", "limit"})
         run = selectors.run_get(owner=request.user, run_id=run_id)

@@ -33,6 +33,21 @@ def test_malformed_json_is_400(alice, make_chain, raw):
     assert body["errors"][0]["field"] == "body"
 
 
+@pytest.mark.parametrize(
+    "raw",
+    [
+        b'{"input": {"topic": "a\\u0000b"}}',
+        b'{"input": {"topic": "\\ud800"}}',
+        b'{"input": {"topic": "x", "deep": ' + b"[" * 5000 + b"]" * 5000 + b"}}",
+        b'{"input": {"topic": "x", "deep": ' + b"[" * 100 + b"]" * 100 + b"}}",
+    ],
+)
+def test_unstorable_json_is_400(alice, make_chain, raw):
+    make_chain("demo", schema={"type": "object"})
+    body = assert_problem(alice.post("/api/v1/chains/demo/runs", raw=raw), 400, "validation_error")
+    assert body["errors"][0]["field"] == "body"
+
+
 @pytest.mark.parametrize("raw", [b"[]", b'"text"', b"42", b"null"])
 def test_non_object_body_is_400(alice, make_chain, raw):
     make_chain("demo")

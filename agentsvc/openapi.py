@@ -1,0 +1,92 @@
+"""OpenAPI pieces shared by every endpoint: the API key scheme, problem+json, common headers."""
+
+from __future__ import annotations
+
+from drf_spectacular.extensions import OpenApiAuthenticationExtension
+from drf_spectacular.utils import OpenApiParameter, OpenApiResponse
+from rest_framework import serializers
+
+
+class ApiKeyScheme(OpenApiAuthenticationExtension):
+    target_class = "agentsvc.auth.ApiKeyAuthentication"
+    name = "apiKey"
+
+    def get_security_definition(self, auto_schema):
+        return {
+            "type": "http",
+            "scheme": "bearer",
+            "description": "`Authorization: Bearer ak_...` (or `X-API-Key: ak_...`).",
+        }
+
+
+class FieldErrorSerializer(serializers.Serializer):
+    field = serializers.CharField()
+    message = serializers.CharField()
+
+
+class ProblemSerializer(serializers.Serializer):
+    """RFC 9457 problem details."""
+
+    type = serializers.CharField()
+    title = serializers.CharField()
+    status = serializers.IntegerField()
+    detail = serializers.CharField()
+    code = serializers.CharField()
+    instance = serializers.CharField()
+    errors = FieldErrorSerializer(many=True, required=False)
+    run_id = serializers.UUIDField(required=False)
+
+
+def problems(*statuses: int) -> dict[int, OpenApiResponse]:
+    """Problem+json responses for the given statuses, plus those every API call may answer."""
+    every = (400, 401, 413, 415, 429, 503)
+    return {
+        status: OpenApiResponse(ProblemSerializer, description="application/problem+json")
+        for status in sorted({*statuses, *every})
+    }
+
+
+IDEMPOTENCY_KEY = OpenApiParameter(
+    "Idempotency-Key",
+    {"type": "string", "minLength": 1, "maxLength": 255, "pattern": "^[\\x20-\\x7e]+$"},
+    OpenApiParameter.HEADER,
+    required=False,
+    description="Retries with the same key and body get the first answer again "
+    "(`Idempotent-Replayed: true`) and cause no second side effect. At most 255 characters.",
+)
+
+_HEADERS = {
+    "RateLimit-Policy": 'The key\'s quotas, e.g. `"requests";q=600;w=60, "tokens";q=200000;w=60`.',
+    "RateLimit": 'What is left of each quota and seconds until it resets: `"requests";r=512;t=41`.',
+}
+
+
+def add_common_headers(result, generator, request, public):
+    """Document problem+json media types, the rate-limit headers, Location and Retry-After;
+    request bodies refuse unknown fields."""
+    for name, schema in result.get("components", {}).get("schemas", {}).items():
+        if name.endswith("Request") and schema.get("type") == "object":
+            schema["additionalProperties"] = False
+    for path, item in result.get("paths", {}).items():
+        if not path.startswith("/api/v1/"):
+            continue
+        for operation in item.values():
+            for status, response in operation.get("responses", {}).items():
+                content = response.get("content", {})
+                if status.startswith(("4", "5")) and "application/json" in content:
+                    content["application/problem+json"] = content.pop("application/json")
+                headers = response.setdefault("headers", {})
+                for name, text in _HEADERS.items():
+                    headers[name] = {"schema": {"type": "string"}, "description": text}
+                if status == "202":
+                    headers["Location"] = {
+                        "schema": {"type": "string"},
+                        "description": "The run: `/api/v1/runs/{id}`.",
+                    }
+                if status in ("409", "429", "503") or (status == "200" and "runs/{run_id}" in path):
+                    headers["Retry-After"] = {
+                        "schema": {"type": "integer"},
+                        "description": "Seconds to wait before retrying "
+                        "(on a run: before polling again).",
+                    }
+    return result

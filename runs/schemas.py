@@ -1,0 +1,104 @@
+"""Documentation-only serializers: the shapes runs/presenters.py builds by hand."""
+
+from __future__ import annotations
+
+from rest_framework import serializers
+
+from runs.models import RunStatus
+
+
+class AgentSummary(serializers.Serializer):
+    name = serializers.CharField()
+    provider = serializers.CharField()
+    model = serializers.CharField()
+
+
+class ChainOut(serializers.Serializer):
+    name = serializers.CharField()
+    version = serializers.IntegerField()
+    description = serializers.CharField()
+    agents = AgentSummary(many=True)
+    input_schema = serializers.JSONField()
+    timeout_s = serializers.IntegerField()
+    estimated_duration_s = serializers.IntegerField()
+    available = serializers.BooleanField()
+    created_at = serializers.DateTimeField()
+
+
+class ChainPage(serializers.Serializer):
+    results = ChainOut(many=True)
+    next = serializers.CharField(allow_null=True)
+
+
+class RunHandle(serializers.Serializer):
+    run_id = serializers.UUIDField()
+    status = serializers.ChoiceField(RunStatus.choices)
+    chain = serializers.CharField()
+    version = serializers.IntegerField()
+    created_at = serializers.DateTimeField()
+    estimated_duration_s = serializers.IntegerField()
+    poll_url = serializers.CharField()
+    events_url = serializers.CharField()
+    ws_url = serializers.CharField()
+
+
+class RunError(serializers.Serializer):
+    code = serializers.CharField()
+    message = serializers.CharField()
+
+
+class Progress(serializers.Serializer):
+    current_agent = serializers.CharField(allow_null=True)
+    agents_completed = serializers.IntegerField()
+    agents_total = serializers.IntegerField()
+
+
+class UsageOut(serializers.Serializer):
+    input_tokens = serializers.IntegerField()
+    output_tokens = serializers.IntegerField()
+    total_tokens = serializers.IntegerField()
+
+
+class WebhookOut(serializers.Serializer):
+    url = serializers.URLField()
+    events = serializers.ListField(child=serializers.CharField())
+
+
+class RunOut(serializers.Serializer):
+    run_id = serializers.UUIDField()
+    chain = serializers.CharField()
+    version = serializers.IntegerField()
+    status = serializers.ChoiceField(RunStatus.choices)
+    input = serializers.JSONField()
+    output = serializers.CharField(allow_null=True)
+    error = RunError(allow_null=True)
+    progress = Progress()
+    usage = UsageOut()
+    cost = serializers.DecimalField(max_digits=14, decimal_places=6)
+    duration_ms = serializers.IntegerField(allow_null=True)
+    created_at = serializers.DateTimeField()
+    started_at = serializers.DateTimeField(allow_null=True)
+    finished_at = serializers.DateTimeField(allow_null=True)
+    cancel_requested = serializers.BooleanField()
+    metadata = serializers.DictField()
+    webhook = WebhookOut(allow_null=True)
+    poll_url = serializers.CharField()
+    events_url = serializers.CharField()
+    ws_url = serializers.CharField()
+
+
+class RunPage(serializers.Serializer):
+    results = RunOut(many=True)
+    next = serializers.CharField(allow_null=True)
+
+
+class EventOut(serializers.Serializer):
+    seq = serializers.IntegerField()
+    event = serializers.CharField()
+    data = serializers.DictField()
+    ts = serializers.DateTimeField()
+
+
+class EventPage(serializers.Serializer):
+    results = EventOut(many=True)
+    next_after = serializers.IntegerField()
