@@ -94,18 +94,23 @@ def _models() -> dict[str, dict[str, Any]]:
 
 
 def readiness() -> tuple[bool, dict[str, Any]]:
+    database = _timed(_database)
+    skipped = {"ok": False, "latency_ms": 0, "detail": "skipped: the database is unreachable"}
     checks: dict[str, Any] = {
-        "database": _timed(_database),
-        "migrations": _timed(_migrations),
+        "database": database,
+        # Without a database this would wait for a connection again and say nothing new.
+        "migrations": _timed(_migrations) if database["ok"] else skipped,
         "cache": _timed(_cache),
         "channel_layer": _timed(_channel_layer),
         "broker": _timed(_broker),
         "workers": _timed(_workers),
+        "models": {},
     }
-    try:
-        checks["models"] = _models() if checks["database"]["ok"] else {}
-    except Exception as e:
-        checks["models"] = {"*": {"ok": False, "latency_ms": 0, "detail": str(e)[:300]}}
+    if database["ok"]:
+        try:
+            checks["models"] = _models()
+        except Exception as e:
+            checks["models"] = {"*": {"ok": False, "latency_ms": 0, "detail": str(e)[:300]}}
     ready = all(checks[name]["ok"] for name in REQUIRED) and all(
         m["ok"] for m in checks["models"].values()
     )

@@ -131,13 +131,14 @@ def tokens_reserve(*, key: ApiKey, amount: int) -> int:
     """Reserve `amount` tokens in the current window; returns the window for settling."""
     quota = quotas(key).tokens
     if amount > quota:
-        # No Retry-After: waiting cannot make this run fit.
+        # Waiting cannot make this run fit; Retry-After is still sent, as on every 429, and the
+        # detail says why a retry will not help.
         raise _limited(
             "token_budget_exceeded",
             "tokens",
-            f"This run reserves {amount} tokens, more than this key's whole budget of "
-            f"{quota} tokens per minute; it can never start under this limit.",
-            None,
+            f"This run reserves {amount} tokens, more than this key's whole budget of {quota} "
+            "tokens per minute; it can never start under this limit.",
+            WINDOW_S,
         )
     now = time.time()
     window = _window(now)

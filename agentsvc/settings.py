@@ -117,10 +117,16 @@ if EMBEDDED:
     }
 else:
     try:
-        DATABASES = {"default": dj_database_url.parse(DATABASE_URL, conn_max_age=60)}
+        DATABASES = {"default": dj_database_url.parse(DATABASE_URL)}
     except ValueError as e:
         raise ImproperlyConfigured(f"DATABASE_URL is not a valid database URL: {e}") from e
-    DATABASES["default"]["CONN_HEALTH_CHECKS"] = True
+    # Under ASGI every request may run on a new thread, so per-thread persistent connections
+    # would pile up; a psycopg pool per process bounds them (CONN_MAX_AGE must stay 0).
+    DATABASES["default"].setdefault("OPTIONS", {})["pool"] = {
+        "min_size": 1,
+        "max_size": env_int("DB_POOL_MAX", 20, minimum=1),
+        "timeout": env_float("DB_POOL_TIMEOUT_S", 5, minimum=0.1),
+    }
 
 DEFAULT_AUTO_FIELD = "django.db.models.BigAutoField"
 

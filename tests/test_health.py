@@ -135,11 +135,11 @@ def test_database_down_is_503_not_500(tmp_path):
                 return False
 
         wait_until(up, 30, 0.2, "daphne")
-        response = httpx.get(f"{base}/readyz", timeout=10)
+        response = httpx.get(f"{base}/readyz", timeout=60)
         assert response.status_code == 503
         assert response.json()["checks"]["database"]["ok"] is False
         api = httpx.get(
-            f"{base}/api/v1/runs", headers={"Authorization": "Bearer ak_" + "x" * 40}, timeout=10
+            f"{base}/api/v1/runs", headers={"Authorization": "Bearer ak_" + "x" * 40}, timeout=60
         )
         assert api.status_code == 503
         assert api.headers["Content-Type"] == "application/problem+json"

@@ -1,0 +1,186 @@
+"""Run creation under load: POST /runs at 64 concurrent connections, against references measured
+in the same run on the same server (daphne, one process each):
+
+  hello          a plain ASGI hello-world: the server floor
+  durable        validate + INSERT run and queue entry in one transaction (bench/refs)
+  seed-fastapi   the seed article's pattern: in-memory dict + BackgroundTasks (0.5 s agent)
+  agentsvc       POST /api/v1/chains/bench/runs, PostgreSQL + Redis, no idempotency key
+  agentsvc+key   the same with a fresh Idempotency-Key on every request
+
+    .venv/bin/python bench/create_throughput.py [--duration 20] [--connections 64]
+
+Needs `wrk` (Debian package wrk). No worker runs: accepted runs stay queued.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+import uuid
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from bench.common import (
+    PY,
+    ROOT,
+    config_env,
+    free_port,
+    manage,
+    processes,
+    reset_database,
+    wait_http,
+)
+
+BODY = json.dumps({"input": {"topic": "benchmark"}})
+CHAINS = """
+chains:
+  - name: bench
+    input_schema: {type: object, required: [topic], properties: {topic: {type: string}}}
+    agents:
+      - {name: a, provider: local, model: "fake?tokens=5", prompt: "{{ input.topic }}"}
+"""
+
+
+def wrk(
+    url: str, path: str, body: str, duration: int, connections: int, key: str = "", prefix: str = ""
+) -> dict:
+    args = [
+        "wrk",
+        "-t1",
+        f"-c{connections}",
+        f"-d{duration}s",
+        "--latency",
+        "--timeout",
+        "10s",
+        "-s",
+        str(ROOT / "bench" / "post.lua"),
+        url,
+        "--",
+        path,
+        body,
+        key,
+    ]
+    if prefix:
+        args.append(prefix)
+    out = subprocess.run(args, capture_output=True, text=True, check=True).stdout
+
+    def ms(label: str) -> float:
+        m = re.search(rf"^\s+{label}%\s+([\d.]+)(us|ms|s)\s*$", out, re.M)
+        if not m:
+            return float("nan")
+        value, unit = float(m.group(1)), m.group(2)
+        return value / 1000 if unit == "us" else value * 1000 if unit == "s" else value
+
+    rps = float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1))
+    non2xx = re.search(r"Non-2xx or 3xx responses: (\d+)", out)
+    errors = re.search(r"Socket errors: connect (\d+), read (\d+), write (\d+), timeout (\d+)", out)
+    return {
+        "rps": rps,
+        "p50": ms("50"),
+        "p99": ms("99"),
+        "errors": (int(non2xx.group(1)) if non2xx else 0)
+        + (sum(int(x) for x in errors.groups()) if errors else 0),
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--duration", type=int, default=20)
+    parser.add_argument("--connections", type=int, default=64)
+    args = parser.parse_args()
+    if not shutil.which("wrk"):
+        sys.exit("wrk is needed: apt-get install wrk")
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp_path = Path(tmp)
+        env = config_env("production", tmp_path / "data")
+        env["QUEUE_MAX"] = "100000000"
+        reset_database(env)
+        ref_env = dict(env)
+        ref_env["REF_DATABASE_URL"] = env["DATABASE_URL"]
+        manage(env, "migrate", "-v0")
+        (tmp_path / "chains.yaml").write_text(CHAINS)
+        manage(env, "loadchains", str(tmp_path / "chains.yaml"))
+        key = manage(
+            env,
+            "createapikey",
+            "bench",
+            "--requests-per-minute",
+            "100000000",
+            "--runs-per-minute",
+            "100000000",
+            "--tokens-per-minute",
+            "2000000000",
+            "--max-active-runs",
+            "100000000",
+        )
+        ports = {name: free_port() for name in ("hello", "durable", "seed", "agentsvc")}
+        daphne = [PY, "-m", "daphne", "-b", "127.0.0.1", "-p"]
+        with processes(
+            [*daphne, str(ports["hello"]), "bench.refs.hello:app"],
+            [*daphne, str(ports["durable"]), "bench.refs.durable_accept:app"],
+            [*daphne, str(ports["seed"]), "bench.refs.seed_fastapi:app"],
+            [*daphne, str(ports["agentsvc"]), "agentsvc.asgi:application"],
+            env=ref_env,
+            log_dir=tmp_path,
+        ):
+            for name, port in ports.items():
+                wait_http(
+                    f"http://127.0.0.1:{port}/healthz"
+                    if name == "agentsvc"
+                    else f"http://127.0.0.1:{port}/"
+                )
+            time.sleep(1)
+            c, d = args.connections, args.duration
+            url = "http://127.0.0.1:{}".format
+            cases = [
+                ("hello", lambda: wrk(url(ports["hello"]), "/", BODY, d, c)),
+                ("durable", lambda: wrk(url(ports["durable"]), "/", BODY, d, c)),
+                ("seed-fastapi", lambda: wrk(url(ports["seed"]), "/agent/tasks", BODY, d, c)),
+                (
+                    "agentsvc",
+                    lambda: wrk(
+                        url(ports["agentsvc"]), "/api/v1/chains/bench/runs", BODY, d, c, key
+                    ),
+                ),
+                (
+                    "agentsvc+key",
+                    lambda: wrk(
+                        url(ports["agentsvc"]),
+                        "/api/v1/chains/bench/runs",
+                        BODY,
+                        d,
+                        c,
+                        key,
+                        uuid.uuid4().hex[:8],
+                    ),
+                ),
+            ]
+            results = {}
+            for name, run in cases:
+                results[name] = run()
+    base = results["durable"]["rps"]
+    print(
+        f"\nRun creation, {args.connections} connections, {args.duration} s each, "
+        "one daphne process per server"
+    )
+    print(
+        f"{'server':<14} {'req/s':>8} {'p50 ms':>8} {'p99 ms':>8} {'errors':>7} {'vs durable':>10}"
+    )
+    for name, r in results.items():
+        print(
+            f"{name:<14} {r['rps']:8.0f} {r['p50']:8.1f} {r['p99']:8.1f} {r['errors']:7d} "
+            f"{r['rps'] / base:9.2f}x"
+        )
+    out = Path(__file__).parent / "results"
+    out.mkdir(exist_ok=True)
+    (out / "create_throughput.json").write_text(json.dumps(results))
+
+
+if __name__ == "__main__":
+    main()
