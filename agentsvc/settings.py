@@ -203,6 +203,14 @@ PROVIDERS = {
         "api_key_env": "",
     },
 }
+# What `make run` starts at LOCAL_MODEL_URL: smollm2 (real, on llama.cpp), demo (scripted)
+# or off (bring your own server).
+LOCAL_MODEL = env_str("LOCAL_MODEL", "smollm2")
+if LOCAL_MODEL not in ("smollm2", "demo", "off"):
+    raise ImproperlyConfigured(f"LOCAL_MODEL must be smollm2, demo or off, got {LOCAL_MODEL!r}")
+LOCAL_MODEL_NAME = "smollm2-135m-instruct"
+LOCAL_MODEL_THREADS = env_int("LOCAL_MODEL_THREADS", 2, minimum=1)
+LOCAL_MODEL_CTX = env_int("LOCAL_MODEL_CTX", 4096, minimum=512)
 PROVIDER_CONNECT_TIMEOUT_S = env_float("PROVIDER_CONNECT_TIMEOUT_S", 5, minimum=0.1)
 PROVIDER_READ_TIMEOUT_S = env_float("PROVIDER_READ_TIMEOUT_S", 60, minimum=0.1)
 PROVIDER_MAX_RETRIES = env_int("PROVIDER_MAX_RETRIES", 2, minimum=0)

@@ -1,8 +1,10 @@
-"""One command for the embedded default: migrate, load the demo chains, start web + worker."""
+"""One command for the embedded default: migrate, load the demo chains, start the local model,
+the worker and the web server together, and print a demo key with a curl to paste."""
 
 from __future__ import annotations
 
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -14,84 +16,102 @@ from django.conf import settings
 from django.core.management import call_command
 from django.core.management.base import BaseCommand, CommandError
 
+from agentsvc.local_model import model_command
 from agentsvc.services import api_key_authenticate, api_key_create
+
+MODEL_READY_TIMEOUT_S = 180
+
+
+def _port_free(host: str, port: int) -> bool:
+    with socket.socket() as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            s.bind((host, port))
+        except OSError:
+            return False
+    return True
 
 
 class Command(BaseCommand):
-    help = "Run web (daphne) and worker (qcluster) together, with the demo chains and a demo key."
+    help = "Run the local model, the worker (qcluster) and web (daphne) with a demo key."
 
     def add_arguments(self, parser):
         parser.add_argument("--host", default="127.0.0.1")
         parser.add_argument("--port", type=int, default=8000)
-        parser.add_argument(
-            "--no-demo-model",
-            action="store_true",
-            help="do not start the scripted demo model server at LOCAL_MODEL_URL",
-        )
 
     def handle(self, *args, **options):
+        host, port = options["host"], options["port"]
+        if not _port_free(host, port):
+            raise CommandError(
+                f"{host}:{port} is in use: stop what is listening there or pass --port."
+            )
+        model_url = settings.PROVIDERS["local"]["base_url"]
+        model_cmd = model_command(model_url)  # checks the model files before anything starts
+        if model_cmd:
+            parts = urlsplit(model_url)
+            if not _port_free(parts.hostname or "127.0.0.1", parts.port or 80):
+                raise CommandError(
+                    f"{parts.hostname}:{parts.port} (LOCAL_MODEL_URL) is in use: stop what is "
+                    "listening there, or set LOCAL_MODEL_URL to a free port, or LOCAL_MODEL=off "
+                    "to use the server already there."
+                )
         call_command("migrate", interactive=False, verbosity=0)
         call_command("loadchains", str(settings.BASE_DIR / "chains" / "demo.yaml"))
         key = self._demo_key()
+
         python = sys.executable
-        children: list[subprocess.Popen] = []
-        model_url = settings.PROVIDERS["local"]["base_url"]
-        if not options["no_demo_model"]:
-            parts = urlsplit(model_url)
-            children.append(
-                subprocess.Popen(
-                    [
-                        python,
-                        "-m",
-                        "tests.fakes.openai_server",
-                        "--host",
-                        parts.hostname or "127.0.0.1",
-                        "--port",
-                        str(parts.port or 80),
-                    ],
-                    cwd=settings.BASE_DIR,
-                )
-            )
-        children.append(subprocess.Popen([python, "manage.py", "qcluster"], cwd=settings.BASE_DIR))
-        children.append(
-            subprocess.Popen(
-                [
-                    python,
-                    "-m",
-                    "daphne",
-                    "-b",
-                    options["host"],
-                    "-p",
-                    str(options["port"]),
-                    "agentsvc.asgi:application",
-                ],
-                cwd=settings.BASE_DIR,
-            )
+        children: dict[str, subprocess.Popen] = {}
+        if model_cmd:
+            children["model"] = subprocess.Popen(model_cmd, cwd=settings.BASE_DIR)
+        children["worker"] = subprocess.Popen(
+            [python, "manage.py", "qcluster"], cwd=settings.BASE_DIR
+        )
+        children["web"] = subprocess.Popen(
+            [python, "-m", "daphne", "-b", host, "-p", str(port), "agentsvc.asgi:application"],
+            cwd=settings.BASE_DIR,
         )
 
         def stop(*_):
-            for child in children:
+            for child in children.values():
                 if child.poll() is None:
                     child.send_signal(signal.SIGTERM)
-            for child in children:
+            for child in children.values():
                 try:
                     child.wait(timeout=10)
                 except subprocess.TimeoutExpired:
                     child.kill()
 
         signal.signal(signal.SIGTERM, lambda *_: (stop(), sys.exit(0)))
-        base = f"http://{options['host']}:{options['port']}"
+        base = f"http://{host}:{port}"
         try:
-            self._wait_for(f"{base}/healthz", children)
-            self._banner(base, key, model_url, options["no_demo_model"])
-            while all(child.poll() is None for child in children):
+            self._wait_for(f"{base}/healthz", children, 60, "the web server")
+            if model_cmd:
+                self.stdout.write("Loading the local model…")
+                self._wait_for(
+                    f"{model_url.rstrip('/')}/models",
+                    children,
+                    MODEL_READY_TIMEOUT_S,
+                    "the local model server",
+                )
+            self._banner(base, key, model_url)
+            model_reported = False
+            while True:
                 time.sleep(0.5)
-            dead = next(c for c in children if c.poll() is not None)
-            stop()
-            raise CommandError(
-                f"{' '.join(dead.args[1:3])} exited with {dead.returncode}; "
-                "stopped the other processes."
-            )
+                for name in ("web", "worker"):
+                    if children[name].poll() is not None:
+                        stop()
+                        raise CommandError(
+                            f"the {name} process exited with "
+                            f"{children[name].returncode}; stopped the others."
+                        )
+                model = children.get("model")
+                if model and model.poll() is not None and not model_reported:
+                    model_reported = True
+                    self.stderr.write(
+                        f"\nThe local model server exited with {model.returncode} (see the "
+                        "messages above). Runs on the demo chains now fail with "
+                        "provider_unavailable and /readyz says so. Restart with `make run`.\n"
+                    )
         except KeyboardInterrupt:
             stop()
 
@@ -107,32 +127,41 @@ class Command(BaseCommand):
         path.chmod(0o600)
         return raw
 
-    def _wait_for(self, url: str, children: list[subprocess.Popen]) -> None:
-        deadline = time.monotonic() + 60
+    def _wait_for(
+        self, url: str, children: dict[str, subprocess.Popen], timeout: float, what: str
+    ) -> None:
+        deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
-            if any(child.poll() is not None for child in children):
-                raise CommandError("a process exited during start-up; see the messages above")
+            for name, child in children.items():
+                if child.poll() is not None:
+                    raise CommandError(
+                        f"the {name} process exited with {child.returncode} "
+                        f"while waiting for {what}; see the messages above."
+                    )
             try:
                 if httpx.get(url, timeout=1).status_code == 200:
                     return
             except httpx.HTTPError:
                 pass
             time.sleep(0.3)
-        raise CommandError(f"{url} did not answer within 60 s")
+        raise CommandError(f"{what} did not answer at {url} within {timeout:g} s")
 
-    def _banner(self, base: str, key: str, model_url: str, no_demo_model: bool) -> None:
-        model = (
-            f"{model_url} (your server)"
-            if no_demo_model
-            else f"{model_url} (scripted demo model that echoes its prompt; set LOCAL_MODEL_URL "
-            "and --no-demo-model to use a real OpenAI-compatible server)"
-        )
+    def _banner(self, base: str, key: str, model_url: str) -> None:
+        model = {
+            "smollm2": f"SmolLM2-135M-Instruct on llama.cpp at {model_url}",
+            "demo": f"scripted demo model (echoes its prompt) at {model_url}",
+            "off": f"your OpenAI-compatible server at {model_url}",
+        }[settings.LOCAL_MODEL]
         body = '{"input": {"topic": "tides"}}'
         self.stdout.write(
             f"""
-agentsvc is running (embedded default: SQLite in {settings.DATA_DIR}, no Redis).
-  API     {base}/api/v1/chains
-  admin   {base}/admin/  (create a login: python manage.py createsuperuser)
+agentsvc is running ({
+                "embedded default: SQLite in " + str(settings.DATA_DIR) + ", no Redis"
+                if settings.EMBEDDED
+                else "PostgreSQL" + (" + Redis" if settings.REDIS_URL else "")
+            }).
+  API     {base}/api/v1/chains        docs {base}/api/docs
+  admin   {base}/admin/  (create a login: .venv/bin/python manage.py createsuperuser)
   model   {model}
   demo API key: {key}
 
@@ -143,6 +172,6 @@ Start a run, then poll it:
   curl -s {base}/api/v1/runs -H 'Authorization: Bearer {key}'
 
 Ctrl-C stops everything.
-""",
+"""
         )
         self.stdout.flush()
