@@ -23,6 +23,12 @@ PROBLEMS: dict[str, tuple[int, str, str]] = {
         "The request had no API key, or the key is unknown or revoked. Send "
         "`Authorization: Bearer <key>` or `X-API-Key: <key>`.",
     ),
+    "bad_request": (
+        400,
+        "Bad request",
+        "The request could not be understood, for example a Host header this server does not "
+        "serve.",
+    ),
     "not_found": (404, "Not found", "No such resource, or it belongs to another owner."),
     "validation_error": (
         400,

@@ -26,7 +26,7 @@ HEADER = "Idempotency-Key"
 # Answers worth replaying: success, and the ends of runs that did happen (invoke's 502/504).
 # Anything else (validation, limits, conflicts) is forgotten, so the client may retry the key.
 STORED_STATUSES = frozenset({502, 504})
-REPLAYED_HEADERS = ("Location", "Content-Type", "Retry-After")
+REPLAYED_HEADERS = ("Location", "Retry-After")
 
 
 def _invalid(message: str) -> ApplicationError:
@@ -79,8 +79,13 @@ def fingerprint(data: Any) -> str:
 
 def _replay(record: IdempotencyRecord) -> Response:
     if record.completed:
-        response = Response(record.response_body, status=record.response_status)
-        for name, value in record.response_headers.items():
+        headers = dict(record.response_headers)
+        response = Response(
+            record.response_body,
+            status=record.response_status,
+            content_type=headers.pop("Content-Type", None),
+        )
+        for name, value in headers.items():
             response[name] = value
     else:
         # Abandoned after creating its run (the process died before answering): point at the run.
@@ -152,8 +157,12 @@ def idempotency_finish(*, record: IdempotencyRecord, response) -> None:
     if status >= 400 and status not in STORED_STATUSES:
         IdempotencyRecord.objects.filter(pk=record.pk).delete()
         return
-    body = response.data if hasattr(response, "data") else json.loads(response.content)
     headers = {name: response[name] for name in REPLAYED_HEADERS if response.has_header(name)}
+    if hasattr(response, "data"):  # a DRF Response, rendered as JSON later
+        body = response.data
+    else:  # a problem+json answer, already rendered
+        body = json.loads(response.content)
+        headers["Content-Type"] = response["Content-Type"]
     IdempotencyRecord.objects.filter(pk=record.pk).update(
         response_status=status, response_body=body, response_headers=headers
     )

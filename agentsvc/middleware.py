@@ -7,6 +7,14 @@ from django.core.exceptions import RequestDataTooBig
 from agentsvc.errors import exception_problem, problem_response
 from agentsvc.limits import ratelimit_headers
 
+_CODES = {
+    400: "bad_request",
+    403: "not_found",
+    404: "not_found",
+    405: "method_not_allowed",
+    413: "payload_too_large",
+}
+
 
 def _is_api(request) -> bool:
     return request.path.startswith("/api/")
@@ -65,14 +73,18 @@ class ApiProblemMiddleware:
         if state is not None:
             for name, value in ratelimit_headers(state).items():
                 response[name] = value
+        content_type = response.get("Content-Type", "")
         if (
             _is_api(request)
-            and response.status_code >= 500
-            and not response.get("Content-Type", "").startswith(
-                ("application/problem+json", "text/event-stream")
-            )
+            and response.status_code >= 400
+            and not content_type.startswith(("application/problem+json", "text/event-stream"))
         ):
-            return problem_response(request, "server_error", status=response.status_code)
+            # An error page from Django itself (a bad Host header, a crash): same status, as JSON.
+            return problem_response(
+                request,
+                _CODES.get(response.status_code, "server_error"),
+                status=response.status_code,
+            )
         return response
 
     def process_exception(self, request, exception):

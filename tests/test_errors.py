@@ -69,3 +69,8 @@ def test_every_problem_code_has_a_page(db):
         assert title in page.content.decode()
         assert str(status) in page.content.decode()
     assert client.get("/api/problems/no-such-code").status_code == 404
+
+
+def test_bad_host_is_problem_json(alice):
+    response = alice.get("/api/v1/runs", headers={"Host": "evil.example"})
+    assert_problem(response, 400, "bad_request")

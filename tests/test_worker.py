@@ -82,6 +82,20 @@ def test_invoke_failed_chain_is_502(http, make_chain):
     assert Run.objects.get(pk=body["run_id"]).status == RunStatus.FAILED
 
 
+def test_invoke_failure_is_replayed_as_problem(http, make_chain):
+    make_chain("demo", models=[fake(fail=401)])
+    headers = {"Idempotency-Key": "failing-1"}
+    first = http.post("/api/v1/chains/demo/invoke", json={"input": {"topic": "x"}}, headers=headers)
+    second = http.post(
+        "/api/v1/chains/demo/invoke", json={"input": {"topic": "x"}}, headers=headers
+    )
+    assert first.status_code == second.status_code == 502
+    assert second.headers["Idempotent-Replayed"] == "true"
+    assert second.headers["Content-Type"] == "application/problem+json"
+    assert second.json() == first.json()
+    assert Run.objects.count() == 1
+
+
 def test_invoke_timed_out_chain_is_504(http, make_chain):
     make_chain("demo", models=[fake(tokens=100, latency_ms=30)], timeout_s=1)
     response = http.post("/api/v1/chains/demo/invoke", json={"input": {"topic": "x"}})
