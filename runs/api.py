@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import base64
-import binascii
 from datetime import datetime
 
 from django.conf import settings
@@ -226,24 +224,9 @@ class ChainListApi(APIView):
     )
     def get(self, request):
         _check_query(request, {"limit", "cursor"})
-        limit = _int_param(request, "limit", MAX_LIMIT, 1, MAX_LIMIT)
-        chains = selectors.chain_latest_list()
-        cursor = request.query_params.get("cursor")
-        if cursor:
-            try:
-                after = base64.urlsafe_b64decode(cursor.encode()).decode()
-            except (ValueError, binascii.Error, UnicodeError):
-                raise ApplicationError(
-                    "validation_error",
-                    "Invalid cursor.",
-                    errors=[{"field": "cursor", "message": "Not a valid cursor."}],
-                ) from None
-            chains = [c for c in chains if c.name > after]
-        page = chains[:limit]
-        next_cursor = (
-            base64.urlsafe_b64encode(page[-1].name.encode()).decode()
-            if len(chains) > limit
-            else None
+        page, next_cursor = selectors.chain_page(
+            cursor=request.query_params.get("cursor") or None,
+            limit=_int_param(request, "limit", MAX_LIMIT, 1, MAX_LIMIT),
         )
         return Response(_page([chain_dict(c) for c in page], request, next_cursor))
 

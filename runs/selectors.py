@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import base64
 import binascii
+from collections.abc import Callable
 from datetime import datetime
+from typing import Any
 from uuid import UUID
 
 from django.db.models import Max, Q, QuerySet
@@ -48,20 +50,35 @@ def run_get(*, owner: Owner, run_id: UUID) -> Run:
         raise Http404 from None
 
 
-def encode_cursor(created_at: datetime, pk: UUID) -> str:
-    return base64.urlsafe_b64encode(f"{created_at.isoformat()}|{pk}".encode()).decode()
+def encode_cursor(*parts: object) -> str:
+    """An opaque cursor: the sort key of the last item of a page."""
+    return base64.urlsafe_b64encode("|".join(map(str, parts)).encode()).decode()
 
 
-def decode_cursor(cursor: str) -> tuple[datetime, UUID]:
+def decode_cursor(cursor: str, *parsers: Callable[[str], Any]) -> list[Any]:
+    """The parts of a cursor, each read by its parser; anything else is a 400."""
     try:
-        created, _, pk = base64.urlsafe_b64decode(cursor.encode()).decode().partition("|")
-        return datetime.fromisoformat(created), UUID(pk)
+        parts = base64.urlsafe_b64decode(cursor.encode()).decode().split("|")
+        if len(parts) != len(parsers):
+            raise ValueError
+        return [parse(part) for parse, part in zip(parsers, parts, strict=True)]
     except (ValueError, binascii.Error, UnicodeError):
         raise ApplicationError(
             "validation_error",
             "Invalid cursor.",
             errors=[{"field": "cursor", "message": "Not a valid cursor."}],
         ) from None
+
+
+def chain_page(*, cursor: str | None, limit: int) -> tuple[list[Chain], str | None]:
+    """A page of the latest chains by name, and the cursor of the next page (or None)."""
+    chains = chain_latest_list()
+    if cursor:
+        (after,) = decode_cursor(cursor, str)
+        chains = [c for c in chains if c.name > after]
+    if len(chains) <= limit:
+        return chains, None
+    return chains[:limit], encode_cursor(chains[limit - 1].name)
 
 
 def run_list(
@@ -82,8 +99,8 @@ def run_list(
     if created_after:
         runs = runs.filter(created_at__gt=created_after)
     if cursor:
-        created, pk = decode_cursor(cursor)
-        runs = runs.filter(Q(created_at__lt=created) | Q(created_at=created, id__lt=pk))
+        created_at, run_id = decode_cursor(cursor, datetime.fromisoformat, UUID)
+        runs = runs.filter(Q(created_at__lt=created_at) | Q(created_at=created_at, id__lt=run_id))
     page = list(runs.order_by("-created_at", "-id")[: limit + 1])
     next_cursor = None
     if len(page) > limit:

@@ -191,9 +191,8 @@ def worker(django_db_setup, django_db_blocker, tmp_path_factory):
     proc.stop()
 
 
-@pytest.fixture(scope="session")
-def live_server_url(django_db_setup, tmp_path_factory):
-    """A real daphne process serving the app against the test database."""
+def start_web(env: dict[str, str], log: Path) -> tuple[Proc, str]:
+    """A daphne process serving the app; returns once /healthz answers."""
     port = free_port()
     proc = Proc(
         [
@@ -206,18 +205,25 @@ def live_server_url(django_db_setup, tmp_path_factory):
             str(port),
             "agentsvc.asgi:application",
         ],
-        process_env(),
-        tmp_path_factory.mktemp("web") / "daphne.log",
+        env,
+        log,
     )
     url = f"http://127.0.0.1:{port}"
 
     def up():
+        assert proc.proc.poll() is None, proc.output()
         try:
             return httpx.get(f"{url}/healthz", timeout=1).status_code == 200
         except httpx.HTTPError:
-            return proc.proc.poll() is not None
+            return False
 
     wait_until(up, 30, message="daphne start")
-    assert proc.proc.poll() is None, proc.output()
+    return proc, url
+
+
+@pytest.fixture(scope="session")
+def live_server_url(django_db_setup, tmp_path_factory):
+    """A real daphne process serving the app against the test database."""
+    proc, url = start_web(process_env(), tmp_path_factory.mktemp("web") / "daphne.log")
     yield url
     proc.stop()

@@ -6,7 +6,7 @@ import httpx
 import pytest
 from django.test import Client
 
-from tests.conftest import Proc, fake, free_port, process_env, wait_until
+from tests.conftest import Proc, fake, free_port, process_env, start_web, wait_until
 from tests.fakes.openai_server import start_in_thread
 
 
@@ -67,39 +67,21 @@ def test_model_not_served_is_unavailable(db, worker, make_chain, settings):
 @pytest.mark.slow
 def test_no_worker_is_not_ready_until_one_starts(tmp_path):
     env = process_env(Q_CLUSTER_NAME=f"lonely-{free_port()}")
-    port = free_port()
-    web = Proc(
-        [
-            sys.executable,
-            "-m",
-            "daphne",
-            "-b",
-            "127.0.0.1",
-            "-p",
-            str(port),
-            "agentsvc.asgi:application",
-        ],
-        env,
-        tmp_path / "web.log",
-    )
+    web, base = start_web(env, tmp_path / "web.log")
     worker = None
     try:
-        url = f"http://127.0.0.1:{port}/readyz"
 
-        def get():
-            try:
-                return httpx.get(url, timeout=5)
-            except httpx.HTTPError:
-                return None
+        def status():
+            return httpx.get(f"{base}/readyz", timeout=30).status_code
 
-        response = wait_until(get, 30, 0.2, "daphne")
+        response = httpx.get(f"{base}/readyz", timeout=30)
         assert response.status_code == 503
         assert response.json()["checks"]["workers"]["ok"] is False
         worker = Proc([sys.executable, "manage.py", "qcluster"], env, tmp_path / "q.log")
-        wait_until(lambda: get().status_code == 200, 30, 0.3, "ready with a worker")
+        wait_until(lambda: status() == 200, 30, 0.3, "ready with a worker")
         worker.stop()
         worker = None
-        wait_until(lambda: get().status_code == 503, 30, 0.3, "not ready without a worker")
+        wait_until(lambda: status() == 503, 30, 0.3, "not ready without a worker")
     finally:
         web.stop()
         if worker:
@@ -110,31 +92,8 @@ def test_no_worker_is_not_ready_until_one_starts(tmp_path):
 def test_database_down_is_503_not_500(tmp_path):
     env = process_env()
     env["DATABASE_URL"] = f"postgres://postgres@127.0.0.1:{free_port()}/nothing"
-    port = free_port()
-    web = Proc(
-        [
-            sys.executable,
-            "-m",
-            "daphne",
-            "-b",
-            "127.0.0.1",
-            "-p",
-            str(port),
-            "agentsvc.asgi:application",
-        ],
-        env,
-        tmp_path / "web.log",
-    )
+    web, base = start_web(env, tmp_path / "web.log")
     try:
-        base = f"http://127.0.0.1:{port}"
-
-        def up():
-            try:
-                return httpx.get(f"{base}/healthz", timeout=5).status_code == 200
-            except httpx.HTTPError:
-                return False
-
-        wait_until(up, 30, 0.2, "daphne")
         response = httpx.get(f"{base}/readyz", timeout=60)
         assert response.status_code == 503
         assert response.json()["checks"]["database"]["ok"] is False
