@@ -200,7 +200,7 @@ PROVIDERS = {
     },
     "local": {
         "base_url": env_str("LOCAL_MODEL_URL", "http://127.0.0.1:8089/v1"),
-        "api_key_env": "",
+        "api_key_env": "LOCAL_MODEL_API_KEY",
     },
 }
 # What `make run` starts at LOCAL_MODEL_URL: smollm2 (real, on llama.cpp), demo (scripted)
