@@ -49,10 +49,10 @@ def model_command(model_url: str) -> list[str] | None:
     return [
         sys.executable,
         "-m",
-        "llama_cpp.server",
+        "agentsvc.local_model_server",
         "--model",
         str(smollm2_path()),
-        "--model_alias",
+        "--alias",
         settings.LOCAL_MODEL_NAME,
         "--host",
         host,

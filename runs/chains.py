@@ -202,7 +202,9 @@ def chain_validate_input(*, chain: Chain, data: Any) -> None:
 def agent_messages(
     *, agent: Agent, run_input: Any, outputs: dict[str, str], previous: str
 ) -> list[dict[str, str]]:
-    context = Context({"input": run_input, "outputs": outputs, "previous": previous})
+    context = Context(
+        {"input": run_input, "outputs": outputs, "previous": previous}, autoescape=False
+    )
     messages = []
     if agent.system_prompt:
         messages.append(

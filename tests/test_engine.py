@@ -199,3 +199,10 @@ def test_cancelled_before_start_is_not_executed(alice, make_chain, fake_model):
     run = execute(run)
     assert run.status == RunStatus.CANCELLED
     assert requests_for(fake_model, model) == 0
+
+
+def test_prompts_are_not_html_escaped(alice, make_chain):
+    chain = make_chain("demo", models=[fake(), fake()])
+    run = execute(start(alice, chain, topic='Tom\'s <b>R&D</b> "notes"'))
+    assert 'Tom\'s <b>R&D</b> "notes"' in run.output
+    assert "&#x27;" not in run.output and "&amp;" not in run.output
