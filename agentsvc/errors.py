@@ -85,6 +85,11 @@ PROBLEMS: dict[str, tuple[int, str, str]] = {
         "The run ended with an error; `run_id` names it and GET /api/v1/runs/{id} has details.",
     ),
     "chain_timed_out": (504, "Chain timed out", "The run exceeded its chain's timeout."),
+    "run_not_finished": (
+        409,
+        "Run not finished",
+        "The run has not ended yet, so it has no terminal event to send to its webhooks.",
+    ),
     "server_error": (
         500,
         "Internal server error",

@@ -15,7 +15,9 @@ from django.core.exceptions import ImproperlyConfigured
 
 from agentsvc.env import (
     env_bool,
+    env_cidr_list,
     env_float,
+    env_float_list,
     env_int,
     env_list,
     env_prices,
@@ -244,3 +246,17 @@ LOGGING = {
 # --- Model availability ---------------------------------------------------------------------
 MODEL_PROBE_TIMEOUT_S = env_float("MODEL_PROBE_TIMEOUT_S", 2, minimum=0.1)
 MODEL_PROBE_CACHE_S = env_float("MODEL_PROBE_CACHE_S", 5, minimum=0)
+
+# --- Webhooks -------------------------------------------------------------------------------
+# Seconds to wait for a receiver's answer (connect, send, and each read).
+WEBHOOK_TIMEOUT_S = env_float("WEBHOOK_TIMEOUT_S", 5, minimum=0.1)
+# Delays before each retry after the first attempt, each +-20 % jitter; then the delivery fails.
+WEBHOOK_RETRY_SCHEDULE_S = env_float_list(
+    "WEBHOOK_RETRY_SCHEDULE_S", [5, 300, 1800, 7200, 18000, 36000, 36000]
+)
+# A receiver's Retry-After (429/503) is honoured up to this many seconds.
+WEBHOOK_RETRY_AFTER_MAX_S = env_float("WEBHOOK_RETRY_AFTER_MAX_S", 3600, minimum=0)
+# An endpoint failing without a single success for this long is disabled (5 days).
+WEBHOOK_DISABLE_AFTER_S = env_int("WEBHOOK_DISABLE_AFTER_S", 5 * 24 * 3600, minimum=60)
+# CIDRs exempt from the SSRF guard (e.g. an internal receiver). Empty: only public addresses.
+WEBHOOK_ALLOWED_NETWORKS = env_cidr_list("WEBHOOK_ALLOWED_NETWORKS")

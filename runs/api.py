@@ -17,6 +17,7 @@ from agentsvc.errors import ApplicationError
 from runs import selectors, services
 from runs.models import TERMINAL_STATUSES, RunStatus
 from runs.presenters import chain_dict, event_dict, run_dict, run_handle
+from webhooks.serializers import RunWebhookInput
 
 MAX_LIMIT = 100
 
@@ -96,10 +97,7 @@ class RunCreateInput(StrictSerializer):
     input = JSONObjectField(required=False, default=dict)
     version = serializers.IntegerField(required=False, min_value=1, max_value=2**31 - 1)
     metadata = JSONObjectField(required=False, default=dict, validators=[_validate_metadata])
-    webhook = serializers.JSONField(required=False)
-
-    def validate_webhook(self, value):
-        raise serializers.ValidationError("Webhook delivery is not enabled on this server yet.")
+    webhook = RunWebhookInput(required=False)
 
 
 class RunInvokeInput(RunCreateInput):
@@ -120,7 +118,11 @@ def _start_run(request, name: str, serializer_class=RunCreateInput):
         )
         raise ApplicationError("not_found", detail) from None
     run = services.run_create(
-        api_key=request.auth, chain=chain, run_input=data["input"], metadata=data["metadata"]
+        api_key=request.auth,
+        chain=chain,
+        run_input=data["input"],
+        metadata=data["metadata"],
+        webhook=data.get("webhook"),
     )
     return run, data
 

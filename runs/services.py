@@ -17,6 +17,8 @@ from agentsvc.models import ApiKey
 from runs.chains import chain_validate_input
 from runs.models import TERMINAL_STATUSES, Chain, Run, RunEvent, RunStatus
 from runs.timefmt import iso
+from webhooks.models import TERMINAL_EVENTS
+from webhooks.services import messages_create_for_event
 
 
 def event_append(
@@ -49,6 +51,9 @@ def event_append(
             created_at=now,
             data={**data, "run_id": str(run_id), "seq": seq, "ts": iso(now)},
         )
+        if event in TERMINAL_EVENTS:
+            # Webhook messages are written with the terminal event, delivered on commit.
+            messages_create_for_event(run_id=run_id, event=event, seq=seq, now=now)
     return seq
 
 

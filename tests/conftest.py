@@ -170,7 +170,8 @@ def worker(django_db_setup, django_db_blocker, tmp_path_factory):
     """A real django-q2 cluster (qcluster) against the test database and Redis."""
     proc = Proc(
         [sys.executable, "manage.py", "qcluster"],
-        process_env(),
+        # Webhook tests deliver to a receiver on loopback, which the SSRF guard refuses otherwise.
+        process_env(WEBHOOK_ALLOWED_NETWORKS="127.0.0.0/8"),
         tmp_path_factory.mktemp("worker") / "qcluster.log",
     )
     wait_until(
@@ -213,3 +214,7 @@ def live_server_url(django_db_setup, tmp_path_factory):
     assert proc.proc.poll() is None, proc.output()
     yield url
     proc.stop()
+
+
+# --- Webhooks: the local receiver and the SSRF exemption for it ------------------------------
+from tests.webhook_support import local_ok, receiver  # noqa: E402, F401
