@@ -129,6 +129,8 @@ def process_env(**extra: str) -> dict[str, str]:
     db = settings.DATABASES["default"]
     env = dict(os.environ)
     env["DATABASE_URL"] = f"postgres://{db['USER']}@{db['HOST']}:{db['PORT'] or 5432}/{db['NAME']}"
+    # Webhook tests deliver to a receiver on loopback, which the SSRF guard refuses otherwise.
+    env.setdefault("WEBHOOK_ALLOWED_NETWORKS", "127.0.0.0/8")
     env.update(extra)
     return env
 
@@ -170,8 +172,7 @@ def worker(django_db_setup, django_db_blocker, tmp_path_factory):
     """A real django-q2 cluster (qcluster) against the test database and Redis."""
     proc = Proc(
         [sys.executable, "manage.py", "qcluster"],
-        # Webhook tests deliver to a receiver on loopback, which the SSRF guard refuses otherwise.
-        process_env(WEBHOOK_ALLOWED_NETWORKS="127.0.0.0/8"),
+        process_env(),
         tmp_path_factory.mktemp("worker") / "qcluster.log",
     )
     wait_until(

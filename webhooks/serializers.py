@@ -14,12 +14,12 @@ from webhooks.ssrf import BlockedAddress, check_url
 class _Strict(serializers.Serializer):
     """Unknown fields are a 400, not silently dropped."""
 
-    def validate(self, attrs):
-        if isinstance(self.initial_data, dict):
-            unknown = sorted(set(self.initial_data) - set(self.fields))
+    def to_internal_value(self, data):
+        if isinstance(data, dict):
+            unknown = sorted(set(data) - set(self.fields))
             if unknown:
                 raise serializers.ValidationError({name: "Unknown field." for name in unknown})
-        return attrs
+        return super().to_internal_value(data)
 
 
 def validate_target_url(value: str) -> str:

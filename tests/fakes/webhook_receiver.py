@@ -44,7 +44,8 @@ class WebhookReceiver(ThreadingHTTPServer):
 
     @property
     def base_url(self) -> str:
-        return f"http://127.0.0.1:{self.server_address[1]}"
+        host, port = self.server_address[:2]
+        return f"http://{host}:{port}"
 
     def requests_for(self, path: str) -> list[Received]:
         """Requests whose path and query are exactly `path`."""
