@@ -258,5 +258,8 @@ WEBHOOK_RETRY_SCHEDULE_S = env_float_list(
 WEBHOOK_RETRY_AFTER_MAX_S = env_float("WEBHOOK_RETRY_AFTER_MAX_S", 3600, minimum=0)
 # An endpoint failing without a single success for this long is disabled (5 days).
 WEBHOOK_DISABLE_AFTER_S = env_int("WEBHOOK_DISABLE_AFTER_S", 5 * 24 * 3600, minimum=60)
+# Attempts one worker process keeps in flight (threads), and deliveries handed out per task.
+WEBHOOK_CONCURRENCY = env_int("WEBHOOK_CONCURRENCY", 8, minimum=1)
+WEBHOOK_BATCH_SIZE = env_int("WEBHOOK_BATCH_SIZE", 50, minimum=1)
 # CIDRs exempt from the SSRF guard (e.g. an internal receiver). Empty: only public addresses.
 WEBHOOK_ALLOWED_NETWORKS = env_cidr_list("WEBHOOK_ALLOWED_NETWORKS")

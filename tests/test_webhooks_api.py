@@ -165,3 +165,24 @@ def test_run_webhook_validation(alice, make_chain, hook, field, settings):
     fields = [e["field"] for e in body["errors"]]
     assert field in fields or (field.endswith("non_field_errors") and fields == ["webhook"])
     assert not Run.objects.exists()
+
+
+def test_admin_resend_action(alice, make_chain, receiver, admin_client):
+    path = hook_path()
+    run = finished_run(
+        alice, make_chain, webhook={"url": receiver.base_url + path, "secret": SECRET}
+    )
+    deliver_all()
+    delivery = run.webhook_messages.get().deliveries.get()
+    page = admin_client.get(f"/admin/webhooks/webhookdelivery/{delivery.id}/change/")
+    assert page.status_code == 200 and SECRET not in page.content.decode()
+    response = admin_client.post(
+        "/admin/webhooks/webhookdelivery/",
+        {"action": "resend", "_selected_action": [str(delivery.id)]},
+    )
+    assert response.status_code == 302
+    deliver_all()
+    first, second = receiver.requests_for(path)
+    assert first.headers["webhook-id"] == second.headers["webhook-id"]
+    assert [a.trigger for a in delivery.attempts.order_by("number")] == ["auto", "manual"]
+    assert admin_client.get("/admin/webhooks/webhookendpoint/").status_code == 200

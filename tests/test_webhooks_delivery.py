@@ -287,3 +287,11 @@ def test_one_claim_wins_and_a_dead_workers_lease_is_swept(alice, make_chain, rec
     assert not delivery_attempt(delivery_id=delivery.id, token=token)  # the old token is void
     assert delivery_attempt(delivery_id=delivery.id, token=swept.claim_token)
     assert len(receiver.requests_for(path)) == 1
+
+
+def test_the_sweep_is_scheduled_for_every_worker():
+    from django_q.models import Schedule
+
+    schedule = Schedule.objects.get(name="webhooks-sweep")
+    assert schedule.func == "webhooks.tasks.deliveries_sweep"
+    assert schedule.repeats == -1 and schedule.minutes == 1

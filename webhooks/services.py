@@ -7,12 +7,13 @@ import logging
 import random
 import secrets as pysecrets
 import uuid
+from concurrent.futures import ThreadPoolExecutor
 from datetime import datetime, timedelta
 from typing import Any
 from uuid import UUID
 
 from django.conf import settings
-from django.db import transaction
+from django.db import close_old_connections, transaction
 from django.db.models import F
 from django.utils import timezone
 from django_q.tasks import async_task
@@ -48,14 +49,43 @@ def _lease_s() -> float:
 
 
 def _enqueue(delivery_ids: list[UUID], token: UUID | None = None) -> None:
-    for delivery_id in delivery_ids:
+    """One task per batch: a worker keeps a batch's attempts in flight together."""
+    size = settings.WEBHOOK_BATCH_SIZE
+    for start in range(0, len(delivery_ids), size):
+        batch = [str(i) for i in delivery_ids[start : start + size]]
         async_task(
-            "webhooks.tasks.delivery_send",
-            str(delivery_id),
+            "webhooks.tasks.deliveries_send",
+            batch,
             str(token) if token else None,
-            task_name=f"webhook-{delivery_id}",
+            task_name=f"webhooks-{batch[0]}",
             save=False,
         )
+
+
+_pool: ThreadPoolExecutor | None = None
+
+
+def _attempt_in_thread(delivery_id: str, token: str | None) -> None:
+    try:
+        delivery_attempt(delivery_id=delivery_id, token=token)
+    except Exception:
+        logger.exception("delivery %s: attempt failed", delivery_id)
+    finally:
+        close_old_connections()
+
+
+def deliveries_attempt_many(*, delivery_ids: list[str], token: str | None = None) -> None:
+    """Attempt a batch concurrently. Delivery waits on the network and the database, so one
+    worker process keeps up to WEBHOOK_CONCURRENCY attempts in flight (threads, each with its own
+    database connection)."""
+    global _pool
+    if len(delivery_ids) == 1 or settings.WEBHOOK_CONCURRENCY == 1:
+        for delivery_id in delivery_ids:
+            delivery_attempt(delivery_id=delivery_id, token=token)
+        return
+    if _pool is None:
+        _pool = ThreadPoolExecutor(settings.WEBHOOK_CONCURRENCY, thread_name_prefix="webhook")
+    list(_pool.map(lambda i: _attempt_in_thread(i, token), delivery_ids))
 
 
 # --- Messages ---------------------------------------------------------------------------------

@@ -5,8 +5,8 @@ from __future__ import annotations
 from webhooks import services
 
 
-def delivery_send(delivery_id: str, token: str | None = None) -> None:
-    services.delivery_attempt(delivery_id=delivery_id, token=token)
+def deliveries_send(delivery_ids: list[str], token: str | None = None) -> None:
+    services.deliveries_attempt_many(delivery_ids=delivery_ids, token=token)
 
 
 def deliveries_sweep() -> int:
