@@ -301,3 +301,20 @@ def test_the_sweep_is_scheduled_for_every_worker(db):
     schedule = Schedule.objects.get(name="webhooks-sweep")
     assert schedule.func == "webhooks.tasks.deliveries_sweep"
     assert schedule.repeats == -1 and schedule.minutes == 1
+
+
+def test_retries_follow_a_changed_endpoint_url(alice, make_chain, receiver):
+    old, new = hook_path(status=500), hook_path()
+    endpoint = endpoint_create(owner=alice.key.owner, url=receiver.base_url + old, events=ALL)
+    finished_run(alice, make_chain)
+    delivery_attempt(delivery_id=WebhookDelivery.objects.get().id)
+    response = alice.client.patch(
+        f"/api/v1/webhook-endpoints/{endpoint.id}",
+        json.dumps({"url": receiver.base_url + new}),
+        content_type="application/json",
+        headers=alice._headers(None),
+    )
+    assert response.status_code == 200
+    deliver_all()
+    assert len(receiver.requests_for(old)) == 1 and len(receiver.requests_for(new)) == 1
+    assert WebhookDelivery.objects.get().status == "succeeded"

@@ -172,3 +172,24 @@ def test_a_run_webhook_is_checked_again_at_delivery(alice, make_chain, receiver,
     # A resend goes through the same guard.
     delivery = WebhookAttempt.objects.get().delivery
     assert alice.post(f"/api/v1/deliveries/{delivery.id}/resend").status_code == 400
+
+
+@pytest.mark.parametrize(
+    "url",
+    [
+        f"http://{PUBLIC}/hook",
+        "https://[2606:2800:220:1:248:1893:25c8:1946]/hook",
+        "http://public.test:8443/hook",
+    ],
+)
+def test_public_addresses_are_accepted(alice, dns, url):
+    dns.answers["public.test"] = [[PUBLIC, "2606:2800:220:1:248:1893:25c8:1946"]]
+    response = alice.post(EP, {"url": url})
+    assert response.status_code == 201, response.content
+    assert response.json()["url"] == url
+
+
+def test_allowed_networks_lift_the_guard(alice, dns, settings):
+    settings.WEBHOOK_ALLOWED_NETWORKS = ["10.20.0.0/16"]
+    assert alice.post(EP, {"url": "http://10.20.3.4/hook"}).status_code == 201
+    assert alice.post(EP, {"url": "http://10.21.3.4/hook"}).status_code == 400

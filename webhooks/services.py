@@ -237,14 +237,17 @@ def delivery_attempt(*, delivery_id: UUID | str, token: UUID | str | None = None
         )
         return True
     message = delivery.message
+    # An endpoint's retries follow it when its URL is changed.
+    url = endpoint.url if endpoint is not None else delivery.url
     outcome = http.attempt(
-        url=delivery.url,
+        url=url,
         msg_id=message.id,
         body=http.body_bytes(message.payload),
         secrets=_secrets(delivery, now),
     )
     auto_attempts = delivery.auto_attempt_count + (trigger == Trigger.AUTO)
     fields: dict[str, Any] = {
+        "url": url,
         "claim_token": None,
         "next_trigger": Trigger.AUTO,
         "attempt_count": F("attempt_count") + 1,
