@@ -97,7 +97,7 @@ class RunCreateInput(StrictSerializer):
     input = JSONObjectField(required=False, default=dict)
     version = serializers.IntegerField(required=False, min_value=1, max_value=2**31 - 1)
     metadata = JSONObjectField(required=False, default=dict, validators=[_validate_metadata])
-    webhook = RunWebhookInput(required=False)
+    webhook = RunWebhookInput(required=False, allow_null=True)
 
 
 class RunInvokeInput(RunCreateInput):

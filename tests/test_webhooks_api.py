@@ -186,3 +186,10 @@ def test_admin_resend_action(alice, make_chain, receiver, admin_client):
     assert first.headers["webhook-id"] == second.headers["webhook-id"]
     assert [a.trigger for a in delivery.attempts.order_by("number")] == ["auto", "manual"]
     assert admin_client.get("/admin/webhooks/webhookendpoint/").status_code == 200
+
+
+def test_a_null_webhook_is_no_webhook(alice, make_chain):
+    make_chain("demo")
+    response = alice.post("/api/v1/chains/demo/runs", {"input": {"topic": "x"}, "webhook": None})
+    assert response.status_code == 202
+    assert alice.get(f"/api/v1/runs/{response.json()['run_id']}").json()["webhook"] is None

@@ -318,3 +318,16 @@ def test_retries_follow_a_changed_endpoint_url(alice, make_chain, receiver):
     deliver_all()
     assert len(receiver.requests_for(old)) == 1 and len(receiver.requests_for(new)) == 1
     assert WebhookDelivery.objects.get().status == "succeeded"
+
+
+def test_a_busy_worker_sweeps_only_overdue_deliveries(alice, make_chain, receiver):
+    finished_run(alice, make_chain, webhook=own(receiver, hook_path(status=500)))
+    delivery = WebhookDelivery.objects.get()
+    WebhookDelivery.objects.filter(pk=delivery.pk).update(
+        next_attempt_at=timezone.now() - timedelta(seconds=1)
+    )
+    assert deliveries_sweep(overdue=timedelta(seconds=2)) == 0  # its own task will take it
+    WebhookDelivery.objects.filter(pk=delivery.pk).update(
+        next_attempt_at=timezone.now() - timedelta(seconds=3)
+    )
+    assert deliveries_sweep(overdue=timedelta(seconds=2)) == 1

@@ -6,6 +6,7 @@ import base64
 import logging
 import random
 import secrets as pysecrets
+import time
 import uuid
 from concurrent.futures import ThreadPoolExecutor
 from datetime import datetime, timedelta
@@ -286,17 +287,18 @@ def delivery_attempt(*, delivery_id: UUID | str, token: UUID | str | None = None
     return True
 
 
-def deliveries_sweep(*, limit: int = 500) -> int:
+def deliveries_sweep(*, limit: int = 500, overdue: timedelta = timedelta(0)) -> int:
     """Claim deliveries whose attempt is due (retries, lost tasks, dead workers) and enqueue them.
 
     Runs on a django-q2 schedule, so a lost task or a dead worker only delays a delivery.
+    With `overdue`, only deliveries due at least that long ago (fresh ones have their own task).
     """
     now = timezone.now()
     token = uuid.uuid4()
     with transaction.atomic():
         due = list(
             WebhookDelivery.objects.select_for_update(skip_locked=True)
-            .filter(status=DeliveryStatus.PENDING, next_attempt_at__lte=now)
+            .filter(status=DeliveryStatus.PENDING, next_attempt_at__lte=now - overdue)
             .order_by("next_attempt_at")
             .values_list("id", flat=True)[:limit]
         )
@@ -307,6 +309,20 @@ def deliveries_sweep(*, limit: int = 500) -> int:
         ).update(next_attempt_at=now + timedelta(seconds=_lease_s()), claim_token=token)
         transaction.on_commit(lambda: _enqueue(due, token))
     return len(due)
+
+
+_last_sweep = 0.0
+
+
+def deliveries_sweep_soon() -> None:
+    """Called after each delivery task: a busy worker sends retries due sooner than the
+    scheduler's 30-60 s tick (the first retry is due after 5 s). At most once a second per
+    process, and only deliveries 2 s overdue, so fresh deliveries stay with their own task."""
+    global _last_sweep
+    if time.monotonic() - _last_sweep < 1:
+        return
+    _last_sweep = time.monotonic()
+    deliveries_sweep(limit=settings.WEBHOOK_BATCH_SIZE, overdue=timedelta(seconds=2))
 
 
 # --- Resends ----------------------------------------------------------------------------------
