@@ -15,7 +15,6 @@ from uuid import UUID
 
 from django.conf import settings
 from django.db import close_old_connections, transaction
-from django.db.models import F
 from django.utils import timezone
 from django_q.tasks import async_task
 
@@ -28,11 +27,11 @@ from webhooks.models import (
     TERMINAL_EVENTS,
     DeliveryStatus,
     Trigger,
-    WebhookAttempt,
     WebhookDelivery,
     WebhookEndpoint,
     WebhookMessage,
 )
+from webhooks.recording import attempt_record
 from webhooks.ssrf import BlockedAddress, check_url
 
 logger = logging.getLogger(__name__)
@@ -247,43 +246,40 @@ def delivery_attempt(*, delivery_id: UUID | str, token: UUID | str | None = None
         secrets=_secrets(delivery, now),
     )
     auto_attempts = delivery.auto_attempt_count + (trigger == Trigger.AUTO)
-    fields: dict[str, Any] = {
-        "url": url,
-        "claim_token": None,
-        "next_trigger": Trigger.AUTO,
-        "attempt_count": F("attempt_count") + 1,
-        "auto_attempt_count": auto_attempts,
-        "last_status_code": outcome.status_code,
-        "last_error": outcome.error[:500],
-        "last_duration_ms": outcome.duration_ms,
-    }
-    delay = (
-        None
-        if outcome.ok or outcome.permanent
-        else _next_delay(auto_attempts, outcome.retry_after_s)
-    )
+    status, next_at = DeliveryStatus.PENDING, None
     if outcome.ok:
-        fields.update(status=DeliveryStatus.SUCCEEDED, next_attempt_at=None)
-    elif delay is None:
-        fields.update(status=DeliveryStatus.FAILED, next_attempt_at=None)
+        status = DeliveryStatus.SUCCEEDED
+    elif outcome.permanent or (delay := _next_delay(auto_attempts, outcome.retry_after_s)) is None:
+        status = DeliveryStatus.FAILED
     else:
-        fields.update(next_attempt_at=timezone.now() + timedelta(seconds=delay))
-    with transaction.atomic():
-        if not WebhookDelivery.objects.filter(pk=delivery.pk, claim_token=claim).update(**fields):
-            logger.warning("delivery %s: lease lost during the attempt", delivery.pk)
-            return False
-        WebhookAttempt.objects.create(
-            delivery=delivery,
-            number=delivery.attempt_count + 1,
-            at=now,
-            status_code=outcome.status_code,
-            duration_ms=outcome.duration_ms,
-            error=outcome.error[:500],
-            response_excerpt=outcome.excerpt[:1000],
-            trigger=trigger,
-        )
-        if endpoint is not None:
-            _endpoint_after(endpoint, outcome, now)
+        next_at = timezone.now() + timedelta(seconds=delay)
+    recorded = attempt_record(
+        delivery_id=delivery.pk,
+        claim=claim,
+        delivery={
+            "url": url,
+            "status": status,
+            "next_attempt_at": next_at,
+            "next_trigger": Trigger.AUTO,
+            "auto_attempt_count": auto_attempts,
+            "last_status_code": outcome.status_code,
+            "last_error": outcome.error[:500],
+            "last_duration_ms": outcome.duration_ms,
+        },
+        attempt={
+            "at": now,
+            "status_code": outcome.status_code,
+            "duration_ms": outcome.duration_ms,
+            "error": outcome.error[:500],
+            "response_excerpt": outcome.excerpt[:1000],
+            "trigger": trigger,
+        },
+    )
+    if not recorded:
+        logger.warning("delivery %s: lease lost during the attempt", delivery.pk)
+        return False
+    if endpoint is not None:
+        _endpoint_after(endpoint, outcome, now)
     return True
 
 
