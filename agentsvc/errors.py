@@ -149,12 +149,9 @@ def _field_errors(detail: Any, prefix: str = "") -> list[dict[str, str]]:
     errors: list[dict[str, str]] = []
     if isinstance(detail, dict):
         for key, value in detail.items():
+            name = prefix if key == "non_field_errors" else (f"{prefix}.{key}" if prefix else key)
             if isinstance(key, int):  # a list item's errors (ListField): events[0]
                 name = f"{prefix}[{key}]"
-            else:
-                name = (
-                    prefix if key == "non_field_errors" else (f"{prefix}.{key}" if prefix else key)
-                )
             errors.extend(_field_errors(value, name))
     elif isinstance(detail, list):
         for i, value in enumerate(detail):

@@ -330,7 +330,7 @@ def delivery_resend(*, delivery: WebhookDelivery) -> WebhookDelivery:
     An attempt already under way is left to finish rather than doubled.
     """
     try:
-        check_url(delivery.url)
+        check_url(delivery.endpoint.url if delivery.endpoint_id else delivery.url)
     except BlockedAddress as e:
         raise ApplicationError(
             "validation_error",
@@ -382,7 +382,10 @@ def run_webhooks_resend(*, run: Run) -> list[WebhookDelivery]:
         transaction.on_commit(lambda: _enqueue(ids))
     for d in existing.values():
         if d.endpoint_id is None or d.endpoint.enabled:
-            delivery_resend(delivery=d)
+            try:
+                delivery_resend(delivery=d)
+            except ApplicationError:
+                continue  # its URL is refused now; the others still go
     return list(message.deliveries.order_by("created_at"))
 
 
