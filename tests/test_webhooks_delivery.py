@@ -320,14 +320,21 @@ def test_retries_follow_a_changed_endpoint_url(alice, make_chain, receiver):
     assert WebhookDelivery.objects.get().status == "succeeded"
 
 
-def test_a_busy_worker_sweeps_only_overdue_deliveries(alice, make_chain, receiver):
+def test_a_busy_worker_sweeps_only_overdue_retries(alice, make_chain, receiver):
     finished_run(alice, make_chain, webhook=own(receiver, hook_path(status=500)))
     delivery = WebhookDelivery.objects.get()
-    WebhookDelivery.objects.filter(pk=delivery.pk).update(
-        next_attempt_at=timezone.now() - timedelta(seconds=1)
-    )
-    assert deliveries_sweep(overdue=timedelta(seconds=2)) == 0  # its own task will take it
-    WebhookDelivery.objects.filter(pk=delivery.pk).update(
-        next_attempt_at=timezone.now() - timedelta(seconds=3)
-    )
-    assert deliveries_sweep(overdue=timedelta(seconds=2)) == 1
+    soon = {"overdue": timedelta(seconds=2), "retries_only": True}
+
+    def due(seconds_ago: float) -> None:
+        WebhookDelivery.objects.filter(pk=delivery.pk).update(
+            next_attempt_at=timezone.now() - timedelta(seconds=seconds_ago), claim_token=None
+        )
+
+    due(3)
+    assert deliveries_sweep(**soon) == 0  # a first attempt: its own task will take it
+    due(0)
+    delivery_attempt(delivery_id=delivery.id)  # fails: a retry is now scheduled
+    due(1)
+    assert deliveries_sweep(**soon) == 0  # not overdue enough
+    due(3)
+    assert deliveries_sweep(**soon) == 1

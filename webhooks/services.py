@@ -283,28 +283,37 @@ def delivery_attempt(*, delivery_id: UUID | str, token: UUID | str | None = None
     return True
 
 
-def deliveries_sweep(*, limit: int = 500, overdue: timedelta = timedelta(0)) -> int:
+# A swept delivery waits in the queue under this lease; only if its task has not started by then
+# (lost, or a worker died) does a later sweep hand it out again. Long, so that a queue backlog
+# delays deliveries rather than making sweeps re-enqueue them over and over.
+SWEEP_LEASE = timedelta(minutes=10)
+
+
+def deliveries_sweep(
+    *, limit: int = 500, overdue: timedelta = timedelta(0), retries_only: bool = False
+) -> int:
     """Claim deliveries whose attempt is due (retries, lost tasks, dead workers) and enqueue them.
 
     Runs on a django-q2 schedule, so a lost task or a dead worker only delays a delivery.
-    With `overdue`, only deliveries due at least that long ago (fresh ones have their own task).
+    With `overdue`, only deliveries due at least that long ago; with `retries_only`, only ones
+    attempted before (a first attempt has its own task, enqueued on commit).
     """
     now = timezone.now()
     token = uuid.uuid4()
     with transaction.atomic():
-        due = list(
-            WebhookDelivery.objects.select_for_update(skip_locked=True)
-            .filter(status=DeliveryStatus.PENDING, next_attempt_at__lte=now - overdue)
-            .order_by("next_attempt_at")
-            .values_list("id", flat=True)[:limit]
+        due = WebhookDelivery.objects.select_for_update(skip_locked=True).filter(
+            status=DeliveryStatus.PENDING, next_attempt_at__lte=now - overdue
         )
-        if not due:
+        if retries_only:
+            due = due.filter(attempt_count__gt=0)
+        ids = list(due.order_by("next_attempt_at").values_list("id", flat=True)[:limit])
+        if not ids:
             return 0
         WebhookDelivery.objects.filter(
-            id__in=due, status=DeliveryStatus.PENDING, next_attempt_at__lte=now
-        ).update(next_attempt_at=now + timedelta(seconds=_lease_s()), claim_token=token)
-        transaction.on_commit(lambda: _enqueue(due, token))
-    return len(due)
+            id__in=ids, status=DeliveryStatus.PENDING, next_attempt_at__lte=now
+        ).update(next_attempt_at=now + SWEEP_LEASE, claim_token=token)
+        transaction.on_commit(lambda: _enqueue(ids, token))
+    return len(ids)
 
 
 _last_sweep = 0.0
@@ -313,12 +322,14 @@ _last_sweep = 0.0
 def deliveries_sweep_soon() -> None:
     """Called after each delivery task: a busy worker sends retries due sooner than the
     scheduler's 30-60 s tick (the first retry is due after 5 s). At most once a second per
-    process, and only deliveries 2 s overdue, so fresh deliveries stay with their own task."""
+    process, and only retries 2 s overdue."""
     global _last_sweep
     if time.monotonic() - _last_sweep < 1:
         return
     _last_sweep = time.monotonic()
-    deliveries_sweep(limit=settings.WEBHOOK_BATCH_SIZE, overdue=timedelta(seconds=2))
+    deliveries_sweep(
+        limit=settings.WEBHOOK_BATCH_SIZE, overdue=timedelta(seconds=2), retries_only=True
+    )
 
 
 # --- Resends ----------------------------------------------------------------------------------
