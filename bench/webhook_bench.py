@@ -78,7 +78,7 @@ def main() -> None:
     from runs.services import event_append
     from tests.fakes.webhook_receiver import start_in_thread
     from webhooks.models import WebhookDelivery, WebhookMessage
-    from webhooks.services import _enqueue, deliveries_sweep
+    from webhooks.services.deliveries import _enqueue, deliveries_sweep
 
     call_command("migrate", verbosity=0)
     receiver = start_in_thread(port=args.port)

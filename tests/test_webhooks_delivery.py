@@ -14,12 +14,12 @@ from runs.services import run_cancel, run_create
 from tests.webhook_support import SECRET, deliver_all, finished_run, hook_path
 from webhooks.models import WebhookDelivery, WebhookEndpoint, WebhookMessage
 from webhooks.services import (
-    _claim,
     deliveries_sweep,
     delivery_attempt,
     endpoint_create,
     endpoint_rotate_secret,
 )
+from webhooks.services.deliveries import _claim
 
 pytestmark = pytest.mark.usefixtures("local_ok")
 

@@ -1,11 +1,9 @@
-"""Writes on webhooks: messages at a run's end, delivery attempts, resends, endpoints."""
+"""Writes on deliveries: messages at a run's end, attempts, sweeps, resends."""
 
 from __future__ import annotations
 
-import base64
 import logging
 import random
-import secrets as pysecrets
 import time
 import uuid
 from concurrent.futures import ThreadPoolExecutor
@@ -19,7 +17,6 @@ from django.utils import timezone
 from django_q.tasks import async_task
 
 from agentsvc.errors import ApplicationError
-from agentsvc.models import Owner
 from runs.models import Run
 from runs.timefmt import iso
 from webhooks import delivery as http
@@ -35,12 +32,6 @@ from webhooks.recording import attempt_record
 from webhooks.ssrf import BlockedAddress, check_url
 
 logger = logging.getLogger(__name__)
-
-ROTATION_OVERLAP = timedelta(hours=24)
-
-
-def secret_generate() -> str:
-    return "whsec_" + base64.b64encode(pysecrets.token_bytes(32)).decode()
 
 
 def _lease_s() -> float:
@@ -398,36 +389,3 @@ def run_webhooks_resend(*, run: Run) -> list[WebhookDelivery]:
             except ApplicationError:
                 continue  # its URL is refused now; the others still go
     return list(message.deliveries.order_by("created_at"))
-
-
-# --- Endpoints --------------------------------------------------------------------------------
-
-
-def endpoint_create(
-    *, owner: Owner, url: str, events: list[str], description: str = ""
-) -> WebhookEndpoint:
-    return WebhookEndpoint.objects.create(
-        owner=owner, url=url, events=events, description=description, secret=secret_generate()
-    )
-
-
-def endpoint_update(*, endpoint: WebhookEndpoint, **changes: Any) -> WebhookEndpoint:
-    if changes.get("enabled") is True and not endpoint.enabled:
-        changes.update(disabled_reason="", failing_since=None)
-    for name, value in changes.items():
-        setattr(endpoint, name, value)
-    endpoint.save()
-    return endpoint
-
-
-def endpoint_rotate_secret(*, endpoint: WebhookEndpoint) -> WebhookEndpoint:
-    """A new secret; the old one keeps signing beside it for 24 h."""
-    endpoint.previous_secret = endpoint.secret
-    endpoint.previous_secret_expires_at = timezone.now() + ROTATION_OVERLAP
-    endpoint.secret = secret_generate()
-    endpoint.save()
-    return endpoint
-
-
-def endpoint_delete(*, endpoint: WebhookEndpoint) -> None:
-    endpoint.delete()
