@@ -261,5 +261,7 @@ WEBHOOK_DISABLE_AFTER_S = env_int("WEBHOOK_DISABLE_AFTER_S", 5 * 24 * 3600, mini
 # Attempts one worker process keeps in flight (threads), and deliveries handed out per task.
 WEBHOOK_CONCURRENCY = env_int("WEBHOOK_CONCURRENCY", 8, minimum=1)
 WEBHOOK_BATCH_SIZE = env_int("WEBHOOK_BATCH_SIZE", 50, minimum=1)
+# A PEM file of CAs to trust for https receivers instead of the public ones (certifi).
+WEBHOOK_CA_BUNDLE = env_str("WEBHOOK_CA_BUNDLE")
 # CIDRs exempt from the SSRF guard (e.g. an internal receiver). Empty: only public addresses.
 WEBHOOK_ALLOWED_NETWORKS = env_cidr_list("WEBHOOK_ALLOWED_NETWORKS")

@@ -10,9 +10,11 @@ import socket
 import pytest
 
 from runs.engine import run_execute
+from tests.fakes.tls import make_certificates
 from tests.fakes.webhook_receiver import start_in_thread
 from tests.webhook_support import SECRET, deliver_all, finished_run, hook_path
-from webhooks.models import WebhookAttempt, WebhookEndpoint
+from webhooks.models import WebhookAttempt, WebhookDelivery, WebhookEndpoint
+from webhooks.services import delivery_attempt
 
 EP = "/api/v1/webhook-endpoints"
 PUBLIC = "93.184.216.34"
@@ -193,3 +195,31 @@ def test_allowed_networks_lift_the_guard(alice, dns, settings):
     settings.WEBHOOK_ALLOWED_NETWORKS = ["10.20.0.0/16"]
     assert alice.post(EP, {"url": "http://10.20.3.4/hook"}).status_code == 201
     assert alice.post(EP, {"url": "http://10.21.3.4/hook"}).status_code == 400
+
+
+@pytest.mark.parametrize("cert_name, ok", [("tls.test", True), ("other.test", False)])
+def test_https_keeps_the_name_for_sni_and_verification(
+    alice, make_chain, dns, settings, tmp_path, cert_name, ok
+):
+    """We connect to the checked address, yet TLS still verifies the URL's host name."""
+    ca, cert, key = make_certificates(tmp_path, cert_name)
+    settings.WEBHOOK_CA_BUNDLE = str(ca)
+    settings.WEBHOOK_ALLOWED_NETWORKS = ["127.0.0.0/8"]
+    server = start_in_thread(tls=(str(cert), str(key)))
+    try:
+        port = server.server_address[1]
+        path = hook_path()
+        dns.answers["tls.test"] = [["127.0.0.1"]]
+        assert alice.post(EP, {"url": f"https://tls.test:{port}{path}"}).status_code == 201
+        finished_run(alice, make_chain)
+        delivery_attempt(delivery_id=WebhookDelivery.objects.get().id)
+        attempt = WebhookAttempt.objects.get()
+        if ok:
+            assert attempt.status_code == 200 and attempt.error == ""
+            [request] = server.requests_for(path)
+            assert request.headers["Host"] == f"tls.test:{port}"
+        else:
+            assert attempt.status_code is None and "connection_error" in attempt.error
+            assert server.requests_for(path) == []
+    finally:
+        server.shutdown()

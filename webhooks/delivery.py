@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import ssl
 import threading
 import time
 from collections import OrderedDict
@@ -52,13 +53,15 @@ _clients: OrderedDict[str, httpx.Client] = OrderedDict()
 def _client(target: Target) -> httpx.Client:
     """Pooled clients, keep-alive. HTTPS gets one per host name: connections are pooled by the
     address we dial, and a TLS connection verified for one name must never carry another's."""
-    key = target.host if target.scheme == "https" else ""
+    bundle = settings.WEBHOOK_CA_BUNDLE
+    key = f"{target.host if target.scheme == 'https' else ''}|{bundle}"
     with _lock:
         client = _clients.get(key)
         if client is None:
             client = httpx.Client(
                 follow_redirects=False,
                 trust_env=False,  # no proxy: we connect to the address we checked
+                verify=ssl.create_default_context(cafile=bundle) if bundle else True,
                 timeout=settings.WEBHOOK_TIMEOUT_S,
                 limits=httpx.Limits(max_connections=20, max_keepalive_connections=10),
             )

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import ssl
 import threading
 import time
 from collections import Counter
@@ -94,8 +95,15 @@ class _Handler(BaseHTTPRequestHandler):
             pass
 
 
-def start_in_thread(host: str = "127.0.0.1", port: int = 0) -> WebhookReceiver:
+def start_in_thread(
+    host: str = "127.0.0.1", port: int = 0, tls: tuple[str, str] | None = None
+) -> WebhookReceiver:
+    """With tls=(certfile, keyfile), the receiver speaks https."""
     server = WebhookReceiver((host, port))
+    if tls:
+        context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+        context.load_cert_chain(*tls)
+        server.socket = context.wrap_socket(server.socket, server_side=True)
     threading.Thread(target=server.serve_forever, daemon=True).start()
     return server
 
