@@ -65,3 +65,38 @@ def test_run_end_is_pushed_to_every_target(http, make_chain, receiver):
         receiver.base_url + endpoint_path,
     }
     assert receiver.requests_for(other_path) == []
+
+
+def test_a_failed_delivery_is_retried_by_the_worker(http, make_chain, receiver):
+    """The first attempt fails; the retry (due after about 5 s) goes out from the worker's sweep."""
+    make_chain("demo", models=[fake(tokens=2)])
+    flaky = hook_path(fail_times=1, fail_status=503)
+    hook = {"url": receiver.base_url + flaky, "secret": SECRET}
+    run_id = http.post(
+        "/api/v1/chains/demo/runs", json={"input": {"topic": "a"}, "webhook": hook}
+    ).json()["run_id"]
+    wait_until(lambda: receiver.requests_for(flaky), 30, message="first attempt")
+    # Keep the worker busy with other runs' deliveries: each task also sweeps overdue retries.
+    # (An idle worker leaves it to the django-q2 scheduler, up to about 90 s.)
+    other = {"url": receiver.base_url + hook_path(), "secret": SECRET}
+
+    def retried():
+        if len(receiver.requests_for(flaky)) >= 2:
+            return True
+        http.post("/api/v1/chains/demo/runs", json={"input": {"topic": "b"}, "webhook": other})
+        return False
+
+    wait_until(retried, 60, 1, message="the retry")
+    first, second = receiver.requests_for(flaky)
+    assert first.headers["webhook-id"] == second.headers["webhook-id"]
+    Webhook(SECRET).verify(second.body, second.headers)
+    [delivery] = wait_until(
+        lambda: [
+            d
+            for d in http.get(f"/api/v1/runs/{run_id}/deliveries").json()["results"]
+            if d["status"] == "succeeded"
+        ],
+        10,
+        message="delivery succeeded",
+    )
+    assert [a["status_code"] for a in delivery["attempts"]] == [503, 200]
