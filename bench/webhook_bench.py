@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import signal
 import statistics
 import subprocess
 import sys
@@ -63,6 +64,8 @@ def main() -> None:
     parser.add_argument("--port", type=int, default=8290)
     args = parser.parse_args()
 
+    # A SIGTERM (e.g. from `timeout`) unwinds through `finally`, so the worker is stopped too.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(1))
     ensure_database()
     import django
 
@@ -159,7 +162,7 @@ def main() -> None:
                     raise SystemExit(f"only {len(receiver.requests_for(path))} delivered")
                 time.sleep(0.05)
             got = receiver.requests_for(path)
-            while WebhookDelivery.objects.filter(status="pending").exists():
+            while WebhookDelivery.objects.filter(status="pending", url__endswith=path).exists():
                 time.sleep(0.05)
             span = got[-1].at - got[0].at
             return (len(got) - 1) / span if span > 0 else float("nan")

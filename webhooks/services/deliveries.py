@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import queue
 import random
 import time
 import uuid
@@ -12,7 +13,7 @@ from typing import Any
 from uuid import UUID
 
 from django.conf import settings
-from django.db import close_old_connections, transaction
+from django.db import connection, transaction
 from django.utils import timezone
 from django_q.tasks import async_task
 
@@ -53,30 +54,38 @@ def _enqueue(delivery_ids: list[UUID], token: UUID | None = None) -> None:
         )
 
 
-_pool: ThreadPoolExecutor | None = None
-
-
-def _attempt_in_thread(delivery_id: str, token: str | None) -> None:
+def _drain(ids: queue.SimpleQueue[str], token: str | None) -> None:
+    """One thread of a batch: attempt deliveries until none is left, then close this thread's
+    database connection, so idle workers hold no extra connections."""
     try:
-        delivery_attempt(delivery_id=delivery_id, token=token)
-    except Exception:
-        logger.exception("delivery %s: attempt failed", delivery_id)
+        while True:
+            try:
+                delivery_id = ids.get_nowait()
+            except queue.Empty:
+                return
+            try:
+                delivery_attempt(delivery_id=delivery_id, token=token)
+            except Exception:
+                logger.exception("delivery %s: attempt failed", delivery_id)
     finally:
-        close_old_connections()
+        connection.close()
 
 
 def deliveries_attempt_many(*, delivery_ids: list[str], token: str | None = None) -> None:
     """Attempt a batch concurrently. Delivery waits on the network and the database, so one
     worker process keeps up to WEBHOOK_CONCURRENCY attempts in flight (threads, each with its own
-    database connection)."""
-    global _pool
-    if len(delivery_ids) == 1 or settings.WEBHOOK_CONCURRENCY == 1:
+    database connection while the batch lasts)."""
+    threads = min(settings.WEBHOOK_CONCURRENCY, len(delivery_ids))
+    if threads <= 1:
         for delivery_id in delivery_ids:
             delivery_attempt(delivery_id=delivery_id, token=token)
         return
-    if _pool is None:
-        _pool = ThreadPoolExecutor(settings.WEBHOOK_CONCURRENCY, thread_name_prefix="webhook")
-    list(_pool.map(lambda i: _attempt_in_thread(i, token), delivery_ids))
+    ids: queue.SimpleQueue[str] = queue.SimpleQueue()
+    for delivery_id in delivery_ids:
+        ids.put(delivery_id)
+    with ThreadPoolExecutor(threads, thread_name_prefix="webhook") as pool:
+        for future in [pool.submit(_drain, ids, token) for _ in range(threads)]:
+            future.result()
 
 
 # --- Messages ---------------------------------------------------------------------------------
