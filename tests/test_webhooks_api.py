@@ -186,6 +186,8 @@ def test_admin_resend_action(alice, make_chain, receiver, admin_client):
     assert first.headers["webhook-id"] == second.headers["webhook-id"]
     assert [a.trigger for a in delivery.attempts.order_by("number")] == ["auto", "manual"]
     assert admin_client.get("/admin/webhooks/webhookendpoint/").status_code == 200
+    # Endpoints are made through the API, which shows the secret once.
+    assert admin_client.get("/admin/webhooks/webhookendpoint/add/").status_code == 403
 
 
 def test_a_null_webhook_is_no_webhook(alice, make_chain):

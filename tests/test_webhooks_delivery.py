@@ -338,3 +338,24 @@ def test_a_busy_worker_sweeps_only_overdue_retries(alice, make_chain, receiver):
     assert deliveries_sweep(**soon) == 0  # not overdue enough
     due(3)
     assert deliveries_sweep(**soon) == 1
+
+
+@pytest.mark.parametrize(
+    "retry_after, low, high",
+    [
+        ("Wed, 21 Oct 2099 07:28:00 GMT", 3500, 3601),  # an HTTP date, capped at 1 h
+        ("999999", 3500, 3601),  # capped
+        ("soon", 0, 1),  # unparseable: the schedule (0.05 s here)
+    ],
+)
+def test_retry_after_forms_and_cap(alice, make_chain, receiver, retry_after, low, high):
+    from urllib.parse import quote
+
+    path = hook_path(status=429, retry_after=quote(retry_after))
+    finished_run(alice, make_chain, webhook=own(receiver, path))
+    delivery = WebhookDelivery.objects.get()
+    before = timezone.now()
+    delivery_attempt(delivery_id=delivery.id)
+    delivery.refresh_from_db()
+    assert delivery.status == "pending" and delivery.last_status_code == 429
+    assert low <= (delivery.next_attempt_at - before).total_seconds() <= high

@@ -18,6 +18,10 @@ class WebhookEndpointAdmin(admin.ModelAdmin):
     exclude = ("secret", "previous_secret")
     readonly_fields = ("previous_secret_expires_at", "failing_since", "last_error")
 
+    def has_add_permission(self, request) -> bool:
+        # Endpoints are registered through the API, which shows the new secret once.
+        return False
+
 
 class WebhookAttemptInline(admin.TabularInline):
     model = WebhookAttempt
@@ -38,6 +42,9 @@ class WebhookDeliveryAdmin(admin.ModelAdmin):
     readonly_fields = [f.name for f in WebhookDelivery._meta.fields]
     inlines = [WebhookAttemptInline]
     actions = ["resend"]
+
+    def has_add_permission(self, request) -> bool:
+        return False  # deliveries come from run events
 
     @admin.action(description="Resend the selected deliveries")
     def resend(self, request, queryset) -> None:
