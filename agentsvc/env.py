@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ipaddress
 import os
 from decimal import Decimal, InvalidOperation
 
@@ -89,3 +90,14 @@ def env_prices(name: str) -> dict[str, tuple[Decimal, Decimal]]:
         except InvalidOperation:
             raise ImproperlyConfigured(f"{name}: prices must be decimals, got {item!r}") from None
     return prices
+
+
+def env_cidr_list(name: str) -> list[str]:
+    """Comma-separated CIDRs (10.1.0.0/16, 127.0.0.1, fd00::/8), each checked at start-up."""
+    items = env_list(name, [])
+    for item in items:
+        try:
+            ipaddress.ip_network(item, strict=False)
+        except ValueError:
+            raise ImproperlyConfigured(f"{name}: {item!r} is not a CIDR network") from None
+    return items

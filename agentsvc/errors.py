@@ -98,6 +98,11 @@ PROBLEMS: dict[str, tuple[int, str, str]] = {
         "Service unavailable",
         "A backing service (database or queue) is unreachable right now; retry after Retry-After.",
     ),
+    "run_not_finished": (
+        409,
+        "Run not finished",
+        "The run has not ended yet, so it has no terminal event to send to its webhooks.",
+    ),
     "server_error": (
         500,
         "Internal server error",
@@ -158,6 +163,8 @@ def _field_errors(detail: Any, prefix: str = "") -> list[dict[str, str]]:
     if isinstance(detail, dict):
         for key, value in detail.items():
             name = prefix if key == "non_field_errors" else (f"{prefix}.{key}" if prefix else key)
+            if isinstance(key, int):  # a list item's errors (ListField): events[0]
+                name = f"{prefix}[{key}]"
             errors.extend(_field_errors(value, name))
     elif isinstance(detail, list):
         for i, value in enumerate(detail):

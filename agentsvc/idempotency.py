@@ -70,8 +70,9 @@ def request_key(request) -> str | None:
     return None
 
 
-def fingerprint(data: Any) -> str:
-    if isinstance(data, dict):
+def fingerprint(data: Any, *, key_in_body: bool) -> str:
+    """SHA-256 of the canonical JSON body; the key itself is left out when it came in the body."""
+    if key_in_body and isinstance(data, dict):
         data = {k: v for k, v in data.items() if k != BODY_FIELD}
     canonical = json.dumps(data, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
     return hashlib.sha256(canonical.encode()).hexdigest()
@@ -195,7 +196,7 @@ class IdempotentMixin:
             method=request.method,
             path=request.path,
             key=key,
-            fingerprint=fingerprint(request.data),
+            fingerprint=fingerprint(request.data, key_in_body=HEADER not in request.headers),
         )
         if replay is not None:
             raise _Replay(replay)

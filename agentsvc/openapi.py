@@ -48,11 +48,12 @@ def problems(*statuses: int) -> dict[int, OpenApiResponse]:
 
 IDEMPOTENCY_KEY = OpenApiParameter(
     "Idempotency-Key",
-    {"type": "string", "minLength": 1, "maxLength": 255, "pattern": "^[\\x20-\\x7e]+$"},
+    {"type": "string", "minLength": 1, "maxLength": 257, "pattern": "^[\\x20-\\x7e]+$"},
     OpenApiParameter.HEADER,
     required=False,
     description="Retries with the same key and body get the first answer again "
-    "(`Idempotent-Replayed: true`) and cause no second side effect. At most 255 characters.",
+    "(`Idempotent-Replayed: true`) and cause no second side effect. At most 255 characters "
+    '(257 in the quoted form `"..."`).',
 )
 
 _HEADERS = {

@@ -15,7 +15,9 @@ from django.core.exceptions import ImproperlyConfigured
 
 from agentsvc.env import (
     env_bool,
+    env_cidr_list,
     env_float,
+    env_float_list,
     env_int,
     env_list,
     env_prices,
@@ -306,8 +308,32 @@ SPECTACULAR_SETTINGS = {
     "SWAGGER_UI_FAVICON_HREF": "SIDECAR",
     "REDOC_DIST": "SIDECAR",
     "COMPONENT_SPLIT_REQUEST": True,
+    "ENUM_NAME_OVERRIDES": {
+        "RunStatusEnum": "runs.models.RunStatus",
+        "TerminalEventEnum": "runs.models.TERMINAL_EVENTS",
+        "DeliveryStatusEnum": "webhooks.models.DeliveryStatus",
+        "AttemptTriggerEnum": "webhooks.models.Trigger",
+    },
     "POSTPROCESSING_HOOKS": [
         "drf_spectacular.hooks.postprocess_schema_enums",
         "agentsvc.openapi.add_common_headers",
     ],
 }
+# --- Webhooks -------------------------------------------------------------------------------
+# Seconds to wait for a receiver's answer (connect, send, and each read).
+WEBHOOK_TIMEOUT_S = env_float("WEBHOOK_TIMEOUT_S", 5, minimum=0.1)
+# Delays before each retry after the first attempt, each +-20 % jitter; then the delivery fails.
+WEBHOOK_RETRY_SCHEDULE_S = env_float_list(
+    "WEBHOOK_RETRY_SCHEDULE_S", [5, 300, 1800, 7200, 18000, 36000, 36000]
+)
+# A receiver's Retry-After (429/503) is honoured up to this many seconds.
+WEBHOOK_RETRY_AFTER_MAX_S = env_float("WEBHOOK_RETRY_AFTER_MAX_S", 3600, minimum=0)
+# An endpoint failing without a single success for this long is disabled (5 days).
+WEBHOOK_DISABLE_AFTER_S = env_int("WEBHOOK_DISABLE_AFTER_S", 5 * 24 * 3600, minimum=60)
+# Attempts one worker process keeps in flight (threads), and deliveries handed out per task.
+WEBHOOK_CONCURRENCY = env_int("WEBHOOK_CONCURRENCY", 8, minimum=1)
+WEBHOOK_BATCH_SIZE = env_int("WEBHOOK_BATCH_SIZE", 50, minimum=1)
+# A PEM file of CAs to trust for https receivers instead of the public ones (certifi).
+WEBHOOK_CA_BUNDLE = env_str("WEBHOOK_CA_BUNDLE")
+# CIDRs exempt from the SSRF guard (e.g. an internal receiver). Empty: only public addresses.
+WEBHOOK_ALLOWED_NETWORKS = env_cidr_list("WEBHOOK_ALLOWED_NETWORKS")

@@ -4,6 +4,7 @@ from drf_spectacular.views import SpectacularAPIView, SpectacularSwaggerView
 
 from agentsvc import views
 from runs import api as runs_api
+from webhooks import api as webhooks_api
 
 api_v1 = [
     path("chains", runs_api.ChainListApi.as_view()),
@@ -14,6 +15,15 @@ api_v1 = [
     path("runs/<uuid:run_id>", runs_api.RunDetailApi.as_view()),
     path("runs/<uuid:run_id>/cancel", runs_api.RunCancelApi.as_view()),
     path("runs/<uuid:run_id>/events", runs_api.RunEventsApi.as_view()),
+    path("webhook-endpoints", webhooks_api.WebhookEndpointsApi.as_view()),
+    path("webhook-endpoints/<uuid:endpoint_id>", webhooks_api.WebhookEndpointApi.as_view()),
+    path(
+        "webhook-endpoints/<uuid:endpoint_id>/rotate-secret",
+        webhooks_api.WebhookEndpointRotateSecretApi.as_view(),
+    ),
+    path("runs/<uuid:run_id>/deliveries", webhooks_api.RunDeliveriesApi.as_view()),
+    path("runs/<uuid:run_id>/webhooks/resend", webhooks_api.RunWebhooksResendApi.as_view()),
+    path("deliveries/<uuid:delivery_id>/resend", webhooks_api.DeliveryResendApi.as_view()),
 ]
 
 urlpatterns = [

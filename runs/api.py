@@ -5,6 +5,7 @@ from __future__ import annotations
 from datetime import datetime
 
 from django.conf import settings
+from django.core.validators import RegexValidator
 from django.http import Http404
 from django.utils import timezone
 from drf_spectacular.utils import (
@@ -20,10 +21,12 @@ from rest_framework.views import APIView
 from agentsvc.errors import ApplicationError
 from agentsvc.idempotency import IdempotentMixin
 from agentsvc.openapi import IDEMPOTENCY_KEY, problems
+from agentsvc.serializers import StrictCharField, StrictSerializer
 from runs import selectors, services
 from runs.models import TERMINAL_STATUSES, RunStatus
 from runs.presenters import chain_dict, event_dict, run_dict, run_handle
 from runs.schemas import ChainOut, ChainPage, EventPage, RunHandle, RunOut, RunPage
+from webhooks.serializers import RunWebhookInput
 
 MAX_LIMIT = 100
 
@@ -62,17 +65,6 @@ def _page(results: list, request, next_cursor: str | None) -> dict:
         params["cursor"] = next_cursor
         next_url = f"{request.path}?{params.urlencode()}"
     return {"results": results, "next": next_url}
-
-
-class StrictSerializer(serializers.Serializer):
-    """Rejects fields it does not know, so a typo is a 400 rather than silently ignored."""
-
-    def validate(self, attrs):
-        if isinstance(self.initial_data, dict):
-            unknown = sorted(set(self.initial_data) - set(self.fields))
-            if unknown:
-                raise serializers.ValidationError({name: "Unknown field." for name in unknown})
-        return attrs
 
 
 @extend_schema_field({"type": "object", "additionalProperties": True})
@@ -123,13 +115,14 @@ class RunCreateInput(StrictSerializer):
     input = JSONObjectField(required=False, default=dict)
     version = serializers.IntegerField(required=False, min_value=1, max_value=2**31 - 1)
     metadata = MetadataField(required=False, default=dict, validators=[_validate_metadata])
-    webhook = JSONObjectField(required=False)
-    idempotency_key = serializers.RegexField(
-        r"^[\x20-\x7e]{1,255}$", required=False, trim_whitespace=False
+    webhook = RunWebhookInput(required=False, allow_null=True)
+    idempotency_key = StrictCharField(
+        required=False,
+        trim_whitespace=False,
+        validators=[
+            RegexValidator(r"^[\x20-\x7e]{1,255}$", "1 to 255 printable ASCII characters.")
+        ],
     )
-
-    def validate_webhook(self, value):
-        raise serializers.ValidationError("Webhook delivery is not enabled on this server yet.")
 
 
 class RunInvokeInput(RunCreateInput):
@@ -154,6 +147,7 @@ def _start_run(view, request, name: str, serializer_class=RunCreateInput):
         chain=chain,
         run_input=data["input"],
         metadata=data["metadata"],
+        webhook=data.get("webhook"),
         idempotency=view.idempotency,
     )
     return run, data

@@ -68,6 +68,8 @@ class RunStatus(models.TextChoices):
     TIMED_OUT = "timed_out"
 
 
+# The events that end a run, in the order webhook filters list them.
+TERMINAL_EVENTS = ("run.completed", "run.failed", "run.cancelled", "run.timed_out")
 ACTIVE_STATUSES = frozenset({RunStatus.QUEUED, RunStatus.RUNNING})
 TERMINAL_STATUSES = frozenset(
     {RunStatus.COMPLETED, RunStatus.FAILED, RunStatus.CANCELLED, RunStatus.TIMED_OUT}

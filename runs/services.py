@@ -18,10 +18,17 @@ from agentsvc import limits
 from agentsvc.errors import ApplicationError
 from agentsvc.models import ApiKey, IdempotencyRecord
 from runs.chains import chain_validate_input
-from runs.models import ACTIVE_STATUSES, TERMINAL_STATUSES, Chain, Run, RunEvent, RunStatus
+from runs.models import (
+    ACTIVE_STATUSES,
+    TERMINAL_EVENTS,
+    TERMINAL_STATUSES,
+    Chain,
+    Run,
+    RunEvent,
+    RunStatus,
+)
 from runs.timefmt import iso
-
-TERMINAL_EVENTS = frozenset({"run.completed", "run.failed", "run.cancelled", "run.timed_out"})
+from webhooks.services import messages_create_for_event
 
 
 def event_append(
@@ -55,6 +62,8 @@ def event_append(
             data={**data, "run_id": str(run_id), "seq": seq, "ts": iso(now)},
         )
         if event in TERMINAL_EVENTS:
+            # Webhook messages are written with the terminal event, delivered on commit.
+            messages_create_for_event(run_id=run_id, event=event, seq=seq, now=now)
             transaction.on_commit(lambda: run_ended(run_id=run_id))
     return seq
 

@@ -81,7 +81,7 @@ def test_unknown_chain_is_404(alice, chain):
         ({"input": {"topic": "x"}, "version": 0}, ["version"]),
         ({"input": {"topic": "x"}, "metadata": []}, ["metadata"]),
         ({"input": {"topic": "x"}, "metadata": {"k": {"nested": 1}}}, ["metadata"]),
-        ({"input": {"topic": "x"}, "webhook": {"url": "https://example.com"}}, ["webhook"]),
+        ({"input": {"topic": "x"}, "webhook": {"url": "https://example.com"}}, ["webhook.secret"]),
     ],
 )
 def test_invalid_body_lists_each_field(alice, chain, body, fields):

@@ -1,0 +1,209 @@
+"""Webhook delivery benchmark: deliveries/s one worker sustains, and completion-to-receipt latency.
+
+Needs PostgreSQL and Redis (the production configuration). Reproduce with:
+    .venv/bin/python bench/webhook_bench.py --workers 1 --deliveries 2000 --runs 200
+It creates (and migrates) the database BENCH_DATABASE_URL (default agentsvc_bench_hooks), starts a
+real qcluster with Q_WORKERS=--workers, and a real receiver on 127.0.0.1:8290.
+
+1. Throughput: N pending deliveries are enqueued at once (as on commit); the clock runs from the
+   first to the last request the receiver gets.
+2. Latency: runs end one at a time through `event_append` (the engine's path: the terminal event
+   and the webhook messages in one transaction, tasks enqueued on commit); latency is from the
+   commit to the receiver reading the request.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import signal
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+DB_URL = os.environ.get(
+    "BENCH_DATABASE_URL", "postgres://postgres@127.0.0.1:5432/agentsvc_bench_hooks"
+)
+REDIS_URL = os.environ.get("BENCH_REDIS_URL", "redis://127.0.0.1:6379/11")
+CLUSTER = f"agentsvc-bench-{os.getpid()}"
+os.environ.update(
+    DATABASE_URL=DB_URL,
+    REDIS_URL=REDIS_URL,
+    SECRET_KEY="bench",
+    Q_CLUSTER_NAME=CLUSTER,
+    WEBHOOK_ALLOWED_NETWORKS="127.0.0.0/8",
+    LOG_LEVEL="WARNING",
+    DJANGO_SETTINGS_MODULE="agentsvc.settings",
+)
+
+
+def ensure_database() -> None:
+    import psycopg
+
+    name = DB_URL.rsplit("/", 1)[1]
+    with psycopg.connect(DB_URL.rsplit("/", 1)[0] + "/postgres", autocommit=True) as conn:
+        if not conn.execute("SELECT 1 FROM pg_database WHERE datname = %s", [name]).fetchone():
+            conn.execute(f'CREATE DATABASE "{name}"')
+
+
+def pct(values: list[float], p: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, round(p / 100 * (len(ordered) - 1)))]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--workers", type=int, default=1)
+    parser.add_argument("--deliveries", type=int, default=2000)
+    parser.add_argument("--runs", type=int, default=200)
+    parser.add_argument("--port", type=int, default=8290)
+    args = parser.parse_args()
+
+    # A SIGTERM (e.g. from `timeout`) unwinds through `finally`, so the worker is stopped too.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(1))
+    ensure_database()
+    import django
+
+    django.setup()
+    from django.core.management import call_command
+    from django.db.models import Q
+    from django.utils import timezone
+
+    from agentsvc.models import ApiKey
+    from agentsvc.services import api_key_create
+    from runs.chains import chain_publish
+    from runs.models import Run, RunStatus
+    from runs.services import event_append
+    from tests.fakes.webhook_receiver import start_in_thread
+    from webhooks.models import WebhookDelivery, WebhookMessage
+    from webhooks.services.deliveries import _enqueue, deliveries_sweep
+
+    call_command("migrate", verbosity=0)
+    receiver = start_in_thread(port=args.port)
+    secret = "whsec_MDEyMzQ1Njc4OWFiY2RlZjAxMjM0NTY3ODlhYmNkZWY="
+    key = (
+        ApiKey.objects.filter(name="bench").first()
+        or api_key_create(owner_name="bench", name="bench")[0]
+    )
+    chain, _ = chain_publish(
+        definition={
+            "name": "bench",
+            "agents": [{"name": "a", "provider": "local", "model": "m", "prompt": "x"}],
+        }
+    )
+
+    def make_runs(n: int, path: str) -> list[Run]:
+        now = timezone.now()
+        return Run.objects.bulk_create(
+            [
+                Run(
+                    owner_id=key.owner_id,
+                    chain=chain,
+                    status=RunStatus.RUNNING,
+                    started_at=now,
+                    heartbeat_at=now,
+                    last_seq=1,
+                    webhook_url=f"{receiver.base_url}{path}",
+                    webhook_secret=secret,
+                    webhook_events=["run.completed"],
+                )
+                for _ in range(n)
+            ]
+        )
+
+    env = dict(os.environ, Q_WORKERS=str(args.workers))
+    worker = subprocess.Popen(
+        [sys.executable, "manage.py", "qcluster"],
+        cwd=ROOT,
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        time.sleep(4)  # cluster start-up
+
+        # 1. Throughput: one task per delivery (runs ending one by one), then a backlog.
+        def throughput(path: str, backlog: bool) -> float:
+            runs = make_runs(args.deliveries, path)
+            now = timezone.now()
+            messages = WebhookMessage.objects.bulk_create(
+                [
+                    WebhookMessage(
+                        id=WebhookMessage.new_id(),
+                        run=r,
+                        event_type="run.completed",
+                        seq=2,
+                        payload={"type": "run.completed", "data": {"run_id": str(r.id)}},
+                        created_at=now,
+                    )
+                    for r in runs
+                ]
+            )
+            deliveries = WebhookDelivery.objects.bulk_create(
+                [
+                    WebhookDelivery(message=m, url=runs[0].webhook_url, next_attempt_at=now)
+                    for m in messages
+                ]
+            )
+            if backlog:  # what the sweep does after an outage: batches of WEBHOOK_BATCH_SIZE
+                while deliveries_sweep():
+                    pass
+            else:  # what run ends do: one task each
+                for d in deliveries:
+                    _enqueue([d.id])
+            deadline = time.monotonic() + 300
+            while len(receiver.requests_for(path)) < args.deliveries:
+                if time.monotonic() > deadline:
+                    raise SystemExit(f"only {len(receiver.requests_for(path))} delivered")
+                time.sleep(0.05)
+            got = receiver.requests_for(path)
+            while WebhookDelivery.objects.filter(status="pending", url__endswith=path).exists():
+                time.sleep(0.05)
+            span = got[-1].at - got[0].at
+            return (len(got) - 1) / span if span > 0 else float("nan")
+
+        per_task = throughput("/bench/per-task", backlog=False)
+        per_batch = throughput("/bench/backlog", backlog=True)
+
+        # 2. Completion-to-receipt latency, one run ending at a time.
+        path = "/bench/latency"
+        latencies = []
+        for run in make_runs(args.runs, path):
+            before = len(receiver.requests_for(path))
+            finished = timezone.now()
+            event_append(
+                run_id=run.id,
+                event="run.completed",
+                data={"output": "ok"},
+                when=Q(status=RunStatus.RUNNING),
+                status=RunStatus.COMPLETED,
+                finished_at=finished,
+                output="ok",
+            )
+            committed = time.time()
+            while len(receiver.requests_for(path)) == before:
+                time.sleep(0.0005)
+            latencies.append((receiver.requests_for(path)[-1].at - committed) * 1000)
+            time.sleep(0.02)
+    finally:
+        worker.terminate()
+        worker.wait(20)
+        receiver.shutdown()
+
+    print(f"\nwebhook delivery, qcluster Q_WORKERS={args.workers}, {os.cpu_count()} cores")
+    print(f"{'metric':<44}{'value':>12}{'target':>12}")
+    print(f"{'deliveries/s, one task per run end':<44}{per_task:>12.0f}{'300':>12}")
+    print(f"{'deliveries/s, backlog swept in batches':<44}{per_batch:>12.0f}{'300':>12}")
+    print(f"{'run completion -> receipt, median ms':<44}{statistics.median(latencies):>12.1f}")
+    print(f"{'run completion -> receipt, p95 ms':<44}{pct(latencies, 95):>12.1f}{'< 50':>12}")
+    print(f"{'run completion -> receipt, p99 ms':<44}{pct(latencies, 99):>12.1f}")
+    print(f"{'(' + str(args.runs) + ' runs, one at a time)':<44}")
+
+
+if __name__ == "__main__":
+    main()

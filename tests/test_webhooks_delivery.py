@@ -1,0 +1,361 @@
+"""Webhook delivery against a real local receiver: signing, retries, resends, endpoint health."""
+
+from __future__ import annotations
+
+import json
+from datetime import timedelta
+
+import pytest
+from django.utils import timezone
+from standardwebhooks import Webhook
+
+from runs.models import RunStatus
+from runs.services import run_cancel, run_create
+from tests.webhook_support import SECRET, deliver_all, finished_run, hook_path
+from webhooks.models import WebhookDelivery, WebhookEndpoint, WebhookMessage
+from webhooks.services import (
+    deliveries_sweep,
+    delivery_attempt,
+    endpoint_create,
+    endpoint_rotate_secret,
+)
+from webhooks.services.deliveries import _claim
+
+pytestmark = pytest.mark.usefixtures("local_ok")
+
+ALL = ["run.completed", "run.failed", "run.cancelled", "run.timed_out"]
+
+
+def own(receiver, path: str, events=None) -> dict:
+    hook = {"url": receiver.base_url + path, "secret": SECRET}
+    if events is not None:
+        hook["events"] = events
+    return hook
+
+
+def verify(secret: str, request) -> dict:
+    return Webhook(secret).verify(request.body, request.headers)
+
+
+def test_signed_delivery_verifies_with_standardwebhooks(alice, make_chain, receiver):
+    path = hook_path()
+    run = finished_run(alice, make_chain, webhook=own(receiver, path))
+    deliver_all()
+    [request] = receiver.requests_for(path)
+    payload = verify(SECRET, request)
+    assert request.headers["Content-Type"] == "application/json"
+    assert payload["type"] == "run.completed"
+    assert payload["id"] == request.headers["webhook-id"]
+    assert payload["id"].startswith("msg_")
+    data = payload["data"]
+    assert data["run_id"] == str(run.id) and data["status"] == "completed"
+    assert data["output"] == run.output and data["metadata"] == {"customer": "c1"}
+    assert data["chain"] == "demo" and data["version"] == 1
+    assert data["usage"]["output_tokens"] == 3 and data["seq"] == run.last_seq
+    assert set(data) >= {"error", "cost", "duration_ms", "started_at", "finished_at"}
+    response = alice.get(f"/api/v1/runs/{run.id}/deliveries").json()
+    [delivery] = response["results"]
+    assert delivery["status"] == "succeeded" and delivery["next_attempt_at"] is None
+    assert delivery["event"] == "run.completed" and delivery["url"].endswith(path)
+    [attempt] = delivery["attempts"]
+    assert attempt["number"] == 1 and attempt["status_code"] == 200
+    assert attempt["trigger"] == "auto" and attempt["response_excerpt"] == "received 1"
+    assert "secret" not in json.dumps(response)
+
+
+def test_retries_after_failures_keep_the_same_id(alice, make_chain, receiver):
+    path = hook_path(fail_times=3, fail_status=500)
+    run = finished_run(alice, make_chain, webhook=own(receiver, path))
+    deliver_all()
+    requests = receiver.requests_for(path)
+    assert len(requests) == 4
+    assert len({r.headers["webhook-id"] for r in requests}) == 1
+    for request in requests:
+        verify(SECRET, request)
+    [delivery] = alice.get(f"/api/v1/runs/{run.id}/deliveries").json()["results"]
+    assert delivery["status"] == "succeeded"
+    assert [a["status_code"] for a in delivery["attempts"]] == [500, 500, 500, 200]
+    assert [a["number"] for a in delivery["attempts"]] == [1, 2, 3, 4]
+    assert delivery["attempts"][0]["error"] == "http_500"
+
+
+def test_delivery_fails_when_the_schedule_is_spent(alice, make_chain, receiver):
+    path = hook_path(status=500)
+    run = finished_run(alice, make_chain, webhook=own(receiver, path))
+    deliver_all()
+    # The first attempt and one per step of the (shortened) schedule.
+    assert len(receiver.requests_for(path)) == 4
+    [delivery] = alice.get(f"/api/v1/runs/{run.id}/deliveries").json()["results"]
+    assert delivery["status"] == "failed" and delivery["next_attempt_at"] is None
+
+
+def test_events_are_filtered_per_target(alice, make_chain, receiver):
+    failed_only = hook_path()
+    everything = hook_path()
+    own_failed = hook_path()
+    endpoint_create(
+        owner=alice.key.owner, url=receiver.base_url + failed_only, events=["run.failed"]
+    )
+    endpoint_create(owner=alice.key.owner, url=receiver.base_url + everything, events=ALL)
+    finished_run(alice, make_chain, webhook=own(receiver, own_failed, ["run.failed"]))
+    deliver_all()
+    assert receiver.requests_for(failed_only) == [] and receiver.requests_for(own_failed) == []
+    assert len(receiver.requests_for(everything)) == 1
+    # A failing run reaches all three.
+    finished_run(alice, make_chain, webhook=own(receiver, own_failed, ["run.failed"]), fail=401)
+    deliver_all()
+    for path in (failed_only, everything, own_failed):
+        assert (
+            receiver.requests_for(path)[-1].headers
+            and json.loads(receiver.requests_for(path)[-1].body)["type"] == "run.failed"
+        )
+
+
+def test_other_owners_endpoints_get_nothing(alice, bob, make_chain, receiver):
+    path = hook_path()
+    endpoint_create(owner=bob.key.owner, url=receiver.base_url + path, events=ALL)
+    finished_run(alice, make_chain)
+    deliver_all()
+    assert receiver.requests_for(path) == []
+
+
+def test_rotation_sends_both_signatures_for_a_day(alice, make_chain, receiver):
+    path = hook_path()
+    endpoint = endpoint_create(owner=alice.key.owner, url=receiver.base_url + path, events=ALL)
+    old = endpoint.secret
+    new = endpoint_rotate_secret(endpoint=endpoint).secret
+    assert new != old
+    finished_run(alice, make_chain)
+    deliver_all()
+    [request] = receiver.requests_for(path)
+    signatures = request.headers["webhook-signature"].split(" ")
+    assert len(signatures) == 2 and all(s.startswith("v1,") for s in signatures)
+    verify(old, request)
+    verify(new, request)
+    # After 24 h only the new secret signs.
+    WebhookEndpoint.objects.filter(pk=endpoint.pk).update(
+        previous_secret_expires_at=timezone.now() - timedelta(seconds=1)
+    )
+    finished_run(alice, make_chain)
+    deliver_all()
+    latest = receiver.requests_for(path)[-1]
+    assert len(latest.headers["webhook-signature"].split(" ")) == 1
+    verify(new, latest)
+
+
+def test_410_disables_the_endpoint(alice, make_chain, receiver):
+    path = hook_path(status=410)
+    endpoint = endpoint_create(owner=alice.key.owner, url=receiver.base_url + path, events=ALL)
+    run = finished_run(alice, make_chain)
+    deliver_all()
+    assert len(receiver.requests_for(path)) == 1
+    endpoint.refresh_from_db()
+    assert not endpoint.enabled and "410" in endpoint.disabled_reason
+    assert endpoint.last_error == "gone"
+    [delivery] = alice.get(f"/api/v1/runs/{run.id}/deliveries").json()["results"]
+    assert delivery["status"] == "failed"
+    shown = alice.get(f"/api/v1/webhook-endpoints/{endpoint.id}").json()
+    assert shown["enabled"] is False and shown["disabled_reason"]
+    finished_run(alice, make_chain)
+    deliver_all()
+    assert len(receiver.requests_for(path)) == 1
+
+
+def test_redirect_is_a_failure_and_not_followed(alice, make_chain, receiver):
+    path = hook_path(redirect=1)
+    run = finished_run(alice, make_chain, webhook=own(receiver, path))
+    deliver_all()
+    assert len(receiver.requests_for(path)) == 4
+    assert receiver.requests_for("/ok") == []
+    [delivery] = alice.get(f"/api/v1/runs/{run.id}/deliveries").json()["results"]
+    assert delivery["status"] == "failed"
+    assert delivery["attempts"][0]["status_code"] == 302
+    assert delivery["attempts"][0]["error"].startswith("redirect_not_followed")
+
+
+def test_retry_after_is_honoured(alice, make_chain, receiver):
+    path = hook_path(status=503, retry_after=120)
+    finished_run(alice, make_chain, webhook=own(receiver, path))
+    delivery = WebhookDelivery.objects.get()
+    before = timezone.now()
+    delivery_attempt(delivery_id=delivery.id)
+    delivery.refresh_from_db()
+    assert delivery.status == "pending" and delivery.last_status_code == 503
+    wait = (delivery.next_attempt_at - before).total_seconds()
+    assert 100 < wait < 140  # not the 0.05 s of the schedule
+
+
+def test_endpoint_failing_for_five_days_is_disabled(alice, make_chain, receiver):
+    path = hook_path(status=500)
+    endpoint = endpoint_create(owner=alice.key.owner, url=receiver.base_url + path, events=ALL)
+    WebhookEndpoint.objects.filter(pk=endpoint.pk).update(
+        failing_since=timezone.now() - timedelta(days=5, minutes=1)
+    )
+    finished_run(alice, make_chain)
+    delivery_attempt(delivery_id=WebhookDelivery.objects.get().id)
+    endpoint.refresh_from_db()
+    assert not endpoint.enabled and endpoint.disabled_reason
+    assert endpoint.last_error == "http_500"
+
+
+def test_a_success_clears_the_endpoint_error(alice, make_chain, receiver):
+    path = hook_path(fail_times=1)
+    endpoint = endpoint_create(owner=alice.key.owner, url=receiver.base_url + path, events=ALL)
+    finished_run(alice, make_chain)
+    delivery_attempt(delivery_id=WebhookDelivery.objects.get().id)
+    endpoint.refresh_from_db()
+    assert endpoint.failing_since and endpoint.last_error == "http_500"
+    deliver_all()
+    endpoint.refresh_from_db()
+    assert endpoint.failing_since is None and endpoint.last_error == ""
+
+
+def test_resend_keeps_the_webhook_id(alice, make_chain, receiver):
+    path = hook_path()
+    run = finished_run(alice, make_chain, webhook=own(receiver, path))
+    deliver_all()
+    [delivery] = alice.get(f"/api/v1/runs/{run.id}/deliveries").json()["results"]
+    response = alice.post(f"/api/v1/deliveries/{delivery['id']}/resend")
+    assert response.status_code == 202
+    assert response.json()["status"] == "pending"
+    deliver_all()
+    first, second = receiver.requests_for(path)
+    assert first.headers["webhook-id"] == second.headers["webhook-id"] == delivery["webhook_id"]
+    verify(SECRET, second)
+    [delivery] = alice.get(f"/api/v1/runs/{run.id}/deliveries").json()["results"]
+    assert [a["trigger"] for a in delivery["attempts"]] == ["auto", "manual"]
+    assert delivery["status"] == "succeeded"
+
+
+def test_run_resend_reaches_every_target(alice, make_chain, receiver):
+    own_path, endpoint_path = hook_path(), hook_path()
+    run = finished_run(alice, make_chain, webhook=own(receiver, own_path))
+    deliver_all()
+    # An endpoint registered after the run ended is a target of the resend too.
+    endpoint_create(owner=alice.key.owner, url=receiver.base_url + endpoint_path, events=ALL)
+    response = alice.post(f"/api/v1/runs/{run.id}/webhooks/resend")
+    assert response.status_code == 202
+    assert len(response.json()["results"]) == 2
+    deliver_all()
+    assert len(receiver.requests_for(own_path)) == 2
+    [request] = receiver.requests_for(endpoint_path)
+    assert request.headers["webhook-id"] == receiver.requests_for(own_path)[0].headers["webhook-id"]
+
+
+def test_run_resend_of_an_unfinished_run_is_409(alice, make_chain, receiver):
+    chain = make_chain("demo")
+    run = run_create(api_key=alice.key, chain=chain, run_input={"topic": "x"}, metadata={})
+    response = alice.post(f"/api/v1/runs/{run.id}/webhooks/resend")
+    assert response.status_code == 409
+    assert response.json()["code"] == "run_not_finished"
+
+
+def test_cancelling_a_queued_run_writes_its_message(alice, make_chain, receiver):
+    path = hook_path()
+    chain = make_chain("demo")
+    run = run_create(
+        api_key=alice.key,
+        chain=chain,
+        run_input={"topic": "x"},
+        metadata={},
+        webhook=own(receiver, path, ["run.cancelled"]),
+    )
+    assert not WebhookMessage.objects.exists()
+    run_cancel(run=run, reason="api")
+    message = WebhookMessage.objects.get()
+    assert message.event_type == "run.cancelled" and message.run_id == run.id
+    deliver_all()
+    payload = verify(SECRET, receiver.requests_for(path)[0])
+    assert payload["data"]["status"] == RunStatus.CANCELLED
+
+
+def test_one_claim_wins_and_a_dead_workers_lease_is_swept(alice, make_chain, receiver):
+    path = hook_path()
+    finished_run(alice, make_chain, webhook=own(receiver, path))
+    delivery = WebhookDelivery.objects.get()
+    token = _claim(delivery_id=delivery.id, token=None)
+    assert token is not None
+    assert _claim(delivery_id=delivery.id, token=None) is None  # a second worker loses
+    assert deliveries_sweep() == 0  # the lease is still running
+    # The worker holding it died: once the lease runs out, the sweep hands it on.
+    WebhookDelivery.objects.filter(pk=delivery.pk).update(
+        next_attempt_at=timezone.now() - timedelta(seconds=1)
+    )
+    assert deliveries_sweep() == 1
+    swept = WebhookDelivery.objects.get()
+    assert swept.claim_token not in (None, token)
+    assert not delivery_attempt(delivery_id=delivery.id, token=token)  # the old token is void
+    assert delivery_attempt(delivery_id=delivery.id, token=swept.claim_token)
+    assert len(receiver.requests_for(path)) == 1
+
+
+def test_the_sweep_is_scheduled_for_every_worker(db):
+    import importlib
+
+    from django.apps import apps
+    from django_q.models import Schedule
+
+    # The data migration's function (the table may have been flushed by an earlier test).
+    importlib.import_module("webhooks.migrations.0002_sweep_schedule").create(apps, None)
+    importlib.import_module("webhooks.migrations.0002_sweep_schedule").create(apps, None)
+    schedule = Schedule.objects.get(name="webhooks-sweep")
+    assert schedule.func == "webhooks.tasks.deliveries_sweep"
+    assert schedule.repeats == -1 and schedule.minutes == 1
+
+
+def test_retries_follow_a_changed_endpoint_url(alice, make_chain, receiver):
+    old, new = hook_path(status=500), hook_path()
+    endpoint = endpoint_create(owner=alice.key.owner, url=receiver.base_url + old, events=ALL)
+    finished_run(alice, make_chain)
+    delivery_attempt(delivery_id=WebhookDelivery.objects.get().id)
+    response = alice.client.patch(
+        f"/api/v1/webhook-endpoints/{endpoint.id}",
+        json.dumps({"url": receiver.base_url + new}),
+        content_type="application/json",
+        headers=alice._headers(None),
+    )
+    assert response.status_code == 200
+    deliver_all()
+    assert len(receiver.requests_for(old)) == 1 and len(receiver.requests_for(new)) == 1
+    assert WebhookDelivery.objects.get().status == "succeeded"
+
+
+def test_a_busy_worker_sweeps_only_overdue_retries(alice, make_chain, receiver):
+    finished_run(alice, make_chain, webhook=own(receiver, hook_path(status=500)))
+    delivery = WebhookDelivery.objects.get()
+    soon = {"overdue": timedelta(seconds=2), "retries_only": True}
+
+    def due(seconds_ago: float) -> None:
+        WebhookDelivery.objects.filter(pk=delivery.pk).update(
+            next_attempt_at=timezone.now() - timedelta(seconds=seconds_ago), claim_token=None
+        )
+
+    due(3)
+    assert deliveries_sweep(**soon) == 0  # a first attempt: its own task will take it
+    due(0)
+    delivery_attempt(delivery_id=delivery.id)  # fails: a retry is now scheduled
+    due(1)
+    assert deliveries_sweep(**soon) == 0  # not overdue enough
+    due(3)
+    assert deliveries_sweep(**soon) == 1
+
+
+@pytest.mark.parametrize(
+    "retry_after, low, high",
+    [
+        ("Wed, 21 Oct 2099 07:28:00 GMT", 3500, 3601),  # an HTTP date, capped at 1 h
+        ("999999", 3500, 3601),  # capped
+        ("soon", 0, 1),  # unparseable: the schedule (0.05 s here)
+    ],
+)
+def test_retry_after_forms_and_cap(alice, make_chain, receiver, retry_after, low, high):
+    from urllib.parse import quote
+
+    path = hook_path(status=429, retry_after=quote(retry_after))
+    finished_run(alice, make_chain, webhook=own(receiver, path))
+    delivery = WebhookDelivery.objects.get()
+    before = timezone.now()
+    delivery_attempt(delivery_id=delivery.id)
+    delivery.refresh_from_db()
+    assert delivery.status == "pending" and delivery.last_status_code == 429
+    assert low <= (delivery.next_attempt_at - before).total_seconds() <= high

@@ -1,0 +1,64 @@
+"""Reads on webhooks, always scoped to an owner."""
+
+from __future__ import annotations
+
+from datetime import datetime
+from uuid import UUID
+
+from django.db.models import Prefetch, Q
+from django.http import Http404
+
+from agentsvc.models import Owner
+from runs.models import Run
+from runs.selectors import decode_cursor, encode_cursor
+from webhooks.models import WebhookAttempt, WebhookDelivery, WebhookEndpoint
+
+
+def endpoint_get(*, owner: Owner, endpoint_id: UUID) -> WebhookEndpoint:
+    try:
+        return WebhookEndpoint.objects.get(pk=endpoint_id, owner=owner)
+    except WebhookEndpoint.DoesNotExist:
+        raise Http404 from None
+
+
+def endpoint_list(
+    *, owner: Owner, cursor: str | None, limit: int
+) -> tuple[list[WebhookEndpoint], str | None]:
+    """A page of the owner's endpoints, newest first."""
+    endpoints = WebhookEndpoint.objects.filter(owner=owner)
+    if cursor:
+        created, pk = decode_cursor(cursor, datetime.fromisoformat, UUID)
+        endpoints = endpoints.filter(Q(created_at__lt=created) | Q(created_at=created, id__lt=pk))
+    page = list(endpoints.order_by("-created_at", "-id")[: limit + 1])
+    if len(page) <= limit:
+        return page, None
+    page = page[:limit]
+    return page, encode_cursor(page[-1].created_at, page[-1].id)
+
+
+def _with_log(deliveries):
+    return deliveries.select_related("message").prefetch_related(
+        Prefetch("attempts", queryset=WebhookAttempt.objects.order_by("number"))
+    )
+
+
+def delivery_get(*, owner: Owner, delivery_id: UUID) -> WebhookDelivery:
+    try:
+        return _with_log(WebhookDelivery.objects).get(pk=delivery_id, message__run__owner=owner)
+    except WebhookDelivery.DoesNotExist:
+        raise Http404 from None
+
+
+def run_deliveries(
+    *, run: Run, cursor: str | None, limit: int
+) -> tuple[list[WebhookDelivery], str | None]:
+    """A page of a run's deliveries with their attempts, oldest first (three queries)."""
+    deliveries = WebhookDelivery.objects.filter(message__run=run)
+    if cursor:
+        created, pk = decode_cursor(cursor, datetime.fromisoformat, UUID)
+        deliveries = deliveries.filter(Q(created_at__gt=created) | Q(created_at=created, id__gt=pk))
+    page = list(_with_log(deliveries).order_by("created_at", "id")[: limit + 1])
+    if len(page) <= limit:
+        return page, None
+    page = page[:limit]
+    return page, encode_cursor(page[-1].created_at, page[-1].id)

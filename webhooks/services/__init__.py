@@ -1,0 +1,33 @@
+"""Writes on webhooks (STYLE.md: services write, selectors read)."""
+
+from webhooks.services.deliveries import (
+    deliveries_attempt_many,
+    deliveries_sweep,
+    deliveries_sweep_soon,
+    delivery_attempt,
+    delivery_resend,
+    messages_create_for_event,
+    run_webhooks_resend,
+)
+from webhooks.services.endpoints import (
+    endpoint_create,
+    endpoint_delete,
+    endpoint_rotate_secret,
+    endpoint_update,
+    secret_generate,
+)
+
+__all__ = [
+    "deliveries_attempt_many",
+    "deliveries_sweep",
+    "deliveries_sweep_soon",
+    "delivery_attempt",
+    "delivery_resend",
+    "endpoint_create",
+    "endpoint_delete",
+    "endpoint_rotate_secret",
+    "endpoint_update",
+    "messages_create_for_event",
+    "run_webhooks_resend",
+    "secret_generate",
+]

@@ -1,0 +1,399 @@
+"""Writes on deliveries: messages at a run's end, attempts, sweeps, resends."""
+
+from __future__ import annotations
+
+import logging
+import queue
+import random
+import time
+import uuid
+from concurrent.futures import ThreadPoolExecutor
+from datetime import datetime, timedelta
+from typing import Any
+from uuid import UUID
+
+from django.conf import settings
+from django.db import connection, transaction
+from django.utils import timezone
+from django_q.tasks import async_task
+
+from agentsvc.errors import ApplicationError
+from runs.models import TERMINAL_EVENTS, Run
+from runs.timefmt import iso
+from webhooks import delivery as http
+from webhooks.models import (
+    DeliveryStatus,
+    Trigger,
+    WebhookDelivery,
+    WebhookEndpoint,
+    WebhookMessage,
+)
+from webhooks.recording import attempt_record
+from webhooks.ssrf import BlockedAddress, check_url
+
+logger = logging.getLogger(__name__)
+
+
+def _lease_s() -> float:
+    """How long a claimed attempt may take before the sweep hands it to someone else."""
+    return 3 * settings.WEBHOOK_TIMEOUT_S + 60
+
+
+def _enqueue(delivery_ids: list[UUID], token: UUID | None = None) -> None:
+    """One task per batch: a worker keeps a batch's attempts in flight together."""
+    size = settings.WEBHOOK_BATCH_SIZE
+    for start in range(0, len(delivery_ids), size):
+        batch = [str(i) for i in delivery_ids[start : start + size]]
+        async_task(
+            "webhooks.tasks.deliveries_send",
+            batch,
+            str(token) if token else None,
+            task_name=f"webhooks-{batch[0]}",
+            save=False,
+        )
+
+
+def _drain(ids: queue.SimpleQueue[str], token: str | None) -> None:
+    """One thread of a batch: attempt deliveries until none is left, then close this thread's
+    database connection, so idle workers hold no extra connections."""
+    try:
+        while True:
+            try:
+                delivery_id = ids.get_nowait()
+            except queue.Empty:
+                return
+            try:
+                delivery_attempt(delivery_id=delivery_id, token=token)
+            except Exception:
+                logger.exception("delivery %s: attempt failed", delivery_id)
+    finally:
+        connection.close()
+
+
+def deliveries_attempt_many(*, delivery_ids: list[str], token: str | None = None) -> None:
+    """Attempt a batch concurrently. Delivery waits on the network and the database, so one
+    worker process keeps up to WEBHOOK_CONCURRENCY attempts in flight (threads, each with its own
+    database connection while the batch lasts)."""
+    threads = min(settings.WEBHOOK_CONCURRENCY, len(delivery_ids))
+    if threads <= 1:
+        for delivery_id in delivery_ids:
+            delivery_attempt(delivery_id=delivery_id, token=token)
+        return
+    ids: queue.SimpleQueue[str] = queue.SimpleQueue()
+    for delivery_id in delivery_ids:
+        ids.put(delivery_id)
+    with ThreadPoolExecutor(threads, thread_name_prefix="webhook") as pool:
+        for future in [pool.submit(_drain, ids, token) for _ in range(threads)]:
+            future.result()
+
+
+# --- Messages ---------------------------------------------------------------------------------
+
+
+def _payload(*, run: Run, event: str, seq: int, msg_id: str, now: datetime) -> dict[str, Any]:
+    duration_ms = None
+    if run.started_at and run.finished_at:
+        duration_ms = int((run.finished_at - run.started_at).total_seconds() * 1000)
+    return {
+        "type": event,
+        "id": msg_id,
+        "timestamp": iso(now),
+        "data": {
+            "run_id": str(run.id),
+            "chain": run.chain.name,
+            "version": run.chain.version,
+            "status": run.status,
+            "output": run.output,
+            "error": (
+                {"code": run.error_code, "message": run.error_message} if run.error_code else None
+            ),
+            "usage": {
+                "input_tokens": run.input_tokens,
+                "output_tokens": run.output_tokens,
+                "total_tokens": run.input_tokens + run.output_tokens,
+            },
+            "cost": f"{run.cost:.6f}",
+            "duration_ms": duration_ms,
+            "started_at": iso(run.started_at),
+            "finished_at": iso(run.finished_at),
+            "metadata": run.metadata,
+            "seq": seq,
+        },
+    }
+
+
+def _targets(*, run: Run, event: str) -> list[tuple[WebhookEndpoint | None, str]]:
+    """The run's own webhook and every enabled endpoint of the owner subscribed to `event`."""
+    targets: list[tuple[WebhookEndpoint | None, str]] = []
+    if run.webhook_url and event in (run.webhook_events or TERMINAL_EVENTS):
+        targets.append((None, run.webhook_url))
+    for endpoint in WebhookEndpoint.objects.filter(owner_id=run.owner_id, enabled=True):
+        if event in endpoint.events:
+            targets.append((endpoint, endpoint.url))
+    return targets
+
+
+def messages_create_for_event(*, run_id: UUID, event: str, seq: int, now: datetime) -> None:
+    """Called by `runs.services.event_append` inside the transaction of a terminal event, so the
+    message exists if and only if the event does; delivery tasks are enqueued on commit."""
+    run = Run.objects.select_related("chain").get(pk=run_id)
+    targets = _targets(run=run, event=event)
+    if not targets:
+        return
+    msg_id = WebhookMessage.new_id()
+    message = WebhookMessage.objects.create(
+        id=msg_id,
+        run=run,
+        event_type=event,
+        seq=seq,
+        payload=_payload(run=run, event=event, seq=seq, msg_id=msg_id, now=now),
+        created_at=now,
+    )
+    deliveries = WebhookDelivery.objects.bulk_create(
+        [
+            WebhookDelivery(message=message, endpoint=endpoint, url=url, next_attempt_at=now)
+            for endpoint, url in targets
+        ]
+    )
+    ids = [d.id for d in deliveries]
+    transaction.on_commit(lambda: _enqueue(ids))
+
+
+# --- Attempts ---------------------------------------------------------------------------------
+
+
+def _claim(*, delivery_id: UUID | str, token: UUID | str | None) -> UUID | None:
+    """Take the lease on a due delivery (or renew the sweep's); exactly one caller wins."""
+    now = timezone.now()
+    new_token = uuid.uuid4()
+    rows = WebhookDelivery.objects.filter(pk=delivery_id, status=DeliveryStatus.PENDING)
+    rows = rows.filter(claim_token=token) if token else rows.filter(next_attempt_at__lte=now)
+    updated = rows.update(
+        next_attempt_at=now + timedelta(seconds=_lease_s()), claim_token=new_token
+    )
+    return new_token if updated else None
+
+
+def _secrets(delivery: WebhookDelivery, now: datetime) -> list[str]:
+    endpoint = delivery.endpoint
+    if endpoint is None:
+        return [delivery.message.run.webhook_secret]
+    found = [endpoint.secret]
+    expires = endpoint.previous_secret_expires_at
+    if endpoint.previous_secret and expires and expires > now:
+        found.append(endpoint.previous_secret)
+    return found
+
+
+def _next_delay(auto_attempts: int, retry_after_s: float | None) -> float | None:
+    """Seconds until the next automatic attempt, or None when the schedule is spent."""
+    schedule = settings.WEBHOOK_RETRY_SCHEDULE_S
+    if auto_attempts > len(schedule):
+        return None
+    if retry_after_s is not None:
+        return retry_after_s
+    base = schedule[max(auto_attempts, 1) - 1]
+    return base * random.uniform(0.8, 1.2)
+
+
+def _endpoint_after(endpoint: WebhookEndpoint, outcome: http.Outcome, now: datetime) -> None:
+    """The endpoint's health: last error, failing since, disabled on 410 or after 5 days."""
+    endpoints = WebhookEndpoint.objects.filter(pk=endpoint.pk)
+    if outcome.ok:
+        if endpoint.failing_since or endpoint.last_error:
+            endpoints.update(failing_since=None, last_error="")
+        return
+    endpoints.update(last_error=outcome.error[:500])
+    endpoints.filter(failing_since__isnull=True).update(failing_since=now)
+    if outcome.status_code == 410:
+        endpoints.filter(enabled=True).update(
+            enabled=False, disabled_reason="The receiver answered 410 Gone."
+        )
+    else:
+        cutoff = now - timedelta(seconds=settings.WEBHOOK_DISABLE_AFTER_S)
+        endpoints.filter(enabled=True, failing_since__lte=cutoff).update(
+            enabled=False, disabled_reason="Failing for too long without a success."
+        )
+
+
+def delivery_attempt(*, delivery_id: UUID | str, token: UUID | str | None = None) -> bool:
+    """Claim a due delivery, send it once, record the attempt. Returns False if not ours."""
+    claim = _claim(delivery_id=delivery_id, token=token)
+    if claim is None:
+        return False
+    delivery = WebhookDelivery.objects.select_related("message__run", "endpoint").get(
+        pk=delivery_id
+    )
+    now = timezone.now()
+    trigger = delivery.next_trigger
+    endpoint = delivery.endpoint
+    if endpoint is not None and not endpoint.enabled and trigger == Trigger.AUTO:
+        WebhookDelivery.objects.filter(pk=delivery.pk, claim_token=claim).update(
+            status=DeliveryStatus.FAILED,
+            next_attempt_at=None,
+            claim_token=None,
+            last_error="endpoint_disabled",
+        )
+        return True
+    message = delivery.message
+    # An endpoint's retries follow it when its URL is changed.
+    url = endpoint.url if endpoint is not None else delivery.url
+    outcome = http.attempt(
+        url=url,
+        msg_id=message.id,
+        body=http.body_bytes(message.payload),
+        secrets=_secrets(delivery, now),
+    )
+    auto_attempts = delivery.auto_attempt_count + (trigger == Trigger.AUTO)
+    status, next_at = DeliveryStatus.PENDING, None
+    if outcome.ok:
+        status = DeliveryStatus.SUCCEEDED
+    elif outcome.permanent or (delay := _next_delay(auto_attempts, outcome.retry_after_s)) is None:
+        status = DeliveryStatus.FAILED
+    else:
+        next_at = timezone.now() + timedelta(seconds=delay)
+    recorded = attempt_record(
+        delivery_id=delivery.pk,
+        claim=claim,
+        delivery={
+            "url": url,
+            "status": status,
+            "next_attempt_at": next_at,
+            "next_trigger": Trigger.AUTO,
+            "auto_attempt_count": auto_attempts,
+            "last_status_code": outcome.status_code,
+            "last_error": outcome.error[:500],
+            "last_duration_ms": outcome.duration_ms,
+        },
+        attempt={
+            "at": now,
+            "status_code": outcome.status_code,
+            "duration_ms": outcome.duration_ms,
+            "error": outcome.error[:500],
+            "response_excerpt": outcome.excerpt[:1000],
+            "trigger": trigger,
+        },
+    )
+    if not recorded:
+        logger.warning("delivery %s: lease lost during the attempt", delivery.pk)
+        return False
+    if endpoint is not None:
+        _endpoint_after(endpoint, outcome, now)
+    return True
+
+
+# A swept delivery waits in the queue under this lease; only if its task has not started by then
+# (lost, or a worker died) does a later sweep hand it out again. Long, so that a queue backlog
+# delays deliveries rather than making sweeps re-enqueue them over and over.
+SWEEP_LEASE = timedelta(minutes=10)
+
+
+def deliveries_sweep(
+    *, limit: int = 500, overdue: timedelta = timedelta(0), retries_only: bool = False
+) -> int:
+    """Claim deliveries whose attempt is due (retries, lost tasks, dead workers) and enqueue them.
+
+    Runs on a django-q2 schedule, so a lost task or a dead worker only delays a delivery.
+    With `overdue`, only deliveries due at least that long ago; with `retries_only`, only ones
+    attempted before (a first attempt has its own task, enqueued on commit).
+    """
+    now = timezone.now()
+    token = uuid.uuid4()
+    with transaction.atomic():
+        due = WebhookDelivery.objects.select_for_update(skip_locked=True).filter(
+            status=DeliveryStatus.PENDING, next_attempt_at__lte=now - overdue
+        )
+        if retries_only:
+            due = due.filter(attempt_count__gt=0)
+        ids = list(due.order_by("next_attempt_at").values_list("id", flat=True)[:limit])
+        if not ids:
+            return 0
+        WebhookDelivery.objects.filter(
+            id__in=ids, status=DeliveryStatus.PENDING, next_attempt_at__lte=now
+        ).update(next_attempt_at=now + SWEEP_LEASE, claim_token=token)
+        transaction.on_commit(lambda: _enqueue(ids, token))
+    return len(ids)
+
+
+_last_sweep = 0.0
+
+
+def deliveries_sweep_soon() -> None:
+    """Called after each delivery task: a busy worker sends retries due sooner than the
+    scheduler's 30-60 s tick (the first retry is due after 5 s). At most once a second per
+    process, and only retries 2 s overdue."""
+    global _last_sweep
+    if time.monotonic() - _last_sweep < 1:
+        return
+    _last_sweep = time.monotonic()
+    deliveries_sweep(
+        limit=settings.WEBHOOK_BATCH_SIZE, overdue=timedelta(seconds=2), retries_only=True
+    )
+
+
+# --- Resends ----------------------------------------------------------------------------------
+
+
+def delivery_resend(*, delivery: WebhookDelivery) -> WebhookDelivery:
+    """Send the same message again now (same webhook-id, new timestamp and signature).
+
+    An attempt already under way is left to finish rather than doubled.
+    """
+    try:
+        check_url(delivery.endpoint.url if delivery.endpoint_id else delivery.url)
+    except BlockedAddress as e:
+        raise ApplicationError(
+            "validation_error",
+            "The delivery's URL is refused.",
+            errors=[{"field": "url", "message": str(e)}],
+        ) from None
+    now = timezone.now()
+    with transaction.atomic():
+        updated = (
+            WebhookDelivery.objects.filter(pk=delivery.pk)
+            .exclude(status=DeliveryStatus.PENDING, claim_token__isnull=False)
+            .update(
+                status=DeliveryStatus.PENDING,
+                next_attempt_at=now,
+                next_trigger=Trigger.MANUAL,
+                claim_token=None,
+            )
+        )
+        if updated:
+            transaction.on_commit(lambda: _enqueue([delivery.pk]))
+    delivery.refresh_from_db()
+    return delivery
+
+
+def run_webhooks_resend(*, run: Run) -> list[WebhookDelivery]:
+    """Resend a run's terminal event to all its targets, adding targets registered since."""
+    if not run.is_terminal:
+        raise ApplicationError("run_not_finished", "The run has not ended yet.", run_id=str(run.id))
+    event = f"run.{run.status}"
+    now = timezone.now()
+    with transaction.atomic():
+        message = (
+            WebhookMessage.objects.filter(run=run, event_type__in=TERMINAL_EVENTS)
+            .order_by("-seq")
+            .first()
+        )
+        if message is None:
+            seq = run.last_seq
+            messages_create_for_event(run_id=run.id, event=event, seq=seq, now=now)
+            return list(WebhookDelivery.objects.filter(message__run=run).order_by("created_at"))
+        existing = {d.endpoint_id: d for d in message.deliveries.select_related("endpoint")}
+        new = [
+            WebhookDelivery(message=message, endpoint=endpoint, url=url, next_attempt_at=now)
+            for endpoint, url in _targets(run=run, event=message.event_type)
+            if (endpoint.pk if endpoint else None) not in existing
+        ]
+        created = WebhookDelivery.objects.bulk_create(new)
+        ids = [d.id for d in created]
+        transaction.on_commit(lambda: _enqueue(ids))
+    for d in existing.values():
+        if d.endpoint_id is None or d.endpoint.enabled:
+            try:
+                delivery_resend(delivery=d)
+            except ApplicationError:
+                continue  # its URL is refused now; the others still go
+    return list(message.deliveries.order_by("created_at"))

@@ -1,0 +1,178 @@
+"""The SSRF guard: the one place that decides whether a webhook URL may be connected to.
+
+Used at registration (endpoints and a run's own webhook), at every delivery attempt and by
+resends. A host is resolved once; the address checked is the address connected to (the
+delivery connects to that IP and keeps the Host header and TLS SNI), so DNS rebinding between
+the check and the connect cannot pass.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import socket
+from dataclasses import dataclass
+from functools import lru_cache
+from urllib.parse import urlsplit
+
+from django.conf import settings
+
+IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
+
+# Ranges refused whatever the flags of the ipaddress module say (they vary across Python patches).
+_BLOCKED = [
+    ipaddress.ip_network(n)
+    for n in (
+        "0.0.0.0/8",  # "this network", unspecified
+        "10.0.0.0/8",
+        "100.64.0.0/10",  # CGNAT
+        "127.0.0.0/8",
+        "169.254.0.0/16",  # link-local, cloud metadata
+        "172.16.0.0/12",
+        "192.0.0.0/24",
+        "192.0.2.0/24",
+        "192.168.0.0/16",
+        "198.18.0.0/15",
+        "198.51.100.0/24",
+        "203.0.113.0/24",
+        "224.0.0.0/4",  # multicast
+        "240.0.0.0/4",  # reserved, broadcast
+        "::/128",
+        "::1/128",
+        "::ffff:0:0/96",  # IPv4-mapped (checked again as IPv4 below)
+        "64:ff9b::/96",  # NAT64 well-known prefix (checked again as IPv4 below)
+        "64:ff9b:1::/48",  # NAT64 local use
+        "100::/64",  # discard
+        "2001:db8::/32",  # documentation
+        "fc00::/7",  # unique local
+        "fe80::/10",  # link-local
+        "fec0::/10",  # site-local (deprecated)
+        "ff00::/8",  # multicast
+    )
+]
+_NAT64 = ipaddress.ip_network("64:ff9b::/96")
+
+
+class BlockedAddress(Exception):
+    """The URL is not http(s), or its host is (or resolves to) a refused address."""
+
+    def __init__(self, message: str, *, permanent: bool = True) -> None:
+        super().__init__(message)
+        self.permanent = permanent
+
+
+@dataclass(frozen=True)
+class Target:
+    """Where to connect: the checked address, and the names to keep for Host and TLS SNI."""
+
+    scheme: str
+    host: str
+    port: int
+    address: str
+    path: str
+
+    @property
+    def connect_url(self) -> str:
+        ip = f"[{self.address}]" if ":" in self.address else self.address
+        return f"{self.scheme}://{ip}:{self.port}{self.path}"
+
+    @property
+    def host_header(self) -> str:
+        default = 443 if self.scheme == "https" else 80
+        name = f"[{self.host}]" if ":" in self.host else self.host
+        return name if self.port == default else f"{name}:{self.port}"
+
+
+@lru_cache(maxsize=8)
+def _allowed(networks: tuple[str, ...]) -> list[ipaddress.IPv4Network | ipaddress.IPv6Network]:
+    return [ipaddress.ip_network(n, strict=False) for n in networks]
+
+
+def _embedded_ipv4(ip: IPAddress) -> ipaddress.IPv4Address | None:
+    """The IPv4 address inside IPv4-mapped, NAT64, 6to4 and Teredo IPv6 forms."""
+    if not isinstance(ip, ipaddress.IPv6Address):
+        return None
+    if ip.ipv4_mapped:
+        return ip.ipv4_mapped
+    if ip in _NAT64:
+        return ipaddress.IPv4Address(int(ip) & 0xFFFFFFFF)
+    if ip.sixtofour:
+        return ip.sixtofour
+    if ip.teredo:
+        return ip.teredo[1]
+    return None
+
+
+def address_blocked(address: str) -> bool:
+    """True when connecting to `address` is refused (WEBHOOK_ALLOWED_NETWORKS lifts it)."""
+    ip = ipaddress.ip_address(address.split("%")[0])
+    allowed = _allowed(tuple(settings.WEBHOOK_ALLOWED_NETWORKS))
+    candidates = [ip]
+    inner = _embedded_ipv4(ip)
+    if inner is not None:
+        candidates.append(inner)
+    if any(c.version == n.version and c in n for c in candidates for n in allowed):
+        return False
+    for c in candidates:
+        if any(c.version == n.version and c in n for n in _BLOCKED):
+            return True
+        if c.is_multicast or c.is_private or c.is_reserved or c.is_loopback:
+            return True
+        if c.is_link_local or c.is_unspecified or not c.is_global:
+            return True
+    return False
+
+
+def _split(url: str) -> tuple[str, str, int, str]:
+    try:
+        parts = urlsplit(url)
+        port = parts.port
+    except ValueError:
+        raise BlockedAddress("The URL is not valid.") from None
+    scheme = parts.scheme.lower()
+    if scheme not in ("http", "https"):
+        raise BlockedAddress("Only http and https URLs are allowed.")
+    host = parts.hostname or ""
+    if not host:
+        raise BlockedAddress("The URL has no host.")
+    if parts.username or parts.password:
+        raise BlockedAddress("The URL must not contain credentials.")
+    path = parts.path or "/"
+    if parts.query:
+        path += f"?{parts.query}"
+    return scheme, host, port or (443 if scheme == "https" else 80), path
+
+
+def _resolve(host: str, port: int) -> list[str]:
+    try:
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+    except (socket.gaierror, UnicodeError) as e:
+        raise BlockedAddress(f"Cannot resolve {host}: {e}", permanent=False) from None
+    return [info[4][0] for info in infos]
+
+
+def resolve_target(url: str) -> Target:
+    """Resolve the URL's host once and return the address to connect to.
+
+    Every address in the answer must be allowed: an answer mixing public and private addresses
+    is refused as a whole, so the choice of address cannot be steered.
+    """
+    scheme, host, port, path = _split(url)
+    addresses = _resolve(host, port)
+    if not addresses:
+        raise BlockedAddress(f"{host} has no address.", permanent=False)
+    for address in addresses:
+        if address_blocked(address):
+            raise BlockedAddress(f"{host} resolves to a refused address.")
+    return Target(scheme=scheme, host=host, port=port, address=addresses[0], path=path)
+
+
+def check_url(url: str) -> None:
+    """Registration check: refuse bad schemes and hosts that are or resolve to refused addresses.
+
+    A name that does not resolve now is accepted (it may later); every delivery checks again.
+    """
+    try:
+        resolve_target(url)
+    except BlockedAddress as e:
+        if e.permanent:
+            raise
