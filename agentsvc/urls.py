@@ -3,6 +3,7 @@ from django.urls import include, path
 
 from agentsvc import views
 from runs import api as runs_api
+from runs import sse as runs_sse
 
 api_v1 = [
     path("chains", runs_api.ChainListApi.as_view()),
@@ -12,7 +13,8 @@ api_v1 = [
     path("runs", runs_api.RunListApi.as_view()),
     path("runs/<uuid:run_id>", runs_api.RunDetailApi.as_view()),
     path("runs/<uuid:run_id>/cancel", runs_api.RunCancelApi.as_view()),
-    path("runs/<uuid:run_id>/events", runs_api.RunEventsApi.as_view()),
+    path("runs/<uuid:run_id>/events", runs_sse.run_events),
+    path("chains/<slug:name>/stream", runs_sse.chain_stream),
 ]
 
 urlpatterns = [

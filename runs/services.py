@@ -17,6 +17,7 @@ from agentsvc.models import ApiKey
 from runs.chains import chain_validate_input
 from runs.models import TERMINAL_STATUSES, Chain, Run, RunEvent, RunStatus
 from runs.timefmt import iso
+from runs.wakeup import wakeup_publish
 
 
 def event_append(
@@ -41,13 +42,16 @@ def event_append(
             runs = runs.filter(when)
         if not runs.update(last_seq=F("last_seq") + 1, **fields):
             return None
-        seq = Run.objects.filter(pk=run_id).values_list("last_seq", flat=True).get()
+        seq, owner_id = Run.objects.filter(pk=run_id).values_list("last_seq", "owner_id").get()
         RunEvent.objects.create(
             run_id=run_id,
             seq=seq,
             type=event,
             created_at=now,
             data={**data, "run_id": str(run_id), "seq": seq, "ts": iso(now)},
+        )
+        transaction.on_commit(
+            lambda: wakeup_publish(run_id=run_id, owner_id=owner_id, seq=seq, event=event)
         )
     return seq
 
@@ -88,6 +92,9 @@ def run_create(
             },
         )
         transaction.on_commit(lambda: _enqueue(run.id))
+        transaction.on_commit(
+            lambda: wakeup_publish(run_id=run.id, owner_id=run.owner_id, seq=1, event="run.queued")
+        )
     return run
 
 

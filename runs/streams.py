@@ -1,0 +1,119 @@
+"""Following a run's events: replay from the database after a cursor, then live until the end.
+
+Shared by SSE (`runs/sse.py`) and WebSocket (`runs/consumers.py`). The reader subscribes to the hub
+before it reads, so an event committed between its read and its wait still rings it: each event
+is read exactly once, in order, from the database, whatever happens to the wake-ups.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import AsyncIterator
+from typing import Any, NamedTuple
+from uuid import UUID
+
+from asgiref.sync import sync_to_async
+from django.db import close_old_connections
+
+from agentsvc.models import ApiKey
+from agentsvc.services import api_key_authenticate
+from runs.hub import get_hub
+from runs.models import Run, RunEvent
+from runs.timefmt import iso
+from runs.wakeup import TERMINAL_EVENTS
+
+BATCH = 500
+MAX_SEQ = 2**31 - 1
+
+
+class EventRow(NamedTuple):
+    seq: int
+    event: str
+    data: dict[str, Any]
+    ts: str
+
+
+def parse_after(raw: str | None) -> int | None:
+    """A resume cursor (`?after=`, `Last-Event-ID`): a whole number, or None when invalid."""
+    if raw is None or raw == "":
+        return 0
+    raw = raw.strip()
+    if not raw.isdigit() or len(raw) > 10 or int(raw) > MAX_SEQ:
+        return None
+    return int(raw)
+
+
+def _events_after(run_id: UUID, after: int) -> list[EventRow]:
+    close_old_connections()
+    rows = (
+        RunEvent.objects.filter(run_id=run_id, seq__gt=after)
+        .order_by("seq")
+        .values_list("seq", "type", "data", "created_at")[:BATCH]
+    )
+    return [EventRow(seq, event, data, iso(created)) for seq, event, data, created in rows]
+
+
+def _run_state(run_id: UUID) -> tuple[bool, int] | None:
+    close_old_connections()
+    row = Run.objects.filter(pk=run_id).values_list("status", "last_seq").first()
+    if row is None:
+        return None
+    status, last_seq = row
+    return status in ("completed", "failed", "cancelled", "timed_out"), last_seq
+
+
+# Reads run off the loop in the default executor, in parallel, each thread with its own connection:
+# thread_sensitive=True would put every stream's queries through one thread.
+events_after = sync_to_async(_events_after, thread_sensitive=False)
+run_state = sync_to_async(_run_state, thread_sensitive=False)
+
+
+async def follow_run(
+    run_id: UUID, after: int, *, idle_s: float
+) -> AsyncIterator[list[EventRow] | None]:
+    """Batches of events with seq > after, in order, ending with the batch holding the terminal
+    event; None when nothing happened for `idle_s` (time for a keep-alive)."""
+    hub = get_hub()
+    async with hub.watch_run(str(run_id)) as waiter:
+        state = await run_state(run_id)
+        if state is None or (state[0] and after >= state[1]):
+            return  # gone, or already ended and the caller has seen everything
+        last_sent = time.monotonic()
+        while True:
+            rows = await events_after(run_id, after)
+            if rows:
+                after = rows[-1].seq
+                last_sent = time.monotonic()
+                yield rows
+                if rows[-1].event in TERMINAL_EVENTS:
+                    return
+                if len(rows) == BATCH:
+                    continue
+            while True:
+                remaining = idle_s - (time.monotonic() - last_sent)
+                if remaining <= 0:
+                    last_sent = time.monotonic()
+                    yield None
+                    continue
+                # The hub re-checks the database on its own timer, so a dropped wake-up only
+                # delays; a reader never polls on its own.
+                if await waiter.wait(remaining):
+                    break
+
+
+def key_authenticate(raw: str) -> ApiKey | None:
+    close_old_connections()
+    return api_key_authenticate(raw=raw)
+
+
+def run_visible(run_id: UUID, owner_id: int | None) -> Run | None:
+    """The run if this owner may see it (owner_id None: staff, any run)."""
+    close_old_connections()
+    runs = Run.objects.select_related("chain").filter(pk=run_id)
+    if owner_id is not None:
+        runs = runs.filter(owner_id=owner_id)
+    return runs.first()
+
+
+authenticate = sync_to_async(key_authenticate, thread_sensitive=False)
+visible_run = sync_to_async(run_visible, thread_sensitive=False)
