@@ -75,6 +75,7 @@ class Hub:
         self.via_layer = settings.STREAM_WAKEUP_VIA_LAYER
         self.layer = get_channel_layer() if self.via_layer else None
         self.channel: str | None = None
+        self.reads: dict[tuple, asyncio.Future] = {}  # reads in flight, shared (runs.streams)
         self._ready = asyncio.Lock()
         self._tasks: list[asyncio.Task] = []
 

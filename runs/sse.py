@@ -44,10 +44,7 @@ def _wants_sse(request: HttpRequest) -> bool:
 
 
 def _frames(rows: list[EventRow]) -> bytes:
-    return "".join(
-        f"id: {r.seq}\nevent: {r.event}\ndata: {json.dumps(r.data, separators=(',', ':'))}\n\n"
-        for r in rows
-    ).encode()
+    return b"".join(r.sse for r in rows)
 
 
 async def _key_or_problem(request: HttpRequest) -> ApiKey | HttpResponse:

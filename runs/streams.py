@@ -7,6 +7,8 @@ is read exactly once, in order, from the database, whatever happens to the wake-
 
 from __future__ import annotations
 
+import asyncio
+import json
 import time
 from collections.abc import AsyncIterator
 from typing import Any, NamedTuple
@@ -31,6 +33,7 @@ class EventRow(NamedTuple):
     event: str
     data: dict[str, Any]
     ts: str
+    sse: bytes  # the SSE frame, encoded once however many readers send it
 
 
 def parse_after(raw: str | None) -> int | None:
@@ -50,7 +53,15 @@ def _events_after(run_id: UUID, after: int) -> list[EventRow]:
         .order_by("seq")
         .values_list("seq", "type", "data", "created_at")[:BATCH]
     )
-    return [EventRow(seq, event, data, iso(created)) for seq, event, data, created in rows]
+    return [
+        EventRow(seq, event, data, iso(created), _sse_frame(seq, event, data))
+        for seq, event, data, created in rows
+    ]
+
+
+def _sse_frame(seq: int, event: str, data: dict[str, Any]) -> bytes:
+    body = json.dumps(data, separators=(",", ":"))
+    return f"id: {seq}\nevent: {event}\ndata: {body}\n\n".encode()
 
 
 def _run_state(run_id: UUID) -> tuple[bool, int] | None:
@@ -64,8 +75,20 @@ def _run_state(run_id: UUID) -> tuple[bool, int] | None:
 
 # Reads run off the loop in the default executor, in parallel, each thread with its own connection:
 # thread_sensitive=True would put every stream's queries through one thread.
-events_after = sync_to_async(_events_after, thread_sensitive=False)
+_events_after_async = sync_to_async(_events_after, thread_sensitive=False)
 run_state = sync_to_async(_run_state, thread_sensitive=False)
+
+
+async def events_after(run_id: UUID, after: int) -> list[EventRow]:
+    """One query per (run, cursor) at a time: a thousand readers woken by the same event share
+    the read of whoever asked first (single flight), instead of a thousand identical queries."""
+    inflight = get_hub().reads
+    key = (run_id, after)
+    future = inflight.get(key)
+    if future is None:
+        future = inflight[key] = asyncio.ensure_future(_events_after_async(run_id, after))
+        future.add_done_callback(lambda _: inflight.pop(key, None))
+    return await asyncio.shield(future)  # one reader leaving must not cancel the others' read
 
 
 async def follow_run(
