@@ -4,9 +4,10 @@ One hub per event loop (daphne has one). It holds one channel-layer channel for 
 and joins a run's group only while someone here watches that run, so an event costs one Redis
 message per web process, not one per reader; readers are woken locally.
 
-Wake-ups may be lost (the channel layer is at-most-once, and the in-memory layer cannot reach
-other processes at all), so the hub also re-checks the database on a timer: every
-STREAM_RECHECK_S with Redis, every STREAM_POLL_MS without. Each tick is one query per process
+In the embedded default (no Redis; the in-memory layer cannot reach the worker process) the
+wake-ups come as datagrams on a Unix socket in DATA_DIR instead. Wake-ups may be lost either way,
+so the hub also re-checks the database on a timer: every STREAM_RECHECK_S with Redis, every
+STREAM_POLL_MS without. Each tick is one query per process
 (the watched runs' `last_seq`, and the newest feed event id), whatever the number of readers.
 """
 
@@ -14,7 +15,10 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import logging
+import os
+import socket
 from collections.abc import AsyncIterator
 
 from asgiref.sync import sync_to_async
@@ -24,7 +28,7 @@ from django.db import close_old_connections
 from django.db.models import Max
 
 from runs.models import Run, RunEvent
-from runs.wakeup import FEED_ALL_GROUP, FEED_EVENTS, feed_group, run_group
+from runs.wakeup import FEED_ALL_GROUP, FEED_EVENTS, feed_group, run_group, wakeup_socket_path
 
 logger = logging.getLogger(__name__)
 
@@ -92,7 +96,27 @@ class Hub:
             if self.layer is not None:
                 self.channel = await self.layer.new_channel("stream-hub")
                 self._tasks.append(asyncio.create_task(self._listen()))
+            else:
+                await self._bind_datagrams()
             self._tasks.append(asyncio.create_task(self._recheck()))
+
+    async def _bind_datagrams(self) -> None:
+        """Embedded default: take the wake-up socket in DATA_DIR (the newest web process wins;
+        any other keeps polling the database)."""
+        path = wakeup_socket_path()
+        if not path:
+            return
+        try:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(path)
+            sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+            sock.bind(path)
+            os.chmod(path, 0o600)
+            await asyncio.get_running_loop().create_datagram_endpoint(
+                lambda: _Datagrams(self), sock=sock
+            )
+        except OSError as e:
+            logger.warning("stream hub: no wake-up socket (%s); polling the database only", e)
 
     @contextlib.asynccontextmanager
     async def watch_run(self, run_id: str) -> AsyncIterator[Waiter]:
@@ -143,14 +167,18 @@ class Hub:
                 await asyncio.sleep(1)
                 continue
             if message.get("type") == "run.wake":
-                run = message.get("run", "")
-                seq = message.get("seq", 0)
-                if seq > self.known_seq.get(run, seq):
-                    self.known_seq[run] = seq
-                self._ring(self.runs.get(run))
+                self.wake_run(message.get("run", ""), message.get("seq", 0))
             elif message.get("type") == "feed.wake":
-                self._ring(self.feeds.get(feed_group(message.get("owner"))))
-                self._ring(self.feeds.get(FEED_ALL_GROUP))
+                self.wake_feed(message.get("owner"))
+
+    def wake_run(self, run: str, seq: int) -> None:
+        if seq > self.known_seq.get(run, seq):
+            self.known_seq[run] = seq
+        self._ring(self.runs.get(run))
+
+    def wake_feed(self, owner_id) -> None:
+        self._ring(self.feeds.get(feed_group(owner_id)))
+        self._ring(self.feeds.get(FEED_ALL_GROUP))
 
     async def _recheck(self) -> None:
         while True:
@@ -181,6 +209,22 @@ class Hub:
     @property
     def watching(self) -> int:
         return sum(len(w) for w in self.runs.values()) + sum(len(w) for w in self.feeds.values())
+
+
+class _Datagrams(asyncio.DatagramProtocol):
+    """Wake-ups from the worker process in the embedded default (runs.wakeup)."""
+
+    def __init__(self, hub: Hub) -> None:
+        self.hub = hub
+
+    def datagram_received(self, data: bytes, addr) -> None:
+        try:
+            message = json.loads(data)
+            self.hub.wake_run(str(message["run"]), int(message["seq"]))
+            if message.get("owner") is not None:
+                self.hub.wake_feed(message["owner"])
+        except (ValueError, KeyError, TypeError):
+            pass  # not ours: ignore
 
 
 _hubs: dict[asyncio.AbstractEventLoop, Hub] = {}

@@ -8,9 +8,13 @@ this process, so `event_append` never waits for Redis and a Redis hiccup never f
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import json
 import logging
 import os
+import socket
 import threading
+from pathlib import Path
 from typing import Any
 from uuid import UUID
 
@@ -81,15 +85,48 @@ def _log_failure(future) -> None:
 _publisher = _Publisher()
 
 
+def wakeup_socket_path() -> str | None:
+    """Embedded default: the web process listens for wake-ups on a Unix datagram socket next to
+    the SQLite database, so the worker process can reach it without Redis."""
+    if settings.STREAM_WAKEUP_VIA_LAYER or not settings.EMBEDDED:
+        return None
+    path = str(Path(settings.DATA_DIR) / "stream-wakeup.sock")
+    return path if len(path.encode()) < 100 else None  # AF_UNIX paths are short
+
+
+class _DatagramSender:
+    """Non-blocking sends; no listener, a full buffer or any error just drops the wake-up."""
+
+    def __init__(self) -> None:
+        self._pid: int | None = None
+        self._sock: socket.socket | None = None
+
+    def send(self, path: str, payload: bytes) -> None:
+        if self._pid != os.getpid() or self._sock is None:
+            self._sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+            self._sock.setblocking(False)
+            self._pid = os.getpid()
+        with contextlib.suppress(OSError):
+            self._sock.sendto(payload, path)
+
+
+_datagrams = _DatagramSender()
+
+
 def wakeup_publish(*, run_id: UUID | str, owner_id: int | None, seq: int, event: str) -> None:
     """Wake readers of this run (and of the owner's status feed when status or progress moved).
 
-    Called from `transaction.on_commit`. Without Redis there is nobody in another process to reach
-    over the in-memory layer; readers there poll the database (STREAM_POLL_MS).
+    Called from `transaction.on_commit`. Without Redis the in-memory layer cannot reach another
+    process, so the wake-up goes as a datagram to the web process's socket in DATA_DIR; readers
+    there also re-check the database every STREAM_POLL_MS in case it does not arrive.
     """
-    if not settings.STREAM_WAKEUP_VIA_LAYER:
-        return
     run = str(run_id)
+    if not settings.STREAM_WAKEUP_VIA_LAYER:
+        path = wakeup_socket_path()
+        if path:
+            feed = owner_id if event in FEED_EVENTS else None
+            _datagrams.send(path, json.dumps({"run": run, "seq": seq, "owner": feed}).encode())
+        return
     messages = [(run_group(run), {"type": "run.wake", "run": run, "seq": seq})]
     if event in FEED_EVENTS and owner_id is not None:
         feed = {"type": "feed.wake", "run": run, "owner": owner_id}

@@ -78,7 +78,7 @@ def embedded(tmp_path_factory, fake_model):
     key = key.stdout.strip().splitlines()[-1]
     worker = Proc([sys.executable, "manage.py", "qcluster"], env, data / "qcluster.log")
     web, url = _daphne(env, data / "daphne.log")
-    yield url, key
+    yield url, key, data
     web.stop()
     worker.stop()
 
@@ -86,7 +86,7 @@ def embedded(tmp_path_factory, fake_model):
 @pytest.mark.slow
 def test_embedded_default_streams_live_across_processes(embedded):
     """No Redis: the worker process's events reach the web process's reader while the run goes."""
-    url, key = embedded
+    url, key, data = embedded
     arrivals = []
     with (
         httpx.Client(base_url=url, timeout=30, headers={"Authorization": f"Bearer {key}"}) as http,
@@ -102,6 +102,8 @@ def test_embedded_default_streams_live_across_processes(embedded):
     assert len(outputs) > 3
     # Live, not all at the end: the first chunk came well before the last (20 tokens, 40 ms apart).
     assert arrivals[-1][0] - outputs[0] > 0.3
+    # The worker woke the reader over the web process's socket, not only by database polling.
+    assert (data / "stream-wakeup.sock").exists()
 
 
 @pytest.fixture(scope="module")
