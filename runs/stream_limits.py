@@ -1,23 +1,34 @@
 """Caps on open streams: STREAMS_PER_KEY per API key (across processes) and STREAMS_MAX per process.
 
-The per-key count lives in the cache (Redis in production, so every web process shares it). A
-process that dies holding streams leaks its counts until the cache key expires (LEASE_TTL_S after
-the key's last stream opened); counts are never trusted below zero.
+With Redis, each open stream is a lease in a sorted set per key, scored by its expiry: a process
+refreshes its leases every LEASE_TTL_S / 3, so the leases of a process that dies (or is restarted
+with streams open) drop out within LEASE_TTL_S instead of blocking the key. Without Redis there
+is one web process (the embedded default) and the count lives in it.
 """
 
 from __future__ import annotations
 
+import asyncio
 import logging
+import os
+import socket
+import time
+import uuid
+from functools import cache
 
+import redis
 from asgiref.sync import sync_to_async
 from django.conf import settings
-from django.core.cache import cache
 
 logger = logging.getLogger(__name__)
 
-LEASE_TTL_S = 3600
+LEASE_TTL_S = 60
+_PREFIX = "agentsvc:streams:key:"
 
 _open_here = 0
+_local_by_key: dict[int, int] = {}
+_held: dict[str, int] = {}  # lease id -> key id, refreshed while held
+_refreshers: dict[asyncio.AbstractEventLoop, asyncio.Task] = {}
 
 
 class StreamLimitExceeded(Exception):
@@ -30,31 +41,46 @@ def open_streams_here() -> int:
     return _open_here
 
 
-def _key_name(key_id: int) -> str:
-    return f"streams:key:{key_id}"
+@cache
+def _redis() -> redis.Redis | None:
+    return redis.Redis.from_url(settings.REDIS_URL) if settings.REDIS_URL else None
 
 
-def _key_acquire(key_id: int) -> bool:
-    name = _key_name(key_id)
-    cache.add(name, 0, LEASE_TTL_S)
-    try:
-        count = cache.incr(name)
-    except ValueError:  # expired between add and incr
-        cache.add(name, 1, LEASE_TTL_S)
-        count = 1
-    cache.touch(name, LEASE_TTL_S)
+def _shared_acquire(key_id: int, lease: str) -> bool:
+    client, name, now = _redis(), f"{_PREFIX}{key_id}", time.time()
+    pipe = client.pipeline(transaction=True)
+    pipe.zremrangebyscore(name, "-inf", now)
+    pipe.zadd(name, {lease: now + LEASE_TTL_S})
+    pipe.zcard(name)
+    pipe.expire(name, LEASE_TTL_S)
+    count = pipe.execute()[2]
     if count > settings.STREAMS_PER_KEY:
-        _key_release(key_id)
+        client.zrem(name, lease)
         return False
     return True
 
 
-def _key_release(key_id: int) -> None:
-    try:
-        if cache.decr(_key_name(key_id)) < 0:
-            cache.set(_key_name(key_id), 0, LEASE_TTL_S)
-    except ValueError:
-        pass  # expired: nothing to give back
+def _shared_release(key_id: int, lease: str) -> None:
+    _redis().zrem(f"{_PREFIX}{key_id}", lease)
+
+
+def _shared_refresh(held: dict[str, int]) -> None:
+    expiry = time.time() + LEASE_TTL_S
+    pipe = _redis().pipeline(transaction=False)
+    for lease, key_id in held.items():
+        pipe.zadd(f"{_PREFIX}{key_id}", {lease: expiry}, xx=True)
+        pipe.expire(f"{_PREFIX}{key_id}", LEASE_TTL_S)
+    pipe.execute()
+
+
+async def _refresh_forever() -> None:
+    while True:
+        await asyncio.sleep(LEASE_TTL_S / 3)
+        if _held:
+            try:
+                await sync_to_async(_shared_refresh, thread_sensitive=False)(dict(_held))
+            except Exception:
+                logger.exception("stream leases not refreshed")
 
 
 class StreamLease:
@@ -62,7 +88,10 @@ class StreamLease:
 
     def __init__(self, key_id: int | None) -> None:
         self.key_id = key_id
+        self.id = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:12]}"
         self.held = False
+        self.shared = False
+        self.counted_here = False
 
     async def acquire(self) -> StreamLease:
         global _open_here
@@ -70,15 +99,28 @@ class StreamLease:
             raise StreamLimitExceeded("server")
         _open_here += 1
         self.held = True
-        if self.key_id is not None:
-            try:
-                ok = await sync_to_async(_key_acquire, thread_sensitive=False)(self.key_id)
-            except BaseException:
-                self._release_local()
-                raise
-            if not ok:
+        if self.key_id is None:
+            return self
+        if _redis() is None:
+            if _local_by_key.get(self.key_id, 0) >= settings.STREAMS_PER_KEY:
                 self._release_local()
                 raise StreamLimitExceeded("key")
+            _local_by_key[self.key_id] = _local_by_key.get(self.key_id, 0) + 1
+            self.counted_here = True
+            return self
+        try:
+            ok = await sync_to_async(_shared_acquire, thread_sensitive=False)(self.key_id, self.id)
+        except BaseException:
+            self._release_local()
+            raise
+        if not ok:
+            self._release_local()
+            raise StreamLimitExceeded("key")
+        self.shared = True
+        _held[self.id] = self.key_id
+        loop = asyncio.get_running_loop()
+        if loop not in _refreshers:
+            _refreshers[loop] = loop.create_task(_refresh_forever())
         return self
 
     def _release_local(self) -> None:
@@ -86,13 +128,18 @@ class StreamLease:
         if self.held:
             self.held = False
             _open_here -= 1
+            if self.counted_here:
+                self.counted_here = False
+                _local_by_key[self.key_id] = max(0, _local_by_key.get(self.key_id, 0) - 1)
 
     async def release(self) -> None:
         if not self.held:
             return
         self._release_local()
-        if self.key_id is not None:
+        if self.shared:
+            self.shared = False
+            _held.pop(self.id, None)
             try:
-                await sync_to_async(_key_release, thread_sensitive=False)(self.key_id)
+                await sync_to_async(_shared_release, thread_sensitive=False)(self.key_id, self.id)
             except Exception:
-                logger.exception("stream lease not released in the cache")
+                logger.exception("stream lease not released; it expires in %s s", LEASE_TTL_S)

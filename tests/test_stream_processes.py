@@ -179,3 +179,27 @@ def test_stream_caps_per_key_and_per_process(
         f"{limited}/api/v1/runs/{run_b}/cancel", headers={"Authorization": f"Bearer {bob.raw_key}"}
     )
     settle()
+
+
+@pytest.mark.slow
+@pytest.mark.django_db(transaction=True)
+def test_leases_left_by_a_dead_process_expire(limited, alice, make_chain):
+    """A web process killed with streams open leaves leases that stop counting once expired."""
+    import redis
+
+    make_chain("demo", models=[fake(tokens=30, latency_ms=100)])
+    run_id = httpx.post(
+        f"{limited}/api/v1/chains/demo/runs",
+        json={"input": {"topic": "x"}},
+        headers={"Authorization": f"Bearer {alice.raw_key}"},
+    ).json()["run_id"]
+    leases = redis.Redis.from_url(os.environ["REDIS_URL"])
+    expired = time.time() - 1
+    leases.zadd(f"agentsvc:streams:key:{alice.key.pk}", {"dead:1:a": expired, "dead:1:b": expired})
+    with contextlib.ExitStack() as stack:
+        assert _open(stack, limited, alice, run_id).status_code == 200
+        assert _open(stack, limited, alice, run_id).status_code == 200
+    httpx.post(
+        f"{limited}/api/v1/runs/{run_id}/cancel",
+        headers={"Authorization": f"Bearer {alice.raw_key}"},
+    )
