@@ -35,7 +35,9 @@ sys.path.insert(0, str(ROOT))
 def parse_args() -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--embedded", action="store_true", help="SQLite and no Redis")
-    p.add_argument("--database-url", default="postgres://postgres@127.0.0.1:5432/agentsvc_bench")
+    p.add_argument(
+        "--database-url", default="postgres://postgres@127.0.0.1:5432/agentsvc_stream_bench"
+    )
     p.add_argument("--redis-url", default="redis://127.0.0.1:6379/10")
     p.add_argument("--port", type=int, default=8150, help="daphne; the fake model gets port+1")
     p.add_argument("--runs", type=int, default=100, help="runs streamed for the latency figure")

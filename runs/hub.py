@@ -141,7 +141,10 @@ class Hub:
             if first and table is self.runs:
                 self.known_seq[name] = 0  # the next re-check rings it once: no gap at subscribe
             if first and self.layer is not None:
-                await self.layer.group_add(group, self.channel)
+                try:
+                    await self.layer.group_add(group, self.channel)
+                except Exception:  # Redis away: the database re-check still finds every event
+                    logger.warning("stream hub: could not join %s", group, exc_info=True)
             yield waiter
         finally:
             waiters.discard(waiter)

@@ -79,9 +79,8 @@ async def _lease_or_problem(request: HttpRequest, key: ApiKey) -> StreamLease | 
             )
         return problem_response(
             request,
-            "server_error",
+            "streams_full",
             "This server holds as many open streams as it may; try again shortly.",
-            status=503,
             headers={"Retry-After": "1"},
         )
 
@@ -111,8 +110,25 @@ def _cancel_quietly(run: Run) -> None:
         services.run_cancel(run=run, reason="disconnect")
 
 
-def _sse_response(body: AsyncIterator[bytes], run: Run) -> StreamingHttpResponse:
-    response = StreamingHttpResponse(body, content_type="text/event-stream")
+class _SseResponse(StreamingHttpResponse):
+    """Gives the lease back on close too: if the client leaves before the body starts, Django
+    closes the response without ever running the generator (so its `finally` never runs)."""
+
+    def __init__(self, body: AsyncIterator[bytes], lease: StreamLease) -> None:
+        super().__init__(body, content_type="text/event-stream")
+        self.lease = lease
+        self.loop = asyncio.get_running_loop()
+
+    def close(self) -> None:
+        super().close()
+        if self.lease.held:  # Django calls close() from a worker thread
+            self.loop.call_soon_threadsafe(lambda: self.loop.create_task(self.lease.release()))
+
+
+def _sse_response(
+    body: AsyncIterator[bytes], run: Run, lease: StreamLease
+) -> StreamingHttpResponse:
+    response = _SseResponse(body, lease)
     response["Cache-Control"] = "no-cache"
     response["X-Accel-Buffering"] = "no"
     response["X-Run-Id"] = str(run.id)
@@ -152,7 +168,7 @@ async def run_events(request: HttpRequest, run_id: UUID) -> HttpResponse:
     lease = await _lease_or_problem(request, key)
     if isinstance(lease, HttpResponse):
         return lease
-    return _sse_response(_stream(run, after, lease), run)
+    return _sse_response(_stream(run, after, lease), run, lease)
 
 
 def _create_run(*, key: ApiKey, name: str, body: object) -> tuple[Run, bool]:
@@ -210,4 +226,7 @@ async def chain_stream(request: HttpRequest, name: str) -> HttpResponse:
     except Exception as e:
         await lease.release()
         return exception_handler(e, {"request": request})
-    return _sse_response(_stream(run, 0, lease, cancel_on_disconnect=cancel), run)
+    except BaseException:  # cancelled: the client left while the run was being created
+        await asyncio.shield(lease.release())
+        raise
+    return _sse_response(_stream(run, 0, lease, cancel_on_disconnect=cancel), run, lease)

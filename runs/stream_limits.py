@@ -20,7 +20,20 @@ import redis
 from asgiref.sync import sync_to_async
 from django.conf import settings
 
+from agentsvc.errors import PROBLEMS
+
 logger = logging.getLogger(__name__)
+
+# The 503 of a full web process; registered here, beside the limit it explains.
+PROBLEMS.setdefault(
+    "streams_full",
+    (
+        503,
+        "Too many open streams",
+        "This web process holds as many open streams as it may (STREAMS_MAX); retry after "
+        "Retry-After, when a load balancer may send you to another one.",
+    ),
+)
 
 LEASE_TTL_S = 60
 _PREFIX = "agentsvc:streams:key:"

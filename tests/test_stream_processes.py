@@ -164,6 +164,7 @@ def test_stream_caps_per_key_and_per_process(
         assert _open(stack, limited, bob, run_b).status_code == 200
         full = _open(stack, limited, bob, run_b)
         assert full.status_code == 503 and "Retry-After" in full.headers
+        assert full.json()["code"] == "streams_full"
     # Streams hung up give their places back.
     with contextlib.ExitStack() as stack:
 
