@@ -123,10 +123,10 @@ class RunEventsConsumer(_StreamConsumer):
             await self.close(CLOSE_BAD_REQUEST)
             return
         if await self._open(key_id):
-            self.task = asyncio.create_task(self._run_then_close(self._follow(run.id, after)))
+            self.task = asyncio.create_task(self._run_then_close(self._follow(run, after)))
 
-    async def _follow(self, run_id, after: int) -> None:
-        async for rows in follow_run(run_id, after, idle_s=settings.SSE_PING_S):
+    async def _follow(self, run, after: int) -> None:
+        async for rows in follow_run(run, after, idle_s=settings.SSE_PING_S):
             for row in rows or ():
                 await self.send(
                     json.dumps(

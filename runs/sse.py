@@ -92,7 +92,7 @@ async def _stream(
     terminal event. On disconnect Django cancels us: clean up, cancel the run if asked, re-raise."""
     try:
         yield f"retry: {settings.SSE_RETRY_MS}\n\n".encode()
-        async for rows in follow_run(run.id, after, idle_s=settings.SSE_PING_S):
+        async for rows in follow_run(run, after, idle_s=settings.SSE_PING_S):
             yield _frames(rows) if rows is not None else b": ping\n\n"
     except asyncio.CancelledError:
         if cancel_on_disconnect:

@@ -64,19 +64,9 @@ def _sse_frame(seq: int, event: str, data: dict[str, Any]) -> bytes:
     return f"id: {seq}\nevent: {event}\ndata: {body}\n\n".encode()
 
 
-def _run_state(run_id: UUID) -> tuple[bool, int] | None:
-    close_old_connections()
-    row = Run.objects.filter(pk=run_id).values_list("status", "last_seq").first()
-    if row is None:
-        return None
-    status, last_seq = row
-    return status in ("completed", "failed", "cancelled", "timed_out"), last_seq
-
-
 # Reads run off the loop in the default executor, in parallel, each thread with its own connection:
 # thread_sensitive=True would put every stream's queries through one thread.
 _events_after_async = sync_to_async(_events_after, thread_sensitive=False)
-run_state = sync_to_async(_run_state, thread_sensitive=False)
 
 
 async def events_after(run_id: UUID, after: int) -> list[EventRow]:
@@ -92,15 +82,16 @@ async def events_after(run_id: UUID, after: int) -> list[EventRow]:
 
 
 async def follow_run(
-    run_id: UUID, after: int, *, idle_s: float
+    run: Run, after: int, *, idle_s: float
 ) -> AsyncIterator[list[EventRow] | None]:
     """Batches of events with seq > after, in order, ending with the batch holding the terminal
-    event; None when nothing happened for `idle_s` (time for a keep-alive)."""
-    hub = get_hub()
-    async with hub.watch_run(str(run_id)) as waiter:
-        state = await run_state(run_id)
-        if state is None or (state[0] and after >= state[1]):
-            return  # gone, or already ended and the caller has seen everything
+    event; None when nothing happened for `idle_s` (time for a keep-alive).
+
+    `run` as the caller read it: if it had ended by then, no event will follow its last_seq."""
+    run_id = run.id
+    async with get_hub().watch_run(str(run_id)) as waiter:
+        if run.is_terminal and after >= run.last_seq:
+            return  # already ended, and the caller has seen everything
         last_sent = time.monotonic()
         while True:
             rows = await events_after(run_id, after)
@@ -132,7 +123,8 @@ def key_authenticate(raw: str) -> ApiKey | None:
 def run_visible(run_id: UUID, owner_id: int | None) -> Run | None:
     """The run if this owner may see it (owner_id None: staff, any run)."""
     close_old_connections()
-    runs = Run.objects.select_related("chain").filter(pk=run_id)
+    # Only what a stream needs: thousands of open streams each hold their run.
+    runs = Run.objects.only("id", "owner_id", "status", "last_seq").filter(pk=run_id)
     if owner_id is not None:
         runs = runs.filter(owner_id=owner_id)
     return runs.first()

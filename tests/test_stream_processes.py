@@ -15,7 +15,7 @@ from websockets.exceptions import ConnectionClosed
 from websockets.sync.client import connect
 
 from tests.conftest import ROOT, Proc, fake, free_port, process_env, wait_until
-from tests.sse_client import events
+from tests.sse_client import events, parse_lines
 from tests.test_sse import settle
 
 SSE = {"Accept": "text/event-stream"}
@@ -108,8 +108,9 @@ def test_embedded_default_streams_live_across_processes(embedded):
 
 @pytest.fixture(scope="module")
 def limited(live_server_url, tmp_path_factory):
-    """A second web process with small stream caps, sharing the database and Redis."""
-    env = process_env(STREAMS_PER_KEY="2", STREAMS_MAX="3")
+    """A second web process with small stream caps and quick pings, sharing the database and
+    Redis."""
+    env = process_env(STREAMS_PER_KEY="2", STREAMS_MAX="3", SSE_PING_S="0.3")
     proc, url = _daphne(env, tmp_path_factory.mktemp("limited") / "daphne.log")
     yield url
     proc.stop()
@@ -204,3 +205,30 @@ def test_leases_left_by_a_dead_process_expire(limited, alice, make_chain):
         f"{limited}/api/v1/runs/{run_id}/cancel",
         headers={"Authorization": f"Bearer {alice.raw_key}"},
     )
+
+
+@pytest.mark.slow
+@pytest.mark.django_db(transaction=True)
+def test_idle_stream_sends_pings_then_events(limited, alice, make_chain):
+    """A run nobody executes yet: the stream stays open with `: ping` comments."""
+    from runs.models import Run
+    from runs.services import run_cancel
+
+    chain = make_chain("demo", models=[fake(tokens=3)])
+    run = Run.objects.create(owner=alice.key.owner, api_key=alice.key, chain=chain, input={})
+    with (
+        httpx.Client(base_url=limited, timeout=30) as http,
+        http.stream(
+            "GET",
+            f"/api/v1/runs/{run.id}/events",
+            headers={**SSE, "Authorization": f"Bearer {alice.raw_key}"},
+        ) as response,
+    ):
+        frames = parse_lines(response.iter_lines())
+        assert next(frames).retry == 1000
+        assert next(frames).comments == ["ping"]
+        assert next(frames).comments == ["ping"]
+        run_cancel(run=run, reason="api")  # written here, in the test process
+        last = next(frames)
+        assert (last.id, last.event, last.data["reason"]) == (1, "run.cancelled", "api")
+        assert list(frames) == []  # and the stream ends
