@@ -1,8 +1,8 @@
 """Wake-ups for stream readers: a tiny message on the channel layer after an event commits.
 
 The database is the truth; a wake-up only tells readers in other processes to look now instead
-of at their next re-check. Publishing is fire-and-forget from a background event loop owned by
-this process, so `event_append` never waits for Redis and a Redis hiccup never fails a run.
+of at their next re-check. A wake-up that cannot be published is dropped (and logged): a Redis
+hiccup delays readers by at most STREAM_RECHECK_S and never fails a run.
 """
 
 from __future__ import annotations
@@ -14,6 +14,7 @@ import logging
 import os
 import socket
 import threading
+import time
 from pathlib import Path
 from typing import Any
 from uuid import UUID
@@ -49,39 +50,61 @@ def feed_group(owner_id: int | str) -> str:
 
 
 class _Publisher:
-    """One asyncio loop in a daemon thread per process (re-made after a fork)."""
+    """Publishes at once, on a private event loop of the calling thread.
+
+    No background thread and no queue that could grow while Redis is slow: the caller pays the
+    Redis round trips (about a millisecond), bounded by TIMEOUT_S. After a failure, publishing
+    pauses for PAUSE_S so an unreachable Redis cannot slow runs down; readers then rely on the
+    database re-check.
+    """
+
+    TIMEOUT_S = 0.25
+    PAUSE_S = 5.0
 
     def __init__(self) -> None:
-        self._lock = threading.Lock()
         self._pid: int | None = None
-        self._loop: asyncio.AbstractEventLoop | None = None
+        self._local = threading.local()
         self._layer: Any = None
+        self._paused_until = 0.0
 
-    def _ensure(self) -> asyncio.AbstractEventLoop:
-        with self._lock:
-            if self._pid != os.getpid() or self._loop is None:
-                loop = asyncio.new_event_loop()
-                threading.Thread(target=loop.run_forever, name="wakeup", daemon=True).start()
-                # Its own layer instance: channels_redis keeps connection pools per event loop.
-                self._layer = channel_layers.make_backend(DEFAULT_CHANNEL_LAYER)
-                self._loop, self._pid = loop, os.getpid()
-            return self._loop
+    def _ensure_layer(self) -> None:
+        if self._pid != os.getpid():  # new process (fork): new connections
+            # Its own layer instance: channels_redis keeps connection pools per event loop.
+            self._layer = channel_layers.make_backend(DEFAULT_CHANNEL_LAYER)
+            self._local = threading.local()
+            self._pid = os.getpid()
+
+    def _loop(self) -> asyncio.AbstractEventLoop:
+        loop = getattr(self._local, "loop", None)
+        if loop is None:
+            loop = self._local.loop = asyncio.new_event_loop()
+        return loop
 
     def publish(self, messages: list[tuple[str, dict]]) -> None:
-        loop = self._ensure()
-        future = asyncio.run_coroutine_threadsafe(self._send(messages), loop)
-        future.add_done_callback(_log_failure)
+        if time.monotonic() < self._paused_until:
+            return
+        self._ensure_layer()
+        try:
+            running = asyncio.get_running_loop()
+        except RuntimeError:
+            running = None
+        if running is not None:  # called from async code: do not block its loop
+            task = running.create_task(self._send(messages))
+            _pending.add(task)
+            task.add_done_callback(_pending.discard)
+            return
+        loop = self._loop()
+        try:
+            loop.run_until_complete(asyncio.wait_for(self._send(messages), self.TIMEOUT_S))
+        except Exception as e:
+            self._paused_until = time.monotonic() + self.PAUSE_S
+            logger.warning("stream wake-ups paused for %s s: %r", self.PAUSE_S, e)
 
     async def _send(self, messages: list[tuple[str, dict]]) -> None:
-        for group, message in messages:
-            await self._layer.group_send(group, message)
+        await asyncio.gather(*(self._layer.group_send(group, msg) for group, msg in messages))
 
 
-def _log_failure(future) -> None:
-    if not future.cancelled() and future.exception() is not None:
-        logger.warning("stream wake-up not published: %s", future.exception())
-
-
+_pending: set[asyncio.Task] = set()
 _publisher = _Publisher()
 
 

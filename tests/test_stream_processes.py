@@ -232,3 +232,34 @@ def test_idle_stream_sends_pings_then_events(limited, alice, make_chain):
         last = next(frames)
         assert (last.id, last.event, last.data["reason"]) == (1, "run.cancelled", "api")
         assert list(frames) == []  # and the stream ends
+
+
+@pytest.mark.slow
+@pytest.mark.django_db(transaction=True)
+def test_an_event_without_a_wake_up_still_arrives(live_server_url, alice, make_chain):
+    """A lost wake-up only delays: the web process re-checks the database on its own."""
+    from django.db.models import F
+    from django.utils import timezone
+
+    from runs.models import Run, RunEvent
+
+    chain = make_chain("demo", models=[fake(tokens=3)])
+    run = Run.objects.create(owner=alice.key.owner, api_key=alice.key, chain=chain, input={})
+    with (
+        httpx.Client(base_url=live_server_url, timeout=30) as http,
+        http.stream(
+            "GET",
+            f"/api/v1/runs/{run.id}/events",
+            headers={**SSE, "Authorization": f"Bearer {alice.raw_key}"},
+        ) as response,
+    ):
+        frames = parse_lines(response.iter_lines())
+        assert next(frames).retry is not None
+        time.sleep(0.5)  # the reader has read (nothing) and waits
+        # Written behind the service's back: no wake-up is published for it.
+        Run.objects.filter(pk=run.id).update(last_seq=F("last_seq") + 1, status="cancelled")
+        RunEvent.objects.create(
+            run=run, seq=1, type="run.cancelled", created_at=timezone.now(), data={"seq": 1}
+        )
+        frame = next(frames)
+        assert (frame.id, frame.event) == (1, "run.cancelled")
