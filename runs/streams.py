@@ -130,5 +130,12 @@ def run_visible(run_id: UUID, owner_id: int | None) -> Run | None:
     return runs.first()
 
 
+def key_and_run(raw: str, run_id: UUID) -> tuple[ApiKey | None, Run | None]:
+    """Both look-ups of a stream's opening in one trip to a worker thread."""
+    key = key_authenticate(raw)
+    return key, (run_visible(run_id, key.owner_id) if key is not None else None)
+
+
 authenticate = sync_to_async(key_authenticate, thread_sensitive=False)
+authenticate_and_find = sync_to_async(key_and_run, thread_sensitive=False)
 visible_run = sync_to_async(run_visible, thread_sensitive=False)
