@@ -106,6 +106,26 @@ def test_embedded_default_streams_live_across_processes(embedded):
     assert (data / "stream-wakeup.sock").exists()
 
 
+@pytest.mark.slow
+def test_embedded_default_without_the_socket_falls_back_to_polling(embedded):
+    """The worker cannot reach the web process's socket: readers still get every event, live."""
+    url, key, data = embedded
+    with (
+        httpx.Client(base_url=url, timeout=30, headers={"Authorization": f"Bearer {key}"}) as http,
+        http.stream("POST", "/api/v1/chains/demo/stream", json={"input": {"topic": "x"}}) as r,
+    ):
+        arrivals = []
+        for frame in events(r.iter_lines()):
+            if not arrivals:  # the stream is following: its hub has bound the socket by now
+                (data / "stream-wakeup.sock").unlink()  # wake-ups now go nowhere
+            arrivals.append((time.monotonic(), frame))
+    frames = [f for _, f in arrivals]
+    assert [f.id for f in frames] == list(range(1, len(frames) + 1))
+    assert frames[-1].event == "run.completed"
+    outputs = [t for t, f in arrivals if f.event == "agent.output"]
+    assert len(outputs) > 3 and arrivals[-1][0] - outputs[0] > 0.3
+
+
 @pytest.fixture(scope="module")
 def limited(live_server_url, tmp_path_factory):
     """A second web process with small stream caps and quick pings, sharing the database and
