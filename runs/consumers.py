@@ -137,27 +137,48 @@ class RunEventsConsumer(_StreamConsumer):
         await self.close(1000)
 
 
-def _feed_after(cursor: int, owner_id: int | None) -> tuple[list[dict], int]:
-    """Status frames for feed events after the cursor (a RunEvent id), newest state of each run."""
-    close_old_connections()
-    events = RunEvent.objects.filter(pk__gt=cursor, type__in=FEED_EVENTS).select_related(
-        "run", "run__chain"
-    )
-    if owner_id is not None:
-        events = events.filter(run__owner_id=owner_id)
-    frames = []
-    for event in events.order_by("pk")[:500]:
-        cursor = event.pk
-        data = {k: v for k, v in run_dict(event.run).items() if k not in ("input", "metadata")}
-        data["status"] = _STATUS_OF[event.type]
-        frames.append({"event": "run.status", "data": data, "ts": iso(event.created_at)})
-    return frames, cursor
+# Event ids are taken at insert, but transactions commit in any order: an id below the highest
+# one seen may still appear. The feed re-looks this many ids back and skips what it has sent.
+FEED_LAG_IDS = 500
+FEED_BATCH = 200
 
 
-def _feed_head() -> int:
-    close_old_connections()
-    last = RunEvent.objects.order_by("-pk").values_list("pk", flat=True).first()
-    return last or 0
+class FeedCursor:
+    """Which feed events a viewer has been sent: everything up to `floor`, plus `recent`."""
+
+    def __init__(self, owner_id: int | None) -> None:
+        self.owner_id = owner_id
+        self.top = 0
+        self.recent: set[int] = set()
+
+    def _events(self):
+        events = RunEvent.objects.filter(pk__gt=self.top - FEED_LAG_IDS, type__in=FEED_EVENTS)
+        if self.owner_id is not None:
+            events = events.filter(run__owner_id=self.owner_id)
+        return events
+
+    def start(self) -> None:
+        """From now on: what exists already counts as sent."""
+        close_old_connections()
+        self.top = RunEvent.objects.order_by("-pk").values_list("pk", flat=True).first() or 0
+        self.recent = set(self._events().values_list("pk", flat=True))
+
+    def next_frames(self) -> list[dict]:
+        close_old_connections()
+        pks = self._events().order_by("pk").values_list("pk", flat=True)
+        new = [pk for pk in pks if pk not in self.recent][:FEED_BATCH]
+        if not new:
+            return []
+        frames = []
+        rows = RunEvent.objects.filter(pk__in=new).select_related("run", "run__chain")
+        for event in rows.order_by("pk"):
+            data = {k: v for k, v in run_dict(event.run).items() if k not in ("input", "metadata")}
+            data["status"] = _STATUS_OF[event.type]
+            frames.append({"event": "run.status", "data": data, "ts": iso(event.created_at)})
+        self.recent.update(new)
+        self.top = max(self.top, *new)
+        self.recent = {pk for pk in self.recent if pk > self.top - FEED_LAG_IDS}
+        return frames
 
 
 class RunFeedConsumer(_StreamConsumer):
@@ -173,16 +194,17 @@ class RunFeedConsumer(_StreamConsumer):
             self.task = asyncio.create_task(self._run_then_close(self._follow(owner_id)))
 
     async def _follow(self, owner_id: int | None) -> None:
-        feed_after = sync_to_async(_feed_after, thread_sensitive=False)
+        cursor = FeedCursor(owner_id)
+        next_frames = sync_to_async(cursor.next_frames, thread_sensitive=False)
         async with get_hub().watch_feed(owner_id) as waiter:
-            cursor = await sync_to_async(_feed_head, thread_sensitive=False)()
+            await sync_to_async(cursor.start, thread_sensitive=False)()
             last_sent = time.monotonic()
             while True:
-                frames, cursor = await feed_after(cursor, owner_id)
+                frames = await next_frames()
                 for frame in frames:
                     await self.send(json.dumps(frame, separators=(",", ":")))
                 if frames:
                     last_sent = time.monotonic()
-                    if len(frames) == 500:
+                    if len(frames) == FEED_BATCH:
                         continue
                 await waiter.wait(max(0.0, settings.SSE_PING_S - (time.monotonic() - last_sent)))

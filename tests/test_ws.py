@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import time
 
 import httpx
 import pytest
@@ -130,3 +131,32 @@ def test_ws_disconnect_does_not_cancel(ws_url, live_server_url, alice, make_chai
             ws.recv(timeout=30)
     settle()
     assert Run.objects.get(pk=run_id).status == "completed"
+
+
+def test_status_feed_keeps_an_event_that_commits_late(ws_url, alice, make_chain):
+    """Event ids are taken at insert; a transaction can commit after a later id was seen."""
+    from django.utils import timezone
+
+    from runs.models import RunEvent
+    from runs.services import event_append
+
+    chain = make_chain("demo", models=[fake(tokens=3)])
+    late = Run.objects.create(owner=alice.key.owner, chain=chain, input={}, last_seq=2)
+    other = Run.objects.create(owner=alice.key.owner, chain=chain, input={})
+    now = timezone.now()
+    hole = RunEvent.objects.create(run=late, seq=1, type="x", created_at=now, data={})
+    RunEvent.objects.create(run=late, seq=2, type="agent.output", created_at=now, data={})
+    hole_pk = hole.pk
+    hole.delete()
+    with connect(f"{ws_url}/ws/v1/runs?api_key={alice.raw_key}") as feed:
+        time.sleep(0.5)  # the feed has started after the newest id
+        RunEvent.objects.create(
+            pk=hole_pk, run=late, seq=1, type="run.started", created_at=now, data={}
+        )
+        event_append(run_id=other.id, event="run.cancelled", data={}, status="cancelled")
+        frames = [json.loads(feed.recv(timeout=30)) for _ in range(2)]
+    assert [(f["data"]["run_id"], f["data"]["status"]) for f in frames] == [
+        (str(late.id), "running"),
+        (str(other.id), "cancelled"),
+    ]
+    Run.objects.filter(pk=late.pk).update(status="cancelled")
