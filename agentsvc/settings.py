@@ -248,8 +248,9 @@ MODEL_PROBE_CACHE_S = env_float("MODEL_PROBE_CACHE_S", 5, minimum=0)
 # --- Streaming (SSE and WebSocket) ----------------------------------------------------------
 # Readers replay events from the database and wait for a wake-up. With Redis, wake-ups come over
 # the channel layer and the database is re-checked every STREAM_RECHECK_S in case one was dropped.
-# Embedded (no Redis, the worker is another process), the web process polls the database every
-# STREAM_POLL_MS instead: one small query per process per tick, however many streams are open.
+# Embedded (no Redis, the worker is another process), the worker sends wake-ups to a Unix socket
+# in DATA_DIR and the web process re-checks the database every STREAM_POLL_MS: one small query
+# per process per tick, however many streams are open.
 SSE_PING_S = env_float("SSE_PING_S", 15, minimum=0.1)
 SSE_RETRY_MS = env_int("SSE_RETRY_MS", 1000, minimum=0)
 STREAM_POLL_MS = env_int("STREAM_POLL_MS", 50, minimum=5)
