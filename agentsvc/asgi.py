@@ -1,13 +1,45 @@
+"""ASGI entry point: HTTP (API, SSE, admin) through Django, WebSocket through Channels."""
+
 import os
 
 from django.core.asgi import get_asgi_application
 
 os.environ.setdefault("DJANGO_SETTINGS_MODULE", "agentsvc.settings")
 
-django_app = get_asgi_application()
+# Django must be set up before the consumers (and their models) are imported.
+django_asgi_app = get_asgi_application()
 
+from channels.auth import AuthMiddlewareStack  # noqa: E402
+from channels.routing import ProtocolTypeRouter, URLRouter  # noqa: E402
+from channels.security.websocket import AllowedHostsOriginValidator  # noqa: E402
 from django.contrib.staticfiles.handlers import ASGIStaticFilesHandler  # noqa: E402
 
-# Static files (admin, API docs) are served in-process from the installed apps: they are few and
-# small, and no outside network or build step is needed. Everything else goes to Django.
-application = ASGIStaticFilesHandler(django_app)
+from runs.routing import websocket_urlpatterns  # noqa: E402
+
+
+class BrowserOriginValidator:
+    """Checks Origin against ALLOWED_HOSTS whenever a client sends one.
+
+    Browsers always send Origin on a WebSocket handshake, and only browsers can ride a victim's
+    session cookie across sites, so that is where the check matters. Programs that send no Origin
+    (an API key in the Authorization header) are let through to authenticate as usual.
+    """
+
+    def __init__(self, app):
+        self.app = app
+        self.checked = AllowedHostsOriginValidator(app)
+
+    async def __call__(self, scope, receive, send):
+        if any(name == b"origin" for name, _ in scope.get("headers", ())):
+            return await self.checked(scope, receive, send)
+        return await self.app(scope, receive, send)
+
+
+application = ProtocolTypeRouter(
+    {
+        # Static files (admin, API docs) are served in-process from the installed apps: few,
+        # small, and no outside network or build step needed. Everything else goes to Django.
+        "http": ASGIStaticFilesHandler(django_asgi_app),
+        "websocket": BrowserOriginValidator(AuthMiddlewareStack(URLRouter(websocket_urlpatterns))),
+    }
+)

@@ -337,3 +337,20 @@ WEBHOOK_BATCH_SIZE = env_int("WEBHOOK_BATCH_SIZE", 50, minimum=1)
 WEBHOOK_CA_BUNDLE = env_str("WEBHOOK_CA_BUNDLE")
 # CIDRs exempt from the SSRF guard (e.g. an internal receiver). Empty: only public addresses.
 WEBHOOK_ALLOWED_NETWORKS = env_cidr_list("WEBHOOK_ALLOWED_NETWORKS")
+# --- Streaming (SSE and WebSocket) ----------------------------------------------------------
+# Readers replay events from the database and wait for a wake-up. With Redis, wake-ups come over
+# the channel layer and the database is re-checked every STREAM_RECHECK_S in case one was dropped.
+# Embedded (no Redis, the worker is another process), the worker sends wake-ups to a Unix socket
+# in DATA_DIR and the web process re-checks the database every STREAM_POLL_MS: one small query
+# per process per tick, however many streams are open.
+SSE_PING_S = env_float("SSE_PING_S", 15, minimum=0.1)
+SSE_RETRY_MS = env_int("SSE_RETRY_MS", 1000, minimum=0)
+STREAM_POLL_MS = env_int("STREAM_POLL_MS", 50, minimum=5)
+STREAM_RECHECK_S = env_float("STREAM_RECHECK_S", 1.0, minimum=0.05)
+STREAMS_PER_KEY = env_int("STREAMS_PER_KEY", 20, minimum=1)
+STREAMS_MAX = env_int("STREAMS_MAX", 10000, minimum=1)
+STREAM_WAKEUP_VIA_LAYER = bool(REDIS_URL)
+if REDIS_URL:
+    # Wake-ups are tiny and fanned out per process, so a modest buffer per channel is plenty;
+    # a message dropped at capacity only delays a reader until the next re-check.
+    CHANNEL_LAYERS["default"]["CONFIG"].update({"capacity": 1000, "expiry": 30})

@@ -4,6 +4,7 @@ from drf_spectacular.views import SpectacularAPIView, SpectacularSwaggerView
 
 from agentsvc import views
 from runs import api as runs_api
+from runs import sse as runs_sse
 from webhooks import api as webhooks_api
 
 api_v1 = [
@@ -14,7 +15,9 @@ api_v1 = [
     path("runs", runs_api.RunListApi.as_view()),
     path("runs/<uuid:run_id>", runs_api.RunDetailApi.as_view()),
     path("runs/<uuid:run_id>/cancel", runs_api.RunCancelApi.as_view()),
-    path("runs/<uuid:run_id>/events", runs_api.RunEventsApi.as_view()),
+    # JSON page or SSE by Accept; the stream views are async, outside DRF.
+    path("runs/<uuid:run_id>/events", runs_sse.run_events),
+    path("chains/<slug:name>/stream", runs_sse.chain_stream),
     path("webhook-endpoints", webhooks_api.WebhookEndpointsApi.as_view()),
     path("webhook-endpoints/<uuid:endpoint_id>", webhooks_api.WebhookEndpointApi.as_view()),
     path(

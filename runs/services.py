@@ -28,6 +28,7 @@ from runs.models import (
     RunStatus,
 )
 from runs.timefmt import iso
+from runs.wakeup import wakeup_publish
 from webhooks.services import messages_create_for_event
 
 
@@ -53,13 +54,16 @@ def event_append(
             runs = runs.filter(when)
         if not runs.update(last_seq=F("last_seq") + 1, **fields):
             return None
-        seq = Run.objects.filter(pk=run_id).values_list("last_seq", flat=True).get()
+        seq, owner_id = Run.objects.filter(pk=run_id).values_list("last_seq", "owner_id").get()
         RunEvent.objects.create(
             run_id=run_id,
             seq=seq,
             type=event,
             created_at=now,
             data={**data, "run_id": str(run_id), "seq": seq, "ts": iso(now)},
+        )
+        transaction.on_commit(
+            lambda: wakeup_publish(run_id=run_id, owner_id=owner_id, seq=seq, event=event)
         )
         if event in TERMINAL_EVENTS:
             # Webhook messages are written with the terminal event, delivered on commit.
@@ -130,6 +134,11 @@ def run_create(
             if idempotency is not None:
                 IdempotencyRecord.objects.filter(pk=idempotency.pk).update(run=run)
             transaction.on_commit(lambda: _enqueue(run.id))
+            transaction.on_commit(
+                lambda: wakeup_publish(
+                    run_id=run.id, owner_id=run.owner_id, seq=1, event="run.queued"
+                )
+            )
     except BaseException:
         limits.tokens_settle(key_id=api_key.pk, window=window, reserved=reserved, used=0)
         raise

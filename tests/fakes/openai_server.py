@@ -11,6 +11,7 @@ Behaviour is chosen per request by the model name, so parallel tests never share
   hang=1          send the headers and first token, then nothing
   drop=1          close the connection after the first token, without [DONE]
   no_usage=1      do not report usage
+  stamp=1         each token is the time it was sent (Unix ns), for latency benchmarks
 Run it: python -m tests.fakes.openai_server --port 8089
 """
 
@@ -147,6 +148,8 @@ class Handler(BaseHTTPRequestHandler):
             for i, token in enumerate(tokens):
                 if latency:
                     time.sleep(latency)
+                if opts.get("stamp"):
+                    token = f"{' ' if i else ''}{time.time_ns()}"
                 self._chunk(
                     json.dumps(
                         {

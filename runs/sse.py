@@ -1,0 +1,238 @@
+"""Server-sent events (API.md section 5): plain async views over async generators.
+
+`GET /api/v1/runs/{id}/events` answers the JSON page (the DRF view) unless the caller accepts
+`text/event-stream`; `POST /api/v1/chains/{name}/stream` creates a run and streams it. Every error
+is answered as problem+json before the first byte of the stream.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+from collections.abc import AsyncIterator
+from uuid import UUID
+
+from asgiref.sync import sync_to_async
+from django.conf import settings
+from django.http import Http404, HttpRequest, HttpResponse, StreamingHttpResponse
+from django.views.decorators.csrf import csrf_exempt
+from rest_framework import serializers
+from rest_framework.exceptions import ValidationError
+
+from agentsvc.auth import raw_key_from_headers
+from agentsvc.errors import ApplicationError, exception_handler, problem_response
+from agentsvc.models import ApiKey
+from runs import selectors, services
+from runs.api import RunCreateInput, RunEventsApi
+from runs.models import Run
+from runs.stream_limits import StreamLease, StreamLimitExceeded
+from runs.streams import (
+    EventRow,
+    authenticate,
+    authenticate_and_find,
+    follow_run,
+    parse_after,
+)
+
+logger = logging.getLogger(__name__)
+
+_events_json = RunEventsApi.as_view()
+
+
+class RunStreamInput(RunCreateInput):
+    cancel_on_disconnect = serializers.BooleanField(required=False, default=False)
+
+
+def _wants_sse(request: HttpRequest) -> bool:
+    return "text/event-stream" in request.headers.get("Accept", "")
+
+
+def _frames(rows: list[EventRow]) -> bytes:
+    return b"".join(r.sse for r in rows)
+
+
+def _auth_problem(request: HttpRequest, raw: str | None) -> HttpResponse:
+    detail = (
+        "Unknown or revoked API key."
+        if raw
+        else "Send Authorization: Bearer <key> or X-API-Key: <key>."
+    )
+    return problem_response(
+        request, "authentication_failed", detail, headers={"WWW-Authenticate": 'Bearer realm="api"'}
+    )
+
+
+async def _key_or_problem(request: HttpRequest) -> ApiKey | HttpResponse:
+    raw = raw_key_from_headers(request.headers)
+    key = await authenticate(raw) if raw else None
+    return key if key is not None else _auth_problem(request, raw)
+
+
+async def _lease_or_problem(request: HttpRequest, key: ApiKey) -> StreamLease | HttpResponse:
+    try:
+        return await StreamLease(key.pk).acquire()
+    except StreamLimitExceeded as e:
+        if e.scope == "key":
+            return problem_response(
+                request,
+                "concurrency_limit",
+                f"This key may hold {settings.STREAMS_PER_KEY} open streams at once.",
+                headers={"Retry-After": "1"},
+                **{"violated-policies": ["streams"]},
+            )
+        return problem_response(
+            request,
+            "streams_full",
+            "This server holds as many open streams as it may; try again shortly.",
+            headers={"Retry-After": "1"},
+        )
+
+
+async def _stream(
+    run: Run, after: int, lease: StreamLease, *, cancel_on_disconnect: bool = False
+) -> AsyncIterator[bytes]:
+    """The body: a retry line at once, then frames, pings when idle, and the end after the
+    terminal event. On disconnect Django cancels us: clean up, cancel the run if asked, re-raise."""
+    try:
+        yield f"retry: {settings.SSE_RETRY_MS}\n\n".encode()
+        async for rows in follow_run(run, after, idle_s=settings.SSE_PING_S):
+            yield _frames(rows) if rows is not None else b": ping\n\n"
+    except asyncio.CancelledError:
+        if cancel_on_disconnect:
+            try:
+                await sync_to_async(_cancel_quietly, thread_sensitive=False)(run)
+            except Exception:
+                logger.exception("run %s: cancel on disconnect failed", run.id)
+        raise
+    finally:
+        await lease.release()
+
+
+def _cancel_quietly(run: Run) -> None:
+    with contextlib.suppress(ApplicationError):  # it ended on its own meanwhile
+        services.run_cancel(run=run, reason="disconnect")
+
+
+class _SseResponse(StreamingHttpResponse):
+    """Gives the lease back on close too: if the client leaves before the body starts, Django
+    closes the response without ever running the generator (so its `finally` never runs)."""
+
+    def __init__(self, body: AsyncIterator[bytes], lease: StreamLease) -> None:
+        super().__init__(body, content_type="text/event-stream")
+        self.lease = lease
+        self.loop = asyncio.get_running_loop()
+
+    def close(self) -> None:
+        super().close()
+        if self.lease.held:  # Django calls close() from a worker thread
+            self.loop.call_soon_threadsafe(lambda: self.loop.create_task(self.lease.release()))
+
+
+def _sse_response(
+    body: AsyncIterator[bytes], run: Run, lease: StreamLease
+) -> StreamingHttpResponse:
+    response = _SseResponse(body, lease)
+    response["Cache-Control"] = "no-cache"
+    response["X-Accel-Buffering"] = "no"
+    response["X-Run-Id"] = str(run.id)
+    return response
+
+
+async def run_events(request: HttpRequest, run_id: UUID) -> HttpResponse:
+    """GET /api/v1/runs/{id}/events: the JSON page, or the stream with Accept: text/event-stream."""
+    if not _wants_sse(request):
+        return await sync_to_async(_events_json)(request, run_id=run_id)
+    if request.method != "GET":
+        return problem_response(request, "method_not_allowed", headers={"Allow": "GET"})
+    # Key and run in one hop to a worker thread; the answers keep their order: 401, 400, 404.
+    raw = raw_key_from_headers(request.headers)
+    key, run = await authenticate_and_find(raw, run_id) if raw else (None, None)
+    if key is None:
+        return _auth_problem(request, raw)
+    unknown = sorted(set(request.GET) - {"after"})
+    if unknown:
+        return problem_response(
+            request,
+            "validation_error",
+            "Unknown query parameters.",
+            errors=[{"field": name, "message": "Unknown query parameter."} for name in unknown],
+        )
+    field = "Last-Event-ID" if "Last-Event-ID" in request.headers else "after"
+    raw_after = request.headers.get("Last-Event-ID", request.GET.get("after"))
+    after = parse_after(raw_after)
+    if after is None:
+        return problem_response(
+            request,
+            "validation_error",
+            f"Invalid {field}.",
+            errors=[{"field": field, "message": "Must be a whole number (an event seq)."}],
+        )
+    if run is None:
+        return problem_response(request, "not_found", "No such run.")
+    lease = await _lease_or_problem(request, key)
+    if isinstance(lease, HttpResponse):
+        return lease
+    return _sse_response(_stream(run, after, lease), run, lease)
+
+
+def _create_run(*, key: ApiKey, name: str, body: object) -> tuple[Run, bool]:
+    """Validate like the create view, then create the run through the one service."""
+    data_in = RunStreamInput(data=body)
+    data_in.is_valid(raise_exception=True)
+    data = data_in.validated_data
+    try:
+        chain = selectors.chain_get(name=name, version=data.get("version"))
+    except Http404:
+        detail = (
+            f"Chain {name!r} has no version {data['version']}."
+            if "version" in data
+            else f"No chain named {name!r}."
+        )
+        raise ApplicationError("not_found", detail) from None
+    run = services.run_create(
+        api_key=key, chain=chain, run_input=data["input"], metadata=data["metadata"]
+    )
+    return run, data["cancel_on_disconnect"]
+
+
+@csrf_exempt
+async def chain_stream(request: HttpRequest, name: str) -> HttpResponse:
+    """POST /api/v1/chains/{name}/stream: create the run, then stream its events from seq 1."""
+    if request.method != "POST":
+        return problem_response(request, "method_not_allowed", headers={"Allow": "POST"})
+    key = await _key_or_problem(request)
+    if isinstance(key, HttpResponse):
+        return key
+    if request.content_type != "application/json":
+        return problem_response(
+            request, "unsupported_media_type", "Send a JSON body (Content-Type: application/json)."
+        )
+    try:
+        body = json.loads(request.body or b"{}")
+    except (ValueError, UnicodeDecodeError) as e:
+        return problem_response(
+            request,
+            "validation_error",
+            "The body is not valid JSON.",
+            errors=[{"field": "body", "message": str(e)}],
+        )
+    if not isinstance(body, dict):
+        return exception_handler(
+            ValidationError({"body": "Must be a JSON object."}), {"request": request}
+        )
+    lease = await _lease_or_problem(request, key)
+    if isinstance(lease, HttpResponse):
+        return lease
+    try:
+        run, cancel = await sync_to_async(_create_run, thread_sensitive=False)(
+            key=key, name=name, body=body
+        )
+    except Exception as e:
+        await lease.release()
+        return exception_handler(e, {"request": request})
+    except BaseException:  # cancelled: the client left while the run was being created
+        await asyncio.shield(lease.release())
+        raise
+    return _sse_response(_stream(run, 0, lease, cancel_on_disconnect=cancel), run, lease)
