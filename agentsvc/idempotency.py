@@ -54,10 +54,10 @@ def parse_key(raw: str) -> str:
     return value
 
 
-def request_key(request) -> str | None:
-    if HEADER in request.headers:
-        return parse_key(request.headers[HEADER])
-    data = request.data
+def request_key(headers, data: Any) -> str | None:
+    """The key of a request: the header, or else the body field."""
+    if HEADER in headers:
+        return parse_key(headers[HEADER])
     if isinstance(data, dict) and BODY_FIELD in data:
         value = data[BODY_FIELD]
         if not isinstance(value, str):
@@ -156,7 +156,7 @@ def idempotency_finish(*, record: IdempotencyRecord, response) -> None:
     """Store the answer for replay, or forget the key when the answer is not worth keeping."""
     status = response.status_code
     if status >= 400 and status not in STORED_STATUSES:
-        IdempotencyRecord.objects.filter(pk=record.pk).delete()
+        idempotency_forget(record=record)
         return
     headers = {name: response[name] for name in REPLAYED_HEADERS if response.has_header(name)}
     if hasattr(response, "data"):  # a DRF Response, rendered as JSON later
@@ -164,9 +164,20 @@ def idempotency_finish(*, record: IdempotencyRecord, response) -> None:
     else:  # a problem+json answer, already rendered
         body = json.loads(response.content)
         headers["Content-Type"] = response["Content-Type"]
+    idempotency_store(record=record, status=status, body=body, headers=headers)
+
+
+def idempotency_store(
+    *, record: IdempotencyRecord, status: int, body: Any, headers: dict[str, str]
+) -> None:
     IdempotencyRecord.objects.filter(pk=record.pk).update(
         response_status=status, response_body=body, response_headers=headers
     )
+
+
+def idempotency_forget(*, record: IdempotencyRecord) -> None:
+    """The request changed nothing: the key may be used again."""
+    IdempotencyRecord.objects.filter(pk=record.pk).delete()
 
 
 def idempotency_purge() -> int:
@@ -188,7 +199,7 @@ class IdempotentMixin:
         self.idempotency = None
         if request.method != "POST":
             return
-        key = request_key(request)
+        key = request_key(request.headers, request.data)
         if key is None:
             return
         record, replay = idempotency_begin(

@@ -91,3 +91,146 @@ def add_common_headers(result, generator, request, public):
                         "(on a run: before polling again).",
                     }
     return result
+
+
+_EVENT = {
+    "type": "object",
+    "required": ["seq", "event", "data", "ts"],
+    "properties": {
+        "seq": {"type": "integer", "minimum": 1},
+        "event": {"type": "string"},
+        "data": {"type": "object", "additionalProperties": True},
+        "ts": {"type": "string", "format": "date-time"},
+    },
+}
+_SSE = {
+    "text/event-stream": {
+        # One server-sent event (as OpenAPI 3.2 describes them): `data` is the event's JSON
+        # (its fields plus run_id, seq and ts); the leading `retry:` block carries no event.
+        "schema": {
+            "type": "object",
+            "properties": {
+                "id": {"type": "string", "pattern": "^[0-9]+$"},
+                "event": {"type": "string"},
+                "data": {"type": "string", "contentMediaType": "application/json"},
+                "retry": {"type": "integer"},
+            },
+        },
+        "example": 'retry: 2000\n\nid: 1\nevent: run.queued\ndata: {"chain": "demo", ...}\n\n',
+    }
+}
+
+
+def _problem_responses(result, *statuses: int) -> dict:
+    ref = {"$ref": "#/components/schemas/Problem"}
+    return {
+        str(s): {
+            "description": "application/problem+json",
+            "content": {"application/problem+json": {"schema": ref}},
+        }
+        for s in statuses
+    }
+
+
+def add_stream_operations(result, generator, request, public):
+    """The event and stream endpoints are async views outside DRF: document them here."""
+    paths = result.setdefault("paths", {})
+    run_id = {
+        "name": "run_id",
+        "in": "path",
+        "required": True,
+        "schema": {"type": "string", "format": "uuid"},
+    }
+    paths["/api/v1/runs/{run_id}/events"] = {
+        "get": {
+            "operationId": "runs_events",
+            "summary": "A run's events: a JSON page, or live SSE with Accept: text/event-stream",
+            "description": "With `Accept: text/event-stream`: every stored event with seq > "
+            "`after` (or `Last-Event-ID`), then live ones; `: ping` when idle; the stream ends "
+            "after the terminal event.",
+            "tags": ["runs"],
+            "security": [{"apiKey": []}],
+            "parameters": [
+                run_id,
+                {
+                    "name": "after",
+                    "in": "query",
+                    "schema": {"type": "integer", "minimum": 0, "maximum": 2**31 - 1},
+                },
+                {
+                    "name": "limit",
+                    "in": "query",
+                    "description": "JSON page size.",
+                    "schema": {"type": "integer", "minimum": 1, "maximum": 1000},
+                },
+                {
+                    "name": "Last-Event-ID",
+                    "in": "header",
+                    "description": "SSE resume cursor (a seq); the JSON page ignores it.",
+                    "schema": {"type": "string"},
+                },
+            ],
+            "responses": {
+                "200": {
+                    "description": "The events.",
+                    "content": {
+                        "application/json": {
+                            "schema": {
+                                "type": "object",
+                                "required": ["results", "next_after"],
+                                "properties": {
+                                    "results": {"type": "array", "items": _EVENT},
+                                    "next_after": {"type": "integer"},
+                                },
+                            }
+                        },
+                        **_SSE,
+                    },
+                },
+                **_problem_responses(result, 400, 401, 404, 429, 503),
+            },
+        }
+    }
+    create = result["components"]["schemas"]["RunCreateInputRequest"]
+    paths["/api/v1/chains/{name}/stream"] = {
+        "post": {
+            "operationId": "runs_stream",
+            "summary": "Start a run and stream its events (SSE)",
+            "tags": ["chains"],
+            "security": [{"apiKey": []}],
+            "parameters": [
+                {
+                    "name": "name",
+                    "in": "path",
+                    "required": True,
+                    "schema": {"type": "string", "pattern": "^[-a-zA-Z0-9_]+$"},
+                },
+                {
+                    "name": "Idempotency-Key",
+                    "in": "header",
+                    "required": False,
+                    "schema": {"type": "string", "minLength": 1, "maxLength": 257},
+                    "description": "A repeated key streams the first request's run from seq 1.",
+                },
+            ],
+            "requestBody": {
+                "required": False,
+                "content": {
+                    "application/json": {
+                        "schema": {
+                            **create,
+                            "properties": {
+                                **create["properties"],
+                                "cancel_on_disconnect": {"type": "boolean"},
+                            },
+                        }
+                    }
+                },
+            },
+            "responses": {
+                "200": {"description": "The run's events from seq 1.", "content": _SSE},
+                **_problem_responses(result, 400, 401, 404, 409, 413, 415, 422, 429, 503),
+            },
+        }
+    }
+    return result

@@ -25,7 +25,7 @@ from agentsvc.serializers import StrictCharField, StrictSerializer
 from runs import selectors, services
 from runs.models import TERMINAL_STATUSES, RunStatus
 from runs.presenters import chain_dict, event_dict, run_dict, run_handle
-from runs.schemas import ChainOut, ChainPage, EventPage, RunHandle, RunOut, RunPage
+from runs.schemas import ChainOut, ChainPage, RunHandle, RunOut, RunPage
 from webhooks.serializers import RunWebhookInput
 
 MAX_LIMIT = 100
@@ -343,22 +343,9 @@ class RunCancelApi(IdempotentMixin, APIView):
 
 
 class RunEventsApi(APIView):
-    @extend_schema(
-        operation_id="runs_events",
-        parameters=[
-            OpenApiParameter(
-                "after",
-                {"type": "integer", "minimum": 0, "maximum": 2**31 - 1},
-                description="Return events with seq > after.",
-            ),
-            OpenApiParameter(
-                "limit",
-                {"type": "integer", "minimum": 1, "maximum": 1000},
-                description="Page size.",
-            ),
-        ],
-        responses={200: EventPage, **problems(404)},
-    )
+    """The JSON page of GET /runs/{id}/events (runs.sse.run_events routes here by Accept;
+    documented with the stream in agentsvc.openapi)."""
+
     def get(self, request, run_id):
         _check_query(request, {"after", "limit"})
         run = selectors.run_get(owner=request.user, run_id=run_id)

@@ -90,15 +90,3 @@ class RunOut(serializers.Serializer):
 class RunPage(serializers.Serializer):
     results = RunOut(many=True)
     next = serializers.CharField(allow_null=True)
-
-
-class EventOut(serializers.Serializer):
-    seq = serializers.IntegerField()
-    event = serializers.CharField()
-    data = serializers.DictField()
-    ts = serializers.DateTimeField()
-
-
-class EventPage(serializers.Serializer):
-    results = EventOut(many=True)
-    next_after = serializers.IntegerField()

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
+import io
 import logging
 from collections.abc import AsyncIterator
 from uuid import UUID
@@ -19,14 +19,25 @@ from django.conf import settings
 from django.http import Http404, HttpRequest, HttpResponse, StreamingHttpResponse
 from django.views.decorators.csrf import csrf_exempt
 from rest_framework import serializers
-from rest_framework.exceptions import ValidationError
+from rest_framework.exceptions import ParseError, ValidationError
 
+from agentsvc import limits
 from agentsvc.auth import raw_key_from_headers
-from agentsvc.errors import ApplicationError, exception_handler, problem_response
+from agentsvc.errors import ApplicationError, exception_problem, problem_response
+from agentsvc.idempotency import (
+    HEADER,
+    fingerprint,
+    idempotency_begin,
+    idempotency_forget,
+    idempotency_store,
+    request_key,
+)
 from agentsvc.models import ApiKey
+from agentsvc.parsers import StrictJSONParser
 from runs import selectors, services
 from runs.api import RunCreateInput, RunEventsApi
 from runs.models import Run
+from runs.presenters import run_handle
 from runs.stream_limits import StreamLease, StreamLimitExceeded
 from runs.streams import (
     EventRow,
@@ -68,6 +79,15 @@ async def _key_or_problem(request: HttpRequest) -> ApiKey | HttpResponse:
     raw = raw_key_from_headers(request.headers)
     key = await authenticate(raw) if raw else None
     return key if key is not None else _auth_problem(request, raw)
+
+
+async def _admit_or_problem(request: HttpRequest, key: ApiKey) -> HttpResponse | None:
+    """The key's requests-per-minute, as for every API call (and its RateLimit headers)."""
+    try:
+        await sync_to_async(limits.requests_admit, thread_sensitive=False)(request, key)
+    except ApplicationError as e:
+        return exception_problem(request, e)
+    return None
 
 
 async def _lease_or_problem(request: HttpRequest, key: ApiKey) -> StreamLease | HttpResponse:
@@ -151,6 +171,8 @@ async def run_events(request: HttpRequest, run_id: UUID) -> HttpResponse:
     key, run = await authenticate_and_find(raw, run_id) if raw else (None, None)
     if key is None:
         return _auth_problem(request, raw)
+    if (limited := await _admit_or_problem(request, key)) is not None:
+        return limited
     unknown = sorted(set(request.GET) - {"after"})
     if unknown:
         return problem_response(
@@ -177,7 +199,7 @@ async def run_events(request: HttpRequest, run_id: UUID) -> HttpResponse:
     return _sse_response(_stream(run, after, lease), run, lease)
 
 
-def _create_run(*, key: ApiKey, name: str, body: object) -> tuple[Run, bool]:
+def _create_run(*, key: ApiKey, name: str, body: object, idempotency) -> tuple[Run, bool]:
     """Validate like the create view, then create the run through the one service."""
     data_in = RunStreamInput(data=body)
     data_in.is_valid(raise_exception=True)
@@ -192,9 +214,43 @@ def _create_run(*, key: ApiKey, name: str, body: object) -> tuple[Run, bool]:
         )
         raise ApplicationError("not_found", detail) from None
     run = services.run_create(
-        api_key=key, chain=chain, run_input=data["input"], metadata=data["metadata"]
+        api_key=key,
+        chain=chain,
+        run_input=data["input"],
+        metadata=data["metadata"],
+        webhook=data.get("webhook"),
+        idempotency=idempotency,
     )
     return run, data["cancel_on_disconnect"]
+
+
+def _start_or_replay(
+    *, key: ApiKey, name: str, body: dict, path: str, headers
+) -> tuple[Run, bool, bool]:
+    """(run, cancel_on_disconnect, replayed). A repeated Idempotency-Key streams the run the
+    first request started, from seq 1."""
+    idem = request_key(headers, body)
+    record = None
+    if idem is not None:
+        record, replay = idempotency_begin(
+            owner=key.owner,
+            method="POST",
+            path=path,
+            key=idem,
+            fingerprint=fingerprint(body, key_in_body=HEADER not in headers),
+        )
+        if replay is not None:
+            run = Run.objects.select_related("chain").get(pk=replay.data["run_id"])
+            return run, bool(body.get("cancel_on_disconnect")), True
+    try:
+        run, cancel = _create_run(key=key, name=name, body=body, idempotency=record)
+    except BaseException:
+        if record is not None:
+            idempotency_forget(record=record)
+        raise
+    if record is not None:
+        idempotency_store(record=record, status=200, body=run_handle(run), headers={})
+    return run, cancel, False
 
 
 @csrf_exempt
@@ -205,34 +261,32 @@ async def chain_stream(request: HttpRequest, name: str) -> HttpResponse:
     key = await _key_or_problem(request)
     if isinstance(key, HttpResponse):
         return key
+    if (limited := await _admit_or_problem(request, key)) is not None:
+        return limited
     if request.content_type != "application/json":
         return problem_response(
             request, "unsupported_media_type", "Send a JSON body (Content-Type: application/json)."
         )
     try:
-        body = json.loads(request.body or b"{}")
-    except (ValueError, UnicodeDecodeError) as e:
-        return problem_response(
-            request,
-            "validation_error",
-            "The body is not valid JSON.",
-            errors=[{"field": "body", "message": str(e)}],
-        )
+        body = StrictJSONParser().parse(io.BytesIO(request.body or b"{}"))
+    except ParseError as e:
+        return exception_problem(request, e)
     if not isinstance(body, dict):
-        return exception_handler(
-            ValidationError({"body": "Must be a JSON object."}), {"request": request}
-        )
+        return exception_problem(request, ValidationError({"body": "Must be a JSON object."}))
     lease = await _lease_or_problem(request, key)
     if isinstance(lease, HttpResponse):
         return lease
     try:
-        run, cancel = await sync_to_async(_create_run, thread_sensitive=False)(
-            key=key, name=name, body=body
+        run, cancel, replayed = await sync_to_async(_start_or_replay, thread_sensitive=False)(
+            key=key, name=name, body=body, path=request.path, headers=request.headers
         )
     except Exception as e:
         await lease.release()
-        return exception_handler(e, {"request": request})
+        return exception_problem(request, e)
     except BaseException:  # cancelled: the client left while the run was being created
         await asyncio.shield(lease.release())
         raise
-    return _sse_response(_stream(run, 0, lease, cancel_on_disconnect=cancel), run, lease)
+    response = _sse_response(_stream(run, 0, lease, cancel_on_disconnect=cancel), run, lease)
+    if replayed:
+        response["Idempotent-Replayed"] = "true"
+    return response

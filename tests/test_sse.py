@@ -215,3 +215,57 @@ def test_cancel_on_disconnect_cancels_the_run(http, make_chain):
     assert run.cancel_reason == "disconnect"
     last = run.events.order_by("-seq").first()
     assert last.type == "run.cancelled" and last.data["reason"] == "disconnect"
+
+
+def test_stream_with_the_same_idempotency_key_replays_the_run(http, make_chain):
+    make_chain("demo", models=[fake(tokens=6)])
+    headers = {"Idempotency-Key": "stream-1"}
+    body = {"input": {"topic": "tides"}}
+
+    def stream():
+        with http.stream(
+            "POST", "/api/v1/chains/demo/stream", json=body, headers=headers
+        ) as response:
+            assert response.status_code == 200
+            return list(events(response.iter_lines())), response.headers
+
+    first, first_headers = stream()
+    second, second_headers = stream()
+    assert "Idempotent-Replayed" not in first_headers
+    assert second_headers["Idempotent-Replayed"] == "true"
+    assert second_headers["X-Run-Id"] == first_headers["X-Run-Id"]
+    assert [(f.id, f.event) for f in second] == [(f.id, f.event) for f in first]
+    assert Run.objects.count() == 1
+    other = http.post(
+        "/api/v1/chains/demo/stream", json={"input": {"topic": "other"}}, headers=headers
+    )
+    assert other.status_code == 422
+    assert other.json()["code"] == "idempotency_key_reused"
+
+
+def test_streams_count_against_the_request_limit(http, make_chain, alice):
+    from agentsvc.models import ApiKey
+
+    make_chain("demo", models=[fake(tokens=3)])
+    run_id = start(http)
+    ApiKey.objects.filter(pk=alice.key.pk).update(requests_per_minute=2)
+    _, headers = read_all(http, run_id)
+    assert "requests" in headers["RateLimit-Policy"]
+    http.get(f"/api/v1/runs/{run_id}")
+    limited = http.get(f"/api/v1/runs/{run_id}/events", headers=SSE)
+    assert limited.status_code == 429
+    assert limited.json()["violated-policies"] == ["requests"]
+    refused = http.post("/api/v1/chains/demo/stream", json={"input": {"topic": "x"}})
+    assert refused.status_code == 429
+
+
+def test_stream_refuses_bodies_the_database_cannot_hold(http, make_chain):
+    make_chain("demo", models=[fake(tokens=3)])
+    response = http.post(
+        "/api/v1/chains/demo/stream",
+        content=b'{"input": {"topic": "a\\u0000b"}}',
+        headers={"Content-Type": "application/json"},
+    )
+    assert response.status_code == 400
+    assert response.headers["Content-Type"] == "application/problem+json"
+    assert not Run.objects.exists()
