@@ -1,6 +1,6 @@
-"""Prometheus metrics. Run figures are read from the database at scrape time, so every web
-process reports the same totals whichever worker did the work; what only a web process sees
-(rejections) is counted in that process."""
+"""Prometheus metrics. Run and webhook figures are read from the database at scrape time, so
+every web process reports the same totals whichever worker did the work; what only a web process
+sees (rejections, open streams) is counted in that process."""
 
 from __future__ import annotations
 
@@ -81,7 +81,47 @@ class RunsCollector:
         )
 
 
+class WebhooksCollector:
+    def collect(self):
+        from django.db.models import Case, CharField, Count, Value, When
+
+        from webhooks.models import WebhookAttempt
+
+        outcome = Case(
+            When(status_code__gte=200, status_code__lt=300, then=Value("succeeded")),
+            When(error="blocked_address", then=Value("blocked")),
+            When(status_code__isnull=True, then=Value("error")),
+            default=Value("http_error"),
+            output_field=CharField(),
+        )
+        counts = dict(
+            WebhookAttempt.objects.annotate(outcome=outcome)
+            .values_list("outcome")
+            .annotate(n=Count("id"))
+            .values_list("outcome", "n")
+        )
+        family = CounterMetricFamily(
+            "agentsvc_webhook_attempts", "Webhook delivery attempts by outcome", labels=["outcome"]
+        )
+        for name in ("succeeded", "http_error", "error", "blocked"):
+            family.add_metric([name], counts.get(name, 0))
+        yield family
+
+
+class StreamsCollector:
+    def collect(self):
+        from runs.stream_limits import open_streams_here
+
+        yield GaugeMetricFamily(
+            "agentsvc_open_streams",
+            "SSE and WebSocket streams open in this process",
+            value=open_streams_here(),
+        )
+
+
 REGISTRY.register(RunsCollector())
+REGISTRY.register(WebhooksCollector())
+REGISTRY.register(StreamsCollector())
 
 
 def metrics_text() -> bytes:

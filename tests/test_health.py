@@ -134,6 +134,8 @@ def test_metrics_follow_runs(alice, make_chain):
     assert metric(text, rejected) == metric(before, rejected) + 1
     assert "agentsvc_queue_depth" in text
     assert "agentsvc_run_duration_seconds_bucket" in text
+    assert 'agentsvc_webhook_attempts_total{outcome="succeeded"}' in text
+    assert "agentsvc_open_streams" in text
 
 
 def test_metrics_token(db, settings):

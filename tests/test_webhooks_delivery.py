@@ -359,3 +359,18 @@ def test_retry_after_forms_and_cap(alice, make_chain, receiver, retry_after, low
     delivery.refresh_from_db()
     assert delivery.status == "pending" and delivery.last_status_code == 429
     assert low <= (delivery.next_attempt_at - before).total_seconds() <= high
+
+
+def test_metrics_count_attempts_by_outcome(alice, make_chain, receiver):
+    from django.test import Client
+
+    from tests.test_health import metric
+
+    def count(outcome: str) -> float:
+        text = Client().get("/metrics").content.decode()
+        return metric(text, f'agentsvc_webhook_attempts_total{{outcome="{outcome}"}}')
+
+    before = count("succeeded")
+    finished_run(alice, make_chain, webhook=own(receiver, hook_path()))
+    deliver_all()
+    assert count("succeeded") == before + 1
