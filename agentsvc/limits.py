@@ -1,6 +1,6 @@
 """Per-key limits (API.md section 7): requests and runs per minute, tokens per minute, active
-runs; and the global queue bound. Counters live in the cache: Redis in production, so every
-web process shares them.
+runs; and the global queue bound. Request and run counters live in the cache (Redis in
+production, so every web process shares them); the token ledger lives in the database.
 """
 
 from __future__ import annotations
@@ -10,12 +10,13 @@ import time
 from dataclasses import dataclass
 
 from django.conf import settings
-from django.core.cache import cache
+from django.db.models import F
+from django.db.models.functions import Greatest
 from django_ratelimit.core import get_usage
 from rest_framework.throttling import BaseThrottle
 
 from agentsvc.errors import ApplicationError
-from agentsvc.models import ApiKey
+from agentsvc.models import ApiKey, TokenWindow
 
 WINDOW_S = 60
 
@@ -58,10 +59,7 @@ def requests_admit(request, key: ApiKey) -> None:
     q = quotas(key)
     usage = _count(request, "requests", key, q.requests, increment=True)
     window_end = time.time() + usage["time_left"]
-    request.ratelimit_state = {
-        "requests": (q.requests, max(0, q.requests - usage["count"]), usage["time_left"]),
-        "tokens": (q.tokens, *_tokens_remaining(key, q.tokens)),
-    }
+    request.ratelimit_state = (q, max(0, q.requests - usage["count"]), usage["time_left"])
     if usage["should_limit"]:
         raise _limited(
             "rate_limited",
@@ -80,12 +78,14 @@ class KeyRequestThrottle(BaseThrottle):
         return True
 
 
-def ratelimit_headers(state: dict) -> dict[str, str]:
-    policy = ", ".join(f'"{name}";q={q};w={WINDOW_S}' for name, (q, _, _) in state.items())
-    current = ", ".join(
-        f'"{name}";r={r};t={max(0, math.ceil(t))}' for name, (_, r, t) in state.items()
-    )
-    return {"RateLimit-Policy": policy, "RateLimit": current}
+def ratelimit_headers(state: tuple[Quotas, int, float]) -> dict[str, str]:
+    """IETF httpapi RateLimit-Policy and RateLimit (RFC 8941 structured fields)."""
+    q, remaining, reset = state
+    return {
+        "RateLimit-Policy": f'"requests";q={q.requests};w={WINDOW_S}, '
+        f'"tokens";q={q.tokens};w={WINDOW_S}',
+        "RateLimit": f'"requests";r={remaining};t={max(0, math.ceil(reset))}',
+    }
 
 
 def runs_admit(*, key: ApiKey) -> None:
@@ -113,21 +113,18 @@ def active_runs_check(*, key: ApiKey, active: int) -> None:
 
 
 # --- Tokens: a fixed one-minute window per key; runs reserve, then settle to real usage ----------
+# The ledger is a database row per key and minute: web processes reserve, the worker that ends a
+# run settles, and both must see the same numbers, in the embedded default too (where the cache is
+# per process). A conditional UPDATE makes each reservation atomic.
 
 
 def _window(now: float | None = None) -> int:
     return int((now or time.time()) // WINDOW_S) * WINDOW_S
 
 
-def _tokens_key(key_id: int, window: int) -> str:
-    return f"limits:tokens:{key_id}:{window}"
-
-
-def _tokens_remaining(key: ApiKey, quota: int) -> tuple[int, float]:
-    now = time.time()
-    window = _window(now)
-    used = cache.get(_tokens_key(key.pk, window)) or 0
-    return max(0, quota - used), window + WINDOW_S - now
+def _ledger(key_id: int, window: int):
+    TokenWindow.objects.get_or_create(api_key_id=key_id, window=window)
+    return TokenWindow.objects.filter(api_key_id=key_id, window=window)
 
 
 def tokens_reserve(*, key: ApiKey, amount: int) -> int:
@@ -145,35 +142,33 @@ def tokens_reserve(*, key: ApiKey, amount: int) -> int:
         )
     now = time.time()
     window = _window(now)
-    cache_key = _tokens_key(key.pk, window)
-    cache.add(cache_key, 0, WINDOW_S * 2)
-    used = cache.incr(cache_key, amount)
-    if used > quota:
-        cache.decr(cache_key, amount)
-        raise _limited(
-            "token_budget_exceeded",
-            "tokens",
-            f"This run reserves {amount} tokens; {max(0, quota - used + amount)} of "
-            f"{quota} are left in this minute.",
-            window + WINDOW_S - now,
-        )
-    return window
+    row = _ledger(key.pk, window)
+    if row.filter(used__lte=quota - amount).update(used=F("used") + amount):
+        return window
+    used = row.values_list("used", flat=True).get()
+    raise _limited(
+        "token_budget_exceeded",
+        "tokens",
+        f"This run reserves {amount} tokens; {max(0, quota - used)} of {quota} are left in this "
+        "minute.",
+        window + WINDOW_S - now,
+    )
 
 
 def tokens_settle(*, key_id: int, window: int, reserved: int, used: int) -> None:
     """Replace a reservation by real usage: refund in its window, charge overspend now."""
     delta = used - reserved
-    try:
-        if delta < 0:
-            cache_key = _tokens_key(key_id, window)
-            if cache.get(cache_key) is not None:
-                cache.decr(cache_key, -delta)
-        elif delta > 0:
-            cache_key = _tokens_key(key_id, _window())
-            cache.add(cache_key, 0, WINDOW_S * 2)
-            cache.incr(cache_key, delta)
-    except ValueError:
-        pass  # the window expired between get and decr: nothing left to refund
+    if delta < 0:
+        TokenWindow.objects.filter(api_key_id=key_id, window=window).update(
+            used=Greatest(F("used") + delta, 0)
+        )
+    elif delta > 0:
+        _ledger(key_id, _window()).update(used=F("used") + delta)
+
+
+def tokens_purge() -> int:
+    """Scheduled: windows older than a few minutes are of no use."""
+    return TokenWindow.objects.filter(window__lt=_window() - 5 * WINDOW_S).delete()[0]
 
 
 # --- Queue ---------------------------------------------------------------------------------

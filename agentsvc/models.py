@@ -101,3 +101,24 @@ class IdempotencyRecord(models.Model):
     @property
     def completed(self) -> bool:
         return self.response_status is not None
+
+
+class TokenWindow(models.Model):
+    """Tokens a key has reserved or used in one minute (the start of the minute, Unix seconds)."""
+
+    api_key = models.ForeignKey(ApiKey, on_delete=models.CASCADE)
+    window = models.BigIntegerField()
+    used = models.BigIntegerField(default=0)
+
+    class Meta:
+        constraints = [
+            # Reservations update this one row under its lock: the budget check is exact.
+            models.UniqueConstraint(fields=["api_key", "window"], name="tokenwindow_key_uniq"),
+        ]
+        indexes = [
+            # The purge task deletes old windows.
+            models.Index(fields=["window"], name="tokenwindow_window_idx"),
+        ]
+
+    def __str__(self) -> str:
+        return f"{self.api_key_id}@{self.window}: {self.used}"

@@ -3,12 +3,14 @@ from __future__ import annotations
 import logging
 
 from agentsvc.idempotency import idempotency_purge
+from agentsvc.limits import tokens_purge
 
 logger = logging.getLogger(__name__)
 
 
 def purge_expired() -> int:
-    """Scheduled: delete idempotency records past IDEMPOTENCY_TTL_S."""
+    """Scheduled: delete idempotency records past IDEMPOTENCY_TTL_S and old token windows."""
+    tokens_purge()
     deleted = idempotency_purge()
     if deleted:
         logger.info("purged %d expired idempotency records", deleted)

@@ -60,7 +60,15 @@ def measure(config: str, runs: int) -> dict[str, dict[str, list[float]]]:
         manage(env, "migrate", "-v0")
         (tmp_path / "chains.yaml").write_text(CHAINS)
         manage(env, "loadchains", str(tmp_path / "chains.yaml"))
-        key = manage(env, "createapikey", "bench")
+        key = manage(
+            env,
+            "createapikey",
+            "bench",
+            "--runs-per-minute",
+            "1000000",
+            "--requests-per-minute",
+            "10000000",
+        )
         base = f"http://127.0.0.1:{web_port}"
         with processes(
             [PY, "-m", "tests.fakes.openai_server", "--port", str(model_port)],
@@ -91,6 +99,7 @@ def measure(config: str, runs: int) -> dict[str, dict[str, list[float]]]:
                         r = http.post(
                             f"/api/v1/chains/{chain}/runs", json={"input": {"topic": f"run {i}"}}
                         )
+                        assert r.status_code == 202, r.text
                         run_id = r.json()["run_id"]
                         while True:
                             body = http.get(f"/api/v1/runs/{run_id}").json()

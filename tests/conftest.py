@@ -175,6 +175,22 @@ class Proc:
         self.log.close()
 
 
+@pytest.fixture(autouse=True)
+def _runs_end_before_flush(request):
+    """A test that used the worker lets its runs end before the database is flushed: a worker
+    mid-write and the flush's TRUNCATE can deadlock, and a run left going would leak into the
+    next test."""
+    yield
+    if "worker" in request.fixturenames and "transactional_db" in request.fixturenames:
+        from runs.models import ACTIVE_STATUSES, Run
+
+        wait_until(
+            lambda: not Run.objects.filter(status__in=ACTIVE_STATUSES).exists(),
+            60,
+            message="runs to end",
+        )
+
+
 @pytest.fixture(scope="session")
 def worker(django_db_setup, django_db_blocker, tmp_path_factory):
     """A real django-q2 cluster (qcluster) against the test database and Redis."""

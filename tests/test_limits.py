@@ -1,5 +1,7 @@
 from __future__ import annotations
 
+import re
+
 import http_sf
 import pytest
 
@@ -35,6 +37,7 @@ def test_headers_are_structured_fields(alice, make_chain, settings):
     assert policy["requests"] == {"q": 100, "w": 60}
     assert policy["tokens"] == {"q": settings.RATE_TOKENS_PER_MINUTE, "w": 60}
     assert current["requests"]["r"] == 99
+    assert set(current) == {"requests"}
     assert 0 <= current["requests"]["t"] <= 60
     create(alice)
     assert parse_ratelimit(alice.get("/api/v1/runs"))[1]["requests"]["r"] == 97
@@ -96,6 +99,13 @@ def test_run_larger_than_token_budget(alice, make_chain):
     assert not Run.objects.exists()
 
 
+def tokens_left(response) -> int:
+    """What a token_budget_exceeded answer says is left: "...; N of Q are left ..."."""
+    match = re.search(r"; (\d+) of (\d+) are left", response.json()["detail"])
+    assert match, response.json()
+    return int(match.group(1))
+
+
 def test_token_budget_reserve_and_settle(alice, make_chain, django_capture_on_commit_callbacks):
     chain = make_chain("demo", models=[fake(tokens=5)])
     reservation = token_reservation(chain=chain, run_input=BODY["input"])
@@ -105,17 +115,43 @@ def test_token_budget_reserve_and_settle(alice, make_chain, django_capture_on_co
     response = create(alice)
     assert_problem(response, 429, "token_budget_exceeded")
     assert 1 <= int(response["Retry-After"]) <= 60
-    remaining = parse_ratelimit(alice.get("/api/v1/runs"))[1]["tokens"]["r"]
-    assert remaining == 0
+    assert tokens_left(response) == 0
     # The first run ends using far fewer tokens than it reserved: the rest is refunded.
     with django_capture_on_commit_callbacks(execute=True):
         run_execute(run_id=first)
     run = Run.objects.get(pk=first)
     used = run.input_tokens + run.output_tokens
     assert 0 < used < reservation
-    _, current = parse_ratelimit(alice.get("/api/v1/runs"))
-    assert current["tokens"]["r"] == reservation - used
-    assert create(alice).status_code == 429  # refund smaller than a whole reservation
+    response = create(alice)  # the refund is smaller than a whole reservation
+    assert response.status_code == 429
+    assert tokens_left(response) == reservation - used
+
+
+@pytest.mark.django_db(transaction=True)
+@pytest.mark.slow
+def test_worker_settles_tokens_for_every_web_process(live_server_url, worker, alice, make_chain):
+    """The reservation is made by the web process and settled by the worker: both see it."""
+    import httpx
+
+    from tests.conftest import wait_until
+
+    chain = make_chain("demo", models=[fake(tokens=5)])
+    reservation = token_reservation(chain=chain, run_input=BODY["input"])
+    set_limits(alice, tokens_per_minute=reservation + 1)
+    with httpx.Client(
+        base_url=live_server_url, headers={"Authorization": f"Bearer {alice.raw_key}"}
+    ) as http:
+        run_id = http.post("/api/v1/chains/demo/runs", json=BODY).json()["run_id"]
+        wait_until(lambda: Run.objects.get(pk=run_id).status == "completed", 30)
+        run = Run.objects.get(pk=run_id)
+        used = run.input_tokens + run.output_tokens
+
+        def left():
+            response = http.post("/api/v1/chains/demo/runs", json=BODY)
+            assert response.status_code == 429
+            return int(re.search(r"; (\d+) of", response.json()["detail"]).group(1))
+
+        wait_until(lambda: left() == 1 + reservation - used, 10, 0.2, "the settlement")
 
 
 def test_queue_full(alice, make_chain, settings):
