@@ -128,6 +128,8 @@ else:
         "min_size": 1,
         "max_size": env_int("DB_POOL_MAX", 20, minimum=1),
         "timeout": env_float("DB_POOL_TIMEOUT_S", 5, minimum=0.1),
+        # Connections above min_size close after a minute unused, so a burst does not keep them.
+        "max_idle": 60,
     }
 
 DEFAULT_AUTO_FIELD = "django.db.models.BigAutoField"
