@@ -20,7 +20,12 @@ EXIT_OK, EXIT_RUN_NOT_COMPLETED, EXIT_USAGE, EXIT_API, EXIT_CONNECTION, EXIT_WAI
 
 
 def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="agentsvc", description=__doc__.split("\n")[0])
+    p = argparse.ArgumentParser(
+        prog="agentsvc",
+        description="Start, stream, wait for and inspect agentsvc runs.",
+        epilog=__doc__.split("\n\n")[1],
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     p.add_argument("--url", help="service base URL (default: $AGENTSVC_URL)")
     p.add_argument("--api-key", help="API key (default: $AGENTSVC_API_KEY)")
     p.add_argument("--json", action="store_true", help="machine-readable JSON output")
