@@ -156,7 +156,8 @@ class Runs:
         created_after: str | None = None,
         limit: int | None = None,
     ) -> AsyncIterator[dict]:
-        """Every run of the key's owner, newest first, page after page."""
+        """Every run of the key's owner, newest first, page after page (`limit` is the page
+        size, at most 100; stop iterating to stop fetching)."""
         params = {"status": status, "chain": chain, "created_after": created_after, "limit": limit}
         return self._c.pages("/api/v1/runs", {k: v for k, v in params.items() if v is not None})
 
