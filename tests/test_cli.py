@@ -92,6 +92,15 @@ def test_runs_list_get_cancel_and_chains(cli, make_chain):
     assert {c["name"] for c in json.loads(cli("chains", "--json").stdout)} == {"demo", "slow"}
 
 
+def test_wait_gives_up_with_its_own_exit_code(cli, make_chain):
+    make_chain("slow", models=[fake(tokens=200, latency_ms=100)])
+    gave_up = cli("run", "slow", "--input", '{"topic": "x"}', "--wait", "--timeout", "1")
+    assert gave_up.returncode == 5 and "the run goes on" in gave_up.stderr
+    run = Run.objects.get()
+    assert run.status in ("queued", "running")
+    assert cli("runs", "cancel", str(run.id)).returncode == 0
+
+
 def test_errors_and_usage(cli, make_chain):
     make_chain("demo", models=[fake(tokens=2)])
     invalid = cli("run", "demo", "--input", '{"topic": ""}')

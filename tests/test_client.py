@@ -16,6 +16,7 @@ from agentsvc_client import (
     NotFoundError,
     RateLimitError,
     ValidationError,
+    WaitTimeout,
     WebhookVerificationError,
     verify_webhook,
 )
@@ -201,6 +202,9 @@ def test_invoke_cancel_and_chains(client, make_chain):
     assert client.runs.get(caught.value.run_id)["status"] == "failed"
     make_chain("slow", models=[fake(tokens=200, latency_ms=100)])
     slow = client.runs.create("slow", {"topic": "tides"})
+    with pytest.raises(WaitTimeout) as gave_up:
+        client.runs.wait(slow["run_id"], timeout=0.5)
+    assert gave_up.value.run["status"] in ("queued", "running")
     wait_until(lambda: client.runs.get(slow["run_id"])["status"] == "running", 30)
     client.runs.cancel(slow["run_id"])
     assert client.runs.wait(slow["run_id"], 30)["status"] == "cancelled"
@@ -245,6 +249,12 @@ def test_webhook_endpoints_deliveries_and_verify(client, make_chain, receiver):
 
     rotated = client.webhook_endpoints.rotate_secret(endpoint["id"])
     assert rotated["secret"] != endpoint["secret"]
+    client.deliveries.resend(mine["id"])
+    wait_until(lambda: len(receiver.requests_for(path)) == 4, 30)
+    resent = receiver.requests_for(path)[-1]
+    both = [rotated["secret"], endpoint["secret"]]
+    for secret in (rotated["secret"], endpoint["secret"], both):
+        assert verify_webhook(resent.body, resent.headers, secret)["id"] == payload["id"]
     client.webhook_endpoints.delete(endpoint["id"])
     with pytest.raises(NotFoundError):
         client.webhook_endpoints.get(endpoint["id"])
