@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import threading
 import uuid
 from urllib.parse import urlsplit
 
@@ -283,4 +284,29 @@ def test_async_client(live_server_url, worker, alice, make_chain, proxy):
     assert events[-1].type == "run.completed" and run["status"] == "completed"
     assert listed == [run["run_id"]] and chains == ["demo"]
     assert proxy.requests_with("last-event-id: 3")
+    settle()
+
+
+def test_in_progress_conflict_is_retried_until_the_first_answer(
+    live_server_url, worker, alice, make_chain, proxy
+):
+    """A second invoke with the key of one still being answered gets 409
+    idempotency_request_in_progress; the client waits it out and gets the first answer."""
+    make_chain("demo", models=[fake(tokens=15, latency_ms=100)])
+    key = str(uuid.uuid4())
+    first: dict = {}
+
+    def invoke_first():
+        with Client(live_server_url, alice.raw_key) as c:
+            first.update(c.runs.invoke("demo", {"topic": "tides"}, idempotency_key=key))
+
+    thread = threading.Thread(target=invoke_first)
+    thread.start()
+    wait_until(lambda: Run.objects.exists(), 10)
+    with Client(proxy.url, alice.raw_key, backoff_base=0.05) as c:
+        second = c.runs.invoke("demo", {"topic": "tides"}, idempotency_key=key)
+    thread.join(30)
+    assert second == first and second["status"] == "completed"
+    assert len(proxy.requests_with(f"idempotency-key: {key}")) >= 2
+    assert Run.objects.count() == 1
     settle()
