@@ -6,11 +6,11 @@ BIN := $(VENV)/bin
 
 .PHONY: setup run test lint bench
 
-$(BIN)/.installed: pyproject.toml
+$(BIN)/.installed: pyproject.toml clients/python/pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
 	@echo 'Installing; the first time this builds llama.cpp (about 10 minutes on 2 cores).'
-	CMAKE_BUILD_PARALLEL_LEVEL=$$(nproc) $(BIN)/pip install --quiet -e '.[dev,local]'
+	CMAKE_BUILD_PARALLEL_LEVEL=$$(nproc) $(BIN)/pip install --quiet -e '.[dev,local]' -e './clients/python[webhooks]'
 	touch $@
 
 setup: $(BIN)/.installed

@@ -42,7 +42,8 @@ def _limited(code: str, policy: str, detail: str, retry_after: float | None) -> 
     from agentsvc.metrics import rejection
 
     rejection(code)
-    headers = {"Retry-After": str(max(1, math.ceil(retry_after)))} if retry_after else {}
+    # At a window boundary the time left is 0: still send Retry-After (every 429 carries one).
+    headers = {"Retry-After": str(max(1, math.ceil(retry_after or 0)))}
     return ApplicationError(code, detail, headers=headers, **{"violated-policies": [policy]})
 
 
