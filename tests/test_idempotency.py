@@ -1,7 +1,6 @@
 from __future__ import annotations
 
 import threading
-import time
 from concurrent.futures import ThreadPoolExecutor
 from datetime import timedelta
 
@@ -12,7 +11,7 @@ from django.utils import timezone
 from agentsvc.models import IdempotencyRecord
 from agentsvc.tasks import purge_expired
 from runs.models import Run
-from tests.conftest import fake
+from tests.conftest import fake, wait_until
 from tests.test_auth import assert_problem
 
 BODY = {"input": {"topic": "tides"}}
@@ -140,7 +139,8 @@ def test_in_flight_key_is_409(live_server_url, worker, alice, make_chain):
         target=lambda: results.update(first=httpx.post(url, json=body, headers=headers, timeout=30))
     )
     first.start()
-    time.sleep(0.5)
+    # The first request holds the key once its record exists (and for wait_s after).
+    wait_until(lambda: IdempotencyRecord.objects.filter(key="slow-1").exists(), 10, 0.01)
     second = httpx.post(url, json=body, headers=headers, timeout=30)
     first.join()
     assert second.status_code == 409
