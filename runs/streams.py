@@ -21,6 +21,7 @@ from agentsvc.models import ApiKey
 from agentsvc.services import api_key_authenticate
 from runs.hub import get_hub
 from runs.models import Run, RunEvent
+from runs.seen import SEEN_RESOLUTION, run_seen
 from runs.timefmt import iso
 from runs.wakeup import TERMINAL_EVENTS
 
@@ -81,6 +82,14 @@ async def events_after(run_id: UUID, after: int) -> list[EventRow]:
     return await asyncio.shield(future)  # one reader leaving must not cancel the others' read
 
 
+def _seen(run_id: UUID, status: str) -> None:
+    close_old_connections()
+    run_seen(run_id=run_id, status=status)
+
+
+_seen_async = sync_to_async(_seen, thread_sensitive=False)
+
+
 async def follow_run(
     run: Run, after: int, *, idle_s: float
 ) -> AsyncIterator[list[EventRow] | None]:
@@ -93,7 +102,12 @@ async def follow_run(
         if run.is_terminal and after >= run.last_seq:
             return  # already ended, and the caller has seen everything
         last_sent = time.monotonic()
+        seen_every = SEEN_RESOLUTION.total_seconds()
+        last_seen = -seen_every
         while True:
+            if time.monotonic() - last_seen >= seen_every:  # a watched run is not orphaned
+                last_seen = time.monotonic()
+                await _seen_async(run_id, run.status)
             rows = await events_after(run_id, after)
             if rows:
                 after = rows[-1].seq
@@ -108,6 +122,9 @@ async def follow_run(
                 if remaining <= 0:
                     last_sent = time.monotonic()
                     yield None
+                    if last_sent - last_seen >= seen_every:
+                        last_seen = last_sent
+                        await _seen_async(run_id, run.status)
                     continue
                 # The hub re-checks the database on its own timer, so a dropped wake-up only
                 # delays; a reader never polls on its own.
