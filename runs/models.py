@@ -141,6 +141,8 @@ class Run(models.Model):
                 name="run_active_idx",
                 condition=Q(status__in=["queued", "running"]),
             ),
+            # The admin's run list: every owner's runs newest first.
+            models.Index(fields=["-created_at"], name="run_created_idx"),
             # Retention: the keeper deletes finished runs oldest first.
             models.Index(
                 fields=["finished_at"],
