@@ -6,11 +6,13 @@ from __future__ import annotations
 import html
 import json
 import re
+from datetime import timedelta
 
 import pytest
 from django.contrib.admin.models import LogEntry
 from django.contrib.auth import get_user_model
 from django.test import Client
+from django.utils import timezone
 
 from agentsvc.models import ApiKey
 from agentsvc.services import api_key_create
@@ -18,6 +20,7 @@ from runs.engine import run_execute
 from runs.models import Chain, Run, RunStatus
 from runs.services import run_create
 from tests.conftest import Api, fake
+from webhooks.models import WebhookDelivery, WebhookEndpoint, WebhookMessage
 
 RUNS = "/admin/runs/run/"
 KEYS = "/admin/agentsvc/apikey/"
@@ -272,3 +275,72 @@ def test_add_a_chain(staff, fake_model):
     response = staff.post(f"{CHAINS}add/", {"definition": json.dumps(definition)}, follow=True)
     assert response.status_code == 200
     assert Chain.objects.get(name="fresh").version == 1
+
+
+# --- Webhook endpoints and deliveries ---------------------------------------------------------
+
+ENDPOINTS = "/admin/webhooks/webhookendpoint/"
+
+
+def _failed_delivery(run, endpoint, created_at, seq: int) -> WebhookDelivery:
+    message = WebhookMessage.objects.create(
+        id=WebhookMessage.new_id(),
+        run=run,
+        event_type="run.completed",
+        seq=seq,
+        payload={},
+        created_at=created_at,
+    )
+    delivery = WebhookDelivery.objects.create(
+        message=message, endpoint=endpoint, url=endpoint.url, status="failed", attempt_count=8
+    )
+    WebhookDelivery.objects.filter(pk=delivery.pk).update(created_at=created_at)
+    return delivery
+
+
+def test_endpoint_disable_enable_and_resend_failed_in_range(staff, alice, make_chain, local_ok):
+    endpoint = WebhookEndpoint.objects.create(
+        owner=alice.key.owner, url="http://127.0.0.1:9/hook", secret="s", events=["run.completed"]
+    )
+    staff.post(ENDPOINTS, {"action": "disable", "_selected_action": [endpoint.pk]})
+    endpoint.refresh_from_db()
+    assert not endpoint.enabled and endpoint.disabled_reason == "admin"
+    staff.post(ENDPOINTS, {"action": "enable", "_selected_action": [endpoint.pk]})
+    endpoint.refresh_from_db()
+    assert endpoint.enabled and endpoint.disabled_reason == ""
+    assert logged(endpoint, "Disabled") and logged(endpoint, "Enabled")
+
+    run = start(alice, make_chain("demo"))
+    now = timezone.now()
+    recent = _failed_delivery(run, endpoint, now - timedelta(hours=2), 10)
+    old = _failed_delivery(run, endpoint, now - timedelta(days=3), 11)
+    response = staff.post(
+        ENDPOINTS,
+        {
+            "action": "resend_failed",
+            "_selected_action": [endpoint.pk],
+            "since": (now - timedelta(hours=5)).strftime("%Y-%m-%d %H:%M:%S"),
+            "until": "",
+        },
+        follow=True,
+    )
+    assert "1 failed delivery(ies) queued for resend" in response.content.decode()
+    recent.refresh_from_db()
+    old.refresh_from_db()
+    assert (recent.status, recent.next_trigger) == ("pending", "manual")
+    assert old.status == "failed"
+
+
+def test_delivery_changelist_query_count(
+    staff, alice, make_chain, local_ok, django_assert_max_num_queries
+):
+    endpoint = WebhookEndpoint.objects.create(
+        owner=alice.key.owner, url="http://127.0.0.1:9/hook", secret="s", events=["run.completed"]
+    )
+    run = start(alice, make_chain("demo"))
+    for i in range(20):
+        _failed_delivery(run, endpoint, timezone.now(), 10 + i)
+    with django_assert_max_num_queries(8):
+        assert staff.get("/admin/webhooks/webhookdelivery/").status_code == 200
+    with django_assert_max_num_queries(8):
+        assert staff.get(ENDPOINTS).status_code == 200
