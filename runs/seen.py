@@ -22,14 +22,20 @@ SEEN_RESOLUTION = timedelta(seconds=5)
 _touched: dict[UUID, float] = {}  # run id -> monotonic time this process last wrote it
 
 
+def seen_due(run_id: UUID) -> bool:
+    """Whether this process may need to write (no query): lets async callers skip the hop to
+    a worker thread."""
+    return time.monotonic() - _touched.get(run_id, -1e9) >= SEEN_RESOLUTION.total_seconds()
+
+
 def run_seen(*, run_id: UUID, status: str, last_seen_at: datetime | None = None) -> bool:
     """Record that a client is watching this run; returns whether a write was made."""
     if status not in ACTIVE_STATUSES:
         _touched.pop(run_id, None)
         return False
-    clock = time.monotonic()
-    if clock - _touched.get(run_id, -1e9) < SEEN_RESOLUTION.total_seconds():
+    if not seen_due(run_id):
         return False
+    clock = time.monotonic()
     now = timezone.now()
     if last_seen_at is not None and now - last_seen_at < SEEN_RESOLUTION:
         return False

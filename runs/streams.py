@@ -20,8 +20,8 @@ from django.db import close_old_connections
 from agentsvc.models import ApiKey
 from agentsvc.services import api_key_authenticate
 from runs.hub import get_hub
-from runs.models import Run, RunEvent
-from runs.seen import SEEN_RESOLUTION, run_seen
+from runs.models import ACTIVE_STATUSES, Run, RunEvent
+from runs.seen import run_seen, seen_due
 from runs.timefmt import iso
 from runs.wakeup import TERMINAL_EVENTS
 
@@ -90,6 +90,12 @@ def _seen(run_id: UUID, status: str) -> None:
 _seen_async = sync_to_async(_seen, thread_sensitive=False)
 
 
+async def _mark_seen(run: Run) -> None:
+    """A followed run is watched, so not orphaned (at most one write per run, process and 5 s)."""
+    if run.status in ACTIVE_STATUSES and seen_due(run.id):
+        await _seen_async(run.id, run.status)
+
+
 async def follow_run(
     run: Run, after: int, *, idle_s: float
 ) -> AsyncIterator[list[EventRow] | None]:
@@ -102,12 +108,8 @@ async def follow_run(
         if run.is_terminal and after >= run.last_seq:
             return  # already ended, and the caller has seen everything
         last_sent = time.monotonic()
-        seen_every = SEEN_RESOLUTION.total_seconds()
-        last_seen = -seen_every
         while True:
-            if time.monotonic() - last_seen >= seen_every:  # a watched run is not orphaned
-                last_seen = time.monotonic()
-                await _seen_async(run_id, run.status)
+            await _mark_seen(run)
             rows = await events_after(run_id, after)
             if rows:
                 after = rows[-1].seq
@@ -122,9 +124,7 @@ async def follow_run(
                 if remaining <= 0:
                     last_sent = time.monotonic()
                     yield None
-                    if last_sent - last_seen >= seen_every:
-                        last_seen = last_sent
-                        await _seen_async(run_id, run.status)
+                    await _mark_seen(run)
                     continue
                 # The hub re-checks the database on its own timer, so a dropped wake-up only
                 # delays; a reader never polls on its own.

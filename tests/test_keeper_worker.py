@@ -32,7 +32,8 @@ class Cluster:
         self.proc = subprocess.Popen(
             [sys.executable, "manage.py", "qcluster"],
             cwd=ROOT,
-            env=process_env(Q_CLUSTER_NAME=name),
+            # Small: the machine's PostgreSQL connections are shared with other suites.
+            env=process_env(Q_CLUSTER_NAME=name, Q_WORKERS="1", DB_POOL_MAX="3"),
             stdout=self.log,
             stderr=subprocess.STDOUT,
             start_new_session=True,
@@ -48,7 +49,18 @@ class Cluster:
         if self.proc.poll() is None:
             os.killpg(self.proc.pid, signal.SIGKILL)
             self.proc.wait()
+            # Every process of the group gone, so none is still blocked reading the queue
+            # (Redis would hand it the retry's task, which would then be lost).
+            wait_until(lambda: not _group_alive(self.proc.pid), 10, message="the group to die")
         self.log.close()
+
+
+def _group_alive(pgid: int) -> bool:
+    try:
+        os.killpg(pgid, 0)
+    except ProcessLookupError:
+        return False
+    return True
 
 
 @pytest.fixture
@@ -74,7 +86,7 @@ def kill_mid_run(cluster: Cluster, run: Run) -> None:
     after = Run.objects.get(pk=run.id).last_seq  # output of this attempt, not an earlier one
     wait_until(
         lambda: RunEvent.objects.filter(run=run, type="agent.output", seq__gt=after).exists(),
-        30,
+        60,
         message="output streaming",
     )
     cluster.kill()
