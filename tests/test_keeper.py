@@ -249,3 +249,11 @@ def test_keeper_pass_reports_and_is_scheduled(db):
     assert set(keeper.keeper_pass()) >= {"timed_out", "worker_lost_failed", "orphaned", "deleted"}
     schedule = Schedule.objects.get(name="runs-keeper")
     assert (schedule.func, schedule.minutes, schedule.repeats) == ("runs.tasks.keeper_pass", 1, -1)
+
+
+def test_an_invoke_wait_marks_the_run_seen(alice, make_chain):
+    from runs.services import run_wait
+
+    run = start(alice, make_chain("demo"))
+    assert run_wait(run_id=run.id, timeout_s=0.1).status == RunStatus.QUEUED
+    assert Run.objects.get(pk=run.id).last_seen_at is not None
