@@ -14,11 +14,11 @@ from uuid import UUID
 
 from django.conf import settings
 from django.db import transaction
-from django.db.models import Exists, OuterRef, Q
+from django.db.models import Q
 from django.db.models.functions import Coalesce
 from django.utils import timezone
 
-from runs.models import ACTIVE_STATUSES, TERMINAL_STATUSES, Run, RunStatus
+from runs.models import ACTIVE_STATUSES, TERMINAL_STATUSES, Chain, Run, RunStatus
 from runs.services import _enqueue, event_append, run_cancel
 from webhooks.models import WebhookEndpoint
 
@@ -34,15 +34,27 @@ def _seconds_ago(now: datetime, seconds: float) -> datetime:
     return now - timedelta(seconds=seconds)
 
 
+# The look-ups below read one table per statement (no joins): a statement holding a lock on one
+# table while waiting for another could deadlock with a TRUNCATE or a migration.
+
+
+def _chain_timeouts(chain_ids: set[int]) -> dict[int, int]:
+    return dict(Chain.objects.filter(pk__in=chain_ids).values_list("pk", "timeout_s"))
+
+
 def runs_time_out(*, now: datetime | None = None) -> int:
     """End runs still running RUN_GRACE_S past their deadline (their worker missed it)."""
     now = now or timezone.now()
     cutoff = _seconds_ago(now, settings.RUN_GRACE_S)
-    rows = Run.objects.filter(status=RunStatus.RUNNING, deadline_at__lt=cutoff).values_list(
-        "id", "worker", "chain__timeout_s"
-    )[:BATCH]
+    rows = list(
+        Run.objects.filter(status=RunStatus.RUNNING, deadline_at__lt=cutoff).values_list(
+            "id", "worker", "chain_id"
+        )[:BATCH]
+    )
+    timeouts = _chain_timeouts({chain_id for _, _, chain_id in rows})
     ended = 0
-    for run_id, worker, timeout_s in rows:
+    for run_id, worker, chain_id in rows:
+        timeout_s = timeouts[chain_id]
         seq = event_append(
             run_id=run_id,
             event="run.timed_out",
@@ -61,13 +73,14 @@ def runs_time_out(*, now: datetime | None = None) -> int:
 
 def _requeue(run_id: UUID, worker: str, attempt: int, when: Q, now: datetime) -> bool:
     """Back to queued for another worker; the old claim token stops matching."""
-    run = Run.objects.select_related("chain").only("chain__name", "chain__version").get(pk=run_id)
+    chain_id = Run.objects.values_list("chain_id", flat=True).get(pk=run_id)
+    name, version = Chain.objects.values_list("name", "version").get(pk=chain_id)
     seq = event_append(
         run_id=run_id,
         event="run.queued",
         data={
-            "chain": run.chain.name,
-            "version": run.chain.version,
+            "chain": name,
+            "version": version,
             "attempt": attempt + 1,
             "reason": "worker_lost",
         },
@@ -156,13 +169,20 @@ def runs_cancel_orphans(*, now: datetime | None = None) -> int:
     ORPHAN_TIMEOUT_S: nobody would ever learn the result."""
     now = now or timezone.now()
     cutoff = _seconds_ago(now, settings.ORPHAN_TIMEOUT_S)
-    endpoints = WebhookEndpoint.objects.filter(owner_id=OuterRef("owner_id"), enabled=True)
     unwatched = Q(status__in=ACTIVE_STATUSES, webhook_url="", cancel_requested_at__isnull=True)
     candidates = (
         Run.objects.filter(unwatched)
-        .alias(seen=Coalesce("last_seen_at", "created_at"), hooked=Exists(endpoints))
-        .filter(seen__lt=cutoff, hooked=False)
+        .alias(seen=Coalesce("last_seen_at", "created_at"))
+        .filter(seen__lt=cutoff)
     )
+    owners = set(candidates.values_list("owner_id", flat=True).distinct())
+    # Owners with an enabled endpoint will be told about their runs: not orphans.
+    hooked = set(
+        WebhookEndpoint.objects.filter(owner_id__in=owners, enabled=True).values_list(
+            "owner_id", flat=True
+        )
+    )
+    candidates = candidates.exclude(owner_id__in=hooked)
     cancelled = 0
     for run_id in candidates.values_list("id", flat=True)[:BATCH]:
         # Claim: still unwatched at this instant (a poll just now saves it), and not yet asked.
