@@ -357,3 +357,18 @@ if REDIS_URL:
     # Wake-ups are tiny and fanned out per process, so a modest buffer per channel is plenty;
     # a message dropped at capacity only delays a reader until the next re-check.
     CHANNEL_LAYERS["default"]["CONFIG"].update({"capacity": 1000, "expiry": 30})
+# --- Lifecycle keeper -------------------------------------------------------------------------
+# A schedule (every minute) ends or retries what nobody else will: runs whose worker died, runs
+# past their deadline, runs nobody is watching, and runs older than the retention window.
+# A running run whose last event is older than this lost its worker: retried once, then failed.
+WORKER_LOST_AFTER_S = env_float(
+    "WORKER_LOST_AFTER_S", PROVIDER_READ_TIMEOUT_S + 30, minimum=PROVIDER_READ_TIMEOUT_S
+)
+# A queued run waiting this long is enqueued again (its task may have been lost after commit).
+QUEUED_REENQUEUE_AFTER_S = env_float("QUEUED_REENQUEUE_AFTER_S", 300, minimum=1)
+# A run still going this long after its deadline is ended `timed_out`.
+RUN_GRACE_S = env_float("RUN_GRACE_S", 30, minimum=0)
+# A run with no webhook that nobody polled or streamed for this long is cancelled (`orphaned`).
+ORPHAN_TIMEOUT_S = env_float("ORPHAN_TIMEOUT_S", 300, minimum=1)
+# Finished runs (input, output, events, webhook messages and attempts) are deleted after this.
+RUN_RETENTION_DAYS = env_int("RUN_RETENTION_DAYS", 30, minimum=1)

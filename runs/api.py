@@ -26,6 +26,7 @@ from runs import selectors, services
 from runs.models import TERMINAL_STATUSES, RunStatus
 from runs.presenters import chain_dict, event_dict, run_dict, run_handle
 from runs.schemas import ChainOut, ChainPage, RunHandle, RunOut, RunPage
+from runs.seen import run_seen
 from webhooks.serializers import RunWebhookInput
 
 MAX_LIMIT = 100
@@ -320,6 +321,7 @@ class RunDetailApi(APIView):
     def get(self, request, run_id):
         _check_query(request, set())
         run = selectors.run_get(owner=request.user, run_id=run_id)
+        run_seen(run_id=run.id, status=run.status, last_seen_at=run.last_seen_at)
         headers = {} if run.is_terminal else {"Retry-After": _poll_after(run)}
         return Response(run_dict(run), headers=headers)
 
@@ -349,6 +351,7 @@ class RunEventsApi(APIView):
     def get(self, request, run_id):
         _check_query(request, {"after", "limit"})
         run = selectors.run_get(owner=request.user, run_id=run_id)
+        run_seen(run_id=run.id, status=run.status, last_seen_at=run.last_seen_at)
         after = _int_param(request, "after", 0, 0, 2**31 - 1)
         events = selectors.run_events_after(
             run=run, after=after, limit=_int_param(request, "limit", 100, 1, 1000)

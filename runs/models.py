@@ -103,6 +103,11 @@ class Run(models.Model):
     deadline_at = models.DateTimeField(null=True, blank=True)
     heartbeat_at = models.DateTimeField(null=True, blank=True)
     worker = models.CharField(max_length=100, blank=True)
+    # 1 for the first execution; the keeper retries a run whose worker was lost once (2).
+    attempt = models.PositiveSmallIntegerField(default=1)
+    # When a client last polled or streamed the run (runs/seen.py); the keeper cancels runs
+    # without a webhook that nobody watches.
+    last_seen_at = models.DateTimeField(null=True, blank=True)
 
     cancel_requested_at = models.DateTimeField(null=True, blank=True)
     cancel_reason = models.CharField(max_length=16, blank=True)
@@ -135,6 +140,14 @@ class Run(models.Model):
                 fields=["status", "heartbeat_at"],
                 name="run_active_idx",
                 condition=Q(status__in=["queued", "running"]),
+            ),
+            # The admin's run list: every owner's runs newest first.
+            models.Index(fields=["-created_at"], name="run_created_idx"),
+            # Retention: the keeper deletes finished runs oldest first.
+            models.Index(
+                fields=["finished_at"],
+                name="run_finished_idx",
+                condition=Q(finished_at__isnull=False),
             ),
         ]
         constraints = [

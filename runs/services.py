@@ -27,6 +27,7 @@ from runs.models import (
     RunEvent,
     RunStatus,
 )
+from runs.seen import run_seen
 from runs.timefmt import iso
 from runs.wakeup import wakeup_publish
 from webhooks.services import messages_create_for_event
@@ -193,6 +194,7 @@ def run_wait(*, run_id: UUID, timeout_s: float) -> Run:
     interval = 0.05
     while True:
         run = Run.objects.select_related("chain").get(pk=run_id)
+        run_seen(run_id=run.id, status=run.status, last_seen_at=run.last_seen_at)
         remaining = deadline - time.monotonic()
         if run.is_terminal or remaining <= 0:
             return run

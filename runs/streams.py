@@ -20,7 +20,8 @@ from django.db import close_old_connections
 from agentsvc.models import ApiKey
 from agentsvc.services import api_key_authenticate
 from runs.hub import get_hub
-from runs.models import Run, RunEvent
+from runs.models import ACTIVE_STATUSES, Run, RunEvent
+from runs.seen import run_seen, seen_due
 from runs.timefmt import iso
 from runs.wakeup import TERMINAL_EVENTS
 
@@ -81,6 +82,20 @@ async def events_after(run_id: UUID, after: int) -> list[EventRow]:
     return await asyncio.shield(future)  # one reader leaving must not cancel the others' read
 
 
+def _seen(run_id: UUID, status: str) -> None:
+    close_old_connections()
+    run_seen(run_id=run_id, status=status)
+
+
+_seen_async = sync_to_async(_seen, thread_sensitive=False)
+
+
+async def _mark_seen(run: Run) -> None:
+    """A followed run is watched, so not orphaned (at most one write per run, process and 5 s)."""
+    if run.status in ACTIVE_STATUSES and seen_due(run.id):
+        await _seen_async(run.id, run.status)
+
+
 async def follow_run(
     run: Run, after: int, *, idle_s: float
 ) -> AsyncIterator[list[EventRow] | None]:
@@ -94,6 +109,7 @@ async def follow_run(
             return  # already ended, and the caller has seen everything
         last_sent = time.monotonic()
         while True:
+            await _mark_seen(run)
             rows = await events_after(run_id, after)
             if rows:
                 after = rows[-1].seq
@@ -108,6 +124,7 @@ async def follow_run(
                 if remaining <= 0:
                     last_sent = time.monotonic()
                     yield None
+                    await _mark_seen(run)
                     continue
                 # The hub re-checks the database on its own timer, so a dropped wake-up only
                 # delays; a reader never polls on its own.

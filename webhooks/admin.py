@@ -2,25 +2,92 @@
 
 from __future__ import annotations
 
+from datetime import timedelta
+
+from django import forms
 from django.contrib import admin, messages
+from django.contrib.admin.helpers import ActionForm
+from django.utils import timezone
 
 from agentsvc.errors import ApplicationError
 from webhooks import services
-from webhooks.models import WebhookAttempt, WebhookDelivery, WebhookEndpoint
+from webhooks.models import DeliveryStatus, WebhookAttempt, WebhookDelivery, WebhookEndpoint
+from webhooks.services.endpoints import endpoint_update
+
+
+class ResendRangeForm(ActionForm):
+    """The time range of "resend failed deliveries", beside the action menu."""
+
+    since = forms.DateTimeField(required=False, help_text="default: 24 h ago")
+    until = forms.DateTimeField(required=False, help_text="default: now")
 
 
 @admin.register(WebhookEndpoint)
 class WebhookEndpointAdmin(admin.ModelAdmin):
-    list_display = ("url", "owner", "enabled", "failing_since", "last_error", "created_at")
+    list_display = (
+        "url",
+        "owner",
+        "enabled",
+        "disabled_reason",
+        "failing_since",
+        "last_error",
+        "created_at",
+    )
     list_filter = ("enabled",)
+    list_select_related = ("owner",)
     search_fields = ("url", "description")
+    show_full_result_count = False
     # Secrets never show in the admin.
     exclude = ("secret", "previous_secret")
     readonly_fields = ("previous_secret_expires_at", "failing_since", "last_error")
+    action_form = ResendRangeForm
+    actions = ("enable", "disable", "resend_failed")
 
     def has_add_permission(self, request) -> bool:
         # Endpoints are registered through the API, which shows the new secret once.
         return False
+
+    @admin.action(description="Enable selected endpoints")
+    def enable(self, request, queryset) -> None:
+        for endpoint in queryset.filter(enabled=False):
+            endpoint_update(endpoint=endpoint, enabled=True)
+            self.log_change(request, endpoint, "Enabled.")
+        self.message_user(request, "Selected endpoints enabled.")
+
+    @admin.action(description="Disable selected endpoints")
+    def disable(self, request, queryset) -> None:
+        for endpoint in queryset.filter(enabled=True):
+            endpoint_update(endpoint=endpoint, enabled=False, disabled_reason="admin")
+            self.log_change(request, endpoint, "Disabled.")
+        self.message_user(request, "Selected endpoints disabled.")
+
+    @admin.action(description="Resend failed deliveries in the time range")
+    def resend_failed(self, request, queryset) -> None:
+        form = ResendRangeForm(request.POST)
+        form.is_valid()
+        until = form.cleaned_data.get("until") or timezone.now()
+        since = form.cleaned_data.get("since") or until - timedelta(hours=24)
+        sent = 0
+        for endpoint in queryset:
+            failed = WebhookDelivery.objects.filter(
+                endpoint=endpoint,
+                status=DeliveryStatus.FAILED,
+                created_at__gte=since,
+                created_at__lte=until,
+            ).select_related("endpoint")
+            count = 0
+            for delivery in failed:
+                try:
+                    services.delivery_resend(delivery=delivery)
+                    count += 1
+                except ApplicationError as e:
+                    self.message_user(request, f"{delivery}: {e.detail}", messages.ERROR)
+            if count:
+                self.log_change(
+                    request, endpoint, f"Resent {count} failed deliveries from {since} to {until}."
+                )
+            sent += count
+        self.message_user(request, f"{sent} failed delivery(ies) queued for resend.")
 
 
 class WebhookAttemptInline(admin.TabularInline):
@@ -38,6 +105,8 @@ class WebhookAttemptInline(admin.TabularInline):
 class WebhookDeliveryAdmin(admin.ModelAdmin):
     list_display = ("message", "url", "status", "attempt_count", "next_attempt_at", "last_error")
     list_filter = ("status",)
+    list_select_related = ("message",)
+    show_full_result_count = False
     search_fields = ("message__id", "url", "message__run__id")
     readonly_fields = [f.name for f in WebhookDelivery._meta.fields]
     inlines = [WebhookAttemptInline]

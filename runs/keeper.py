@@ -1,0 +1,231 @@
+"""The lifecycle keeper: ends or retries the runs nobody else will, and deletes old ones.
+
+Every fix is one conditional write (event_append's `when`, or a filtered UPDATE) on the state
+the keeper read, so any number of keepers may run at once: the second finds the condition no
+longer true and does nothing. State changes go through event_append, so readers, webhooks and
+token settlement see a keeper's decision exactly as they see a worker's.
+"""
+
+from __future__ import annotations
+
+import logging
+from datetime import datetime, timedelta
+from uuid import UUID
+
+from django.conf import settings
+from django.db import transaction
+from django.db.models import Q
+from django.db.models.functions import Coalesce
+from django.utils import timezone
+
+from runs.models import ACTIVE_STATUSES, TERMINAL_STATUSES, Chain, Run, RunStatus
+from runs.services import _enqueue, event_append, run_cancel
+from webhooks.models import WebhookEndpoint
+
+logger = logging.getLogger(__name__)
+
+BATCH = 200  # runs looked at per check and pass; the next pass (a minute later) takes the rest
+DELETE_BATCH = 500
+DELETE_BATCHES_PER_PASS = 20
+MAX_ATTEMPTS = 2  # the first execution and one retry after a lost worker
+
+
+def _seconds_ago(now: datetime, seconds: float) -> datetime:
+    return now - timedelta(seconds=seconds)
+
+
+# The look-ups below read one table per statement (no joins): a statement holding a lock on one
+# table while waiting for another could deadlock with a TRUNCATE or a migration.
+
+
+def _chain_timeouts(chain_ids: set[int]) -> dict[int, int]:
+    return dict(Chain.objects.filter(pk__in=chain_ids).values_list("pk", "timeout_s"))
+
+
+def runs_time_out(*, now: datetime | None = None) -> int:
+    """End runs still running RUN_GRACE_S past their deadline (their worker missed it)."""
+    now = now or timezone.now()
+    cutoff = _seconds_ago(now, settings.RUN_GRACE_S)
+    rows = list(
+        Run.objects.filter(status=RunStatus.RUNNING, deadline_at__lt=cutoff).values_list(
+            "id", "worker", "chain_id"
+        )[:BATCH]
+    )
+    timeouts = _chain_timeouts({chain_id for _, _, chain_id in rows})
+    ended = 0
+    for run_id, worker, chain_id in rows:
+        timeout_s = timeouts[chain_id]
+        seq = event_append(
+            run_id=run_id,
+            event="run.timed_out",
+            data={"timeout_s": timeout_s},
+            now=now,
+            when=Q(status=RunStatus.RUNNING, worker=worker, deadline_at__lt=cutoff),
+            status=RunStatus.TIMED_OUT,
+            finished_at=now,
+            current_agent="",
+            error_code="chain_timed_out",
+            error_message=f"The run exceeded {timeout_s} s.",
+        )
+        ended += seq is not None
+    return ended
+
+
+def _requeue(run_id: UUID, worker: str, attempt: int, when: Q, now: datetime) -> bool:
+    """Back to queued for another worker; the old claim token stops matching."""
+    chain_id = Run.objects.values_list("chain_id", flat=True).get(pk=run_id)
+    name, version = Chain.objects.values_list("name", "version").get(pk=chain_id)
+    seq = event_append(
+        run_id=run_id,
+        event="run.queued",
+        data={
+            "chain": name,
+            "version": version,
+            "attempt": attempt + 1,
+            "reason": "worker_lost",
+        },
+        now=now,
+        when=when,
+        status=RunStatus.QUEUED,
+        worker="",
+        attempt=attempt + 1,
+        current_agent="",
+        agents_completed=0,
+        deadline_at=None,
+        heartbeat_at=now,  # for a queued run: when it was last enqueued
+    )
+    if seq is None:
+        return False
+    transaction.on_commit(lambda: _enqueue(run_id))
+    return True
+
+
+def runs_recover_lost(*, now: datetime | None = None) -> dict[str, int]:
+    """Running runs with no event for WORKER_LOST_AFTER_S: retried once, then failed."""
+    now = now or timezone.now()
+    cutoff = _seconds_ago(now, settings.WORKER_LOST_AFTER_S)
+    rows = Run.objects.filter(status=RunStatus.RUNNING, heartbeat_at__lt=cutoff).values_list(
+        "id", "worker", "attempt", "cancel_reason", "cancel_requested_at"
+    )[:BATCH]
+    counts = {"retried": 0, "failed": 0, "cancelled": 0}
+    for run_id, worker, attempt, cancel_reason, cancel_requested_at in rows:
+        when = Q(status=RunStatus.RUNNING, worker=worker, heartbeat_at__lt=cutoff)
+        if cancel_requested_at is not None:
+            # Someone asked it to stop: finish that instead of running it again.
+            done = event_append(
+                run_id=run_id,
+                event="run.cancelled",
+                data={"reason": cancel_reason or "api"},
+                now=now,
+                when=when,
+                status=RunStatus.CANCELLED,
+                finished_at=now,
+                current_agent="",
+            )
+            counts["cancelled"] += done is not None
+        elif attempt < MAX_ATTEMPTS:
+            counts["retried"] += _requeue(run_id, worker, attempt, when, now)
+        else:
+            message = "The run's worker stopped answering, on the retry too."
+            done = event_append(
+                run_id=run_id,
+                event="run.failed",
+                data={"error": {"code": "worker_lost", "message": message}},
+                now=now,
+                when=when,
+                status=RunStatus.FAILED,
+                finished_at=now,
+                current_agent="",
+                error_code="worker_lost",
+                error_message=message,
+            )
+            counts["failed"] += done is not None
+    return counts
+
+
+def runs_reenqueue_waiting(*, now: datetime | None = None) -> int:
+    """Enqueue again queued runs waiting QUEUED_REENQUEUE_AFTER_S (a task lost after commit,
+    e.g. Redis was down). A duplicate task is harmless: only one worker's claim can win."""
+    now = now or timezone.now()
+    cutoff = _seconds_ago(now, settings.QUEUED_REENQUEUE_AFTER_S)
+    rows = (
+        Run.objects.filter(status=RunStatus.QUEUED)
+        .alias(since=Coalesce("heartbeat_at", "created_at"))
+        .filter(since__lt=cutoff)
+        .values_list("id", "heartbeat_at")[:BATCH]
+    )
+    sent = 0
+    for run_id, heartbeat_at in rows:
+        # Claim this re-enqueue: only the keeper that moves heartbeat_at sends the task.
+        same = Q(heartbeat_at=heartbeat_at) if heartbeat_at else Q(heartbeat_at__isnull=True)
+        if Run.objects.filter(same, pk=run_id, status=RunStatus.QUEUED).update(heartbeat_at=now):
+            transaction.on_commit(lambda run_id=run_id: _enqueue(run_id))
+            sent += 1
+    return sent
+
+
+def runs_cancel_orphans(*, now: datetime | None = None) -> int:
+    """Cancel active runs without any webhook that nobody polled or streamed for
+    ORPHAN_TIMEOUT_S: nobody would ever learn the result."""
+    now = now or timezone.now()
+    cutoff = _seconds_ago(now, settings.ORPHAN_TIMEOUT_S)
+    unwatched = Q(status__in=ACTIVE_STATUSES, webhook_url="", cancel_requested_at__isnull=True)
+    candidates = (
+        Run.objects.filter(unwatched)
+        .alias(seen=Coalesce("last_seen_at", "created_at"))
+        .filter(seen__lt=cutoff)
+    )
+    owners = set(candidates.values_list("owner_id", flat=True).distinct())
+    # Owners with an enabled endpoint will be told about their runs: not orphans.
+    hooked = set(
+        WebhookEndpoint.objects.filter(owner_id__in=owners, enabled=True).values_list(
+            "owner_id", flat=True
+        )
+    )
+    candidates = candidates.exclude(owner_id__in=hooked)
+    cancelled = 0
+    for run_id in candidates.values_list("id", flat=True)[:BATCH]:
+        # Claim: still unwatched at this instant (a poll just now saves it), and not yet asked.
+        claim = candidates.filter(pk=run_id)
+        if claim.update(cancel_requested_at=now, cancel_reason="orphaned"):
+            run_cancel(run=Run.objects.get(pk=run_id), reason="orphaned")
+            cancelled += 1
+    return cancelled
+
+
+def runs_delete_expired(*, now: datetime | None = None) -> int:
+    """Delete finished runs older than RUN_RETENTION_DAYS with their events and webhook
+    messages, deliveries and attempts (cascade), in batches so no transaction grows large."""
+    now = now or timezone.now()
+    cutoff = now - timedelta(days=settings.RUN_RETENTION_DAYS)
+    deleted = 0
+    for _ in range(DELETE_BATCHES_PER_PASS):
+        ids = list(
+            Run.objects.filter(finished_at__lt=cutoff, status__in=TERMINAL_STATUSES)
+            .order_by("finished_at")
+            .values_list("id", flat=True)[:DELETE_BATCH]
+        )
+        if not ids:
+            break
+        with transaction.atomic():
+            Run.objects.filter(pk__in=ids).delete()
+        deleted += len(ids)
+    return deleted
+
+
+def keeper_pass(*, now: datetime | None = None) -> dict[str, int]:
+    """One pass of every check (the minute schedule); returns what it did."""
+    now = now or timezone.now()
+    lost = runs_recover_lost(now=now)
+    done = {
+        "timed_out": runs_time_out(now=now),
+        "worker_lost_retried": lost["retried"],
+        "worker_lost_failed": lost["failed"],
+        "worker_lost_cancelled": lost["cancelled"],
+        "reenqueued": runs_reenqueue_waiting(now=now),
+        "orphaned": runs_cancel_orphans(now=now),
+        "deleted": runs_delete_expired(now=now),
+    }
+    if any(done.values()):
+        logger.info("keeper: %s", ", ".join(f"{k}={v}" for k, v in done.items() if v))
+    return done

@@ -1,0 +1,134 @@
+"""A worker process killed with SIGKILL mid-run: the keeper hands the run to another worker,
+and fails it with `worker_lost` when the retry's worker is killed too."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import uuid
+from datetime import timedelta
+from pathlib import Path
+
+import pytest
+from django.utils import timezone
+from django_q.conf import Conf
+
+from runs import keeper
+from runs.models import Run, RunEvent, RunStatus
+from runs.services import run_create
+from tests.conftest import ROOT, fake, process_env, wait_until
+
+pytestmark = [pytest.mark.django_db(transaction=True), pytest.mark.slow]
+
+
+class Cluster:
+    """A qcluster in its own process group, so SIGKILL takes its sentinel and workers at once."""
+
+    def __init__(self, name: str, log: Path) -> None:
+        self.log_path = log
+        self.log = log.open("wb")
+        self.proc = subprocess.Popen(
+            [sys.executable, "manage.py", "qcluster"],
+            cwd=ROOT,
+            # Small: the machine's PostgreSQL connections are shared with other suites.
+            env=process_env(Q_CLUSTER_NAME=name, Q_WORKERS="1", DB_POOL_MAX="3"),
+            stdout=self.log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+        wait_until(
+            lambda: "running" in log.read_text(errors="replace") or self.proc.poll() is not None,
+            30,
+            message="qcluster start",
+        )
+        assert self.proc.poll() is None, log.read_text(errors="replace")
+
+    def kill(self) -> None:
+        if self.proc.poll() is None:
+            os.killpg(self.proc.pid, signal.SIGKILL)
+            self.proc.wait()
+            # Every process of the group gone, so none is still blocked reading the queue
+            # (Redis would hand it the retry's task, which would then be lost).
+            wait_until(lambda: not _group_alive(self.proc.pid), 10, message="the group to die")
+        self.log.close()
+
+
+def _group_alive(pgid: int) -> bool:
+    try:
+        os.killpg(pgid, 0)
+    except ProcessLookupError:
+        return False
+    return True
+
+
+@pytest.fixture
+def clusters(monkeypatch, tmp_path):
+    """Workers on a queue of this test's own, so the session's worker cannot take its runs."""
+    name = f"keeper-{uuid.uuid4().hex[:8]}"
+    monkeypatch.setattr(Conf, "CLUSTER_NAME", name)
+    monkeypatch.setattr(Conf, "PREFIX", name)  # the signing salt
+    started: list[Cluster] = []
+
+    def start() -> Cluster:
+        cluster = Cluster(name, tmp_path / f"qcluster-{len(started)}.log")
+        started.append(cluster)
+        return cluster
+
+    yield start
+    for cluster in started:
+        cluster.kill()
+
+
+def kill_mid_run(cluster: Cluster, run: Run) -> None:
+    """SIGKILL once the run is streaming output, then let its heartbeat go stale."""
+    after = Run.objects.get(pk=run.id).last_seq  # output of this attempt, not an earlier one
+    wait_until(
+        lambda: RunEvent.objects.filter(run=run, type="agent.output", seq__gt=after).exists(),
+        60,
+        message="output streaming",
+    )
+    cluster.kill()
+    outputs = RunEvent.objects.filter(run=run, type="agent.output").count()
+    assert Run.objects.get(pk=run.id).status == RunStatus.RUNNING
+    # Nothing more arrives from the dead worker; its heartbeat is now as old as the keeper
+    # needs (instead of waiting WORKER_LOST_AFTER_S).
+    Run.objects.filter(pk=run.id).update(heartbeat_at=timezone.now() - timedelta(hours=1))
+    assert RunEvent.objects.filter(run=run, type="agent.output").count() == outputs
+
+
+def slow_run(alice, make_chain) -> Run:
+    chain = make_chain("demo", models=[fake(tokens=40, latency_ms=100)], timeout_s=60)
+    return run_create(api_key=alice.key, chain=chain, run_input={"topic": "tides"}, metadata={})
+
+
+def test_killed_worker_run_is_retried_on_another_and_completes(alice, make_chain, clusters):
+    first = clusters()
+    run = slow_run(alice, make_chain)
+    kill_mid_run(first, run)
+    assert keeper.runs_recover_lost()["retried"] == 1
+    assert Run.objects.get(pk=run.id).status == RunStatus.QUEUED
+    clusters()
+    wait_until(
+        lambda: Run.objects.get(pk=run.id).status not in (RunStatus.QUEUED, RunStatus.RUNNING),
+        60,
+        message="the retry to finish",
+    )
+    run.refresh_from_db()
+    assert run.status == RunStatus.COMPLETED and run.attempt == 2
+    assert len(run.output.split()) == 40
+    types = list(RunEvent.objects.filter(run=run).order_by("seq").values_list("type", flat=True))
+    assert types.count("run.started") == 2 and types[-1] == "run.completed"
+
+
+def test_killed_worker_on_the_retry_ends_failed_worker_lost(alice, make_chain, clusters):
+    run = slow_run(alice, make_chain)
+    kill_mid_run(clusters(), run)
+    assert keeper.runs_recover_lost()["retried"] == 1
+    kill_mid_run(clusters(), run)
+    assert keeper.runs_recover_lost()["failed"] == 1
+    run.refresh_from_db()
+    assert run.status == RunStatus.FAILED and run.error_code == "worker_lost"
+    last = RunEvent.objects.filter(run=run).order_by("seq").last()
+    assert last.type == "run.failed" and last.data["error"]["code"] == "worker_lost"
