@@ -360,7 +360,9 @@ if REDIS_URL:
 # --- Lifecycle keeper -------------------------------------------------------------------------
 # A schedule (every minute) ends or retries what nobody else will: runs whose worker died, runs
 # past their deadline, runs nobody is watching, and runs older than the retention window.
-# A running run whose last event is older than this lost its worker: retried once, then failed.
+# A running run's worker refreshes heartbeat_at this often, even while the model is silent.
+HEARTBEAT_S = env_float("HEARTBEAT_S", 10, minimum=0.05)
+# A running run whose heartbeat is older than this lost its worker: retried once, then failed.
 WORKER_LOST_AFTER_S = env_float(
     "WORKER_LOST_AFTER_S", PROVIDER_READ_TIMEOUT_S + 30, minimum=PROVIDER_READ_TIMEOUT_S
 )

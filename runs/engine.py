@@ -5,12 +5,14 @@ from __future__ import annotations
 import logging
 import os
 import socket
+import threading
 import time
 import uuid
 from datetime import timedelta
 from decimal import Decimal
 
 from django.conf import settings
+from django.db import connection
 from django.db.models import Q
 from django.utils import timezone
 
@@ -32,6 +34,32 @@ def model_cost(model: str, usage: Usage) -> Decimal:
     price_in, price_out = settings.MODEL_PRICES.get(model, (Decimal(0), Decimal(0)))
     cost = (usage.input_tokens * price_in + usage.output_tokens * price_out) / MILLION
     return cost.quantize(Decimal("0.000001"))
+
+
+class _Heartbeat(threading.Thread):
+    """Keeps heartbeat_at fresh while the run waits on a model that says nothing (retries,
+    a long prompt), so the keeper takes the run as lost only when this process is gone."""
+
+    def __init__(self, run_id, claim: str) -> None:
+        super().__init__(daemon=True, name=f"heartbeat-{run_id}")
+        self.run_id = run_id
+        self.claim = claim
+        self.stopped = threading.Event()
+
+    def run(self) -> None:
+        try:
+            while not self.stopped.wait(settings.HEARTBEAT_S):
+                Run.objects.filter(
+                    pk=self.run_id, status=RunStatus.RUNNING, worker=self.claim
+                ).update(heartbeat_at=timezone.now())
+        except Exception:
+            logger.exception("run %s: heartbeat failed", self.run_id)
+        finally:
+            connection.close()
+
+    def stop(self) -> None:
+        self.stopped.set()
+        self.join(timeout=5)
 
 
 class RunExecution:
@@ -85,6 +113,14 @@ class RunExecution:
         )
 
     def execute(self) -> None:
+        beat = _Heartbeat(self.run.id, self.claim)
+        beat.start()
+        try:
+            self._execute()
+        finally:
+            beat.stop()
+
+    def _execute(self) -> None:
         try:
             output = self._agents()
         except _Stop:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from decimal import Decimal
 
 import httpx
@@ -206,3 +207,36 @@ def test_prompts_are_not_html_escaped(alice, make_chain):
     run = execute(start(alice, chain, topic='Tom\'s <b>R&D</b> "notes"'))
     assert 'Tom\'s <b>R&D</b> "notes"' in run.output
     assert "&#x27;" not in run.output and "&amp;" not in run.output
+
+
+@pytest.mark.django_db(transaction=True)
+def test_heartbeat_goes_on_while_the_model_is_silent(alice, make_chain, settings):
+    """A model that sends nothing for a while must not make the run look lost."""
+    import threading
+
+    from django.db import connection
+
+    settings.HEARTBEAT_S = 0.1
+    settings.PROVIDER_READ_TIMEOUT_S = 1.5
+    chain = make_chain("demo", models=[fake(hang=1, tokens=5)], timeout_s=30)
+    # Not enqueued: only this test executes it.
+    run = Run.objects.create(
+        owner=alice.key.owner, api_key=alice.key, chain=chain, input={"topic": "x"}, agents_total=1
+    )
+    beats = []
+
+    def watch():
+        try:
+            for _ in range(12):
+                time.sleep(0.1)
+                beats.append(Run.objects.values_list("heartbeat_at", flat=True).get(pk=run.id))
+        finally:
+            connection.close()
+
+    watcher = threading.Thread(target=watch)
+    watcher.start()
+    execute(run)
+    watcher.join()
+    assert run.error_code == "provider_timeout"
+    # Refreshed several times during 1.5 s in which the model sent nothing after its first token.
+    assert len({b for b in beats if b is not None}) >= 3

@@ -6,12 +6,11 @@ import threading
 from datetime import timedelta
 
 import pytest
-from django.core.cache import cache
 from django.db import connection
 from django.db.models import Q
 from django.utils import timezone
 
-from agentsvc import limits
+from agentsvc.models import TokenWindow
 from runs import keeper
 from runs.engine import run_execute
 from runs.models import Run, RunEvent, RunStatus
@@ -76,8 +75,8 @@ def test_lost_worker_run_is_retried_and_completes(alice, make_chain):
 def test_lost_worker_on_the_retry_fails_with_worker_lost(alice, make_chain):
     chain = make_chain("demo", models=[fake(tokens=4)])
     run = start(alice, chain, webhook={"url": "https://hooks.example.com/in"})
-    tokens_key = limits._tokens_key(alice.key.pk, run.tokens_window)
-    assert cache.get(tokens_key) == run.tokens_reserved
+    ledger = TokenWindow.objects.filter(api_key=alice.key, window=run.tokens_window)
+    assert ledger.get().used == run.tokens_reserved
     run = as_lost(run, attempt=2)
     assert keeper.runs_recover_lost() == {"retried": 0, "failed": 1, "cancelled": 0}
     run.refresh_from_db()
@@ -89,7 +88,7 @@ def test_lost_worker_on_the_retry_fails_with_worker_lost(alice, make_chain):
     message = WebhookMessage.objects.get(run=run)
     assert message.event_type == "run.failed"
     assert message.payload["data"]["error"]["code"] == "worker_lost"
-    assert cache.get(tokens_key) == 0
+    assert ledger.get().used == 0
     # Nothing more to do on the next pass.
     assert keeper.runs_recover_lost() == {"retried": 0, "failed": 0, "cancelled": 0}
 
