@@ -169,6 +169,8 @@ STATIC_URL = "static/"
 STATIC_ROOT = DATA_DIR / "static"
 
 SESSION_COOKIE_HTTPONLY = True
+# Messages stay server-side: the admin shows a new API key once in one, and a cookie would carry it.
+MESSAGE_STORAGE = "django.contrib.messages.storage.session.SessionStorage"
 SESSION_COOKIE_SECURE = env_bool("SECURE_COOKIES", False)
 CSRF_COOKIE_SECURE = SESSION_COOKIE_SECURE
 

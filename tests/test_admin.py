@@ -192,6 +192,10 @@ def test_create_key_shows_it_once_and_it_works(staff, make_chain):
     again = staff.get(f"{KEYS}{key.pk}/change/").content.decode()
     assert raw not in again and key.key_hash not in again and f"ak_{key.prefix}" in again
     assert LogEntry.objects.filter(object_id=str(key.pk)).exists()
+    # The message that carried it stayed on the server: no cookie holds the key.
+    for redirect in response.redirect_chain:
+        assert raw not in str(redirect)
+    assert all(raw not in morsel.value for morsel in staff.cookies.values())
 
 
 def test_revoke_and_edit_limits(staff, alice):
