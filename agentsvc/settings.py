@@ -248,6 +248,8 @@ Q_CLUSTER = {
     "save_limit": 1000,
     "label": "Worker tasks",
     "poll": env_float("Q_POLL_S", 0.05, minimum=0.01),
+    # Runs the keeper, the webhook sweep and the purge; off only where something else does.
+    "scheduler": env_bool("Q_SCHEDULER", True),
 }
 if REDIS_URL:
     Q_CLUSTER["redis"] = REDIS_URL
