@@ -177,15 +177,20 @@ class Proc:
 
 @pytest.fixture(autouse=True)
 def _runs_end_before_flush(request):
-    """A test that used the worker lets its runs end before the database is flushed: a worker
-    mid-write and the flush's TRUNCATE can deadlock, and a run left going would leak into the
-    next test."""
+    """Before a transactional test's database is flushed, no run may still be written to: a
+    worker mid-write and the flush's TRUNCATE can deadlock, and a run left going would leak into
+    the next test. Queued runs are cancelled (a worker's claim then fails) and running ones are
+    waited for."""
     yield
-    if "worker" in request.fixturenames and "transactional_db" in request.fixturenames:
-        from runs.models import ACTIVE_STATUSES, Run
+    if "transactional_db" in request.fixturenames or (
+        request.node.get_closest_marker("django_db")
+        and request.node.get_closest_marker("django_db").kwargs.get("transaction")
+    ):
+        from runs.models import Run, RunStatus
 
+        Run.objects.filter(status=RunStatus.QUEUED).update(status=RunStatus.CANCELLED)
         wait_until(
-            lambda: not Run.objects.filter(status__in=ACTIVE_STATUSES).exists(),
+            lambda: not Run.objects.filter(status=RunStatus.RUNNING).exists(),
             60,
             message="runs to end",
         )
