@@ -4,7 +4,7 @@ import hmac
 
 from django.conf import settings
 from django.http import Http404, HttpResponse, JsonResponse
-from django.utils.html import escape
+from django.shortcuts import render
 from prometheus_client import CONTENT_TYPE_LATEST
 
 from agentsvc.errors import PROBLEMS, problem_response
@@ -39,10 +39,8 @@ def problem_page(request, code: str):
     if code not in PROBLEMS:
         raise Http404
     status, title, text = PROBLEMS[code]
-    return HttpResponse(
-        f"<!doctype html><title>{escape(title)}</title><h1>{escape(title)}</h1>"
-        f"<p>HTTP {status}, code <code>{escape(code)}</code>.</p><p>{escape(text)}</p>",
-        content_type="text/html; charset=utf-8",
+    return render(
+        request, "problem.html", {"code": code, "status": status, "title": title, "text": text}
     )
 
 
