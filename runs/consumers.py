@@ -14,12 +14,11 @@ import time
 from typing import Any
 from urllib.parse import parse_qs
 
-from asgiref.sync import sync_to_async
 from channels.generic.websocket import AsyncWebsocketConsumer
 from django.conf import settings
-from django.db import close_old_connections
 
 from agentsvc.auth import raw_key_from_headers
+from agentsvc.db import db_async
 from runs.hub import get_hub
 from runs.models import RunEvent
 from runs.presenters import run_dict
@@ -159,12 +158,10 @@ class FeedCursor:
 
     def start(self) -> None:
         """From now on: what exists already counts as sent."""
-        close_old_connections()
         self.top = RunEvent.objects.order_by("-pk").values_list("pk", flat=True).first() or 0
         self.recent = set(self._events().values_list("pk", flat=True))
 
     def next_frames(self) -> list[dict]:
-        close_old_connections()
         pks = self._events().order_by("pk").values_list("pk", flat=True)
         new = [pk for pk in pks if pk not in self.recent][:FEED_BATCH]
         if not new:
@@ -195,9 +192,9 @@ class RunFeedConsumer(_StreamConsumer):
 
     async def _follow(self, owner_id: int | None) -> None:
         cursor = FeedCursor(owner_id)
-        next_frames = sync_to_async(cursor.next_frames, thread_sensitive=False)
+        next_frames = db_async(cursor.next_frames)
         async with get_hub().watch_feed(owner_id) as waiter:
-            await sync_to_async(cursor.start, thread_sensitive=False)()
+            await db_async(cursor.start)()
             last_sent = time.monotonic()
             while True:
                 frames = await next_frames()

@@ -21,12 +21,11 @@ import os
 import socket
 from collections.abc import AsyncIterator
 
-from asgiref.sync import sync_to_async
 from channels.layers import get_channel_layer
 from django.conf import settings
-from django.db import close_old_connections
 from django.db.models import Max
 
+from agentsvc.db import db_async
 from runs.models import Run, RunEvent
 from runs.wakeup import FEED_ALL_GROUP, FEED_EVENTS, feed_group, run_group, wakeup_socket_path
 
@@ -57,7 +56,6 @@ class Waiter:
 
 
 def _last_seqs(run_ids: list[str]) -> dict[str, int]:
-    close_old_connections()
     seqs: dict[str, int] = {}
     for i in range(0, len(run_ids), CHUNK):
         rows = Run.objects.filter(pk__in=run_ids[i : i + CHUNK]).values_list("pk", "last_seq")
@@ -66,7 +64,6 @@ def _last_seqs(run_ids: list[str]) -> dict[str, int]:
 
 
 def _feed_head() -> int:
-    close_old_connections()
     return RunEvent.objects.filter(type__in=FEED_EVENTS).aggregate(m=Max("pk"))["m"] or 0
 
 
@@ -195,13 +192,13 @@ class Hub:
 
     async def _recheck_once(self) -> None:
         if self.runs:
-            seqs = await sync_to_async(_last_seqs, thread_sensitive=False)(list(self.runs))
+            seqs = await db_async(_last_seqs)(list(self.runs))
             for run, seq in seqs.items():
                 if seq > self.known_seq.get(run, seq):
                     self.known_seq[run] = seq
                     self._ring(self.runs.get(run))
         if self.feeds:
-            head = await sync_to_async(_feed_head, thread_sensitive=False)()
+            head = await db_async(_feed_head)()
             if head != self.feed_head:
                 self.feed_head = head
                 for waiters in list(self.feeds.values()):

@@ -23,6 +23,7 @@ from rest_framework.exceptions import ParseError, ValidationError
 
 from agentsvc import limits
 from agentsvc.auth import raw_key_from_headers
+from agentsvc.db import db_async
 from agentsvc.errors import ApplicationError, exception_problem, problem_response
 from agentsvc.idempotency import (
     HEADER,
@@ -122,7 +123,7 @@ async def _stream(
     except asyncio.CancelledError:
         if cancel_on_disconnect:
             try:
-                await sync_to_async(_cancel_quietly, thread_sensitive=False)(run)
+                await db_async(_cancel_quietly)(run)
             except Exception:
                 logger.exception("run %s: cancel on disconnect failed", run.id)
         raise
@@ -277,7 +278,7 @@ async def chain_stream(request: HttpRequest, name: str) -> HttpResponse:
     if isinstance(lease, HttpResponse):
         return lease
     try:
-        run, cancel, replayed = await sync_to_async(_start_or_replay, thread_sensitive=False)(
+        run, cancel, replayed = await db_async(_start_or_replay)(
             key=key, name=name, body=body, path=request.path, headers=request.headers
         )
     except Exception as e:

@@ -14,9 +14,7 @@ from collections.abc import AsyncIterator
 from typing import Any, NamedTuple
 from uuid import UUID
 
-from asgiref.sync import sync_to_async
-from django.db import close_old_connections
-
+from agentsvc.db import db_async
 from agentsvc.models import ApiKey
 from agentsvc.services import api_key_authenticate
 from runs.hub import get_hub
@@ -48,7 +46,6 @@ def parse_after(raw: str | None) -> int | None:
 
 
 def _events_after(run_id: UUID, after: int) -> list[EventRow]:
-    close_old_connections()
     rows = (
         RunEvent.objects.filter(run_id=run_id, seq__gt=after)
         .order_by("seq")
@@ -65,9 +62,7 @@ def _sse_frame(seq: int, event: str, data: dict[str, Any]) -> bytes:
     return f"id: {seq}\nevent: {event}\ndata: {body}\n\n".encode()
 
 
-# Reads run off the loop in the default executor, in parallel, each thread with its own connection:
-# thread_sensitive=True would put every stream's queries through one thread.
-_events_after_async = sync_to_async(_events_after, thread_sensitive=False)
+_events_after_async = db_async(_events_after)
 
 
 async def events_after(run_id: UUID, after: int) -> list[EventRow]:
@@ -83,11 +78,10 @@ async def events_after(run_id: UUID, after: int) -> list[EventRow]:
 
 
 def _seen(run_id: UUID, status: str) -> None:
-    close_old_connections()
     run_seen(run_id=run_id, status=status)
 
 
-_seen_async = sync_to_async(_seen, thread_sensitive=False)
+_seen_async = db_async(_seen)
 
 
 async def _mark_seen(run: Run) -> None:
@@ -133,13 +127,11 @@ async def follow_run(
 
 
 def key_authenticate(raw: str) -> ApiKey | None:
-    close_old_connections()
     return api_key_authenticate(raw=raw)
 
 
 def run_visible(run_id: UUID, owner_id: int | None) -> Run | None:
     """The run if this owner may see it (owner_id None: staff, any run)."""
-    close_old_connections()
     # Only what a stream needs: thousands of open streams each hold their run.
     runs = Run.objects.only("id", "owner_id", "status", "last_seq").filter(pk=run_id)
     if owner_id is not None:
@@ -153,6 +145,6 @@ def key_and_run(raw: str, run_id: UUID) -> tuple[ApiKey | None, Run | None]:
     return key, (run_visible(run_id, key.owner_id) if key is not None else None)
 
 
-authenticate = sync_to_async(key_authenticate, thread_sensitive=False)
-authenticate_and_find = sync_to_async(key_and_run, thread_sensitive=False)
-visible_run = sync_to_async(run_visible, thread_sensitive=False)
+authenticate = db_async(key_authenticate)
+authenticate_and_find = db_async(key_and_run)
+visible_run = db_async(run_visible)

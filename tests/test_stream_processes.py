@@ -283,3 +283,33 @@ def test_an_event_without_a_wake_up_still_arrives(live_server_url, alice, make_c
         )
         frame = next(frames)
         assert (frame.id, frame.event) == (1, "run.cancelled")
+
+
+@pytest.mark.slow
+@pytest.mark.django_db(transaction=True)
+def test_streams_hand_database_connections_back(tmp_path, alice, make_chain):
+    """Streams read in executor threads; each read hands its connection back to the pool, so
+    threads left idle when the streams close hold none. With a pool of two, a dozen streams
+    opened at once and closed leave the API usable."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from runs.models import Run
+
+    chain = make_chain("demo", models=[fake(tokens=3)])
+    run = Run.objects.create(owner=alice.key.owner, api_key=alice.key, chain=chain, input={})
+    proc, url = _daphne(process_env(DB_POOL_MAX="2", DB_POOL_TIMEOUT_S="1"), tmp_path / "web.log")
+    ws_base, query = url.replace("http://", "ws://"), f"api_key={alice.raw_key}"
+    paths = [f"/ws/v1/runs?{query}"] * 6 + [f"/ws/v1/runs/{run.id}?{query}"] * 6
+    headers = {"Authorization": f"Bearer {alice.raw_key}"}
+    try:
+        with contextlib.ExitStack() as stack, ThreadPoolExecutor(len(paths)) as pool:
+            sockets = list(pool.map(lambda p: stack.enter_context(connect(f"{ws_base}{p}")), paths))
+            for ws in sockets:
+                with pytest.raises(TimeoutError):
+                    ws.recv(timeout=0.2)  # open, with nothing to say
+        time.sleep(0.5)  # closed: nothing runs in the executor any more
+        for _ in range(3):
+            response = httpx.get(f"{url}/api/v1/runs", headers=headers, timeout=10)
+            assert response.status_code == 200, response.text
+    finally:
+        proc.stop()
