@@ -50,61 +50,60 @@ def feed_group(owner_id: int | str) -> str:
 
 
 class _Publisher:
-    """Publishes at once, on a private event loop of the calling thread.
+    """Publishes from one background thread per process, on its own long-lived event loop.
 
-    No background thread and no queue that could grow while Redis is slow: the caller pays the
-    Redis round trips (about a millisecond), bounded by TIMEOUT_S. After a failure, publishing
-    pauses for PAUSE_S so an unreachable Redis cannot slow runs down; readers then rely on the
-    database re-check.
+    The channel layer keeps a Redis connection pool per event loop: one loop means one pool,
+    whichever thread (a request's, a worker's) asks. Callers hand the messages over and go on;
+    at most MAX_PENDING are in flight, beyond that wake-ups are dropped, so a slow Redis builds
+    no queue. A send taking over TIMEOUT_S, or failing, pauses publishing for PAUSE_S: readers
+    then rely on the database re-check.
     """
 
     TIMEOUT_S = 0.25
     PAUSE_S = 5.0
+    MAX_PENDING = 1000
 
     def __init__(self) -> None:
+        self._lock = threading.Lock()
         self._pid: int | None = None
-        self._local = threading.local()
         self._layer: Any = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._pending = 0
         self._paused_until = 0.0
 
-    def _ensure_layer(self) -> None:
-        if self._pid != os.getpid():  # new process (fork): new connections
-            # Its own layer instance: channels_redis keeps connection pools per event loop.
+    def _start(self) -> asyncio.AbstractEventLoop:
+        if self._pid != os.getpid():  # first use, or a forked child: a thread and pool of its own
             self._layer = channel_layers.make_backend(DEFAULT_CHANNEL_LAYER)
-            self._local = threading.local()
+            self._loop = asyncio.new_event_loop()
+            self._pending = 0
+            threading.Thread(
+                target=self._loop.run_forever, name="wakeup-publisher", daemon=True
+            ).start()
             self._pid = os.getpid()
-
-    def _loop(self) -> asyncio.AbstractEventLoop:
-        loop = getattr(self._local, "loop", None)
-        if loop is None:
-            loop = self._local.loop = asyncio.new_event_loop()
-        return loop
+        return self._loop
 
     def publish(self, messages: list[tuple[str, dict]]) -> None:
         if time.monotonic() < self._paused_until:
             return
-        self._ensure_layer()
+        with self._lock:
+            loop = self._start()
+            if self._pending >= self.MAX_PENDING:
+                return
+            self._pending += 1
+        asyncio.run_coroutine_threadsafe(self._send(messages), loop)
+
+    async def _send(self, messages: list[tuple[str, dict]]) -> None:
         try:
-            running = asyncio.get_running_loop()
-        except RuntimeError:
-            running = None
-        if running is not None:  # called from async code: do not block its loop
-            task = running.create_task(self._send(messages))
-            _pending.add(task)
-            task.add_done_callback(_pending.discard)
-            return
-        loop = self._loop()
-        try:
-            loop.run_until_complete(asyncio.wait_for(self._send(messages), self.TIMEOUT_S))
+            sends = (self._layer.group_send(group, msg) for group, msg in messages)
+            await asyncio.wait_for(asyncio.gather(*sends), self.TIMEOUT_S)
         except Exception as e:
             self._paused_until = time.monotonic() + self.PAUSE_S
             logger.warning("stream wake-ups paused for %s s: %r", self.PAUSE_S, e)
+        finally:
+            with self._lock:
+                self._pending -= 1
 
-    async def _send(self, messages: list[tuple[str, dict]]) -> None:
-        await asyncio.gather(*(self._layer.group_send(group, msg) for group, msg in messages))
 
-
-_pending: set[asyncio.Task] = set()
 _publisher = _Publisher()
 
 
