@@ -102,15 +102,29 @@ def runs_admit(*, key: ApiKey) -> None:
         )
 
 
-def active_runs_check(*, key: ApiKey, active: int) -> None:
+def active_runs_take(*, key: ApiKey) -> None:
+    """Take one of the key's active-run slots in the caller's transaction; 429 when none is left.
+
+    The conditional UPDATE waits for a concurrent start's commit and re-checks the row, so the
+    limit holds exactly under parallel starts. The row stays locked until the caller commits: call
+    this last in the transaction, so starts of one key queue behind a commit, not a round trip."""
     q = quotas(key)
-    if active >= q.active_runs:
+    taken = ApiKey.objects.filter(pk=key.pk, active_runs__lt=q.active_runs).update(
+        active_runs=F("active_runs") + 1
+    )
+    if not taken:
+        active = ApiKey.objects.values_list("active_runs", flat=True).get(pk=key.pk)
         raise _limited(
             "concurrency_limit",
             "active_runs",
             f"This key already has {active} active runs (at most {q.active_runs}).",
             settings.CONCURRENCY_RETRY_AFTER_S,
         )
+
+
+def active_runs_release(*, key_id: int) -> None:
+    """A run of this key ended: give its slot back (in the transaction of its terminal event)."""
+    ApiKey.objects.filter(pk=key_id, active_runs__gt=0).update(active_runs=F("active_runs") - 1)
 
 
 # --- Tokens: a fixed one-minute window per key; runs reserve, then settle to real usage ----------
@@ -143,8 +157,13 @@ def tokens_reserve(*, key: ApiKey, amount: int) -> int:
         )
     now = time.time()
     window = _window(now)
-    row = _ledger(key.pk, window)
-    if row.filter(used__lte=quota - amount).update(used=F("used") + amount):
+    row = TokenWindow.objects.filter(api_key_id=key.pk, window=window)
+    room = row.filter(used__lte=quota - amount)
+    # The window's row exists after the key's first run in it: try the UPDATE alone first.
+    if room.update(used=F("used") + amount):
+        return window
+    _ledger(key.pk, window)
+    if room.update(used=F("used") + amount):
         return window
     used = row.values_list("used", flat=True).get()
     raise _limited(

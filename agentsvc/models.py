@@ -43,6 +43,9 @@ class ApiKey(models.Model):
     runs_per_minute = models.PositiveIntegerField(null=True, blank=True)
     tokens_per_minute = models.PositiveIntegerField(null=True, blank=True)
     max_active_runs = models.PositiveIntegerField(null=True, blank=True)
+    # This key's runs now queued or running. A run start takes a slot and the run's terminal event
+    # gives it back, each in the run's own transaction (agentsvc.limits.active_runs_take).
+    active_runs = models.PositiveIntegerField(default=0, editable=False)
 
     class Meta:
         verbose_name = "API key"

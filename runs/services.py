@@ -53,9 +53,13 @@ def event_append(
         runs = Run.objects.filter(pk=run_id)
         if when is not None:
             runs = runs.filter(when)
+        if event in TERMINAL_EVENTS:
+            runs = runs.filter(status__in=ACTIVE_STATUSES)  # a run ends once
         if not runs.update(last_seq=F("last_seq") + 1, **fields):
             return None
-        seq, owner_id = Run.objects.filter(pk=run_id).values_list("last_seq", "owner_id").get()
+        seq, owner_id, key_id = (
+            Run.objects.filter(pk=run_id).values_list("last_seq", "owner_id", "api_key_id").get()
+        )
         RunEvent.objects.create(
             run_id=run_id,
             seq=seq,
@@ -70,6 +74,8 @@ def event_append(
             # Webhook messages are written with the terminal event, delivered on commit.
             messages_create_for_event(run_id=run_id, event=event, seq=seq, now=now)
             transaction.on_commit(lambda: run_ended(run_id=run_id))
+            if key_id is not None:
+                limits.active_runs_release(key_id=key_id)  # last: it locks the key's row
     return seq
 
 
@@ -101,10 +107,6 @@ def run_create(
     window = limits.tokens_reserve(key=api_key, amount=reserved)
     try:
         with transaction.atomic():
-            # The key's row lock serialises its run starts, so the active-runs count is exact.
-            ApiKey.objects.select_for_update().filter(pk=api_key.pk).exists()
-            active = Run.objects.filter(api_key=api_key, status__in=ACTIVE_STATUSES).count()
-            limits.active_runs_check(key=api_key, active=active)
             run = Run.objects.create(
                 owner_id=api_key.owner_id,
                 api_key=api_key,
@@ -134,6 +136,7 @@ def run_create(
             )
             if idempotency is not None:
                 IdempotencyRecord.objects.filter(pk=idempotency.pk).update(run=run)
+            limits.active_runs_take(key=api_key)  # last: it locks the key's row until commit
             transaction.on_commit(lambda: _enqueue(run.id))
             transaction.on_commit(
                 lambda: wakeup_publish(

@@ -87,6 +87,50 @@ def test_active_runs(alice, bob, make_chain):
     assert create(alice).status_code == 202
 
 
+def active_slots(api) -> int:
+    return ApiKey.objects.values_list("active_runs", flat=True).get(pk=api.key.pk)
+
+
+def test_active_run_slots_follow_every_end(alice, make_chain):
+    """A slot is taken at the start and given back once at the end, whichever way it ends."""
+    make_chain("demo", models=[fake(tokens=2)])
+    set_limits(alice, max_active_runs=3)
+    runs = [create(alice).json()["run_id"] for _ in range(3)]
+    assert active_slots(alice) == 3
+    run_execute(run_id=runs[0])  # completed
+    alice.post(f"/api/v1/runs/{runs[1]}/cancel")  # cancelled while queued
+    alice.post(f"/api/v1/runs/{runs[1]}/cancel")  # again: no second release
+    assert active_slots(alice) == 1
+    assert [create(alice).status_code for _ in range(3)] == [202, 202, 429]
+
+
+@pytest.mark.slow
+@pytest.mark.django_db(transaction=True)
+def test_active_runs_limit_holds_under_parallel_starts(live_server_url, alice, make_chain):
+    """Forty starts at once against a limit of five: exactly five are accepted."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    import httpx
+
+    make_chain("demo", models=[fake(tokens=2)])
+    set_limits(alice, max_active_runs=5)
+    headers = {"Authorization": f"Bearer {alice.raw_key}"}
+    with httpx.Client(base_url=live_server_url, headers=headers, timeout=30) as http:
+
+        def start(_):
+            response = http.post("/api/v1/chains/demo/runs", json=BODY)
+            return response.status_code, response.json().get("code")
+
+        with ThreadPoolExecutor(40) as pool:
+            answers = list(pool.map(start, range(40)))
+        assert sorted(answers, key=str).count((202, None)) == 5, answers
+        assert answers.count((429, "concurrency_limit")) == 35, answers
+        assert Run.objects.filter(api_key=alice.key).count() == active_slots(alice) == 5
+        for run_id in Run.objects.values_list("pk", flat=True):
+            assert http.post(f"/api/v1/runs/{run_id}/cancel").status_code in (200, 202)
+    assert active_slots(alice) == 0
+
+
 def test_run_larger_than_token_budget(alice, make_chain):
     chain = make_chain("demo")
     reservation = token_reservation(chain=chain, run_input=BODY["input"])
