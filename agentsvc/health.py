@@ -61,9 +61,9 @@ def _channel_layer() -> str:
 
 
 def _broker() -> str:
-    from django_q.brokers import get_broker
+    from agentsvc.broker import broker as process_broker
 
-    broker = get_broker()
+    broker = process_broker()
     if not broker.ping():
         raise RuntimeError("broker did not answer")
     return f"{type(broker).__name__}, {broker.queue_size()} queued"

@@ -6,6 +6,7 @@ import base64
 import binascii
 from collections.abc import Callable
 from datetime import datetime
+from functools import lru_cache
 from typing import Any
 from uuid import UUID
 
@@ -14,7 +15,7 @@ from django.http import Http404
 
 from agentsvc.errors import ApplicationError
 from agentsvc.models import Owner
-from runs.models import Chain, Run, RunEvent
+from runs.models import Agent, Chain, Run, RunEvent
 
 
 def chain_latest_list() -> list[Chain]:
@@ -34,13 +35,20 @@ def chain_latest_list() -> list[Chain]:
 
 
 def chain_get(*, name: str, version: int | None = None) -> Chain:
-    chains = Chain.objects.filter(name=name, published=True).prefetch_related("agents")
+    chains = Chain.objects.filter(name=name, published=True)
     chain = (
         chains.filter(version=version) if version is not None else chains.order_by("-version")
     ).first()
     if chain is None:
         raise Http404
     return chain
+
+
+@lru_cache(maxsize=4096)
+def chain_agents(chain_id: int) -> tuple[Agent, ...]:
+    """A version's agents in order, read once per process: a version never changes (its runs
+    refer to it; the admin shows agents read-only and publishing makes a new version)."""
+    return tuple(Agent.objects.filter(chain_id=chain_id).order_by("position"))
 
 
 def run_get(*, owner: Owner, run_id: UUID) -> Run:

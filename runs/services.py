@@ -12,9 +12,9 @@ from uuid import UUID
 from django.db import transaction
 from django.db.models import F, Q
 from django.utils import timezone
-from django_q.tasks import async_task
 
 from agentsvc import limits
+from agentsvc.broker import enqueue
 from agentsvc.errors import ApplicationError
 from agentsvc.models import ApiKey, IdempotencyRecord
 from runs.chains import chain_validate_input
@@ -28,6 +28,7 @@ from runs.models import (
     RunStatus,
 )
 from runs.seen import run_seen
+from runs.selectors import chain_agents
 from runs.timefmt import iso
 from runs.wakeup import wakeup_publish
 from webhooks.services import messages_create_for_event
@@ -80,13 +81,13 @@ def event_append(
 
 
 def _enqueue(run_id: UUID) -> None:
-    async_task("runs.tasks.run_execute", str(run_id), task_name=f"run-{run_id}", save=False)
+    enqueue("runs.tasks.run_execute", str(run_id), task_name=f"run-{run_id}")
 
 
 def token_reservation(*, chain: Chain, run_input: Any) -> int:
     """What a run reserves of its key's token budget: its input and every agent's max_tokens."""
     input_chars = len(json.dumps(run_input, separators=(",", ":"), ensure_ascii=False))
-    return math.ceil(input_chars / 4) + sum(a.max_tokens for a in chain.agents.all())
+    return math.ceil(input_chars / 4) + sum(a.max_tokens for a in chain_agents(chain.pk))
 
 
 def run_create(
@@ -113,7 +114,7 @@ def run_create(
                 chain=chain,
                 input=run_input,
                 metadata=metadata,
-                agents_total=len(chain.agents.all()),
+                agents_total=len(chain_agents(chain.pk)),
                 last_seq=1,
                 tokens_reserved=reserved,
                 tokens_window=window,

@@ -15,8 +15,8 @@ from uuid import UUID
 from django.conf import settings
 from django.db import connection, transaction
 from django.utils import timezone
-from django_q.tasks import async_task
 
+from agentsvc.broker import enqueue
 from agentsvc.errors import ApplicationError
 from runs.models import TERMINAL_EVENTS, Run
 from runs.timefmt import iso
@@ -44,12 +44,11 @@ def _enqueue(delivery_ids: list[UUID], token: UUID | None = None) -> None:
     size = settings.WEBHOOK_BATCH_SIZE
     for start in range(0, len(delivery_ids), size):
         batch = [str(i) for i in delivery_ids[start : start + size]]
-        async_task(
+        enqueue(
             "webhooks.tasks.deliveries_send",
             batch,
             str(token) if token else None,
             task_name=f"webhooks-{batch[0]}",
-            save=False,
         )
 
 
