@@ -9,8 +9,9 @@ from datetime import datetime
 from typing import Any
 from uuid import UUID
 
-from django.db import transaction
-from django.db.models import F, Q
+from django.db import connections, transaction
+from django.db.models import F, Q, QuerySet
+from django.db.models.sql import UpdateQuery
 from django.utils import timezone
 
 from agentsvc import limits
@@ -32,6 +33,22 @@ from runs.selectors import chain_agents
 from runs.timefmt import iso
 from runs.wakeup import wakeup_publish
 from webhooks.services import messages_create_for_event
+
+
+def _update_returning(rows: QuerySet, values: dict[str, Any], columns: tuple[str, ...]):
+    """`rows.update(**values)`, returning `columns` of the (single) updated row, or None.
+
+    Django has no UPDATE ... RETURNING; the statement is the ORM's own, with the clause added
+    (PostgreSQL and SQLite 3.35+ both have it). One round trip instead of an UPDATE and a SELECT,
+    on the path every event takes."""
+    query = rows.query.chain(UpdateQuery)
+    query.add_update_values(values)
+    statement, params = query.get_compiler(rows.db).as_sql()
+    db = connections[rows.db]
+    returning = ", ".join(db.ops.quote_name(rows.model._meta.get_field(c).column) for c in columns)
+    with db.cursor() as cursor:
+        cursor.execute(f"{statement} RETURNING {returning}", params)
+        return cursor.fetchone()
 
 
 def event_append(
@@ -56,11 +73,12 @@ def event_append(
             runs = runs.filter(when)
         if event in TERMINAL_EVENTS:
             runs = runs.filter(status__in=ACTIVE_STATUSES)  # a run ends once
-        if not runs.update(last_seq=F("last_seq") + 1, **fields):
-            return None
-        seq, owner_id, key_id = (
-            Run.objects.filter(pk=run_id).values_list("last_seq", "owner_id", "api_key_id").get()
+        row = _update_returning(
+            runs, {"last_seq": F("last_seq") + 1, **fields}, ("last_seq", "owner_id", "api_key_id")
         )
+        if row is None:
+            return None
+        seq, owner_id, key_id = row
         RunEvent.objects.create(
             run_id=run_id,
             seq=seq,
