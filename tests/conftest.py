@@ -18,6 +18,7 @@ from django.conf import settings
 from django.test import Client
 from django_q.conf import Conf
 
+import agentsvc.broker
 from agentsvc.services import api_key_create
 from runs.chains import chain_publish
 from tests.fakes.openai_server import start_in_thread
@@ -307,6 +308,8 @@ def clusters(monkeypatch, tmp_path):
     name = f"cluster-{uuid.uuid4().hex[:8]}"
     monkeypatch.setattr(Conf, "CLUSTER_NAME", name)
     monkeypatch.setattr(Conf, "PREFIX", name)  # the signing salt
+    # This process's broker is kept once built, with the queue name it was built with.
+    monkeypatch.setattr(agentsvc.broker, "_broker", None)
     started: list[Cluster] = []
 
     def start(workers: int = 1, **env: str) -> Cluster:
