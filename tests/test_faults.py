@@ -28,6 +28,7 @@ import redis
 from django.conf import settings as django_settings
 from django_q.conf import Conf
 
+import agentsvc.broker
 from agentsvc.models import TokenWindow
 from runs import keeper
 from runs.engine import run_execute
@@ -589,8 +590,15 @@ def test_broker_down_at_commit_loses_nothing(
         "webhook": {"url": receiver.base_url + path, "secret": SECRET},
     }
     started = time.monotonic()
-    working = Conf.REDIS
-    monkeypatch.setattr(Conf, "REDIS", f"redis://127.0.0.1:{free_port()}/0")  # the queue only
+    working, dead = Conf.REDIS, f"redis://127.0.0.1:{free_port()}/0"
+
+    def queue_on(url: str) -> None:
+        """This process's task queue on `url` (the cache stays on the working Redis); the
+        process's broker is built again from the configuration."""
+        monkeypatch.setattr(Conf, "REDIS", url)
+        monkeypatch.setattr(agentsvc.broker, "_broker", None)
+
+    queue_on(dead)
     first = alice.post("/api/v1/chains/demo/runs", body, headers={"Idempotency-Key": "k1"})
     again = alice.post("/api/v1/chains/demo/runs", body, headers={"Idempotency-Key": "k1"})
     assert first.status_code == 202, first.content
@@ -598,16 +606,16 @@ def test_broker_down_at_commit_loses_nothing(
     assert again.status_code == 202 and again.json()["run_id"] == run_id
     assert Run.objects.get(pk=run_id).status == RunStatus.QUEUED
 
-    monkeypatch.setattr(Conf, "REDIS", working)
+    queue_on(working)
     assert keeper.runs_reenqueue_waiting() == 1  # on the test's own queue, which nobody reads
-    monkeypatch.setattr(Conf, "REDIS", f"redis://127.0.0.1:{free_port()}/0")
+    queue_on(dead)
     run_execute(run_id=run_id)  # the worker's code, ending the run with the queue unreachable
     run = Run.objects.get(pk=run_id)
     assert run.status == RunStatus.COMPLETED
     used = TokenWindow.objects.get(api_key=alice.key, window=run.tokens_window).used
     assert used == run.input_tokens + run.output_tokens  # the reservation was settled
 
-    monkeypatch.setattr(Conf, "REDIS", working)
+    queue_on(working)
     deliver_all()
     figures = audit([run_id])
     report_figures(
