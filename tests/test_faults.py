@@ -127,6 +127,22 @@ def all_ended(run_ids) -> bool:
     return not Run.objects.filter(pk__in=list(run_ids), status__in=ACTIVE_STATUSES).exists()
 
 
+def keeper_until_ended(run_ids, timeout: float, message: str = "every run to end") -> dict:
+    """Wait for the runs to end, calling the keeper every 0.3 s as its schedule would: runs of a
+    lost worker (WORKER_LOST_AFTER_S) go back to the queue, and runs queued for
+    QUEUED_REENQUEUE_AFTER_S are enqueued again (a task lost on the way to a worker). Returns
+    what it did, so a test reports it."""
+    done = {"retried": 0, "reenqueued": 0}
+
+    def ended() -> bool:
+        done["retried"] += keeper.runs_recover_lost()["retried"]
+        done["reenqueued"] += keeper.runs_reenqueue_waiting()
+        return all_ended(run_ids)
+
+    wait_until(ended, timeout, 0.3, message)
+    return done
+
+
 def _group_pids(pgid: int) -> set[int]:
     """The processes of a process group (a qcluster's sentinel and workers), from /proc."""
     pids = set()
@@ -237,15 +253,7 @@ def test_kill9_worker_mid_runs(alice, make_chain, clusters, settings, fake_model
     wait_until(lambda: len(doomed_runs()) >= 2, 30, message="the doomed cluster to run two")
     killed = doomed_runs()
     doomed.kill()
-    reenqueued = 0
-
-    def settle() -> bool:
-        nonlocal reenqueued
-        keeper.runs_recover_lost()
-        reenqueued += keeper.runs_reenqueue_waiting()
-        return all_ended(ids)
-
-    wait_until(settle, 90, 0.3, "every run to end")
+    reenqueued = keeper_until_ended(ids, 90)["reenqueued"]
     figures = audit(ids)
     statuses = Counter(Run.objects.filter(pk__in=ids).values_list("status", flat=True))
     retried = Run.objects.filter(pk__in=ids, attempt=2).count()
@@ -273,10 +281,11 @@ def test_kill9_worker_mid_runs(alice, make_chain, clusters, settings, fake_model
 
 
 @pytest.mark.timeout(150)
-def test_web_restart_mid_stream(alice, make_chain, clusters, tmp_path, fault_report):
+def test_web_restart_mid_stream(alice, make_chain, clusters, settings, tmp_path, fault_report):
     """Ten SSE clients follow ten long runs through one daphne process, which is killed with
     SIGKILL and started again on the same port: each client reconnects with Last-Event-ID and
     gets every seq of its run exactly once, in order, through the terminal event."""
+    settings.QUEUED_REENQUEUE_AFTER_S = 5
     make_chain("demo", models=[fake(tokens=60, latency_ms=50)], timeout_s=60)
     cluster = clusters(workers=5)
     env = process_env(Q_CLUSTER_NAME=cluster.name, MAX_ACTIVE_RUNS="100", DB_POOL_MAX="4")
@@ -309,7 +318,7 @@ def test_web_restart_mid_stream(alice, make_chain, clusters, tmp_path, fault_rep
         down_s = time.monotonic() - killed_at
         for follower in followers:
             follower.join(90)
-        wait_until(lambda: all_ended(ids), 30, message="every run to end")
+        reenqueued = keeper_until_ended(ids, 30)["reenqueued"]
     finally:
         web.stop()
     figures = audit(ids)
@@ -324,6 +333,7 @@ def test_web_restart_mid_stream(alice, make_chain, clusters, tmp_path, fault_rep
         started,
         faults=1,
         clients=len(followers),
+        reenqueued=reenqueued,
         resumed=resumed,
         down_s=f"{down_s:.1f}",
         refusals=sum(len(f.refusals) for f in followers),
@@ -344,6 +354,7 @@ def test_webhook_receiver_down_then_up(alice, make_chain, clusters, local_ok, fa
     a registered endpoint: 60 deliveries). Once every delivery failed twice the receiver comes
     up: each message arrives once per target, under the one webhook-id of its message."""
     local_ok.MAX_ACTIVE_RUNS = 100
+    local_ok.QUEUED_REENQUEUE_AFTER_S = 5
     port = free_port()
     hooks, tag = f"http://127.0.0.1:{port}", uuid.uuid4().hex[:8]
     endpoint_path = f"/endpoint?tag={tag}"
@@ -362,7 +373,7 @@ def test_webhook_receiver_down_then_up(alice, make_chain, clusters, local_ok, fa
         ).id
         for i in range(30)
     ]
-    wait_until(lambda: all_ended(ids), 60, message="every run to end")
+    reenqueued = keeper_until_ended(ids, 60)["reenqueued"]
     deliveries = WebhookDelivery.objects.filter(message__run_id__in=ids)
 
     def sweep_until(done) -> bool:
@@ -411,6 +422,7 @@ def test_webhook_receiver_down_then_up(alice, make_chain, clusters, local_ok, fa
         figures,
         started,
         faults=1,
+        reenqueued=reenqueued,
         messages=len(messages),
         deliveries=deliveries.count(),
         failed_attempts=failed_attempts,
@@ -713,12 +725,7 @@ def test_postgres_briefly_unreachable(
                 raise AssertionError(f"{e}; answers to the retries: {dict(retry_answers)}") from e
             run_ids[key] = response.json()["run_id"]
 
-        def settle() -> bool:
-            keeper.runs_recover_lost()
-            keeper.runs_reenqueue_waiting()
-            return all_ended(run_ids.values())
-
-        wait_until(settle, 90, 0.3, "every run to end")
+        kept = keeper_until_ended(run_ids.values(), 90)
         after = create("pg-outage-after")
         assert after.status_code == 202, after.text
         run_ids["after"] = after.json()["run_id"]
@@ -745,6 +752,7 @@ def test_postgres_briefly_unreachable(
         runs_in_db=owned.count(),
         headless=headless,
         runs_retried_by_keeper=retried_runs,
+        reenqueued=kept["reenqueued"],
         completed=ends[RunStatus.COMPLETED],
     )
     assert_clean(figures)
@@ -766,6 +774,7 @@ def test_model_failing_slow_hanging(alice, make_chain, clusters, settings, fault
     its bound plus 2 s. Then four normal runs complete promptly on both worker
     processes: no worker is stuck."""
     settings.MAX_ACTIVE_RUNS = 100
+    settings.QUEUED_REENQUEUE_AFTER_S = 5
     cluster = clusters(
         workers=2, PROVIDER_READ_TIMEOUT_S="1", PROVIDER_RETRY_MAX_WAIT_S="0.2", HEARTBEAT_S="0.3"
     )
@@ -785,7 +794,7 @@ def test_model_failing_slow_hanging(alice, make_chain, clusters, settings, fault
             for _ in range(8)
         ]
     every = [i for ids in runs.values() for i in ids]
-    wait_until(lambda: all_ended(every), 60, 0.2, "every faulty run to end")
+    reenqueued = keeper_until_ended(every, 60, "every faulty run to end")["reenqueued"]
     late = []
     for name, (_, _, status, code, bound) in cases.items():
         for run in Run.objects.filter(pk__in=runs[name]):
@@ -800,7 +809,7 @@ def test_model_failing_slow_hanging(alice, make_chain, clusters, settings, fault
         run_create(api_key=alice.key, chain=chain, run_input={"topic": "x"}, metadata={}).id
         for _ in range(4)
     ]
-    wait_until(lambda: all_ended(normal), 15, 0.05, "the normal runs")
+    reenqueued += keeper_until_ended(normal, 15, "the normal runs")["reenqueued"]
     normal_s = time.monotonic() - normal_started
     workers = {
         w.split(":")[1] for w in Run.objects.filter(pk__in=normal).values_list("worker", flat=True)
@@ -813,6 +822,7 @@ def test_model_failing_slow_hanging(alice, make_chain, clusters, settings, fault
         started,
         faults=len(every),
         late=len(late),
+        reenqueued=reenqueued,
         normal_after_s=f"{normal_s:.1f}",
         workers_free=len(workers),
     )
