@@ -217,7 +217,9 @@ def worker(django_db_setup, django_db_blocker, tmp_path_factory):
     proc.stop()
 
 
-def start_web(env: dict[str, str], log: Path, port: int | None = None) -> tuple[Proc, str]:
+def start_web(
+    env: dict[str, str], log: Path, port: int | None = None, timeout: float = 30
+) -> tuple[Proc, str]:
     """A daphne process serving the app (on `port` to restart one); returns once /healthz
     answers."""
     port = port or free_port()
@@ -244,7 +246,7 @@ def start_web(env: dict[str, str], log: Path, port: int | None = None) -> tuple[
         except httpx.HTTPError:
             return False
 
-    wait_until(up, 30, message="daphne start")
+    wait_until(up, timeout, message="daphne start")
     return proc, url
 
 

@@ -314,7 +314,8 @@ def test_web_restart_mid_stream(alice, make_chain, clusters, settings, tmp_path,
         web.proc.wait()
         web.stop()
         killed_at = time.monotonic()
-        web, _ = start_web(env, tmp_path / "web-2.log", port=port)
+        # Ten clients knocking every 0.2 s on a busy machine: the restart may be slow.
+        web, _ = start_web(env, tmp_path / "web-2.log", port=port, timeout=90)
         down_s = time.monotonic() - killed_at
         for follower in followers:
             follower.join(90)
