@@ -280,7 +280,7 @@ def test_kill9_worker_mid_runs(alice, make_chain, clusters, settings, fake_model
 # --- 2. a web process killed and restarted while clients stream --------------------------------
 
 
-@pytest.mark.timeout(150)
+@pytest.mark.timeout(210)
 def test_web_restart_mid_stream(alice, make_chain, clusters, settings, tmp_path, fault_report):
     """Ten SSE clients follow ten long runs through one daphne process, which is killed with
     SIGKILL and started again on the same port: each client reconnects with Last-Event-ID and
