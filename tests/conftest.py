@@ -246,7 +246,11 @@ def start_web(
         except httpx.HTTPError:
             return False
 
-    wait_until(up, timeout, message="daphne start")
+    try:
+        wait_until(up, timeout, message="daphne start")
+    except BaseException:
+        proc.stop()  # a process that did not come up in time must not outlive the test
+        raise
     return proc, url
 
 
