@@ -283,12 +283,18 @@ class Cluster:
             stderr=subprocess.STDOUT,
             start_new_session=True,
         )
-        wait_until(
-            lambda: "running" in log.read_text(errors="replace") or self.proc.poll() is not None,
-            30,
-            message="qcluster start",
-        )
-        assert self.proc.poll() is None, log.read_text(errors="replace")
+        try:
+            wait_until(
+                lambda: (
+                    "running" in log.read_text(errors="replace") or self.proc.poll() is not None
+                ),
+                60,
+                message="qcluster start",
+            )
+            assert self.proc.poll() is None, log.read_text(errors="replace")
+        except BaseException:
+            self.kill()  # a cluster that did not come up in time must not outlive the test
+            raise
 
     def kill(self) -> None:
         if self.proc.poll() is None:
