@@ -12,7 +12,7 @@ from datetime import timedelta
 from decimal import Decimal
 
 from django.conf import settings
-from django.db import connection
+from django.db import InterfaceError, OperationalError, connection
 from django.db.models import Q
 from django.utils import timezone
 
@@ -49,9 +49,14 @@ class _Heartbeat(threading.Thread):
     def run(self) -> None:
         try:
             while not self.stopped.wait(settings.HEARTBEAT_S):
-                Run.objects.filter(
-                    pk=self.run_id, status=RunStatus.RUNNING, worker=self.claim
-                ).update(heartbeat_at=timezone.now())
+                try:
+                    Run.objects.filter(
+                        pk=self.run_id, status=RunStatus.RUNNING, worker=self.claim
+                    ).update(heartbeat_at=timezone.now())
+                except (OperationalError, InterfaceError) as e:
+                    # A database blip: the next beat tries again, so a run that outlives the
+                    # blip is not taken for lost while it waits on a silent model.
+                    logger.warning("run %s: heartbeat failed (%s)", self.run_id, e)
         except Exception:
             logger.exception("run %s: heartbeat failed", self.run_id)
         finally:
@@ -140,6 +145,13 @@ class RunExecution:
             return
         except ProviderError as e:
             self._fail(e.code, e.message)
+            return
+        except (OperationalError, InterfaceError) as e:
+            # The database went away under this execution. Failing the run would need the
+            # database too, and would throw away a run the model was serving well: stop here
+            # instead, as a dead worker would. The heartbeat stops with us, so the keeper finds
+            # the run stale and runs it again (or fails it `worker_lost` on its retry).
+            logger.warning("run %s: database unreachable, left to the keeper (%s)", self.run.id, e)
             return
         except Exception:
             logger.exception("run %s: unexpected error", self.run.id)

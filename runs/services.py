@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import math
 import time
 from datetime import datetime
@@ -33,6 +34,8 @@ from runs.selectors import chain_agents
 from runs.timefmt import iso
 from runs.wakeup import wakeup_publish
 from webhooks.services import messages_create_for_event
+
+logger = logging.getLogger(__name__)
 
 
 def _update_returning(rows: QuerySet, values: dict[str, Any], columns: tuple[str, ...]):
@@ -99,7 +102,14 @@ def event_append(
 
 
 def _enqueue(run_id: UUID) -> None:
-    enqueue("runs.tasks.run_execute", str(run_id), task_name=f"run-{run_id}")
+    """Hand a committed run to the queue. The run is accepted whatever happens here, so a
+    broker failure is logged, not raised: raised, it would turn the 202 into a 503 and the
+    caller would start the run again. The keeper enqueues a run left queued again after
+    QUEUED_REENQUEUE_AFTER_S."""
+    try:
+        enqueue("runs.tasks.run_execute", str(run_id), task_name=f"run-{run_id}")
+    except Exception as e:
+        logger.warning("run %s: not enqueued (%s); the keeper will enqueue it again", run_id, e)
 
 
 def token_reservation(*, chain: Chain, run_input: Any) -> int:

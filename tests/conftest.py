@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -15,7 +16,9 @@ import httpx
 import pytest
 from django.conf import settings
 from django.test import Client
+from django_q.conf import Conf
 
+import agentsvc.broker
 from agentsvc.services import api_key_create
 from runs.chains import chain_publish
 from tests.fakes.openai_server import start_in_thread
@@ -214,9 +217,12 @@ def worker(django_db_setup, django_db_blocker, tmp_path_factory):
     proc.stop()
 
 
-def start_web(env: dict[str, str], log: Path) -> tuple[Proc, str]:
-    """A daphne process serving the app; returns once /healthz answers."""
-    port = free_port()
+def start_web(
+    env: dict[str, str], log: Path, port: int | None = None, timeout: float = 30
+) -> tuple[Proc, str]:
+    """A daphne process serving the app (on `port` to restart one); returns once /healthz
+    answers."""
+    port = port or free_port()
     proc = Proc(
         [
             sys.executable,
@@ -240,7 +246,11 @@ def start_web(env: dict[str, str], log: Path) -> tuple[Proc, str]:
         except httpx.HTTPError:
             return False
 
-    wait_until(up, 30, message="daphne start")
+    try:
+        wait_until(up, timeout, message="daphne start")
+    except BaseException:
+        proc.stop()  # a process that did not come up in time must not outlive the test
+        raise
     return proc, url
 
 
@@ -250,6 +260,78 @@ def live_server_url(django_db_setup, tmp_path_factory):
     proc, url = start_web(process_env(), tmp_path_factory.mktemp("web") / "daphne.log")
     yield url
     proc.stop()
+
+
+# --- Worker clusters that tests start and kill ---------------------------------------------------
+
+
+class Cluster:
+    """A qcluster in its own process group, so SIGKILL takes its sentinel and workers at once."""
+
+    def __init__(self, name: str, log: Path, workers: int = 1, **env: str) -> None:
+        self.name = name
+        self.log_path = log
+        self.log = log.open("wb")
+        self.proc = subprocess.Popen(
+            [sys.executable, "manage.py", "qcluster"],
+            cwd=ROOT,
+            # Small: the machine's PostgreSQL connections are shared with other suites.
+            env=process_env(
+                **{"Q_CLUSTER_NAME": name, "Q_WORKERS": str(workers), "DB_POOL_MAX": "3", **env}
+            ),
+            stdout=self.log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+        try:
+            wait_until(
+                lambda: (
+                    "running" in log.read_text(errors="replace") or self.proc.poll() is not None
+                ),
+                60,
+                message="qcluster start",
+            )
+            assert self.proc.poll() is None, log.read_text(errors="replace")
+        except BaseException:
+            self.kill()  # a cluster that did not come up in time must not outlive the test
+            raise
+
+    def kill(self) -> None:
+        if self.proc.poll() is None:
+            os.killpg(self.proc.pid, signal.SIGKILL)
+            self.proc.wait()
+            # Every process of the group gone, so none is still blocked reading the queue
+            # (Redis would hand it the retry's task, which would then be lost).
+            wait_until(lambda: not _group_alive(self.proc.pid), 10, message="the group to die")
+        self.log.close()
+
+
+def _group_alive(pgid: int) -> bool:
+    try:
+        os.killpg(pgid, 0)
+    except ProcessLookupError:
+        return False
+    return True
+
+
+@pytest.fixture
+def clusters(monkeypatch, tmp_path):
+    """Workers on a queue of this test's own, so the session's worker cannot take its runs."""
+    name = f"cluster-{uuid.uuid4().hex[:8]}"
+    monkeypatch.setattr(Conf, "CLUSTER_NAME", name)
+    monkeypatch.setattr(Conf, "PREFIX", name)  # the signing salt
+    # This process's broker is kept once built, with the queue name it was built with.
+    monkeypatch.setattr(agentsvc.broker, "_broker", None)
+    started: list[Cluster] = []
+
+    def start(workers: int = 1, **env: str) -> Cluster:
+        cluster = Cluster(name, tmp_path / f"qcluster-{len(started)}.log", workers, **env)
+        started.append(cluster)
+        return cluster
+
+    yield start
+    for cluster in started:
+        cluster.kill()
 
 
 # --- Webhooks: the local receiver and the SSRF exemption for it ------------------------------

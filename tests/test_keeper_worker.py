@@ -3,82 +3,17 @@ and fails it with `worker_lost` when the retry's worker is killed too."""
 
 from __future__ import annotations
 
-import os
-import signal
-import subprocess
-import sys
-import uuid
 from datetime import timedelta
-from pathlib import Path
 
 import pytest
 from django.utils import timezone
-from django_q.conf import Conf
 
 from runs import keeper
 from runs.models import Run, RunEvent, RunStatus
 from runs.services import run_create
-from tests.conftest import ROOT, fake, process_env, wait_until
+from tests.conftest import Cluster, fake, wait_until
 
 pytestmark = [pytest.mark.django_db(transaction=True), pytest.mark.slow]
-
-
-class Cluster:
-    """A qcluster in its own process group, so SIGKILL takes its sentinel and workers at once."""
-
-    def __init__(self, name: str, log: Path) -> None:
-        self.log_path = log
-        self.log = log.open("wb")
-        self.proc = subprocess.Popen(
-            [sys.executable, "manage.py", "qcluster"],
-            cwd=ROOT,
-            # Small: the machine's PostgreSQL connections are shared with other suites.
-            env=process_env(Q_CLUSTER_NAME=name, Q_WORKERS="1", DB_POOL_MAX="3"),
-            stdout=self.log,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,
-        )
-        wait_until(
-            lambda: "running" in log.read_text(errors="replace") or self.proc.poll() is not None,
-            30,
-            message="qcluster start",
-        )
-        assert self.proc.poll() is None, log.read_text(errors="replace")
-
-    def kill(self) -> None:
-        if self.proc.poll() is None:
-            os.killpg(self.proc.pid, signal.SIGKILL)
-            self.proc.wait()
-            # Every process of the group gone, so none is still blocked reading the queue
-            # (Redis would hand it the retry's task, which would then be lost).
-            wait_until(lambda: not _group_alive(self.proc.pid), 10, message="the group to die")
-        self.log.close()
-
-
-def _group_alive(pgid: int) -> bool:
-    try:
-        os.killpg(pgid, 0)
-    except ProcessLookupError:
-        return False
-    return True
-
-
-@pytest.fixture
-def clusters(monkeypatch, tmp_path):
-    """Workers on a queue of this test's own, so the session's worker cannot take its runs."""
-    name = f"keeper-{uuid.uuid4().hex[:8]}"
-    monkeypatch.setattr(Conf, "CLUSTER_NAME", name)
-    monkeypatch.setattr(Conf, "PREFIX", name)  # the signing salt
-    started: list[Cluster] = []
-
-    def start() -> Cluster:
-        cluster = Cluster(name, tmp_path / f"qcluster-{len(started)}.log")
-        started.append(cluster)
-        return cluster
-
-    yield start
-    for cluster in started:
-        cluster.kill()
 
 
 def kill_mid_run(cluster: Cluster, run: Run) -> None:

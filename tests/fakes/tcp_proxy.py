@@ -1,5 +1,6 @@
-"""A TCP proxy in front of the live server: it records each connection's request head and can
-cut every open connection, as a load balancer restart or a network drop would."""
+"""A TCP proxy in front of the live server (or any TCP server, e.g. PostgreSQL): it records each
+connection's request head and can cut every open connection, as a load balancer restart or a
+network drop would, or refuse new ones for a while, as a server that is down would."""
 
 from __future__ import annotations
 
@@ -57,6 +58,16 @@ class TcpProxy:
             with contextlib.suppress(OSError):
                 s.shutdown(socket.SHUT_RDWR)
             s.close()
+
+    def refuse(self) -> None:
+        """The upstream looks down: new connections are refused and open ones cut, until
+        `restore`."""
+        self.listener.close()
+        self.drop_all()
+
+    def restore(self) -> None:
+        self.listener = socket.create_server(("127.0.0.1", self.port))
+        threading.Thread(target=self._accept, daemon=True).start()
 
     def requests_with(self, text: str) -> list[str]:
         with self._lock:

@@ -40,16 +40,23 @@ def _lease_s() -> float:
 
 
 def _enqueue(delivery_ids: list[UUID], token: UUID | None = None) -> None:
-    """One task per batch: a worker keeps a batch's attempts in flight together."""
+    """One task per batch: a worker keeps a batch's attempts in flight together.
+
+    Called after commit, when the deliveries are already pending with a due time: a broker
+    failure is logged, not raised (raised, it would skip the rest of the commit's work, such as
+    settling the run's tokens), and the sweep sends them."""
     size = settings.WEBHOOK_BATCH_SIZE
     for start in range(0, len(delivery_ids), size):
         batch = [str(i) for i in delivery_ids[start : start + size]]
-        enqueue(
-            "webhooks.tasks.deliveries_send",
-            batch,
-            str(token) if token else None,
-            task_name=f"webhooks-{batch[0]}",
-        )
+        try:
+            enqueue(
+                "webhooks.tasks.deliveries_send",
+                batch,
+                str(token) if token else None,
+                task_name=f"webhooks-{batch[0]}",
+            )
+        except Exception as e:
+            logger.warning("deliveries %s...: not enqueued (%s); the sweep sends them", batch[0], e)
 
 
 def _drain(ids: queue.SimpleQueue[str], token: str | None) -> None:
