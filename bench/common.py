@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import socket
 import statistics
 import subprocess
@@ -23,6 +24,12 @@ DATABASE_URL = os.environ.get(
     "BENCH_DATABASE_URL", "postgres://postgres@127.0.0.1:5432/agentsvc_bench"
 )
 REDIS_URL = os.environ.get("BENCH_REDIS_URL", "redis://127.0.0.1:6379/12")
+
+
+def exit_on_sigterm() -> None:
+    """Unwind on SIGTERM (from `timeout`, or the suite stopping a scenario) as on an error, so
+    the processes a benchmark started are stopped too."""
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(1))
 
 
 def free_port() -> int:

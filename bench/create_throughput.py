@@ -30,6 +30,7 @@ from bench.common import (
     PY,
     ROOT,
     config_env,
+    exit_on_sigterm,
     free_port,
     manage,
     processes,
@@ -169,6 +170,7 @@ def main() -> None:
     parser.add_argument("--connections", type=int, default=64)
     parser.add_argument("--json", help="write the results here")
     args = parser.parse_args()
+    exit_on_sigterm()
     if not shutil.which("wrk"):
         sys.exit("wrk is needed: apt-get install wrk")
     results = measure(args.duration, args.burst, args.connections)

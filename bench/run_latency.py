@@ -26,6 +26,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from bench.common import (
     PY,
     config_env,
+    exit_on_sigterm,
     free_port,
     manage,
     processes,
@@ -145,6 +146,7 @@ def main() -> None:
     parser.add_argument("--chains", default="one,three")
     parser.add_argument("--json", help="write the samples here")
     args = parser.parse_args()
+    exit_on_sigterm()
     report = {}
     for config in args.configs.split(","):
         report[config] = measure(config, args.runs, args.chains.split(","))

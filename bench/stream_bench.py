@@ -35,6 +35,7 @@ sys.path.insert(0, str(ROOT))
 from bench.common import (  # noqa: E402
     PY,
     config_env,
+    exit_on_sigterm,
     free_port,
     pct,
     processes,
@@ -60,6 +61,7 @@ def parse_args() -> argparse.Namespace:
 
 
 ARGS = parse_args()
+exit_on_sigterm()
 ARGS.port = ARGS.port or free_port()
 DATA_DIR = tempfile.mkdtemp(prefix="stream-bench-")
 ENV = config_env("embedded" if ARGS.embedded else "production", Path(DATA_DIR))

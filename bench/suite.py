@@ -31,7 +31,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from bench.common import PY, ROOT, pct
+from bench.common import PY, ROOT, exit_on_sigterm, pct
 
 RESULTS = ROOT / "bench" / "results"
 
@@ -87,18 +87,21 @@ def run_scenario(name: str, quick: bool) -> dict:
     out = RESULTS / f"{name}.json"
     out.unlink(missing_ok=True)
     started = time.monotonic()
+    args = [PY, str(ROOT / "bench" / script), *(short if quick else full), "--json", str(out)]
     with (RESULTS / f"{name}.log").open("w") as log:
+        proc = subprocess.Popen(args, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT)
         try:
-            proc = subprocess.run(
-                [PY, str(ROOT / "bench" / script), *(short if quick else full), "--json", str(out)],
-                cwd=ROOT,
-                stdout=log,
-                stderr=subprocess.STDOUT,
-                timeout=limit,
-            )
-            error = f"exit status {proc.returncode}" if proc.returncode else ""
+            code = proc.wait(timeout=limit)
+            error = f"exit status {code}" if code else ""
         except subprocess.TimeoutExpired:
             error = f"over its {limit} s limit"
+        finally:
+            if proc.poll() is None:  # timed out, or the suite was stopped: let it clean up
+                proc.terminate()
+                try:
+                    proc.wait(timeout=30)
+                except subprocess.TimeoutExpired:
+                    proc.kill()
     seconds = time.monotonic() - started
     if not error and out.exists():
         return {"seconds": seconds, **json.loads(out.read_text())}
@@ -231,6 +234,7 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="smaller sizes: about 3 minutes")
     parser.add_argument("--only", default=",".join(SCENARIOS), help="scenarios to run")
     args = parser.parse_args()
+    exit_on_sigterm()
     if not shutil.which("wrk"):
         sys.exit("wrk is needed: apt-get install wrk")
     RESULTS.mkdir(exist_ok=True)

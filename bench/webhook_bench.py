@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import signal
 import statistics
 import sys
 import tempfile
@@ -24,7 +23,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from bench.common import PY, config_env, pct, processes, reset_database, write_json
+from bench.common import PY, config_env, exit_on_sigterm, pct, processes, reset_database, write_json
 
 
 def main() -> None:
@@ -36,8 +35,7 @@ def main() -> None:
     parser.add_argument("--json", help="write the results here")
     args = parser.parse_args()
 
-    # A SIGTERM (e.g. from `timeout`) unwinds through `finally`, so the worker is stopped too.
-    signal.signal(signal.SIGTERM, lambda *_: sys.exit(1))
+    exit_on_sigterm()
     tmp = Path(tempfile.mkdtemp(prefix="webhook-bench-"))
     env = config_env("production", tmp / "data")
     env.update(WEBHOOK_ALLOWED_NETWORKS="127.0.0.0/8", DJANGO_SETTINGS_MODULE="agentsvc.settings")

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import signal
 import statistics
 import sys
 import tempfile
@@ -22,7 +21,15 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from bench.common import PY, config_env, free_port, processes, reset_database, write_json
+from bench.common import (
+    PY,
+    config_env,
+    exit_on_sigterm,
+    free_port,
+    processes,
+    reset_database,
+    write_json,
+)
 
 TOKENS = 5
 
@@ -33,7 +40,7 @@ def main() -> None:
     parser.add_argument("--workers", default="1,2", help="worker counts to measure")
     parser.add_argument("--json", help="write the results here")
     args = parser.parse_args()
-    signal.signal(signal.SIGTERM, lambda *_: sys.exit(1))  # unwind: stop the workers too
+    exit_on_sigterm()
 
     tmp = Path(tempfile.mkdtemp(prefix="worker-bench-"))
     env = config_env("production", tmp / "data")
