@@ -1,6 +1,6 @@
 """The benchmark suite: every scenario in a bounded time, one table.
 
-    make bench                                   # about 8 minutes on 2 cores
+    make bench                                   # under 10 minutes on 2 cores
     make bench BENCH_ARGS=--quick                # a smoke run, about 3 minutes
     .venv/bin/python bench/suite.py [--quick] [--only create,overhead,...]
 
