@@ -1,5 +1,6 @@
 # make run   - the service on its embedded default (SQLite, no Redis), with a demo key and curl
 # make test  - the test suite (needs PostgreSQL and Redis; see README)
+# make bench - the benchmark suite, one table (PostgreSQL, Redis, wrk; under 10 minutes)
 PYTHON ?= $(shell command -v python3.11 || command -v python3)
 VENV := .venv
 BIN := $(VENV)/bin
@@ -24,3 +25,6 @@ test: setup
 lint: setup
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
+
+bench: setup
+	$(BIN)/python bench/suite.py $(BENCH_ARGS)

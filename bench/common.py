@@ -1,8 +1,11 @@
-"""Helpers for benchmarks: start the service's processes in a given configuration."""
+"""Helpers for benchmarks: start the service's processes in a given configuration, summarise
+samples, and hand results to `bench/suite.py` (every script takes `--json PATH`)."""
 
 from __future__ import annotations
 
+import json
 import os
+import signal
 import socket
 import statistics
 import subprocess
@@ -15,6 +18,18 @@ import httpx
 
 ROOT = Path(__file__).resolve().parent.parent
 PY = sys.executable
+# Benchmarks recreate their database and empty their Redis database: keep them apart from
+# anything else on the machine.
+DATABASE_URL = os.environ.get(
+    "BENCH_DATABASE_URL", "postgres://postgres@127.0.0.1:5432/agentsvc_bench"
+)
+REDIS_URL = os.environ.get("BENCH_REDIS_URL", "redis://127.0.0.1:6379/12")
+
+
+def exit_on_sigterm() -> None:
+    """Unwind on SIGTERM (from `timeout`, or the suite stopping a scenario) as on an error, so
+    the processes a benchmark started are stopped too."""
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(1))
 
 
 def free_port() -> int:
@@ -33,11 +48,11 @@ def config_env(config: str, data_dir: Path) -> dict[str, str]:
     env["DATA_DIR"] = str(data_dir)
     env["LOG_LEVEL"] = "WARNING"
     env["Q_CLUSTER_NAME"] = f"bench-{os.getpid()}"
+    # The keeper would re-enqueue the runs a benchmark holds queued on purpose.
+    env["Q_SCHEDULER"] = "false"
     if config == "production":
-        env["DATABASE_URL"] = os.environ.get(
-            "BENCH_DATABASE_URL", "postgres://postgres@127.0.0.1:5432/agentsvc_bench"
-        )
-        env["REDIS_URL"] = os.environ.get("BENCH_REDIS_URL", "redis://127.0.0.1:6379/12")
+        env["DATABASE_URL"] = DATABASE_URL
+        env["REDIS_URL"] = REDIS_URL
         env["SECRET_KEY"] = "bench-secret"
     return env
 
@@ -95,6 +110,9 @@ def wait_http(url: str, timeout: float = 60) -> None:
 
 
 def pct(values: list[float], p: float) -> float:
+    """The p-th percentile (nearest rank); NaN for no samples."""
+    if not values:
+        return float("nan")
     ordered = sorted(values)
     return ordered[min(len(ordered) - 1, round(p / 100 * (len(ordered) - 1)))]
 
@@ -104,3 +122,9 @@ def summary(values: list[float]) -> str:
         f"p50 {statistics.median(values):7.1f}  p90 {pct(values, 90):7.1f}  "
         f"p99 {pct(values, 99):7.1f}"
     )
+
+
+def write_json(path: str | None, results: dict) -> None:
+    """Where `bench/suite.py` reads a script's results (`--json PATH`)."""
+    if path:
+        Path(path).write_text(json.dumps(results, indent=1))

@@ -7,7 +7,7 @@ in the same run on the same server (daphne, one process each):
   agentsvc       POST /api/v1/chains/bench/runs, PostgreSQL + Redis, no idempotency key
   agentsvc+key   the same with a fresh Idempotency-Key on every request
 
-    .venv/bin/python bench/create_throughput.py [--duration 20] [--connections 64]
+    .venv/bin/python bench/create_throughput.py [--duration 20] [--burst 60] [--connections 64]
 
 Needs `wrk` (Debian package wrk). No worker runs: accepted runs stay queued.
 """
@@ -18,10 +18,10 @@ import argparse
 import json
 import re
 import shutil
+import statistics
 import subprocess
 import sys
 import tempfile
-import time
 import uuid
 from pathlib import Path
 
@@ -30,11 +30,13 @@ from bench.common import (
     PY,
     ROOT,
     config_env,
+    exit_on_sigterm,
     free_port,
     manage,
     processes,
     reset_database,
     wait_http,
+    write_json,
 )
 
 BODY = json.dumps({"input": {"topic": "benchmark"}})
@@ -89,13 +91,9 @@ def wrk(
     }
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser()
-    parser.add_argument("--duration", type=int, default=20)
-    parser.add_argument("--connections", type=int, default=64)
-    args = parser.parse_args()
-    if not shutil.which("wrk"):
-        sys.exit("wrk is needed: apt-get install wrk")
+def measure(duration: int, burst: int, connections: int) -> dict:
+    """Each reference for `duration` seconds; agentsvc for `burst` seconds in 10 s windows (its
+    p99 is the worst window's, and `p99_spread` the worst over the best: 1.0 is flat)."""
     with tempfile.TemporaryDirectory() as tmp:
         tmp_path = Path(tmp)
         env = config_env("production", tmp_path / "data")
@@ -135,51 +133,63 @@ def main() -> None:
                     if name == "agentsvc"
                     else f"http://127.0.0.1:{port}/"
                 )
-            time.sleep(1)
-            c, d = args.connections, args.duration
             url = "http://127.0.0.1:{}".format
-            cases = [
-                ("hello", lambda: wrk(url(ports["hello"]), "/", BODY, d, c)),
-                ("durable", lambda: wrk(url(ports["durable"]), "/", BODY, d, c)),
-                ("seed-fastapi", lambda: wrk(url(ports["seed"]), "/agent/tasks", BODY, d, c)),
-                (
-                    "agentsvc",
-                    lambda: wrk(
-                        url(ports["agentsvc"]), "/api/v1/chains/bench/runs", BODY, d, c, key
-                    ),
-                ),
-                (
-                    "agentsvc+key",
-                    lambda: wrk(
-                        url(ports["agentsvc"]),
-                        "/api/v1/chains/bench/runs",
-                        BODY,
-                        d,
-                        c,
-                        key,
-                        uuid.uuid4().hex[:8],
-                    ),
-                ),
+            runs_path = "/api/v1/chains/bench/runs"
+            paths = {"hello": "/", "durable": "/", "seed": "/agent/tasks", "agentsvc": runs_path}
+            for name, path in paths.items():  # warm-up: connections, pools, first imports
+                wrk(url(ports[name]), path, BODY, 2, connections, key)
+            c, d = connections, duration
+            results = {
+                "hello": wrk(url(ports["hello"]), "/", BODY, d, c),
+                "durable": wrk(url(ports["durable"]), "/", BODY, d, c),
+                "seed-fastapi": wrk(url(ports["seed"]), "/agent/tasks", BODY, d, c),
+            }
+            windows = [
+                wrk(url(ports["agentsvc"]), runs_path, BODY, min(10, burst), c, key)
+                for _ in range(max(1, burst // 10))
             ]
-            results = {}
-            for name, run in cases:
-                results[name] = run()
+            results["agentsvc"] = {
+                "rps": statistics.mean(w["rps"] for w in windows),
+                "p50": statistics.median(w["p50"] for w in windows),
+                "p99": max(w["p99"] for w in windows),
+                "p99_spread": max(w["p99"] for w in windows) / min(w["p99"] for w in windows),
+                "errors": sum(w["errors"] for w in windows),
+                "windows": windows,
+            }
+            results["agentsvc+key"] = wrk(
+                url(ports["agentsvc"]), runs_path, BODY, d, c, key, uuid.uuid4().hex[:8]
+            )
+    results["config"] = {"duration_s": duration, "burst_s": burst, "connections": connections}
+    return results
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--duration", type=int, default=20, help="seconds per reference")
+    parser.add_argument("--burst", type=int, default=60, help="seconds of agentsvc, 10 s windows")
+    parser.add_argument("--connections", type=int, default=64)
+    parser.add_argument("--json", help="write the results here")
+    args = parser.parse_args()
+    exit_on_sigterm()
+    if not shutil.which("wrk"):
+        sys.exit("wrk is needed: apt-get install wrk")
+    results = measure(args.duration, args.burst, args.connections)
+    write_json(args.json, results)
     base = results["durable"]["rps"]
     print(
-        f"\nRun creation, {args.connections} connections, {args.duration} s each, "
-        "one daphne process per server"
+        f"\nRun creation, {args.connections} connections, {args.duration} s per reference, "
+        f"{args.burst} s of agentsvc, one daphne process per server"
     )
     print(
         f"{'server':<14} {'req/s':>8} {'p50 ms':>8} {'p99 ms':>8} {'errors':>7} {'vs durable':>10}"
     )
     for name, r in results.items():
+        if name == "config":
+            continue
         print(
             f"{name:<14} {r['rps']:8.0f} {r['p50']:8.1f} {r['p99']:8.1f} {r['errors']:7d} "
             f"{r['rps'] / base:9.2f}x"
         )
-    out = Path(__file__).parent / "results"
-    out.mkdir(exist_ok=True)
-    (out / "create_throughput.json").write_text(json.dumps(results))
 
 
 if __name__ == "__main__":

@@ -3,7 +3,7 @@ seen (the write on GET /runs/{id}, the events page and streams).
 
 Needs PostgreSQL. Reproduce with:
     .venv/bin/python bench/keeper_bench.py --active 2000 --expired 5000 --events 20
-It drops and recreates the database BENCH_DATABASE_URL (default agentsvc_bench_keeper).
+It drops and recreates the database BENCH_DATABASE_URL (default agentsvc_bench).
 """
 
 from __future__ import annotations
@@ -17,33 +17,16 @@ import uuid
 from datetime import timedelta
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from bench.common import DATABASE_URL, REDIS_URL, pct, reset_database
 
-DB_URL = os.environ.get(
-    "BENCH_DATABASE_URL", "postgres://postgres@127.0.0.1:5432/agentsvc_bench_keeper"
-)
-os.environ.update(
-    DATABASE_URL=DB_URL,
-    REDIS_URL=os.environ.get("BENCH_REDIS_URL", "redis://127.0.0.1:6379/14"),
+ENV = dict(
+    DATABASE_URL=DATABASE_URL,
+    REDIS_URL=REDIS_URL,
     SECRET_KEY="bench",
     LOG_LEVEL="WARNING",
     DJANGO_SETTINGS_MODULE="agentsvc.settings",
 )
-
-
-def recreate_database() -> None:
-    import psycopg
-
-    name = DB_URL.rsplit("/", 1)[1]
-    with psycopg.connect(DB_URL.rsplit("/", 1)[0] + "/postgres", autocommit=True) as conn:
-        conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
-        conn.execute(f'CREATE DATABASE "{name}"')
-
-
-def pct(values: list[float], p: float) -> float:
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, round(p / 100 * (len(ordered) - 1)))]
 
 
 def main() -> None:
@@ -52,7 +35,8 @@ def main() -> None:
     parser.add_argument("--expired", type=int, default=5000, help="runs past retention")
     parser.add_argument("--events", type=int, default=20, help="events per expired run")
     args = parser.parse_args()
-    recreate_database()
+    reset_database(ENV)
+    os.environ.update(ENV)
     import django
 
     django.setup()

@@ -1,17 +1,19 @@
 """End-to-end time of one run on the zero-latency fake model, one run at a time.
 
     .venv/bin/python bench/run_latency.py [--runs 100] [--configs embedded,production]
+                                          [--chains one,three]
 
 Starts the fake model server, daphne and one qcluster (2 worker processes) in each
 configuration, creates runs one after another over HTTP and reports, per chain:
   server: finished_at - created_at (API accepted it -> worker wrote the terminal event)
   client: POST sent -> client saw the terminal status (polling GET /runs/{id} every 5 ms)
+  model:  the same completion asked of the model server directly, once per agent; the
+          platform's overhead per run is server minus model
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import tempfile
 import time
@@ -24,12 +26,14 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from bench.common import (
     PY,
     config_env,
+    exit_on_sigterm,
     free_port,
     manage,
     processes,
     reset_database,
     summary,
     wait_http,
+    write_json,
 )
 
 CHAINS = """
@@ -50,7 +54,26 @@ def ms_between(a: str, b: str) -> float:
     return (parse(b) - parse(a)).total_seconds() * 1000
 
 
-def measure(config: str, runs: int) -> dict[str, dict[str, list[float]]]:
+def model_ms(base_url: str, agents: int, calls: int = 20) -> list[float]:
+    """A run's model time: `agents` streamed completions of the chain's model, back to back."""
+    body = {
+        "model": "fake?tokens=5",
+        "stream": True,
+        "messages": [{"role": "user", "content": "benchmark"}],
+    }
+    samples = []
+    with httpx.Client(base_url=base_url, timeout=10) as http:
+        for i in range(calls + 3):
+            started = time.perf_counter()
+            for _ in range(agents):
+                with http.stream("POST", "/chat/completions", json=body) as r:
+                    r.read()
+            if i >= 3:  # warm-up
+                samples.append((time.perf_counter() - started) * 1000)
+    return samples
+
+
+def measure(config: str, runs: int, chains: list[str]) -> dict[str, dict[str, list[float]]]:
     with tempfile.TemporaryDirectory() as tmp:
         tmp_path = Path(tmp)
         env = config_env(config, tmp_path / "data")
@@ -92,7 +115,7 @@ def measure(config: str, runs: int) -> dict[str, dict[str, list[float]]]:
                 base_url=base, headers={"Authorization": f"Bearer {key}"}, timeout=30
             ) as http:
                 time.sleep(2)  # let the cluster settle
-                for chain in ("one", "three"):
+                for chain in chains:
                     server, client = [], []
                     for i in range(runs + 5):
                         started = time.perf_counter()
@@ -111,7 +134,8 @@ def measure(config: str, runs: int) -> dict[str, dict[str, list[float]]]:
                         if i >= 5:  # warm-up
                             client.append(elapsed)
                             server.append(ms_between(body["created_at"], body["finished_at"]))
-                    results[chain] = {"server": server, "client": client}
+                    model = model_ms(env["LOCAL_MODEL_URL"], 1 if chain == "one" else 3)
+                    results[chain] = {"server": server, "client": client, "model": model}
             return results
 
 
@@ -119,19 +143,20 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--runs", type=int, default=100)
     parser.add_argument("--configs", default="embedded,production")
+    parser.add_argument("--chains", default="one,three")
+    parser.add_argument("--json", help="write the samples here")
     args = parser.parse_args()
+    exit_on_sigterm()
     report = {}
     for config in args.configs.split(","):
-        report[config] = measure(config, args.runs)
+        report[config] = measure(config, args.runs, args.chains.split(","))
+    write_json(args.json, report)
     print(f"\nEnd-to-end run time, zero-latency model, {args.runs} runs each, ms")
     print(f"{'config':<11} {'chain':<6} {'measure':<7} result")
     for config, chains in report.items():
         for chain, m in chains.items():
             for what, values in m.items():
                 print(f"{config:<11} {chain:<6} {what:<7} {summary(values)}")
-    out = Path(__file__).parent / "results"
-    out.mkdir(exist_ok=True)
-    (out / "run_latency.json").write_text(json.dumps(report))
 
 
 if __name__ == "__main__":

@@ -5,10 +5,13 @@ table. Production configuration (PostgreSQL + Redis) by default; --embedded for 
 
   .venv/bin/python bench/stream_bench.py                      # PostgreSQL + Redis
   .venv/bin/python bench/stream_bench.py --embedded           # SQLite, in-memory layer, DB polling
-  .venv/bin/python bench/stream_bench.py --idle 5000 --fanout 1000 --runs 100
+  .venv/bin/python bench/stream_bench.py --hold 1000 --idle 5000 --fanout 1000 --runs 100
 
+In order: `--hold` idle SSE streams are opened; with them open, `--runs` runs are streamed over SSE
+and as many over WebSocket (each reader connects, sees `run.queued`, then the run is enqueued);
+then idle streams are added up to `--idle` and the web process's memory is read; last, fan-out.
 The model server stamps each token with the time it was sent (Unix ns); the reader subtracts that
-from the time it parsed the token off the SSE stream. Readers here speak raw HTTP/1.1 over asyncio
+from the time it parsed the token off the stream. SSE readers speak raw HTTP/1.1 over asyncio
 streams (thousands of idle sockets are cheap that way; an httpx pool is not built for 5,000).
 """
 
@@ -20,7 +23,6 @@ import json
 import os
 import resource
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -30,57 +32,58 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
+from bench.common import (  # noqa: E402
+    PY,
+    config_env,
+    exit_on_sigterm,
+    free_port,
+    pct,
+    processes,
+    reset_database,
+    wait_http,
+    write_json,
+)
 
 
 def parse_args() -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--embedded", action="store_true", help="SQLite and no Redis")
-    p.add_argument(
-        "--database-url", default="postgres://postgres@127.0.0.1:5432/agentsvc_stream_bench"
-    )
-    p.add_argument("--redis-url", default="redis://127.0.0.1:6379/10")
-    p.add_argument("--port", type=int, default=8150, help="daphne; the fake model gets port+1")
-    p.add_argument("--runs", type=int, default=100, help="runs streamed for the latency figure")
+    p.add_argument("--port", type=int, default=0, help="daphne (default: a free port)")
+    p.add_argument("--runs", type=int, default=100, help="runs streamed per protocol for latency")
     p.add_argument("--tokens", type=int, default=20, help="tokens per latency run")
     p.add_argument("--coalesce-ms", type=int, default=None, help="STREAM_COALESCE_MS for workers")
-    p.add_argument("--idle", type=int, default=5000, help="idle SSE streams to hold open")
-    p.add_argument("--fanout", type=int, default=1000, help="readers of one run")
+    p.add_argument("--hold", type=int, default=1000, help="idle streams open during latency")
+    p.add_argument("--idle", type=int, default=5000, help="idle SSE streams to hold open in all")
+    p.add_argument("--fanout", type=int, default=1000, help="readers of one run (0: skip)")
     p.add_argument("--fanout-tokens", type=int, default=200)
+    p.add_argument("--json", help="write the results here")
     return p.parse_args()
 
 
 ARGS = parse_args()
+exit_on_sigterm()
+ARGS.port = ARGS.port or free_port()
 DATA_DIR = tempfile.mkdtemp(prefix="stream-bench-")
-ENV = {k: v for k, v in os.environ.items() if k not in ("DATABASE_URL", "REDIS_URL")}
+ENV = config_env("embedded" if ARGS.embedded else "production", Path(DATA_DIR))
 ENV.update(
     DJANGO_SETTINGS_MODULE="agentsvc.settings",
     SECRET_KEY="bench-secret-key",
-    DATA_DIR=DATA_DIR,
-    Q_CLUSTER_NAME=f"bench-{uuid.uuid4().hex[:6]}",
     STREAMS_PER_KEY="100000",
     STREAMS_MAX="100000",
-    LOG_LEVEL="WARNING",
 )
 if ARGS.coalesce_ms is not None:
     ENV["STREAM_COALESCE_MS"] = str(ARGS.coalesce_ms)
-if not ARGS.embedded:
-    ENV.update(DATABASE_URL=ARGS.database_url, REDIS_URL=ARGS.redis_url)
+reset_database(ENV)
 os.environ.clear()
 os.environ.update(ENV)
 
 import django  # noqa: E402
 
-if not ARGS.embedded:
-    import psycopg
-
-    name = ARGS.database_url.rsplit("/", 1)[1]
-    with psycopg.connect(ARGS.database_url.rsplit("/", 1)[0] + "/postgres", autocommit=True) as c:
-        if not c.execute("SELECT 1 FROM pg_database WHERE datname=%s", [name]).fetchone():
-            c.execute(f'CREATE DATABASE "{name}"')
 django.setup()
 
 from django.core.management import call_command  # noqa: E402
 from django_q.tasks import async_task  # noqa: E402
+from websockets.asyncio.client import connect as ws_connect  # noqa: E402
 
 from agentsvc.services import api_key_create  # noqa: E402
 from runs.chains import chain_publish  # noqa: E402
@@ -89,13 +92,6 @@ from runs.timefmt import iso  # noqa: E402
 from tests.fakes.openai_server import start_in_thread  # noqa: E402
 
 HOST = "127.0.0.1"
-
-
-def pct(values: list[float], q: float) -> float:
-    if not values:
-        return float("nan")
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
 
 
 def rss_kb(pid: int) -> int:
@@ -183,17 +179,9 @@ async def follow(sse: Sse, samples: list[float], split: list | None = None) -> i
 
 
 # --- scenarios ---------------------------------------------------------------------------------
-async def latency(key: str) -> tuple[list[float], list]:
-    samples: list[float] = []
-    split: list = []
-    for _ in range(ARGS.runs):
-        sse = await Sse.open("POST", "/api/v1/chains/bench-latency/stream", key, {"input": {}})
-        await follow(sse, samples, split)
-    return samples, split
-
-
 def idle_runs(key, chain, n: int) -> list[str]:
-    """Queued runs that no worker will take: their streams stay open and silent."""
+    """Queued runs that no worker will take (none is enqueued): their streams stay open and
+    silent until the benchmark enqueues one."""
     runs = []
     for _ in range(n):
         run = Run.objects.create(
@@ -207,35 +195,71 @@ def idle_runs(key, chain, n: int) -> list[str]:
     return runs
 
 
-async def idle(raw: str, run_ids: list[str], pid: int) -> dict:
-    before = rss_kb(pid)
+def enqueue(run_id: str) -> None:
+    async_task("runs.tasks.run_execute", run_id, save=False)
+
+
+async def sse_run(raw: str, run_id: str, samples: list[float], split: list) -> None:
+    sse = await Sse.open("GET", f"/api/v1/runs/{run_id}/events", raw)
+    async for frame in sse.frames():  # replayed up to run.queued: the stream is live now
+        if frame is not None and frame[0] == "run.queued":
+            break
+    await asyncio.to_thread(enqueue, run_id)
+    await follow(sse, samples, split)
+
+
+async def ws_run(raw: str, run_id: str, samples: list[float], split: list) -> None:
+    url = f"ws://{HOST}:{ARGS.port}/ws/v1/runs/{run_id}"
+    async with ws_connect(url, additional_headers={"Authorization": f"Bearer {raw}"}) as ws:
+        while json.loads(await ws.recv())["event"] != "run.queued":
+            pass
+        await asyncio.to_thread(enqueue, run_id)
+        async for message in ws:
+            now = time.time_ns()
+            frame = json.loads(message)
+            if frame["event"] == "agent.output":
+                samples.extend(token_latencies(frame["data"], now))
+                at = ts_ns(frame["data"])
+                split += [
+                    ((at - int(t)) / 1e6, (now - at) / 1e6) for t in frame["data"]["chunk"].split()
+                ]
+            if frame["event"] in TERMINAL:
+                break
+
+
+async def latency(raw: str, run_ids: list[str], reader) -> dict:
+    """Token -> client over one protocol, one run at a time, split at the event's `ts` into the
+    worker's part (token -> event written) and the stream's (event -> client)."""
+    samples: list[float] = []
+    split: list = []
+    for run_id in run_ids:
+        await reader(raw, run_id, samples, split)
+    worker_side = [a for a, _ in split]
+    stream_side = [b for _, b in split]
+    return {
+        "tokens": len(samples),
+        "token_to_client_p50_ms": pct(samples, 50),
+        "token_to_client_p99_ms": pct(samples, 99),
+        "token_to_client_max_ms": max(samples),
+        "token_to_event_p50_ms": pct(worker_side, 50),
+        "token_to_event_p99_ms": pct(worker_side, 99),
+        "event_to_client_p50_ms": pct(stream_side, 50),
+        "event_to_client_p99_ms": pct(stream_side, 99),
+    }
+
+
+async def open_idle(raw: str, run_ids: list[str], n: int) -> list[Sse]:
+    """n more SSE streams over the silent runs, 40 opening at a time; each has its first bytes."""
     streams: list[Sse] = []
-    started = time.monotonic()
-    for i in range(0, ARGS.idle, 40):
+    for i in range(0, n, 40):
         batch = [
             Sse.open("GET", f"/api/v1/runs/{run_ids[j % len(run_ids)]}/events", raw)
-            for j in range(i, min(i + 40, ARGS.idle))
+            for j in range(i, min(i + 40, n))
         ]
         streams += await asyncio.gather(*batch)
     for sse in streams:  # the retry line: every stream is really open
         await sse.frames().__anext__()
-    opened_s = time.monotonic() - started
-    await asyncio.sleep(3)
-    after = rss_kb(pid)
-    probe = time.monotonic()
-    check = await Sse.open("GET", f"/api/v1/runs/{run_ids[0]}/events", raw)
-    probe_ms = (time.monotonic() - probe) * 1000
-    check.close()
-    for sse in streams:
-        sse.close()
-    return {
-        "open": len(streams),
-        "open_s": opened_s,
-        "rss_before_mb": before / 1024,
-        "rss_after_mb": after / 1024,
-        "kb_per_stream": (after - before) / len(streams),
-        "new_stream_ms_while_held": probe_ms,
-    }
+    return streams
 
 
 async def fanout(raw: str, run_id: str) -> dict:
@@ -249,7 +273,7 @@ async def fanout(raw: str, run_id: str) -> dict:
     tasks = [asyncio.create_task(follow(s, samples)) for s in streams]
     await asyncio.sleep(1)
     started = time.monotonic()
-    await asyncio.to_thread(async_task, "runs.tasks.run_execute", run_id, save=False)
+    await asyncio.to_thread(enqueue, run_id)
     counts = await asyncio.gather(*tasks)
     elapsed = time.monotonic() - started
     return {
@@ -258,36 +282,68 @@ async def fanout(raw: str, run_id: str) -> dict:
         "deliveries": sum(counts),
         "seconds": elapsed,
         "deliveries_per_s": sum(counts) / elapsed,
-        "token_p50_ms": pct(samples, 0.5),
-        "token_p99_ms": pct(samples, 0.99),
+        "token_p50_ms": pct(samples, 50),
+        "token_p99_ms": pct(samples, 99),
     }
 
 
-def start(args: list[str], log: str) -> subprocess.Popen:
-    return subprocess.Popen(
-        args, cwd=ROOT, env=ENV, stdout=open(Path(DATA_DIR) / log, "wb"), stderr=subprocess.STDOUT
+async def scenarios(key, raw: str, latency_chain, fan_chain, web_pid: int) -> dict:
+    results: dict = {}
+    runs = await asyncio.to_thread(idle_runs, key, latency_chain, 2 * ARGS.runs + 10)
+    warm, sse_ids, ws_ids = runs[:10], runs[10 : 10 + ARGS.runs], runs[10 + ARGS.runs :]
+    await latency(raw, warm[:5], sse_run)  # warm-up: connections, first imports
+    await latency(raw, warm[5:], ws_run)
+    silent = await asyncio.to_thread(idle_runs, key, fan_chain, 50)
+    rss_before = rss_kb(web_pid)
+    started = time.monotonic()
+    streams = await open_idle(raw, silent, ARGS.hold)
+    opened_s = time.monotonic() - started
+    results["sse"] = {"open_streams": len(streams), **await latency(raw, sse_ids, sse_run)}
+    results["ws"] = {"open_streams": len(streams), **await latency(raw, ws_ids, ws_run)}
+    if ARGS.idle > len(streams):
+        started = time.monotonic()
+        more = ARGS.idle - len(streams)
+        streams += await open_idle(raw, silent, more)
+        opened_s += time.monotonic() - started
+    if streams:
+        await asyncio.sleep(3)
+        rss_after = rss_kb(web_pid)
+        probe = time.monotonic()
+        check = await Sse.open("GET", f"/api/v1/runs/{silent[0]}/events", raw)
+        probe_ms = (time.monotonic() - probe) * 1000
+        check.close()
+        results["idle"] = {
+            "open": len(streams),
+            "opened_per_s": len(streams) / opened_s,
+            "rss_before_mb": rss_before / 1024,
+            "rss_after_mb": rss_after / 1024,
+            "kb_per_stream": (rss_after - rss_before) / len(streams),
+            "new_stream_ms_while_held": probe_ms,
+        }
+    for sse in streams:
+        sse.close()
+    await asyncio.to_thread(
+        lambda: Run.objects.filter(pk__in=silent).update(status=RunStatus.CANCELLED)
     )
-
-
-def wait_http(url: str) -> None:
-    import httpx
-
-    for _ in range(600):
-        try:
-            if httpx.get(url, timeout=1).status_code == 200:
-                return
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.1)
-    raise SystemExit(f"{url} did not come up")
+    if ARGS.fanout:
+        fan_run = (await asyncio.to_thread(idle_runs, key, fan_chain, 1))[0]
+        results["fanout"] = await fanout(raw, fan_run)
+    return results
 
 
 def main() -> None:
     _soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
     call_command("migrate", verbosity=0)
-    model = start_in_thread(HOST, ARGS.port + 1)
-    key, raw = api_key_create(owner_name=f"bench-{uuid.uuid4().hex[:6]}", name="bench")
+    model = start_in_thread(HOST, 0)
+    key, raw = api_key_create(
+        owner_name=f"bench-{uuid.uuid4().hex[:6]}",
+        name="bench",
+        requests_per_minute=100_000_000,  # every stream opened is a request
+        runs_per_minute=100_000_000,
+        tokens_per_minute=2_000_000_000,
+        max_active_runs=100_000_000,
+    )
 
     def chain(name: str, model_name: str):
         return chain_publish(
@@ -302,44 +358,18 @@ def main() -> None:
             }
         )[0]  # fmt: skip
 
-    chain("bench-latency", f"fake?tokens={ARGS.tokens}&stamp=1")
+    latency_chain = chain("bench-latency", f"fake?tokens={ARGS.tokens}&stamp=1")
     fan_chain = chain("bench-fanout", f"fake?tokens={ARGS.fanout_tokens}&latency_ms=5&stamp=1")
-    procs = [start([sys.executable, "manage.py", "qcluster"], "qcluster.log")]
-    web = start(
-        [sys.executable, "-m", "daphne", "-b", HOST, "-p", str(ARGS.port),
-         "agentsvc.asgi:application"], "daphne.log",
-    )  # fmt: skip
-    procs.append(web)
-    results: dict = {}
+    daphne = [PY, "-m", "daphne", "-b", HOST, "-p", str(ARGS.port), "agentsvc.asgi:application"]
     try:
-        wait_http(f"http://{HOST}:{ARGS.port}/healthz")
-        asyncio.run(latency(raw))  # warm-up: connections, first imports
-        samples, split = asyncio.run(latency(raw))
-        worker_side = [a for a, _ in split]
-        stream_side = [b for _, b in split]
-        results["latency"] = {
-            "tokens": len(samples),
-            "token_to_client_p50_ms": pct(samples, 0.5),
-            "token_to_client_p99_ms": pct(samples, 0.99),
-            "token_to_client_max_ms": max(samples),
-            "token_to_event_p50_ms": pct(worker_side, 0.5),
-            "token_to_event_p99_ms": pct(worker_side, 0.99),
-            "event_to_client_p50_ms": pct(stream_side, 0.5),
-            "event_to_client_p99_ms": pct(stream_side, 0.99),
-        }
-        if ARGS.fanout:
-            fan_run = idle_runs(key, fan_chain, 1)[0]
-            results["fanout"] = asyncio.run(fanout(raw, fan_run))
-        if ARGS.idle:
-            ids = idle_runs(key, fan_chain, 50)
-            results["idle"] = asyncio.run(idle(raw, ids, web.pid))
-            Run.objects.filter(pk__in=ids).update(status=RunStatus.CANCELLED)
+        with processes(
+            [PY, "manage.py", "qcluster"], daphne, env=ENV, log_dir=Path(DATA_DIR)
+        ) as procs:
+            wait_http(f"http://{HOST}:{ARGS.port}/healthz")
+            results = asyncio.run(scenarios(key, raw, latency_chain, fan_chain, procs[1].pid))
     finally:
-        for proc in procs:
-            proc.terminate()
-        for proc in procs:
-            proc.wait(timeout=20)
         model.shutdown()
+    write_json(ARGS.json, results)
     mode = "embedded (SQLite, no Redis)" if ARGS.embedded else "PostgreSQL + Redis"
     load = ", ".join(f"{x:.1f}" for x in os.getloadavg())
     print(f"\nstream benchmark, {mode}, {os.cpu_count()} cores (load average {load})")

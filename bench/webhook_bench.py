@@ -2,8 +2,8 @@
 
 Needs PostgreSQL and Redis (the production configuration). Reproduce with:
     .venv/bin/python bench/webhook_bench.py --workers 1 --deliveries 2000 --runs 200
-It creates (and migrates) the database BENCH_DATABASE_URL (default agentsvc_bench_hooks), starts a
-real qcluster with Q_WORKERS=--workers, and a real receiver on 127.0.0.1:8290.
+It recreates the database BENCH_DATABASE_URL (default agentsvc_bench), starts a real qcluster
+with Q_WORKERS=--workers, and a real receiver (tests/fakes/webhook_receiver.py) on a free port.
 
 1. Throughput: N pending deliveries are enqueued at once (as on commit); the clock runs from the
    first to the last request the receiver gets.
@@ -16,44 +16,14 @@ from __future__ import annotations
 
 import argparse
 import os
-import signal
 import statistics
-import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
-
-DB_URL = os.environ.get(
-    "BENCH_DATABASE_URL", "postgres://postgres@127.0.0.1:5432/agentsvc_bench_hooks"
-)
-REDIS_URL = os.environ.get("BENCH_REDIS_URL", "redis://127.0.0.1:6379/11")
-CLUSTER = f"agentsvc-bench-{os.getpid()}"
-os.environ.update(
-    DATABASE_URL=DB_URL,
-    REDIS_URL=REDIS_URL,
-    SECRET_KEY="bench",
-    Q_CLUSTER_NAME=CLUSTER,
-    WEBHOOK_ALLOWED_NETWORKS="127.0.0.0/8",
-    LOG_LEVEL="WARNING",
-    DJANGO_SETTINGS_MODULE="agentsvc.settings",
-)
-
-
-def ensure_database() -> None:
-    import psycopg
-
-    name = DB_URL.rsplit("/", 1)[1]
-    with psycopg.connect(DB_URL.rsplit("/", 1)[0] + "/postgres", autocommit=True) as conn:
-        if not conn.execute("SELECT 1 FROM pg_database WHERE datname = %s", [name]).fetchone():
-            conn.execute(f'CREATE DATABASE "{name}"')
-
-
-def pct(values: list[float], p: float) -> float:
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, round(p / 100 * (len(ordered) - 1)))]
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from bench.common import PY, config_env, exit_on_sigterm, pct, processes, reset_database, write_json
 
 
 def main() -> None:
@@ -61,12 +31,17 @@ def main() -> None:
     parser.add_argument("--workers", type=int, default=1)
     parser.add_argument("--deliveries", type=int, default=2000)
     parser.add_argument("--runs", type=int, default=200)
-    parser.add_argument("--port", type=int, default=8290)
+    parser.add_argument("--port", type=int, default=0, help="the receiver (default: a free port)")
+    parser.add_argument("--json", help="write the results here")
     args = parser.parse_args()
 
-    # A SIGTERM (e.g. from `timeout`) unwinds through `finally`, so the worker is stopped too.
-    signal.signal(signal.SIGTERM, lambda *_: sys.exit(1))
-    ensure_database()
+    exit_on_sigterm()
+    tmp = Path(tempfile.mkdtemp(prefix="webhook-bench-"))
+    env = config_env("production", tmp / "data")
+    env.update(WEBHOOK_ALLOWED_NETWORKS="127.0.0.0/8", DJANGO_SETTINGS_MODULE="agentsvc.settings")
+    reset_database(env)
+    os.environ.clear()
+    os.environ.update(env)
     import django
 
     django.setup()
@@ -116,15 +91,8 @@ def main() -> None:
             ]
         )
 
-    env = dict(os.environ, Q_WORKERS=str(args.workers))
-    worker = subprocess.Popen(
-        [sys.executable, "manage.py", "qcluster"],
-        cwd=ROOT,
-        env=env,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-    try:
+    worker_env = dict(env, Q_WORKERS=str(args.workers))
+    with processes([PY, "manage.py", "qcluster"], env=worker_env, log_dir=tmp):
         time.sleep(4)  # cluster start-up
 
         # 1. Throughput: one task per delivery (runs ending one by one), then a backlog.
@@ -190,10 +158,16 @@ def main() -> None:
                 time.sleep(0.0005)
             latencies.append((receiver.requests_for(path)[-1].at - committed) * 1000)
             time.sleep(0.02)
-    finally:
-        worker.terminate()
-        worker.wait(20)
-        receiver.shutdown()
+    receiver.shutdown()
+    results = {
+        "workers": args.workers,
+        "per_task_per_s": per_task,
+        "backlog_per_s": per_batch,
+        "latency_p50_ms": statistics.median(latencies),
+        "latency_p95_ms": pct(latencies, 95),
+        "latency_p99_ms": pct(latencies, 99),
+    }
+    write_json(args.json, results)
 
     print(f"\nwebhook delivery, qcluster Q_WORKERS={args.workers}, {os.cpu_count()} cores")
     print(f"{'metric':<44}{'value':>12}{'target':>12}")

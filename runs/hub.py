@@ -91,7 +91,11 @@ class Hub:
             if self._tasks:
                 return
             if self.layer is not None:
-                self.channel = await self.layer.new_channel("stream-hub")
+                # The default prefix, as every WebSocket consumer's channel: channels-redis reads
+                # all of a process's channels through one lock but one Redis list per prefix, so
+                # under another prefix the hub's wake-ups waited behind a consumer's blocking pop
+                # (up to 5 s) and readers only saw events at the next re-check.
+                self.channel = await self.layer.new_channel()
                 self._tasks.append(asyncio.create_task(self._listen()))
             else:
                 await self._bind_datagrams()

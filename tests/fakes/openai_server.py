@@ -77,6 +77,9 @@ class FakeModelServer(ThreadingHTTPServer):
 
 class Handler(BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"
+    # Chunks are small writes: without TCP_NODELAY the last one waits for a delayed ACK
+    # (about 40 ms on a kept-alive connection), which is not zero latency.
+    disable_nagle_algorithm = True
     server: FakeModelServer
 
     def log_message(self, format, *args):  # quiet

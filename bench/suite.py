@@ -1,0 +1,265 @@
+"""The benchmark suite: every scenario in a bounded time, one table.
+
+    make bench                                   # under 10 minutes on 2 cores
+    make bench BENCH_ARGS=--quick                # a smoke run, about 3 minutes
+    .venv/bin/python bench/suite.py [--quick] [--only create,overhead,...]
+
+Each scenario is one of the scripts next to this file, run as its own process (each configures
+Django for itself) with `--json`; this file only chooses their sizes and turns their results into
+one markdown table: scenario | metric | agentsvc | reference | ratio | target | met?
+The machine is shared, so every ratio is against a reference measured in the same run, and the
+load average is recorded at the start and the end. The table goes to stdout and to
+bench/results/latest.md; everything measured to bench/results/latest.json, each script's output
+to bench/results/<scenario>.log.
+
+Needs PostgreSQL and Redis (BENCH_DATABASE_URL, default postgres://postgres@127.0.0.1:5432/
+agentsvc_bench, recreated; BENCH_REDIS_URL, default redis://127.0.0.1:6379/12, emptied) and wrk.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import shutil
+import statistics
+import subprocess
+import sys
+import time
+from datetime import UTC, datetime
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from bench.common import PY, ROOT, exit_on_sigterm, pct
+
+RESULTS = ROOT / "bench" / "results"
+
+# name -> (script, full-run arguments, --quick arguments, time limit in seconds)
+SCENARIOS = {
+    "create": (
+        "create_throughput.py",
+        ["--duration", "10", "--burst", "60"],
+        ["--duration", "5", "--burst", "20"],
+        300,
+    ),
+    "overhead": (
+        "run_latency.py",
+        ["--runs", "50", "--chains", "one"],
+        ["--runs", "20", "--chains", "one"],
+        240,
+    ),
+    "streams": (
+        "stream_bench.py",
+        ["--runs", "30", "--hold", "1000", "--idle", "5000", "--fanout", "0"],
+        ["--runs", "10", "--hold", "1000", "--idle", "1000", "--fanout", "0"],
+        300,
+    ),
+    "workers": ("worker_bench.py", ["--runs", "1000"], ["--runs", "300"], 300),
+    "webhooks": (
+        "webhook_bench.py",
+        ["--deliveries", "1000", "--runs", "100"],
+        ["--deliveries", "300", "--runs", "30"],
+        240,
+    ),
+}
+
+
+def machine() -> dict:
+    cpu = next(
+        (
+            line.split(":", 1)[1].strip()
+            for line in Path("/proc/cpuinfo").read_text().splitlines()
+            if line.startswith("model name")
+        ),
+        platform.processor(),
+    )
+    mem_kb = int(Path("/proc/meminfo").read_text().split()[1])
+    commit = subprocess.run(
+        ["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True
+    ).stdout.strip()
+    ram_gib = round(mem_kb / 2**20, 1)
+    return {"cores": os.cpu_count(), "cpu": cpu, "ram_gib": ram_gib, "commit": commit}
+
+
+def run_scenario(name: str, quick: bool) -> dict:
+    script, full, short, limit = SCENARIOS[name]
+    out = RESULTS / f"{name}.json"
+    out.unlink(missing_ok=True)
+    started = time.monotonic()
+    args = [PY, str(ROOT / "bench" / script), *(short if quick else full), "--json", str(out)]
+    with (RESULTS / f"{name}.log").open("w") as log:
+        proc = subprocess.Popen(args, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT)
+        try:
+            code = proc.wait(timeout=limit)
+            error = f"exit status {code}" if code else ""
+        except subprocess.TimeoutExpired:
+            error = f"over its {limit} s limit"
+        finally:
+            if proc.poll() is None:  # timed out, or the suite was stopped: let it clean up
+                proc.terminate()
+                try:
+                    proc.wait(timeout=30)
+                except subprocess.TimeoutExpired:
+                    proc.kill()
+    seconds = time.monotonic() - started
+    if not error and out.exists():
+        return {"seconds": seconds, **json.loads(out.read_text())}
+    return {"seconds": seconds, "error": error or "no results written"}
+
+
+# --- the table -----------------------------------------------------------------------------------
+def num(value: float, digits: int = 0) -> str:
+    return f"{value:,.{digits}f}"
+
+
+def ms(p50: float, p99: float) -> str:
+    return f"{p50:,.1f} / {p99:,.1f}"
+
+
+def ratio(a: float, b: float) -> str:
+    return f"{a / b:.2f}x" if b else "—"
+
+
+def met(ok: bool | None) -> str:
+    return "—" if ok is None else ("yes" if ok else "**no**")
+
+
+def rows(r: dict) -> list[tuple]:
+    """(scenario, metric, agentsvc, reference, ratio, target, met?) for every result present."""
+    out: list[tuple] = []
+    failed = [(name, res["error"]) for name, res in r.items() if "error" in res]
+    c = r.get("create", {})
+    if "agentsvc" in c:
+        a, d, seed, hello = c["agentsvc"], c["durable"], c["seed-fastapi"], c["hello"]
+        key = c["agentsvc+key"]
+        conns = c["config"]["connections"]
+        burst = c["config"]["burst_s"]
+        out += [
+            ("1 run creation", f"req/s, {conns} clients, {burst} s burst; ref: durable accept",
+             num(a["rps"]), num(d["rps"]), ratio(a["rps"], d["rps"]), "≥ 0.8x",
+             met(a["rps"] >= 0.8 * d["rps"])),
+            ("1 run creation", "latency p50 / p99 ms; ref: durable accept",
+             ms(a["p50"], a["p99"]), ms(d["p50"], d["p99"]), ratio(a["p99"], d["p99"]), "", ""),
+            ("1 run creation", "p99 worst / best 10 s window of the burst",
+             f"{a['p99_spread']:.2f}x", "", "", "flat (≤ 2x)", met(a["p99_spread"] <= 2)),
+            ("1 run creation", "req/s; ref: the seed's FastAPI pattern",
+             num(a["rps"]), num(seed["rps"]), ratio(a["rps"], seed["rps"]), "", ""),
+            ("1 run creation", "req/s with Idempotency-Key; ref: durable accept",
+             num(key["rps"]), num(d["rps"]), ratio(key["rps"], d["rps"]), "≥ 0.8x",
+             met(key["rps"] >= 0.8 * d["rps"])),
+        ]  # fmt: skip
+    for config, target in (("embedded", 250), ("production", 20)):
+        one = r.get("overhead", {}).get(config, {}).get("one")
+        if one:
+            model = statistics.median(one["model"])
+            overhead = [s - model for s in one["server"]]
+            p50 = statistics.median(overhead)
+            label = "embedded (SQLite)" if config == "embedded" else "production (Redis broker)"
+            out.append(
+                ("2 platform overhead per run", f"ms p50 / p99, {label}; ref: model time",
+                 ms(p50, pct(overhead, 99)), f"{model:.1f}", "", f"p50 ≤ {target} ms",
+                 met(p50 <= target))
+            )  # fmt: skip
+    s = r.get("streams", {})
+    for proto, target in (("sse", 20), ("ws", None)):
+        if proto in s:
+            x = s[proto]
+            p99 = x["token_to_client_p99_ms"]
+            out.append(
+                ("3 token → client", f"ms p50 / p99, {proto.upper()}, "
+                 f"{x['open_streams']:,} streams open",
+                 ms(x["token_to_client_p50_ms"], p99), "", "",
+                 f"p99 ≤ {target} ms" if target else "", met(p99 <= target) if target else "")
+            )  # fmt: skip
+    if "idle" in s:
+        i = s["idle"]
+        out += [
+            ("4 idle streams", "SSE streams held by one web process", num(i["open"]), "", "",
+             "≥ 5,000", met(i["open"] >= 5000)),
+            ("4 idle streams", "memory per stream, KB (RSS growth / streams)",
+             num(i["kb_per_stream"], 1), "", "", "≤ 100 KB", met(i["kb_per_stream"] <= 100)),
+        ]  # fmt: skip
+    w = r.get("workers", {})
+    if "1w" in w:
+        one = w["1w"]["runs_per_s"]
+        out.append(("5 worker throughput", f"runs/s, 1 worker ({w['runs']} runs)", num(one), "",
+                    "", "≥ 200", met(one >= 200)))  # fmt: skip
+        if "2w" in w:
+            two = w["2w"]["runs_per_s"]
+            out.append(("5 worker throughput", "runs/s, 2 workers; ref: 1 worker", num(two),
+                        num(one), ratio(two, one), "", ""))  # fmt: skip
+    h = r.get("webhooks", {})
+    if "per_task_per_s" in h:
+        out += [
+            ("6 webhooks", "deliveries/s, 1 worker, one task per run end",
+             num(h["per_task_per_s"]), "", "", "≥ 300", met(h["per_task_per_s"] >= 300)),
+            ("6 webhooks", "deliveries/s, 1 worker, a backlog in batches",
+             num(h["backlog_per_s"]), "", "", "≥ 300", met(h["backlog_per_s"] >= 300)),
+            ("6 webhooks", "completion → receipt ms, p50 / p95",
+             ms(h["latency_p50_ms"], h["latency_p95_ms"]), "", "", "", ""),
+        ]  # fmt: skip
+    if "hello" in c:
+        out.append(
+            ("7 server floor", "req/s; ref: plain ASGI hello-world, same server",
+             num(c["agentsvc"]["rps"]), num(hello["rps"]),
+             ratio(c["agentsvc"]["rps"], hello["rps"]), "", "")
+        )  # fmt: skip
+    for name, error in failed:
+        out.append((name, "failed", error, "", "", "", met(False)))
+    return out
+
+
+def table(results: dict, meta: dict) -> str:
+    head = ["scenario", "metric", "agentsvc", "reference", "ratio", "target", "met?"]
+    lines = [
+        f"Benchmark suite ({meta['mode']}), {meta['date']}, commit {meta['commit']}: "
+        f"{meta['cores']} cores ({meta['cpu']}), {meta['ram_gib']} GiB RAM; "
+        f"load average {meta['load_start']} at the start, {meta['load_end']} at the end; "
+        f"{meta['seconds']:.0f} s.",
+        "",
+        "| " + " | ".join(head) + " |",
+        "|" + "---|" * len(head),
+    ]
+    lines += ["| " + " | ".join(str(cell) for cell in row) + " |" for row in rows(results)]
+    return "\n".join(lines) + "\n"
+
+
+def load() -> str:
+    return " / ".join(f"{x:.1f}" for x in os.getloadavg())
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="smaller sizes: about 3 minutes")
+    parser.add_argument("--only", default=",".join(SCENARIOS), help="scenarios to run")
+    args = parser.parse_args()
+    exit_on_sigterm()
+    if not shutil.which("wrk"):
+        sys.exit("wrk is needed: apt-get install wrk")
+    RESULTS.mkdir(exist_ok=True)
+    meta = {
+        "mode": "quick" if args.quick else "full",
+        "date": datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC"),
+        **machine(),
+        "load_start": load(),
+    }
+    started = time.monotonic()
+    results = {}
+    for name in args.only.split(","):
+        print(f"{name} ... (load {load()})", flush=True)
+        results[name] = run_scenario(name, args.quick)
+        state = results[name].get("error", "done")
+        print(f"{name}: {state} in {results[name]['seconds']:.0f} s", flush=True)
+    meta["load_end"] = load()
+    meta["seconds"] = time.monotonic() - started
+    text = table(results, meta)
+    print("\n" + text)
+    (RESULTS / "latest.md").write_text(text)
+    (RESULTS / "latest.json").write_text(json.dumps({"meta": meta, **results}, indent=1))
+    if any("error" in r for r in results.values()):
+        sys.exit(1)
+
+
+if __name__ == "__main__":
+    main()
