@@ -7,11 +7,25 @@ BIN := $(VENV)/bin
 
 .PHONY: setup run test lint bench
 
+# llama.cpp is built for the CPU family, not for this very CPU (its default, -march=native): a
+# native build picked up AMX on one Xeon and crashed on its first answer, and pip's wheel cache
+# would hand a native build to any machine. The wheel is kept in WHEELS, built once per machine.
+LLAMA := llama-cpp-python[server]>=0.3,<0.4
+WHEELS := $(HOME)/.cache/agentsvc/wheels
+ifeq ($(shell uname -m),x86_64)
+LLAMA_CMAKE_ARGS := -DGGML_NATIVE=OFF -DGGML_AVX=ON -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON
+else
+LLAMA_CMAKE_ARGS := -DGGML_NATIVE=OFF
+endif
+PIP_BUILD := CMAKE_ARGS="$(LLAMA_CMAKE_ARGS)" CMAKE_BUILD_PARALLEL_LEVEL=$$(nproc) $(BIN)/pip
+
 $(BIN)/.installed: pyproject.toml clients/python/pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
 	@echo 'Installing; the first time this builds llama.cpp (about 10 minutes on 2 cores).'
-	CMAKE_BUILD_PARALLEL_LEVEL=$$(nproc) $(BIN)/pip install --quiet -e '.[dev,local]' -e './clients/python[webhooks]'
+	$(PIP_BUILD) wheel --quiet --no-deps --no-cache-dir --find-links $(WHEELS) -w $(WHEELS) '$(LLAMA)'
+	$(BIN)/pip install --quiet --no-deps --no-index --find-links $(WHEELS) llama-cpp-python
+	$(PIP_BUILD) install --quiet -e '.[dev,local]' -e './clients/python[webhooks]'
 	touch $@
 
 setup: $(BIN)/.installed
