@@ -153,9 +153,27 @@ def test_cancel_failures_are_problems(staff, alice, make_chain):
 
 
 # --- In a browser -------------------------------------------------------------------------
+# Playwright's sync API keeps an event loop running in this thread, and Django then keeps
+# database connections per context: everything touching the ORM happens in fixtures set up
+# before the browser starts; the test itself checks through the API.
 
 CHROMIUM = "/usr/bin/chromium"
 ARTIFACTS = ROOT / "test-artifacts"
+PASSWORD = "pw-" + "x" * 12
+
+
+@pytest.fixture
+def browser_setup(alice, make_chain):
+    """The chains and a superuser (so the admin's run page, which needs the view permission,
+    opens too)."""
+    make_chain(
+        "demo",
+        models=[fake(tokens=30, latency_ms=50), fake(tokens=30, latency_ms=50)],
+        timeout_s=60,
+    )
+    make_chain("brief", models=[fake(tokens=4), fake(tokens=4)])
+    get_user_model().objects.create_superuser("ops", "ops@example.com", PASSWORD)
+    return alice
 
 
 @pytest.fixture
@@ -167,7 +185,7 @@ def web(worker, tmp_path):
 
 
 @pytest.fixture
-def page(web, monkeypatch):
+def page(browser_setup, web):
     sync_api = pytest.importorskip("playwright.sync_api")
     if not os.path.exists(CHROMIUM):
         pytest.skip(f"{CHROMIUM} is missing (apt-get install chromium)")
@@ -186,10 +204,6 @@ def page(web, monkeypatch):
         context = browser.new_context(viewport={"width": 1400, "height": 800})
         page = context.new_page()
         page.set_default_timeout(30_000)
-        # Playwright's sync API keeps an event loop running in this thread, which Django's
-        # guard takes for async code; the ORM calls here are plain sync ones. Set after `web`
-        # started, so the server under test keeps the guard.
-        monkeypatch.setenv("DJANGO_ALLOW_ASYNC_UNSAFE", "1")
         try:
             yield page
         finally:
@@ -198,41 +212,45 @@ def page(web, monkeypatch):
             browser.close()
 
 
-def admin_login(page, url: str, next_path: str) -> None:
-    # A superuser, so the admin's run page (which needs the view permission) opens too.
-    get_user_model().objects.create_superuser("ops", "ops@example.com", "pw-" + "x" * 12)
-    page.goto(f"{url}{next_path}")
-    assert "/admin/login/" in page.url  # anonymous: sent to the login form first
-    page.fill("#id_username", "ops")
-    page.fill("#id_password", "pw-" + "x" * 12)
-    page.click("input[type=submit]")
-    page.wait_for_url(f"{url}{next_path}")
+class ApiClient:
+    def __init__(self, url: str, api) -> None:
+        self.http = httpx.Client(
+            base_url=url, headers={"Authorization": f"Bearer {api.raw_key}"}, timeout=30
+        )
 
+    def start(self, chain: str) -> str:
+        response = self.http.post(f"/api/v1/chains/{chain}/runs", json={"input": {"topic": "t"}})
+        assert response.status_code == 202, response.text
+        return response.json()["run_id"]
 
-def api_start(url: str, api, chain: str = "demo") -> str:
-    response = httpx.post(
-        f"{url}/api/v1/chains/{chain}/runs",
-        json={"input": {"topic": "tides"}},
-        headers={"Authorization": f"Bearer {api.raw_key}"},
-    )
-    assert response.status_code == 202, response.text
-    return response.json()["run_id"]
+    def status(self, run_id: str) -> str:
+        return self.http.get(f"/api/v1/runs/{run_id}").json()["status"]
+
+    def events(self, run_id: str) -> list[dict]:
+        events, after = [], 0
+        while True:
+            page = self.http.get(f"/api/v1/runs/{run_id}/events", params={"after": after}).json()
+            events += page["results"]
+            if not page["results"]:
+                return events
+            after = page["next_after"]
 
 
 @pytest.mark.slow
 @pytest.mark.django_db(transaction=True)
-def test_dashboard_in_a_browser(web, page, alice, make_chain):
-    make_chain(
-        "demo",
-        models=[fake(tokens=30, latency_ms=50), fake(tokens=30, latency_ms=50)],
-        timeout_s=60,
-    )
-    admin_login(page, web, PAGE)
+def test_dashboard_in_a_browser(browser_setup, web, page):
+    api = ApiClient(web, browser_setup)
+    page.goto(f"{web}{PAGE}")
+    assert "/admin/login/" in page.url  # anonymous: sent to the login form first
+    page.fill("#id_username", "ops")
+    page.fill("#id_password", PASSWORD)
+    page.click("input[type=submit]")
+    page.wait_for_url(f"{web}{PAGE}")
     assert page.text_content("#count-active") == "0"
     page.wait_for_selector('#feed-state[data-state="live"]')
 
     # A run started through the API appears at the top, streams its tokens, and completes.
-    run_id = api_start(web, alice)
+    run_id = api.start("demo")
     row = page.locator(f'tr[data-run-id="{run_id}"]')
     row.wait_for()
     assert page.locator("#runs tbody tr").first.get_attribute("data-run-id") == run_id
@@ -245,28 +263,25 @@ def test_dashboard_in_a_browser(web, page, alice, make_chain):
     page.wait_for_selector(f'tr[data-run-id="{run_id}"][data-status="completed"]', timeout=60_000)
     wait_until(lambda: page.text_content("#stream-state") == "completed", 30)
     streamed = [page.text_content(f'.agent[data-agent="{a}"] pre') for a in ("agent0", "agent1")]
-    run = Run.objects.get(pk=run_id)
-    assert "".join(streamed) == "".join(
-        e.data["chunk"] for e in run.events.filter(type="agent.output").order_by("seq")
-    )
+    outputs = [e["data"]["chunk"] for e in api.events(run_id) if e["event"] == "agent.output"]
+    assert "".join(streamed) == "".join(outputs)
     page.wait_for_function("() => document.getElementById('count-active').textContent === '0'")
 
     # Another one, cancelled from the page.
-    other = api_start(web, alice)
-    other_row = page.locator(f'tr[data-run-id="{other}"]')
-    other_row.locator("button.cancel").click()
+    other = api.start("demo")
+    page.locator(f'tr[data-run-id="{other}"] button.cancel').click()
     page.wait_for_selector(f'tr[data-run-id="{other}"][data-status="cancelled"]', timeout=60_000)
-    assert Run.objects.get(pk=other).cancel_reason == "admin"
+    assert api.events(other)[-1]["data"]["reason"] == "admin"
     assert page.text_content("#message") == ""
 
     row.locator('[data-col="agents"]').click()  # the finished run's stream, replayed
     wait_until(lambda: page.text_content("#stream-state") == "completed", 30)
     ARTIFACTS.mkdir(exist_ok=True)
     page.screenshot(path=str(ARTIFACTS / "dashboard.png"), full_page=True)
+
     # The admin's page of a short run: its whole event log fits one screenshot.
-    make_chain("brief", models=[fake(tokens=4), fake(tokens=4)])
-    brief = api_start(web, alice, "brief")
-    wait_until(lambda: Run.objects.get(pk=brief).status == RunStatus.COMPLETED, 30)
+    brief = api.start("brief")
+    wait_until(lambda: api.status(brief) == "completed", 30)
     page.goto(f"{web}/admin/runs/run/{brief}/change/")
     assert page.locator("#events-group").get_by_text("run.completed", exact=True).count() == 1
     page.screenshot(path=str(ARTIFACTS / "admin-run.png"), full_page=True)
