@@ -219,7 +219,9 @@ class ApiClient:
         )
 
     def start(self, chain: str) -> str:
-        response = self.http.post(f"/api/v1/chains/{chain}/runs", json={"input": {"topic": "t"}})
+        response = self.http.post(
+            f"/api/v1/chains/{chain}/runs", json={"input": {"topic": "tides"}}
+        )
         assert response.status_code == 202, response.text
         return response.json()["run_id"]
 
