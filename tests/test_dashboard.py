@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 from datetime import timedelta
+from pathlib import Path
 
 import httpx
 import pytest
@@ -15,7 +16,7 @@ from django.utils import timezone
 
 from runs.models import Run, RunStatus
 from runs.services import event_append, run_create
-from tests.conftest import ROOT, fake, process_env, start_web, wait_until
+from tests.conftest import ROOT, fake, free_port, process_env, start_web, wait_until
 
 PAGE, STATE = "/dashboard/", "/dashboard/state"
 
@@ -176,16 +177,34 @@ def browser_setup(alice, make_chain):
     return alice
 
 
+class Web:
+    """A daphne of the test's own (the browser's sockets die with it, not in a shared server),
+    which can be stopped and started again on the same port."""
+
+    def __init__(self, log_dir: Path) -> None:
+        self.log_dir = log_dir
+        self.port = free_port()
+        self.starts = 0
+        self.start()
+
+    def start(self) -> None:
+        self.starts += 1
+        log = self.log_dir / f"daphne-{self.starts}.log"
+        self.proc, self.url = start_web(process_env(), log, port=self.port)
+
+    def stop(self) -> None:
+        self.proc.stop()
+
+
 @pytest.fixture
 def web(worker, tmp_path):
-    """A daphne of this test's own: the browser's sockets die with it, not in a shared server."""
-    proc, url = start_web(process_env(), tmp_path / "daphne.log")
-    yield url
-    proc.stop()
+    server = Web(tmp_path)
+    yield server
+    server.stop()
 
 
 @pytest.fixture
-def page(browser_setup, web):
+def page(browser_setup, web):  # after both: no ORM call once the browser runs
     sync_api = pytest.importorskip("playwright.sync_api")
     if not os.path.exists(CHROMIUM):
         pytest.skip(f"{CHROMIUM} is missing (apt-get install chromium)")
@@ -240,14 +259,29 @@ class ApiClient:
 
 @pytest.mark.slow
 @pytest.mark.django_db(transaction=True)
-def test_dashboard_in_a_browser(browser_setup, web, page):
-    api = ApiClient(web, browser_setup)
-    page.goto(f"{web}{PAGE}")
+def log_in(page, url: str) -> None:
+    page.goto(f"{url}{PAGE}")
     assert "/admin/login/" in page.url  # anonymous: sent to the login form first
     page.fill("#id_username", "ops")
     page.fill("#id_password", PASSWORD)
     page.click("input[type=submit]")
-    page.wait_for_url(f"{web}{PAGE}")
+    page.wait_for_url(f"{url}{PAGE}")
+
+
+def streamed_text(page) -> str:
+    return "".join(page.locator(".agent pre").all_text_contents())
+
+
+def output_text(api: ApiClient, run_id: str) -> str:
+    return "".join(e["data"]["chunk"] for e in api.events(run_id) if e["event"] == "agent.output")
+
+
+@pytest.mark.slow
+@pytest.mark.django_db(transaction=True)
+def test_dashboard_in_a_browser(browser_setup, web, page):
+    web = web.url
+    api = ApiClient(web, browser_setup)
+    log_in(page, web)
     assert page.text_content("#count-active") == "0"
     page.wait_for_selector('#feed-state[data-state="live"]')
 
@@ -264,9 +298,8 @@ def test_dashboard_in_a_browser(browser_setup, web, page):
     page.wait_for_function("() => document.getElementById('count-active').textContent === '1'")
     page.wait_for_selector(f'tr[data-run-id="{run_id}"][data-status="completed"]', timeout=60_000)
     wait_until(lambda: page.text_content("#stream-state") == "completed", 30)
-    streamed = [page.text_content(f'.agent[data-agent="{a}"] pre') for a in ("agent0", "agent1")]
-    outputs = [e["data"]["chunk"] for e in api.events(run_id) if e["event"] == "agent.output"]
-    assert "".join(streamed) == "".join(outputs)
+    assert page.locator(".agent h3").all_text_contents() == ["agent0", "agent1"]
+    assert streamed_text(page) == output_text(api, run_id)
     page.wait_for_function("() => document.getElementById('count-active').textContent === '0'")
 
     # Another one, cancelled from the page.
@@ -287,3 +320,26 @@ def test_dashboard_in_a_browser(browser_setup, web, page):
     page.goto(f"{web}/admin/runs/run/{brief}/change/")
     assert page.locator("#events-group").get_by_text("run.completed", exact=True).count() == 1
     page.screenshot(path=str(ARTIFACTS / "admin-run.png"), full_page=True)
+
+
+@pytest.mark.slow
+@pytest.mark.django_db(transaction=True)
+def test_dashboard_reconnects_when_the_server_restarts(browser_setup, web, page):
+    """Both sockets come back by themselves; the run stream resumes after the last seq shown,
+    so its text has no gap and no repeat."""
+    api = ApiClient(web.url, browser_setup)
+    log_in(page, web.url)
+    page.wait_for_selector('#feed-state[data-state="live"]')
+    run_id = api.start("demo")
+    page.locator(f'tr[data-run-id="{run_id}"] [data-col="agents"]').click()
+    page.wait_for_function("() => document.querySelector('.agent pre')?.textContent.length > 0")
+
+    web.stop()
+    page.wait_for_selector('#feed-state[data-state="down"]')
+    web.start()
+    page.wait_for_selector('#feed-state[data-state="live"]', timeout=60_000)
+    wait_until(lambda: page.text_content("#stream-state") == "completed", 60)
+    assert streamed_text(page) == output_text(api, run_id)
+    # The feed is live again: a run started now appears and finishes on the page.
+    brief = api.start("brief")
+    page.wait_for_selector(f'tr[data-run-id="{brief}"][data-status="completed"]', timeout=60_000)
