@@ -4,6 +4,7 @@ from drf_spectacular.views import SpectacularAPIView, SpectacularSwaggerView
 
 from agentsvc import views
 from runs import api as runs_api
+from runs import dashboard
 from runs import sse as runs_sse
 from webhooks import api as webhooks_api
 
@@ -38,6 +39,9 @@ urlpatterns = [
     path("api/v1/schema", SpectacularAPIView.as_view(), name="schema"),
     path("api/docs", SpectacularSwaggerView.as_view(url_name="schema"), name="docs"),
     path("admin/", admin.site.urls),
+    path("dashboard/", dashboard.dashboard, name="dashboard"),
+    path("dashboard/state", dashboard.state, name="dashboard-state"),
+    path("dashboard/runs/<uuid:run_id>/cancel", dashboard.run_cancel, name="dashboard-cancel"),
 ]
 
 handler404 = "agentsvc.views.handler404"

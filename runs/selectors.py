@@ -5,17 +5,17 @@ from __future__ import annotations
 import base64
 import binascii
 from collections.abc import Callable
-from datetime import datetime
+from datetime import datetime, timedelta
 from functools import lru_cache
 from typing import Any
 from uuid import UUID
 
-from django.db.models import Max, Q, QuerySet
+from django.db.models import Count, Max, Q, QuerySet
 from django.http import Http404
 
 from agentsvc.errors import ApplicationError
 from agentsvc.models import Owner
-from runs.models import Agent, Chain, Run, RunEvent
+from runs.models import ACTIVE_STATUSES, Agent, Chain, Run, RunEvent, RunStatus
 
 
 def chain_latest_list() -> list[Chain]:
@@ -123,3 +123,33 @@ def run_events_after(*, run: Run, after: int, limit: int = 100) -> list[RunEvent
 
 def chain_exists(*, name: str) -> bool:
     return Chain.objects.filter(name=name).exists()
+
+
+def run_recent_list(*, limit: int = 50) -> list[Run]:
+    """Every owner's newest runs (the dashboard's first rows); run_created_idx serves it."""
+    runs = Run.objects.select_related("chain", "owner").defer(
+        "input", "output", "metadata", "error_message", "webhook_secret"
+    )
+    return list(runs.order_by("-created_at")[:limit])
+
+
+def run_counts(*, now: datetime) -> dict[str, int]:
+    """Active (running), queued, and failed in the hour before `now`, over every owner.
+
+    Two queries on partial indexes: run_active_idx for the live ones, run_finished_idx for the
+    failures (a failed run always has finished_at).
+    """
+    live = dict(
+        Run.objects.filter(status__in=ACTIVE_STATUSES)
+        .values("status")
+        .annotate(n=Count("pk"))
+        .values_list("status", "n")
+    )
+    failed = Run.objects.filter(
+        finished_at__gte=now - timedelta(hours=1), status=RunStatus.FAILED
+    ).count()
+    return {
+        "active": live.get(RunStatus.RUNNING, 0),
+        "queued": live.get(RunStatus.QUEUED, 0),
+        "failed_last_hour": failed,
+    }

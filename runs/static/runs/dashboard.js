@@ -1,0 +1,238 @@
+// The operators' dashboard: follows /ws/v1/runs (status feed) and /ws/v1/runs/{id} (a run's
+// events) with the page's staff session, re-reads /dashboard/state for the counters, and cancels
+// through /dashboard/runs/{id}/cancel. Plain JavaScript, no build step.
+"use strict";
+
+(() => {
+  const NIL = "00000000-0000-0000-0000-000000000000";
+  const RANK = { queued: 0, running: 1, completed: 2, failed: 2, cancelled: 2, timed_out: 2 };
+  const TERMINAL = new Set(["run.completed", "run.failed", "run.cancelled", "run.timed_out"]);
+  const body = document.body;
+  const maxRows = Number(body.dataset.maxRows);
+  const csrfToken = document.querySelector("[name=csrfmiddlewaretoken]").value;
+  const tbody = document.querySelector("#runs tbody");
+  const wsBase = (location.protocol === "https:" ? "wss://" : "ws://") + location.host;
+  const $ = (id) => document.getElementById(id);
+
+  function say(text) {
+    $("message").textContent = text;
+  }
+
+  // --- A WebSocket that reconnects with backoff (0.5 s doubling to 15 s, with jitter) ---------
+  // url() is called on every attempt, so a run stream resumes with ?after= the last seq seen.
+  function follow(url, { onOpen, onFrame, onEnd }) {
+    let socket = null;
+    let failures = 0;
+    let stopped = false;
+    let timer = null;
+    function open() {
+      socket = new WebSocket(url());
+      socket.onopen = () => onOpen && onOpen();
+      socket.onmessage = (message) => {
+        failures = 0;
+        onFrame(JSON.parse(message.data));
+      };
+      socket.onclose = (event) => {
+        if (stopped) return;
+        if (event.code === 1000 || event.code === 4401 || event.code === 4404) {
+          stopped = true; // finished, logged out, or gone: reconnecting would not help
+          if (onEnd) onEnd(event.code);
+          return;
+        }
+        if (onEnd) onEnd(event.code, true);
+        const delay = Math.min(15000, 500 * 2 ** failures) * (0.75 + Math.random() / 2);
+        failures += 1;
+        timer = setTimeout(open, delay);
+      };
+    }
+    open();
+    return {
+      close() {
+        stopped = true;
+        clearTimeout(timer);
+        if (socket) socket.close(1000);
+      },
+    };
+  }
+
+  // --- Rows -------------------------------------------------------------------------------
+  function rowOf(runId) {
+    return tbody.querySelector(`tr[data-run-id="${runId}"]`);
+  }
+
+  function newRow(run) {
+    const row = document.createElement("tr");
+    row.dataset.runId = run.run_id;
+    row.dataset.createdAt = run.created_at;
+    for (const col of ["id", "chain", "owner", "status", "agents", "tokens", "created", "action"]) {
+      const td = document.createElement("td");
+      td.dataset.col = col;
+      row.append(td);
+    }
+    const link = document.createElement("a");
+    link.href = body.dataset.adminUrl.replace(NIL, run.run_id);
+    link.textContent = run.run_id.slice(0, 8);
+    row.querySelector('[data-col="id"]').append(link);
+    row.querySelector('[data-col="status"]').append(document.createElement("span"));
+    const time = document.createElement("time");
+    time.dateTime = run.created_at;
+    time.textContent = run.created_at;
+    row.querySelector('[data-col="created"]').append(time);
+    // Newest first: before the first row created earlier than this one.
+    const later = [...tbody.rows].find((r) => r.dataset.createdAt < run.created_at);
+    tbody.insertBefore(row, later || null);
+    while (tbody.rows.length > maxRows) tbody.lastElementChild.remove();
+    return row;
+  }
+
+  // Applies what a feed frame or a state read knows about a run. Statuses only move forward, so
+  // an answer read before a newer frame arrived cannot take a row back.
+  function show(run) {
+    let row = rowOf(run.run_id);
+    if (!row) {
+      const oldest = tbody.lastElementChild;
+      if (tbody.rows.length >= maxRows && oldest && oldest.dataset.createdAt > run.created_at) {
+        return;
+      }
+      row = newRow(run);
+    }
+    const current = row.dataset.status;
+    if (current && RANK[run.status] < RANK[current]) return;
+    row.dataset.status = run.status;
+    const cell = (name) => row.querySelector(`[data-col="${name}"]`);
+    cell("status").firstElementChild.textContent = run.status;
+    cell("chain").textContent = `${run.chain} v${run.version}`;
+    if (run.owner) cell("owner").textContent = run.owner;
+    const p = run.progress;
+    const agent = run.status === "running" && p.current_agent ? ` ${p.current_agent}` : "";
+    cell("agents").textContent = `${p.agents_completed}/${p.agents_total}${agent}`;
+    cell("tokens").textContent = run.usage.total_tokens;
+    const action = cell("action");
+    action.textContent = "";
+    if (run.status === "queued" || (run.status === "running" && !run.cancel_requested)) {
+      const button = document.createElement("button");
+      button.type = "button";
+      button.className = "cancel";
+      button.textContent = "Cancel";
+      action.append(button);
+    } else if (run.status === "running") {
+      action.textContent = "stopping";
+    }
+  }
+
+  // --- Counters and rows from /dashboard/state, at most once a second --------------------
+  let lastRead = 0;
+  let pending = null;
+  async function readState() {
+    pending = null;
+    lastRead = Date.now();
+    try {
+      const response = await fetch(body.dataset.stateUrl, { redirect: "manual" });
+      if (response.type === "opaqueredirect") return say("Logged out: reload the page to log in.");
+      if (!response.ok) return say(`Could not read the counters (HTTP ${response.status}).`);
+      const state = await response.json();
+      $("count-active").textContent = state.counts.active;
+      $("count-queued").textContent = state.counts.queued;
+      $("count-failed").textContent = state.counts.failed_last_hour;
+      for (const run of state.runs.slice().reverse()) show(run);
+    } catch (error) {
+      say(`Could not read the counters: ${error.message}`);
+    }
+  }
+  function refresh() {
+    if (pending) return;
+    pending = setTimeout(readState, Math.max(0, lastRead + 1000 - Date.now()));
+  }
+  setInterval(refresh, 30000); // "failed in the last hour" also changes with no event at all
+
+  // --- The status feed ------------------------------------------------------------------
+  follow(() => `${wsBase}/ws/v1/runs`, {
+    onOpen() {
+      $("feed-state").dataset.state = "live";
+      $("feed-state").textContent = "live";
+      refresh(); // runs that started while the feed was down
+    },
+    onFrame(frame) {
+      if (frame.event !== "run.status") return;
+      show(frame.data);
+      refresh();
+    },
+    onEnd(code, retrying) {
+      $("feed-state").dataset.state = "down";
+      $("feed-state").textContent = retrying ? "reconnecting" : "disconnected";
+      if (code === 4401) say("Logged out: reload the page to log in.");
+    },
+  });
+
+  // --- One run's token stream -------------------------------------------------------------
+  let watched = null;
+  function watch(runId) {
+    if (watched) watched.close();
+    for (const row of tbody.querySelectorAll("tr.selected")) row.classList.remove("selected");
+    const row = rowOf(runId);
+    if (row) row.classList.add("selected");
+    $("stream-run").textContent = runId;
+    $("stream-state").textContent = "";
+    $("agents").textContent = "";
+    let after = 0;
+    const agentText = (name) => {
+      let block = $("agents").querySelector(`.agent[data-agent="${CSS.escape(name)}"]`);
+      if (!block) {
+        block = document.createElement("div");
+        block.className = "agent";
+        block.dataset.agent = name;
+        const title = document.createElement("h3");
+        title.textContent = name;
+        block.append(title, document.createElement("pre"));
+        $("agents").append(block);
+      }
+      return block.querySelector("pre");
+    };
+    watched = follow(() => `${wsBase}/ws/v1/runs/${runId}?after=${after}`, {
+      onFrame(frame) {
+        if (frame.seq <= after) return;
+        after = frame.seq;
+        if (frame.event === "agent.started") agentText(frame.data.agent);
+        else if (frame.event === "agent.output") agentText(frame.data.agent).append(frame.data.chunk);
+        else if (TERMINAL.has(frame.event)) $("stream-state").textContent = frame.event.slice(4);
+      },
+      onEnd(code, retrying) {
+        if (retrying) $("stream-state").textContent = "reconnecting";
+        else if (code === 4404) $("stream-state").textContent = "no such run";
+      },
+    });
+  }
+
+  // --- Cancel -----------------------------------------------------------------------------
+  async function cancel(runId, button) {
+    button.disabled = true;
+    say("");
+    try {
+      const response = await fetch(body.dataset.cancelUrl.replace(NIL, runId), {
+        method: "POST",
+        headers: { "X-CSRFToken": csrfToken },
+        redirect: "manual",
+      });
+      if (response.type === "opaqueredirect") return say("Logged out: reload the page to log in.");
+      const answer = await response.json().catch(() => ({}));
+      if (!response.ok) {
+        button.disabled = false;
+        return say(`Could not cancel ${runId.slice(0, 8)}: ${answer.detail || response.status}`);
+      }
+      const row = rowOf(runId);
+      if (row) row.querySelector('[data-col="action"]').textContent = answer.status === "running" ? "stopping" : "";
+      refresh();
+    } catch (error) {
+      button.disabled = false;
+      say(`Could not cancel ${runId.slice(0, 8)}: ${error.message}`);
+    }
+  }
+
+  tbody.addEventListener("click", (event) => {
+    const row = event.target.closest("tr");
+    if (!row || event.target.closest("a")) return;
+    const button = event.target.closest("button.cancel");
+    if (button) cancel(row.dataset.runId, button);
+    else watch(row.dataset.runId);
+  });
+})();
