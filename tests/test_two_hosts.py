@@ -78,8 +78,9 @@ class Host:
         return (self.log_dir / f"{role}-{self.name}.log").read_text(errors="replace")
 
     def start_web(self) -> None:
+        address = ADDRESS[self.name]
         proc = self._start(
-            "web", "-m", "daphne", "-b", ADDRESS[self.name], "-p", "8000", "agentsvc.asgi:application"
+            "web", "-m", "daphne", "-b", address, "-p", "8000", "agentsvc.asgi:application"
         )
 
         def up() -> bool:
@@ -253,9 +254,11 @@ def test_runs_of_a_killed_worker_on_b_finish_on_a(hosts, bridge_model, alice, ma
 
     def all_finished() -> bool:
         a.keeper_pass()  # what the minute schedule does, here every second
-        return not Run.objects.filter(pk__in=run_ids).exclude(
-            status__in=[RunStatus.COMPLETED, RunStatus.FAILED, RunStatus.CANCELLED]
-        ).exists()
+        return (
+            not Run.objects.filter(pk__in=run_ids)
+            .exclude(status__in=[RunStatus.COMPLETED, RunStatus.FAILED, RunStatus.CANCELLED])
+            .exists()
+        )
 
     wait_until(all_finished, 90, interval=1, message="every run to finish on host A")
     recovered_s = time.monotonic() - killed_at
