@@ -3,7 +3,7 @@
     .venv/bin/python bench/soak.py [--minutes 10] [--rate 3] [--webs 2] [--workers 2]
 
 Starts the fake model server (tokens 20 ms apart), a webhook receiver, N daphne processes and M
-qclusters (PostgreSQL + Redis, database `agentsvc_soak`, Redis db 13; BENCH_DATABASE_URL /
+qclusters (PostgreSQL + Redis, database `agentsvc_scale_soak`, Redis db 14; BENCH_DATABASE_URL /
 BENCH_REDIS_URL override), with the schedules on (keeper, webhook sweep) as in production.
 One endpoint of the key's owner receives every run's end. Runs arrive at `--rate` a second
 (open loop: a slow server does not slow the arrivals), each request to a web process picked at
@@ -68,6 +68,7 @@ class Soak:
         self.requests = 0
         self.create_ms: list[float] = []
         self.notes: list[str] = []
+        self.unfinished = 0
 
     def web(self) -> str:
         return random.choice(self.webs)
@@ -216,9 +217,9 @@ class Soak:
                 self.note("errors", f"cancel {run_id}: {r.status_code} {r.text[:200]}")
             await self.poll(http, run_id)
 
-    async def traffic(self, seconds: float, rate: float) -> float:
+    async def traffic(self, seconds: float, rate: float, drain: float) -> float:
         limits = httpx.Limits(max_connections=200, max_keepalive_connections=50)
-        async with httpx.AsyncClient(timeout=httpx.Timeout(30, read=120), limits=limits) as http:
+        async with httpx.AsyncClient(timeout=httpx.Timeout(30, read=60), limits=limits) as http:
             tasks = set()
             started = time.monotonic()
             n = 0
@@ -229,7 +230,13 @@ class Soak:
                 task.add_done_callback(tasks.discard)
                 n += 1
             lag = time.monotonic() - (started + seconds)
-            await asyncio.gather(*tasks)
+            # Clients still waiting on a run after the drain are given up (the books count the
+            # run as stuck).
+            if tasks:
+                _, pending = await asyncio.wait(set(tasks), timeout=drain)
+                for task in pending:
+                    task.cancel()
+                self.unfinished = len(pending)
         return lag
 
 
@@ -293,8 +300,8 @@ def main() -> int:
     with tempfile.TemporaryDirectory() as tmp:
         tmp_path = Path(tmp)
         env = config_env("production", tmp_path / "data")
-        env["DATABASE_URL"] = env["DATABASE_URL"].rsplit("/", 1)[0] + "/agentsvc_soak"
-        env["REDIS_URL"] = env["REDIS_URL"].rsplit("/", 1)[0] + "/13"
+        env["DATABASE_URL"] = env["DATABASE_URL"].rsplit("/", 1)[0] + "/agentsvc_scale_soak"
+        env["REDIS_URL"] = env["REDIS_URL"].rsplit("/", 1)[0] + "/14"
         model_port = free_port()
         env.update(
             LOCAL_MODEL_URL=f"http://127.0.0.1:{model_port}/v1",
@@ -337,7 +344,7 @@ def main() -> int:
             soak = Soak(webs, key)
             seconds = args.minutes * 60
             began = time.monotonic()
-            lag = asyncio.run(soak.traffic(seconds, args.rate))
+            lag = asyncio.run(soak.traffic(seconds, args.rate, args.drain))
             traffic_s = time.monotonic() - began
             result = books(env, soak.accepted, receiver, args.drain)
             logs = {p.name: p.read_text(errors="replace") for p in tmp_path.glob("proc*.log")}
@@ -356,7 +363,8 @@ def main() -> int:
         f"\nsoak: {args.minutes:g} min at {args.rate:g} runs/s arriving, {args.webs} web,"
         f" {args.workers} qclusters x 2; arrivals {dict(soak.kinds)};"
         f" statuses {dict(result['statuses'])}; unacknowledged runs {result['unacknowledged']};"
-        f" webhook redeliveries {result['webhook_redeliveries']}; arrival lag {lag:.2f} s"
+        f" webhook redeliveries {result['webhook_redeliveries']}; arrival lag {lag:.2f} s;"
+        f" clients given up after the drain {soak.unfinished}"
     )
     if result["queue_wait_ms"]:
         print(
