@@ -1,6 +1,13 @@
+import os
+
 from django.apps import AppConfig
 
 
 class AgentsvcConfig(AppConfig):
     name = "agentsvc"
     verbose_name = "Access"
+
+    def ready(self) -> None:
+        from agentsvc.db import close_pools_before_fork
+
+        os.register_at_fork(before=close_pools_before_fork)
