@@ -110,6 +110,37 @@ def test_bodies_that_are_not_objects(alice, target, template, raw):
     assert Run.objects.count() == 1 and WebhookEndpoint.objects.count() == 1
 
 
+WRONG_TYPES = [
+    ("post", "/api/v1/chains/demo/invoke", {"wait_s": False}, "wait_s"),
+    ("post", "/api/v1/chains/demo/invoke", {"wait_s": "1"}, "wait_s"),
+    ("post", "/api/v1/chains/demo/runs", {"version": "1"}, "version"),
+    ("post", "/api/v1/chains/demo/runs", {"version": True}, "version"),
+    ("post", "/api/v1/chains/demo/runs", {"version": 1.5}, "version"),
+    ("post", "/api/v1/chains/demo/runs", {"input": []}, "input"),
+    ("post", "/api/v1/chains/demo/runs", {"metadata": {"k": {"nested": 1}}}, "metadata"),
+    ("post", "/api/v1/chains/demo/runs", {"idempotency_key": 1}, "idempotency_key"),
+    ("patch", "/api/v1/webhook-endpoints/{endpoint}", {"enabled": 1}, "enabled"),
+    ("patch", "/api/v1/webhook-endpoints/{endpoint}", {"enabled": "yes"}, "enabled"),
+    ("patch", "/api/v1/webhook-endpoints/{endpoint}", {"description": 5}, "description"),
+    ("patch", "/api/v1/webhook-endpoints/{endpoint}", {"events": "run.failed"}, "events"),
+]
+
+
+@pytest.mark.parametrize("method,template,body,field", WRONG_TYPES)
+def test_wrong_json_types(alice, target, method, template, body, field):
+    """A JSON value of the wrong type is refused, not converted ("yes" is not true)."""
+    response = getattr(alice.client, method)(
+        _path(template, target),
+        json.dumps(body),
+        content_type="application/json",
+        headers=alice._headers(None),
+    )
+    errors = assert_clean_4xx(response, 400)["errors"]
+    assert field in {e["field"].split(".")[0] for e in errors}, errors
+    assert Run.objects.count() == 1
+    assert WebhookEndpoint.objects.get().enabled
+
+
 @pytest.mark.parametrize("method,template", BODY_ROUTES)
 def test_ten_megabytes(alice, target, method, template):
     raw = b'{"input": {"topic": "' + b"x" * BIG + b'"}}'
@@ -381,6 +412,9 @@ def test_stream_views_bad_input(live_server_url, alice, make_chain):
         for raw, content_type, status in BAD_BODIES.values():
             response = post(content=raw, headers={**headers, "Content-Type": content_type})
             assert_clean_4xx(response, status)
+        for flag in (1, "true", "yes"):
+            response = post(json={"cancel_on_disconnect": flag}, headers=headers)
+            assert_clean_4xx(response, 400)
         for key in IDEMPOTENCY_KEYS.values():
             try:
                 response = post(json={}, headers={**headers, "Idempotency-Key": key})
