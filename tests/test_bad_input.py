@@ -377,17 +377,18 @@ def test_on_the_wire(live_server_url, alice, make_chain, path):
         ),
         415,
     )
-    # Idempotency keys with bytes an HTTP client would not send.
-    for key in (b"abc\rdef", b"\xff\xfe", b"cl\xc3\xa9", b"\x00"):
+    # Idempotency keys with bytes an HTTP client would not send. daphne itself answers a bare
+    # CR or a NUL in a header with a bare 400 (RFC 9110): the application never sees those.
+    for key in (b"abc\rdef", b"\xff\xfe", b"cl\xc3\xa9", b"\x00", b"a" * 300):
         response = send(
             b"Content-Type: application/json\r\nContent-Length: 2\r\nIdempotency-Key: "
             + key
             + b"\r\n",
             b"{}",
         )
-        if response.status_code != 400:  # the server may refuse the header line itself
-            assert response.status_code == 400, response.content
-        elif response.headers.get("content-type") == "application/problem+json":
+        if b"\r" in key or b"\x00" in key:
+            assert response.status_code == 400 and not response.content
+        else:
             assert_clean_4xx(response, 400)
     assert not Run.objects.exists()
 
