@@ -100,6 +100,9 @@ NOT_TENANT = {
     "/api/v1/schema": "the OpenAPI document",
     "/api/docs": "Swagger UI",
     "/admin/": "staff only (tests/test_admin.py, tests/test_security.py)",
+    "/dashboard/": "staff only (tests/test_security.py)",
+    "/dashboard/state": "staff only (tests/test_security.py)",
+    "/dashboard/runs/{run_id}/cancel": "staff only, with the CSRF token (tests/test_security.py)",
 }
 WEBSOCKETS = {
     "/ws/v1/runs/{run_id}": "one run's events: 4404 for another owner's run",

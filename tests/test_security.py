@@ -75,7 +75,7 @@ def test_keys_sharing_a_prefix_are_told_apart(alice, bob):
 # --- The admin: staff only, and CSRF on every write ---------------------------------------
 
 # Pages only staff may open. New consoles go here (one line each).
-STAFF_ONLY = ["/admin/"]
+STAFF_ONLY = ["/admin/", "/dashboard/", "/dashboard/state"]
 
 
 def _admin_pages(objects: dict) -> list[str]:
@@ -200,6 +200,12 @@ ADMIN_WRITES = [
         lambda o: not WebhookEndpoint.objects.exists(),
     ),
     (
+        "cancel a run from the dashboard",
+        "/dashboard/runs/{Run}/cancel",
+        lambda o: {},
+        lambda o: Run.objects.get(pk=o[Run].pk).status == RunStatus.CANCELLED,
+    ),
+    (
         "publish a chain version",
         "/admin/runs/chain/{Chain}/change/",
         lambda o: {
@@ -239,7 +245,7 @@ def test_admin_writes_need_the_csrf_token(admin_objects, what, url, data, happen
     assert not happened(admin_objects), what
 
     # With the token the page hands out, the same post does it (so the 403 was the CSRF check).
-    page = staff.get(url.removesuffix("delete/") if "delete" not in url else url)
+    page = staff.get("/dashboard/" if url.startswith("/dashboard/") else url)
     assert page.status_code == 200, what
     token = staff.cookies["csrftoken"].value
     done = staff.post(url, {**form, "csrfmiddlewaretoken": token})
