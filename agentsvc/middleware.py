@@ -20,6 +20,22 @@ def _is_api(request) -> bool:
     return request.path.startswith("/api/")
 
 
+def _query_problem(request):
+    """400 for a NUL anywhere in the query string: no parameter may hold one, and PostgreSQL
+    refuses it in a query with an error that would otherwise surface as a 500."""
+    if not _is_api(request):
+        return None
+    bad = sorted({k for k, values in request.GET.lists() for v in [k, *values] if "\x00" in v})
+    if not bad:
+        return None
+    return problem_response(
+        request,
+        "validation_error",
+        "Query parameters may not contain NUL (%00).",
+        errors=[{"field": name, "message": "Contains NUL."} for name in bad],
+    )
+
+
 def _body_problem(request):
     """413 before any view sees a body over MAX_REQUEST_BYTES."""
     if request.method not in ("POST", "PUT", "PATCH") or not _is_api(request):
@@ -59,10 +75,11 @@ class ApiProblemMiddleware:
     def __call__(self, request):
         if iscoroutinefunction(self):
             return self.__acall__(request)
-        return self._finish(request, _body_problem(request) or self.get_response(request))
+        problem = _query_problem(request) or _body_problem(request)
+        return self._finish(request, problem or self.get_response(request))
 
     async def __acall__(self, request):
-        problem = _body_problem(request)
+        problem = _query_problem(request) or _body_problem(request)
         if problem is not None:
             return problem
         return self._finish(request, await self.get_response(request))

@@ -234,3 +234,51 @@ def add_stream_operations(result, generator, request, public):
         }
     }
     return result
+
+
+def _links(parameter: str, source: str, *operations: str) -> dict:
+    return {
+        op: {"operationId": op, "parameters": {parameter: f"$response.body#{source}"}}
+        for op in operations
+    }
+
+
+_RUN_LINKS = _links(
+    "run_id",
+    "/run_id",
+    "runs_retrieve",
+    "runs_cancel",
+    "runs_events",
+    "runs_deliveries",
+    "runs_webhooks_resend",
+)
+_LINKS = {
+    ("runs_create", "202"): _RUN_LINKS,
+    ("runs_invoke", "200"): _RUN_LINKS,
+    ("runs_invoke", "202"): _RUN_LINKS,
+    ("runs_cancel", "200"): _RUN_LINKS,
+    ("runs_retrieve", "200"): _RUN_LINKS,
+    ("webhook_endpoints_create", "201"): _links(
+        "endpoint_id",
+        "/id",
+        "webhook_endpoints_retrieve",
+        "webhook_endpoints_update",
+        "webhook_endpoints_rotate_secret",
+        "webhook_endpoints_delete",
+    ),
+    ("runs_deliveries", "200"): _links("delivery_id", "/results/0/id", "deliveries_resend"),
+    ("runs_webhooks_resend", "202"): _links("delivery_id", "/results/0/id", "deliveries_resend"),
+}
+
+
+def add_links(result, generator, request, public):
+    """OpenAPI links from what an answer holds to the calls it enables (a new run to its
+    poll, cancel, events and deliveries; a new endpoint to its own calls): client generators
+    and stateful testing follow them."""
+    for item in result.get("paths", {}).values():
+        for operation in item.values():
+            for status, response in operation.get("responses", {}).items():
+                links = _LINKS.get((operation.get("operationId"), status))
+                if links:
+                    response["links"] = links
+    return result

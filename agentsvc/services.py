@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import re
 from datetime import timedelta
 
 from django.db import transaction
@@ -25,8 +26,14 @@ def api_key_create(*, owner_name: str, name: str, **limits: int | None) -> tuple
     return key, raw
 
 
+# What `ApiKey.generate` makes: the prefix and URL-safe base64.
+_KEY_FORMAT = re.compile(rf"{KEY_PREFIX}[A-Za-z0-9_-]{{32,197}}")
+
+
 def api_key_authenticate(*, raw: str) -> ApiKey | None:
-    if not raw.startswith(KEY_PREFIX) or len(raw) < len(KEY_PREFIX) + 32 or len(raw) > 200:
+    """The active key for a raw key, or None. Anything not shaped like a key is refused before
+    the database sees it (PostgreSQL refuses a NUL in a query parameter with an error)."""
+    if not _KEY_FORMAT.fullmatch(raw):
         return None
     prefix = raw[len(KEY_PREFIX) : len(KEY_PREFIX) + DISPLAY_PREFIX_LEN]
     for key in ApiKey.objects.select_related("owner").filter(prefix=prefix):

@@ -322,6 +322,7 @@ SPECTACULAR_SETTINGS = {
         "drf_spectacular.hooks.postprocess_schema_enums",
         "agentsvc.openapi.add_stream_operations",
         "agentsvc.openapi.add_common_headers",
+        "agentsvc.openapi.add_links",
     ],
 }
 # --- Webhooks -------------------------------------------------------------------------------

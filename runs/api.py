@@ -21,7 +21,12 @@ from rest_framework.views import APIView
 from agentsvc.errors import ApplicationError
 from agentsvc.idempotency import IdempotentMixin
 from agentsvc.openapi import IDEMPOTENCY_KEY, problems
-from agentsvc.serializers import StrictCharField, StrictSerializer
+from agentsvc.serializers import (
+    StrictCharField,
+    StrictFloatField,
+    StrictIntegerField,
+    StrictSerializer,
+)
 from runs import selectors, services
 from runs.models import TERMINAL_STATUSES, RunStatus
 from runs.presenters import chain_dict, event_dict, run_dict, run_handle
@@ -114,7 +119,7 @@ class MetadataField(JSONObjectField):
 
 class RunCreateInput(StrictSerializer):
     input = JSONObjectField(required=False, default=dict)
-    version = serializers.IntegerField(required=False, min_value=1, max_value=2**31 - 1)
+    version = StrictIntegerField(required=False, min_value=1, max_value=2**31 - 1)
     metadata = MetadataField(required=False, default=dict, validators=[_validate_metadata])
     webhook = RunWebhookInput(required=False, allow_null=True)
     idempotency_key = StrictCharField(
@@ -127,7 +132,7 @@ class RunCreateInput(StrictSerializer):
 
 
 class RunInvokeInput(RunCreateInput):
-    wait_s = serializers.FloatField(required=False, min_value=0)
+    wait_s = StrictFloatField(required=False, min_value=0)
 
 
 def _start_run(view, request, name: str, serializer_class=RunCreateInput):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import re
 from collections.abc import Callable
 from datetime import datetime, timedelta
 from functools import lru_cache
@@ -58,6 +59,9 @@ def run_get(*, owner: Owner, run_id: UUID) -> Run:
         raise Http404 from None
 
 
+_CURSOR_FORMAT = re.compile(r"[A-Za-z0-9_-]+={0,2}")
+
+
 def encode_cursor(*parts: object) -> str:
     """An opaque cursor: the sort key of the last item of a page."""
     return base64.urlsafe_b64encode("|".join(map(str, parts)).encode()).decode()
@@ -66,6 +70,9 @@ def encode_cursor(*parts: object) -> str:
 def decode_cursor(cursor: str, *parsers: Callable[[str], Any]) -> list[Any]:
     """The parts of a cursor, each read by its parser; anything else is a 400."""
     try:
+        # The decoder skips characters outside the alphabet; a cursor with any is not ours.
+        if not _CURSOR_FORMAT.fullmatch(cursor):
+            raise ValueError
         parts = base64.urlsafe_b64decode(cursor.encode()).decode().split("|")
         if len(parts) != len(parsers):
             raise ValueError

@@ -18,7 +18,6 @@ from asgiref.sync import sync_to_async
 from django.conf import settings
 from django.http import Http404, HttpRequest, HttpResponse, StreamingHttpResponse
 from django.views.decorators.csrf import csrf_exempt
-from rest_framework import serializers
 from rest_framework.exceptions import ParseError, ValidationError
 
 from agentsvc import limits
@@ -35,6 +34,7 @@ from agentsvc.idempotency import (
 )
 from agentsvc.models import ApiKey
 from agentsvc.parsers import StrictJSONParser
+from agentsvc.serializers import StrictBooleanField
 from runs import selectors, services
 from runs.api import RunCreateInput, RunEventsApi
 from runs.models import Run
@@ -54,7 +54,7 @@ _events_json = RunEventsApi.as_view()
 
 
 class RunStreamInput(RunCreateInput):
-    cancel_on_disconnect = serializers.BooleanField(required=False, default=False)
+    cancel_on_disconnect = StrictBooleanField(required=False, default=False)
 
 
 def _wants_sse(request: HttpRequest) -> bool:

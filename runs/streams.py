@@ -40,7 +40,8 @@ def parse_after(raw: str | None) -> int | None:
     if raw is None or raw == "":
         return 0
     raw = raw.strip()
-    if not raw.isdigit() or len(raw) > 10 or int(raw) > MAX_SEQ:
+    # isascii: str.isdigit() is also true of digits int() cannot read, such as "²".
+    if not (raw.isascii() and raw.isdigit()) or len(raw) > 10 or int(raw) > MAX_SEQ:
         return None
     return int(raw)
 

@@ -3,20 +3,24 @@
 from __future__ import annotations
 
 import json
+import threading
 from datetime import timedelta
 
 import pytest
+from django.db import connection, connections, transaction
 from django.utils import timezone
 from standardwebhooks import Webhook
 
 from runs.models import RunStatus
 from runs.services import run_cancel, run_create
+from tests.conftest import wait_until
 from tests.webhook_support import SECRET, deliver_all, finished_run, hook_path
-from webhooks.models import WebhookDelivery, WebhookEndpoint, WebhookMessage
+from webhooks.models import WebhookAttempt, WebhookDelivery, WebhookEndpoint, WebhookMessage
 from webhooks.services import (
     deliveries_sweep,
     delivery_attempt,
     endpoint_create,
+    endpoint_delete,
     endpoint_rotate_secret,
 )
 from webhooks.services.deliveries import _claim
@@ -374,3 +378,63 @@ def test_metrics_count_attempts_by_outcome(alice, make_chain, receiver):
     finished_run(alice, make_chain, webhook=own(receiver, hook_path()))
     deliver_all()
     assert count("succeeded") == before + 1
+
+
+@pytest.mark.django_db(transaction=True)
+def test_deleting_an_endpoint_while_a_worker_records_an_attempt(alice, make_chain, receiver):
+    """The worker records an attempt (one statement: the delivery row and a new attempt) while
+    the endpoint is deleted. The delete must take the attempt with it, not fail on its foreign
+    key at commit (a 500 found by the stateful fuzzing)."""
+    endpoint = endpoint_create(
+        owner=alice.key.owner, url=receiver.base_url + hook_path(), events=ALL
+    )
+    finished_run(alice, make_chain)
+    deliver_all()  # the first attempt, before any worker of the session takes it
+    delivery = WebhookDelivery.objects.get(endpoint=endpoint)
+    number = delivery.attempt_count + 1
+    recorded, release, deleted = threading.Event(), threading.Event(), []
+
+    def worker() -> None:
+        try:
+            with transaction.atomic():
+                WebhookDelivery.objects.filter(pk=delivery.pk).update(attempt_count=number)
+                WebhookAttempt.objects.create(
+                    delivery=delivery,
+                    number=number,
+                    at=timezone.now(),
+                    duration_ms=1,
+                    trigger="auto",
+                )
+                recorded.set()
+                release.wait(20)
+        finally:
+            connection.close()
+
+    def delete() -> None:
+        try:
+            endpoint_delete(endpoint=WebhookEndpoint.objects.get(pk=endpoint.pk))
+            deleted.append(True)
+        finally:
+            connection.close()
+
+    threads = [threading.Thread(target=worker)]
+    threads[0].start()
+    assert recorded.wait(20)
+    threads.append(threading.Thread(target=delete))
+    threads[1].start()
+    with connections["default"].cursor() as cursor:
+
+        def delete_waits() -> bool:
+            cursor.execute(
+                "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() "
+                "AND wait_event_type = 'Lock'"
+            )
+            return cursor.fetchone()[0] == 1
+
+        wait_until(delete_waits, 20, message="the delete to wait for the worker's row lock")
+    release.set()
+    for thread in threads:
+        thread.join(30)
+    assert deleted == [True]
+    assert not WebhookAttempt.objects.filter(delivery_id=delivery.pk).exists()
+    assert not WebhookDelivery.objects.filter(pk=delivery.pk).exists()

@@ -12,7 +12,7 @@ from django.utils import timezone
 from agentsvc.errors import ApplicationError
 from webhooks import services
 from webhooks.models import DeliveryStatus, WebhookAttempt, WebhookDelivery, WebhookEndpoint
-from webhooks.services.endpoints import endpoint_update
+from webhooks.services.endpoints import endpoint_delete, endpoint_update
 
 
 class ResendRangeForm(ActionForm):
@@ -46,6 +46,13 @@ class WebhookEndpointAdmin(admin.ModelAdmin):
     def has_add_permission(self, request) -> bool:
         # Endpoints are registered through the API, which shows the new secret once.
         return False
+
+    def delete_model(self, request, obj) -> None:
+        endpoint_delete(endpoint=obj)  # the API's delete, safe beside a worker's attempt
+
+    def delete_queryset(self, request, queryset) -> None:
+        for endpoint in queryset:
+            endpoint_delete(endpoint=endpoint)
 
     @admin.action(description="Enable selected endpoints")
     def enable(self, request, queryset) -> None:

@@ -7,7 +7,7 @@ import binascii
 
 from rest_framework import serializers
 
-from agentsvc.serializers import StrictCharField, StrictSerializer
+from agentsvc.serializers import StrictBooleanField, StrictCharField, StrictSerializer
 from runs.models import TERMINAL_EVENTS
 from webhooks.ssrf import BlockedAddress, check_url
 
@@ -65,4 +65,4 @@ class EndpointCreateInput(StrictSerializer):
 class EndpointUpdateInput(EndpointCreateInput):
     url = serializers.URLField(max_length=2000, validators=[validate_target_url], required=False)
     events = _events_field(required=False)
-    enabled = serializers.BooleanField(required=False)
+    enabled = StrictBooleanField(required=False)

@@ -7,10 +7,11 @@ import secrets as pysecrets
 from datetime import timedelta
 from typing import Any
 
+from django.db import transaction
 from django.utils import timezone
 
 from agentsvc.models import Owner
-from webhooks.models import WebhookEndpoint
+from webhooks.models import WebhookDelivery, WebhookEndpoint
 
 ROTATION_OVERLAP = timedelta(hours=24)
 
@@ -45,5 +46,14 @@ def endpoint_rotate_secret(*, endpoint: WebhookEndpoint) -> WebhookEndpoint:
     return endpoint
 
 
+@transaction.atomic
 def endpoint_delete(*, endpoint: WebhookEndpoint) -> None:
+    """Delete the endpoint with its deliveries and their attempts.
+
+    The deliveries are locked first. A worker records an attempt in one statement that updates
+    the delivery and inserts the attempt; without the lock, one committed between the cascade's
+    read of the attempts and its delete would be left behind, and the commit would fail on the
+    attempt's foreign key. With it, the cascade waits for that worker and sees its attempt, and a
+    worker that comes later finds its delivery gone (its lease is lost)."""
+    list(WebhookDelivery.objects.select_for_update().filter(endpoint=endpoint).values_list("pk"))
     endpoint.delete()
