@@ -309,9 +309,10 @@ def test_web_restart_mid_stream(alice, make_chain, clusters, settings, tmp_path,
             30,
             message="output streaming",
         )
-        before = [len(f.frames) for f in followers]
         os.kill(web.proc.pid, signal.SIGKILL)
         web.proc.wait()
+        # What each client had when the process died; a run may have ended just before.
+        at_kill = [list(f.frames) for f in followers]
         web.stop()
         killed_at = time.monotonic()
         # Ten clients knocking every 0.2 s on a busy machine: the restart may be slow.
@@ -324,9 +325,12 @@ def test_web_restart_mid_stream(alice, make_chain, clusters, settings, tmp_path,
         web.stop()
     figures = audit(ids)
     streams = streams_figures(followers)
-    resumed = sum(
-        1 for f, n in zip(followers, before, strict=True) if f.connects >= 2 and len(f.frames) > n
-    )
+    cut = [
+        (f, len(frames))
+        for f, frames in zip(followers, at_kill, strict=True)
+        if not any(t in TERMINAL_EVENTS for _, t in frames)
+    ]
+    resumed = sum(1 for f, n in cut if f.connects >= 2 and len(f.frames) > n)
     report_figures(
         fault_report,
         "web-restart",
@@ -342,8 +346,9 @@ def test_web_restart_mid_stream(alice, make_chain, clusters, settings, tmp_path,
     )
     assert_clean(figures)
     assert_streams_clean(streams)
-    # Every stream was open when the process died and carried on from where it was.
-    assert resumed == len(followers), [(f.connects, len(f.frames)) for f in followers]
+    # Every stream whose run was still going when the process died carried on from where it was.
+    assert len(cut) >= len(followers) // 2, "most runs should still be going at the kill"
+    assert resumed == len(cut), [(f.connects, len(f.frames), n) for f, n in cut]
 
 
 # --- 3. the webhook receiver down, then up ------------------------------------------------------
