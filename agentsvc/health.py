@@ -13,7 +13,15 @@ from django.db import connection
 from django.db.migrations.executor import MigrationExecutor
 
 # Checks whose failure makes the service not ready (API.md section 9); models are added below.
-REQUIRED = ("database", "migrations", "broker", "workers")
+REQUIRED = ["database", "migrations", "broker", "workers"]
+# Checks that feature apps add at start-up (name -> fn returning a detail, raising when not ok).
+_checks: dict[str, Callable[[], str]] = {}
+
+
+def check_register(name: str, check: Callable[[], str], *, required: bool) -> None:
+    _checks[name] = check
+    if required and name not in REQUIRED:
+        REQUIRED.append(name)
 
 
 def _timed(check: Callable[[], str]) -> dict[str, Any]:
@@ -104,6 +112,7 @@ def readiness() -> tuple[bool, dict[str, Any]]:
         "channel_layer": _timed(_channel_layer),
         "broker": _timed(_broker),
         "workers": _timed(_workers),
+        **{name: _timed(check) for name, check in _checks.items()},
         "models": {},
     }
     if database["ok"]:

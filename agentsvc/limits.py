@@ -122,9 +122,12 @@ def active_runs_take(*, key: ApiKey) -> None:
         )
 
 
-def active_runs_release(*, key_id: int) -> None:
-    """A run of this key ended: give its slot back (in the transaction of its terminal event)."""
-    ApiKey.objects.filter(pk=key_id, active_runs__gt=0).update(active_runs=F("active_runs") - 1)
+def active_runs_release(*, key_id: int, count: int = 1) -> None:
+    """Runs of this key ended: give their slots back (in the transaction of their terminal
+    events)."""
+    ApiKey.objects.filter(pk=key_id, active_runs__gt=0).update(
+        active_runs=Greatest(F("active_runs") - count, 0)
+    )
 
 
 # --- Tokens: a fixed one-minute window per key; runs reserve, then settle to real usage ----------

@@ -102,6 +102,8 @@ TEMPLATES = [
     },
 ]
 
+# Connections one process may hold (PostgreSQL): its pool's size.
+DB_POOL_MAX = env_int("DB_POOL_MAX", 20, minimum=1)
 if EMBEDDED:
     DATA_DIR.mkdir(parents=True, exist_ok=True)
     DATABASES = {
@@ -126,7 +128,7 @@ else:
     # would pile up; a psycopg pool per process bounds them (CONN_MAX_AGE must stay 0).
     DATABASES["default"].setdefault("OPTIONS", {})["pool"] = {
         "min_size": 1,
-        "max_size": env_int("DB_POOL_MAX", 20, minimum=1),
+        "max_size": DB_POOL_MAX,
         "timeout": env_float("DB_POOL_TIMEOUT_S", 5, minimum=0.1),
         # Connections above min_size close after a minute unused, so a burst does not keep them.
         "max_idle": 60,
@@ -229,16 +231,35 @@ MODEL_PRICES: dict[str, tuple[Decimal, Decimal]] = {
 }
 MODEL_PRICES.update(env_prices("MODEL_PRICES"))
 
-# --- Workers (django-q2) --------------------------------------------------------------------
-Q_WORKERS = env_int("Q_WORKERS", 2, minimum=1)
-# A task running longer than `retry` would be handed to a second worker, so `retry` stays above
-# `timeout`, which stays above the longest chain timeout.
-_task_timeout = RUN_TIMEOUT_MAX_S + 60
+# --- Executors -------------------------------------------------------------------------------
+# An executor process keeps up to RUN_CONCURRENCY runs going at once (a run mostly waits on its
+# model) on EXECUTOR_DB_THREADS database threads, so it holds at most that many connections.
+RUN_CONCURRENCY = env_int("RUN_CONCURRENCY", 500, minimum=1)
+EXECUTOR_DB_THREADS = env_int(
+    "EXECUTOR_DB_THREADS", min(4, DB_POOL_MAX) if not EMBEDDED else 2, minimum=1
+)
+# The group commit: events of all runs in a process go in one transaction, at most one per tick.
+EXECUTOR_FLUSH_MS = env_int("EXECUTOR_FLUSH_MS", 5, minimum=0)
+# Runs pause streaming while this many events wait for the database.
+EXECUTOR_MAX_PENDING_EVENTS = env_int("EXECUTOR_MAX_PENDING_EVENTS", 20_000, minimum=100)
+# Queued runs are claimed at once on a wake-up, or at the latest every EXECUTOR_POLL_S.
+EXECUTOR_POLL_S = env_float("EXECUTOR_POLL_S", 1.0, minimum=0.01)
+EXECUTOR_CLAIM_BATCH = env_int("EXECUTOR_CLAIM_BATCH", 100, minimum=1)
+EXECUTOR_CLAIM_INTERVAL_MS = env_int("EXECUTOR_CLAIM_INTERVAL_MS", 5, minimum=0)
+# How often an executor looks for cancellations of its runs.
+EXECUTOR_CANCEL_POLL_MS = env_int("EXECUTOR_CANCEL_POLL_MS", 100, minimum=10)
+# On SIGTERM: runs in flight get this long to finish, then go back to the queue.
+WORKER_DRAIN_S = env_float("WORKER_DRAIN_S", 20, minimum=0)
+
+# --- Workers (django-q2): the schedules -------------------------------------------------------
+# Runs execute in executors; the cluster runs the schedules (the keeper, the purge), short tasks.
+Q_WORKERS = env_int("Q_WORKERS", 1, minimum=1)
+# A task running longer than `retry` would be handed to a second worker: `retry` > `timeout`.
 Q_CLUSTER = {
     "name": env_str("Q_CLUSTER_NAME", "agentsvc"),
     "workers": Q_WORKERS,
-    "timeout": _task_timeout,
-    "retry": _task_timeout + 60,
+    "timeout": 600,
+    "retry": 660,
     "max_attempts": 1,
     "queue_limit": Q_WORKERS * 4,
     "catch_up": False,
@@ -246,7 +267,7 @@ Q_CLUSTER = {
     "save_limit": 1000,
     "label": "Worker tasks",
     "poll": env_float("Q_POLL_S", 0.05, minimum=0.01),
-    # Runs the keeper, the webhook sweep and the purge; off only where something else does.
+    # Runs the keeper and the purge; off only where something else does.
     "scheduler": env_bool("Q_SCHEDULER", True),
 }
 if REDIS_URL:
@@ -326,6 +347,8 @@ SPECTACULAR_SETTINGS = {
     ],
 }
 # --- Webhooks -------------------------------------------------------------------------------
+# The executor's delivery pump looks for due deliveries at least this often.
+WEBHOOK_POLL_S = env_float("WEBHOOK_POLL_S", 0.5, minimum=0.01)
 # Seconds to wait for a receiver's answer (connect, send, and each read).
 WEBHOOK_TIMEOUT_S = env_float("WEBHOOK_TIMEOUT_S", 5, minimum=0.1)
 # Delays before each retry after the first attempt, each +-20 % jitter; then the delivery fails.
@@ -336,9 +359,8 @@ WEBHOOK_RETRY_SCHEDULE_S = env_float_list(
 WEBHOOK_RETRY_AFTER_MAX_S = env_float("WEBHOOK_RETRY_AFTER_MAX_S", 3600, minimum=0)
 # An endpoint failing without a single success for this long is disabled (5 days).
 WEBHOOK_DISABLE_AFTER_S = env_int("WEBHOOK_DISABLE_AFTER_S", 5 * 24 * 3600, minimum=60)
-# Attempts one worker process keeps in flight (threads), and deliveries handed out per task.
+# Attempts one executor process keeps in flight (threads of their own).
 WEBHOOK_CONCURRENCY = env_int("WEBHOOK_CONCURRENCY", 8, minimum=1)
-WEBHOOK_BATCH_SIZE = env_int("WEBHOOK_BATCH_SIZE", 50, minimum=1)
 # A PEM file of CAs to trust for https receivers instead of the public ones (certifi).
 WEBHOOK_CA_BUNDLE = env_str("WEBHOOK_CA_BUNDLE")
 # CIDRs exempt from the SSRF guard (e.g. an internal receiver). Empty: only public addresses.
@@ -363,14 +385,18 @@ if REDIS_URL:
 # --- Lifecycle keeper -------------------------------------------------------------------------
 # A schedule (every minute) ends or retries what nobody else will: runs whose worker died, runs
 # past their deadline, runs nobody is watching, and runs older than the retention window.
-# A running run's worker refreshes heartbeat_at this often, even while the model is silent.
-HEARTBEAT_S = env_float("HEARTBEAT_S", 10, minimum=0.05)
-# A running run whose heartbeat is older than this lost its worker: retried once, then failed.
-WORKER_LOST_AFTER_S = env_float(
-    "WORKER_LOST_AFTER_S", PROVIDER_READ_TIMEOUT_S + 30, minimum=PROVIDER_READ_TIMEOUT_S
-)
-# A queued run waiting this long is enqueued again (its task may have been lost after commit).
-QUEUED_REENQUEUE_AFTER_S = env_float("QUEUED_REENQUEUE_AFTER_S", 300, minimum=1)
+# An executor refreshes heartbeat_at of all its runs (one statement) this often, whatever its
+# models are doing.
+HEARTBEAT_S = env_float("HEARTBEAT_S", 5, minimum=0.05)
+# A running run whose heartbeat is older than this lost its executor: retried once, then failed.
+# Every executor checks each HEARTBEAT_S, so a killed one's runs move within about
+# WORKER_LOST_AFTER_S + HEARTBEAT_S.
+WORKER_LOST_AFTER_S = env_float("WORKER_LOST_AFTER_S", 30, minimum=0.1)
+if WORKER_LOST_AFTER_S <= 2 * HEARTBEAT_S:
+    raise ImproperlyConfigured(
+        f"WORKER_LOST_AFTER_S ({WORKER_LOST_AFTER_S:g}) must be more than twice HEARTBEAT_S "
+        f"({HEARTBEAT_S:g}): a live executor would be taken for lost"
+    )
 # A run still going this long after its deadline is ended `timed_out`.
 RUN_GRACE_S = env_float("RUN_GRACE_S", 30, minimum=0)
 # A run with no webhook that nobody polled or streamed for this long is cancelled (`orphaned`).

@@ -19,13 +19,13 @@ from django.conf import settings
 
 from agentsvc.auth import raw_key_from_headers
 from agentsvc.db import db_async
+from runs.events import FEED_EVENTS
 from runs.hub import get_hub
 from runs.models import RunEvent
 from runs.presenters import run_dict
 from runs.stream_limits import StreamLease, StreamLimitExceeded
 from runs.streams import authenticate, follow_run, parse_after, visible_run
 from runs.timefmt import iso
-from runs.wakeup import FEED_EVENTS
 
 CLOSE_AUTH, CLOSE_NOT_FOUND, CLOSE_LIMIT, CLOSE_BAD_REQUEST = 4401, 4404, 4429, 4400
 

@@ -26,8 +26,9 @@ from django.conf import settings
 from django.db.models import Max
 
 from agentsvc.db import db_async
+from runs.events import FEED_EVENTS
 from runs.models import Run, RunEvent
-from runs.wakeup import FEED_ALL_GROUP, FEED_EVENTS, feed_group, run_group, wakeup_socket_path
+from runs.wakeup import FEED_ALL_GROUP, feed_group, run_group, wakeup_socket_path
 
 logger = logging.getLogger(__name__)
 

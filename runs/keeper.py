@@ -18,9 +18,9 @@ from django.db.models import Q
 from django.db.models.functions import Coalesce
 from django.utils import timezone
 
-from runs.models import ACTIVE_STATUSES, TERMINAL_STATUSES, Chain, Run, RunStatus
-from runs.services import _enqueue, event_append, run_cancel
-from webhooks.models import WebhookEndpoint
+from runs.events import owners_watched
+from runs.models import ACTIVE_STATUSES, TERMINAL_STATUSES, Chain, Executor, Run, RunStatus
+from runs.services import event_append, run_cancel
 
 logger = logging.getLogger(__name__)
 
@@ -71,8 +71,9 @@ def runs_time_out(*, now: datetime | None = None) -> int:
     return ended
 
 
-def _requeue(run_id: UUID, worker: str, attempt: int, when: Q, now: datetime) -> bool:
-    """Back to queued for another worker; the old claim token stops matching."""
+def _requeue(run_id: UUID, attempt: int, when: Q, now: datetime) -> bool:
+    """Back to queued for another executor (its `run.queued` wakes them); the old claim, which
+    names the attempt, stops matching."""
     chain_id = Run.objects.values_list("chain_id", flat=True).get(pk=run_id)
     name, version = Chain.objects.values_list("name", "version").get(pk=chain_id)
     seq = event_append(
@@ -92,12 +93,9 @@ def _requeue(run_id: UUID, worker: str, attempt: int, when: Q, now: datetime) ->
         current_agent="",
         agents_completed=0,
         deadline_at=None,
-        heartbeat_at=now,  # for a queued run: when it was last enqueued
+        heartbeat_at=now,
     )
-    if seq is None:
-        return False
-    transaction.on_commit(lambda: _enqueue(run_id))
-    return True
+    return seq is not None
 
 
 def runs_recover_lost(*, now: datetime | None = None) -> dict[str, int]:
@@ -124,7 +122,7 @@ def runs_recover_lost(*, now: datetime | None = None) -> dict[str, int]:
             )
             counts["cancelled"] += done is not None
         elif attempt < MAX_ATTEMPTS:
-            counts["retried"] += _requeue(run_id, worker, attempt, when, now)
+            counts["retried"] += _requeue(run_id, attempt, when, now)
         else:
             message = "The run's worker stopped answering, on the retry too."
             done = event_append(
@@ -143,27 +141,6 @@ def runs_recover_lost(*, now: datetime | None = None) -> dict[str, int]:
     return counts
 
 
-def runs_reenqueue_waiting(*, now: datetime | None = None) -> int:
-    """Enqueue again queued runs waiting QUEUED_REENQUEUE_AFTER_S (a task lost after commit,
-    e.g. Redis was down). A duplicate task is harmless: only one worker's claim can win."""
-    now = now or timezone.now()
-    cutoff = _seconds_ago(now, settings.QUEUED_REENQUEUE_AFTER_S)
-    rows = (
-        Run.objects.filter(status=RunStatus.QUEUED)
-        .alias(since=Coalesce("heartbeat_at", "created_at"))
-        .filter(since__lt=cutoff)
-        .values_list("id", "heartbeat_at")[:BATCH]
-    )
-    sent = 0
-    for run_id, heartbeat_at in rows:
-        # Claim this re-enqueue: only the keeper that moves heartbeat_at sends the task.
-        same = Q(heartbeat_at=heartbeat_at) if heartbeat_at else Q(heartbeat_at__isnull=True)
-        if Run.objects.filter(same, pk=run_id, status=RunStatus.QUEUED).update(heartbeat_at=now):
-            transaction.on_commit(lambda run_id=run_id: _enqueue(run_id))
-            sent += 1
-    return sent
-
-
 def runs_cancel_orphans(*, now: datetime | None = None) -> int:
     """Cancel active runs without any webhook that nobody polled or streamed for
     ORPHAN_TIMEOUT_S: nobody would ever learn the result."""
@@ -176,13 +153,8 @@ def runs_cancel_orphans(*, now: datetime | None = None) -> int:
         .filter(seen__lt=cutoff)
     )
     owners = set(candidates.values_list("owner_id", flat=True).distinct())
-    # Owners with an enabled endpoint will be told about their runs: not orphans.
-    hooked = set(
-        WebhookEndpoint.objects.filter(owner_id__in=owners, enabled=True).values_list(
-            "owner_id", flat=True
-        )
-    )
-    candidates = candidates.exclude(owner_id__in=hooked)
+    # Owners who will be told about their runs (an enabled webhook endpoint): not orphans.
+    candidates = candidates.exclude(owner_id__in=owners_watched(owners))
     cancelled = 0
     for run_id in candidates.values_list("id", flat=True)[:BATCH]:
         # Claim: still unwatched at this instant (a poll just now saves it), and not yet asked.
@@ -213,6 +185,13 @@ def runs_delete_expired(*, now: datetime | None = None) -> int:
     return deleted
 
 
+def executors_forget(*, now: datetime | None = None) -> int:
+    """Forget executors silent for ten times WORKER_LOST_AFTER_S (their runs moved long ago)."""
+    now = now or timezone.now()
+    cutoff = _seconds_ago(now, 10 * settings.WORKER_LOST_AFTER_S)
+    return Executor.objects.filter(heartbeat_at__lt=cutoff).delete()[0]
+
+
 def keeper_pass(*, now: datetime | None = None) -> dict[str, int]:
     """One pass of every check (the minute schedule); returns what it did."""
     now = now or timezone.now()
@@ -222,7 +201,7 @@ def keeper_pass(*, now: datetime | None = None) -> dict[str, int]:
         "worker_lost_retried": lost["retried"],
         "worker_lost_failed": lost["failed"],
         "worker_lost_cancelled": lost["cancelled"],
-        "reenqueued": runs_reenqueue_waiting(now=now),
+        "executors_forgotten": executors_forget(now=now),
         "orphaned": runs_cancel_orphans(now=now),
         "deleted": runs_delete_expired(now=now),
     }

@@ -6,6 +6,7 @@ from django.db import models
 from django.db.models import Q
 
 from agentsvc.models import ApiKey, Owner
+from runs.events import TERMINAL_EVENTS  # noqa: F401 - re-exported for callers
 
 
 class Chain(models.Model):
@@ -68,8 +69,6 @@ class RunStatus(models.TextChoices):
     TIMED_OUT = "timed_out"
 
 
-# The events that end a run, in the order webhook filters list them.
-TERMINAL_EVENTS = ("run.completed", "run.failed", "run.cancelled", "run.timed_out")
 ACTIVE_STATUSES = frozenset({RunStatus.QUEUED, RunStatus.RUNNING})
 TERMINAL_STATUSES = frozenset(
     {RunStatus.COMPLETED, RunStatus.FAILED, RunStatus.CANCELLED, RunStatus.TIMED_OUT}
@@ -141,6 +140,12 @@ class Run(models.Model):
                 name="run_active_idx",
                 condition=Q(status__in=["queued", "running"]),
             ),
+            # An executor's heartbeat and its cancellation check: its running runs.
+            models.Index(
+                fields=["worker"],
+                name="run_worker_running_idx",
+                condition=Q(status="running"),
+            ),
             # The admin's run list: every owner's runs newest first.
             models.Index(fields=["-created_at"], name="run_created_idx"),
             # Retention: the keeper deletes finished runs oldest first.
@@ -162,6 +167,23 @@ class Run(models.Model):
     @property
     def is_terminal(self) -> bool:
         return self.status in TERMINAL_STATUSES
+
+
+class Executor(models.Model):
+    """A live executor process: its heartbeat says it is alive (readiness, the dashboard), and
+    its id is the `worker` of every run it holds."""
+
+    id = models.CharField(max_length=100, primary_key=True)
+    host = models.CharField(max_length=255)
+    pid = models.PositiveIntegerField()
+    started_at = models.DateTimeField()
+    heartbeat_at = models.DateTimeField()
+    capacity = models.PositiveIntegerField()
+    in_flight = models.PositiveIntegerField(default=0)
+    draining = models.BooleanField(default=False)
+
+    def __str__(self) -> str:
+        return self.id
 
 
 class RunEvent(models.Model):

@@ -5,11 +5,12 @@ Any server speaking `/v1/chat/completions` works: OpenAI, vLLM, Ollama, llama.cp
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import random
 import time
-from collections.abc import Iterator
+from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from email.utils import parsedate_to_datetime
 
@@ -42,11 +43,19 @@ _client: httpx.Client | None = None
 
 
 def _http() -> httpx.Client:
-    # One pooled client per process: workers reuse connections across agents and runs.
+    # One pooled client per process for the availability probes (web processes).
     global _client
     if _client is None:
         _client = httpx.Client(follow_redirects=False, limits=httpx.Limits(max_connections=50))
     return _client
+
+
+def async_client(connections: int) -> httpx.AsyncClient:
+    """The executor's client: one per event loop, keep-alive, a connection per run in flight."""
+    return httpx.AsyncClient(
+        follow_redirects=False,
+        limits=httpx.Limits(max_connections=connections, max_keepalive_connections=connections),
+    )
 
 
 def retry_after_seconds(value: str | None) -> float | None:
@@ -75,16 +84,18 @@ class OpenAICompatibleProvider:
             headers["Authorization"] = f"Bearer {self.api_key}"
         return headers
 
-    def stream(
+    async def stream(
         self,
         *,
+        client: httpx.AsyncClient,
         model: str,
         messages: list[dict],
         max_tokens: int,
         temperature: float,
         deadline: float,
-    ) -> Iterator[str | Usage]:
-        """Yield text deltas, then one Usage. `deadline` is a time.monotonic() value."""
+    ) -> AsyncIterator[str | Usage]:
+        """Yield text deltas, then one Usage. `deadline` is a time.monotonic() value; the caller
+        also bounds the whole stream by it, so a silent model cannot outlast the run."""
         body = {
             "model": model,
             "messages": messages,
@@ -109,15 +120,15 @@ class OpenAICompatibleProvider:
             wait: float | None = None
             error: ProviderError
             try:
-                with _http().stream(
+                async with client.stream(
                     "POST", url, json=body, headers=self._headers(), timeout=timeout
                 ) as response:
                     if response.status_code == 200:
-                        for item in self._read(response, messages, deadline):
+                        async for item in self._read(response, messages, deadline):
                             yielded = True
                             yield item
                         return
-                    response.read()
+                    await response.aread()
                     error = self._status_error(response)
                     if response.status_code not in RETRYABLE_STATUS:
                         raise error
@@ -146,7 +157,7 @@ class OpenAICompatibleProvider:
             )
             if time.monotonic() + delay >= deadline:
                 raise error
-            time.sleep(delay)
+            await asyncio.sleep(delay)
 
     def _status_error(self, response: httpx.Response) -> ProviderError:
         status = response.status_code
@@ -166,13 +177,13 @@ class OpenAICompatibleProvider:
             return ProviderError("provider_unavailable", f"{self.name}: HTTP {status}: {message}")
         return ProviderError("provider_error", f"{self.name}: HTTP {status}: {message}")
 
-    def _read(
+    async def _read(
         self, response: httpx.Response, messages: list[dict], deadline: float
-    ) -> Iterator[str | Usage]:
+    ) -> AsyncIterator[str | Usage]:
         usage: Usage | None = None
         chars_out = 0
         done = False
-        for line in response.iter_lines():
+        async for line in response.aiter_lines():
             if time.monotonic() >= deadline:
                 raise DeadlineExceeded()
             if not line.startswith("data:"):

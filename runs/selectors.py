@@ -11,12 +11,14 @@ from functools import lru_cache
 from typing import Any
 from uuid import UUID
 
-from django.db.models import Count, Max, Q, QuerySet
+from django.conf import settings
+from django.db.models import Count, Max, Q, QuerySet, Sum
 from django.http import Http404
+from django.utils import timezone
 
 from agentsvc.errors import ApplicationError
 from agentsvc.models import Owner
-from runs.models import ACTIVE_STATUSES, Agent, Chain, Run, RunEvent, RunStatus
+from runs.models import ACTIVE_STATUSES, Agent, Chain, Executor, Run, RunEvent, RunStatus
 
 
 def chain_latest_list() -> list[Chain]:
@@ -160,3 +162,14 @@ def run_counts(*, now: datetime) -> dict[str, int]:
         "queued": live.get(RunStatus.QUEUED, 0),
         "failed_last_hour": failed,
     }
+
+
+def executors_alive() -> str:
+    """Readiness: executors whose heartbeat is fresh, and the runs they hold."""
+    cutoff = timezone.now() - timedelta(seconds=settings.WORKER_LOST_AFTER_S)
+    alive = Executor.objects.filter(heartbeat_at__gte=cutoff, draining=False).aggregate(
+        n=Count("pk"), capacity=Sum("capacity"), in_flight=Sum("in_flight")
+    )
+    if not alive["n"]:
+        raise RuntimeError("no executor is alive")
+    return f"{alive['n']} executor(s), {alive['in_flight']} of {alive['capacity']} runs in flight"

@@ -6,6 +6,7 @@ import json
 import logging
 import math
 import time
+from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
 from uuid import UUID
@@ -16,13 +17,12 @@ from django.db.models.sql import UpdateQuery
 from django.utils import timezone
 
 from agentsvc import limits
-from agentsvc.broker import enqueue
 from agentsvc.errors import ApplicationError
 from agentsvc.models import ApiKey, IdempotencyRecord
 from runs.chains import chain_validate_input
+from runs.events import FEED_EVENTS, RUN_QUEUED, TERMINAL_EVENTS, terminal_hooks_call
 from runs.models import (
     ACTIVE_STATUSES,
-    TERMINAL_EVENTS,
     TERMINAL_STATUSES,
     Chain,
     Run,
@@ -32,8 +32,7 @@ from runs.models import (
 from runs.seen import run_seen
 from runs.selectors import chain_agents
 from runs.timefmt import iso
-from runs.wakeup import wakeup_publish
-from webhooks.services import messages_create_for_event
+from runs.wakeup import wakeup_publish, wakeups_publish
 
 logger = logging.getLogger(__name__)
 
@@ -54,6 +53,96 @@ def _update_returning(rows: QuerySet, values: dict[str, Any], columns: tuple[str
         return cursor.fetchone()
 
 
+@dataclass
+class Append:
+    """Events of one run to write together, and what they change on the run's row.
+
+    `events` are (type, data, at); a terminal event may only come last. With `when`, nothing of
+    this run is written unless its row matches (a conditional state transition)."""
+
+    run_id: UUID
+    events: list[tuple[str, dict[str, Any], datetime]]
+    fields: dict[str, Any] = field(default_factory=dict)
+    when: Q | None = None
+
+
+_RETURNING = (
+    "last_seq",
+    "owner_id",
+    "api_key_id",
+    "tokens_reserved",
+    "tokens_window",
+    "input_tokens",
+    "output_tokens",
+)
+
+
+def events_write(*, appends: list[Append]) -> dict[UUID, int | None]:
+    """Append the events of many runs in one transaction: the group commit of an executor, and
+    (with one run) every other state change.
+
+    Per run, one UPDATE takes the run's row lock, bumps last_seq by its number of events and
+    applies its fields, so concurrent writers are serialised and seq stays gapless; then every
+    event goes in one INSERT. A terminal event also writes what its hooks write (webhook
+    messages) and gives the key's active-run slot back, in the same transaction. Returns each
+    run's new last seq, or None where `when` did not hold (nothing of that run was written).
+    """
+    written: dict[UUID, int | None] = {}
+    rows: list[RunEvent] = []
+    wakeups: list[tuple[UUID, int | None, int, str, bool]] = []
+    ended: list[tuple] = []
+    released: dict[int, int] = {}
+    with transaction.atomic():
+        for append in appends:
+            runs = Run.objects.filter(pk=append.run_id)
+            if append.when is not None:
+                runs = runs.filter(append.when)
+            last_type = append.events[-1][0]
+            terminal = last_type in TERMINAL_EVENTS
+            if terminal:
+                runs = runs.filter(status__in=ACTIVE_STATUSES)  # a run ends once
+            n = len(append.events)
+            row = _update_returning(
+                runs, {"last_seq": F("last_seq") + n, **append.fields}, _RETURNING
+            )
+            if row is None:
+                written[append.run_id] = None
+                continue
+            last_seq, owner_id, key_id = row[0], row[1], row[2]
+            written[append.run_id] = last_seq
+            run = str(append.run_id)
+            for i, (event, data, at) in enumerate(append.events):
+                seq = last_seq - n + 1 + i
+                rows.append(
+                    RunEvent(
+                        run_id=append.run_id,
+                        seq=seq,
+                        type=event,
+                        created_at=at,
+                        data={**data, "run_id": run, "seq": seq, "ts": iso(at)},
+                    )
+                )
+            feed = any(event in FEED_EVENTS for event, _, _ in append.events)
+            wakeups.append((append.run_id, owner_id, last_seq, last_type, feed))
+            if terminal:
+                ended.append(row)
+                if key_id is not None:
+                    released[key_id] = released.get(key_id, 0) + 1
+        RunEvent.objects.bulk_create(rows)
+        for append in appends:
+            seq = written[append.run_id]
+            event, _, at = append.events[-1]
+            if seq is not None and event in TERMINAL_EVENTS:
+                terminal_hooks_call(run_id=append.run_id, event=event, seq=seq, now=at)
+        for key_id in sorted(released):  # last, and in one order: they lock the keys' rows
+            limits.active_runs_release(key_id=key_id, count=released[key_id])
+        if wakeups:
+            transaction.on_commit(lambda: wakeups_publish(wakeups))
+        if ended:
+            transaction.on_commit(lambda: _tokens_settle(ended))
+    return written
+
+
 def event_append(
     *,
     run_id: UUID,
@@ -63,53 +152,25 @@ def event_append(
     now: datetime | None = None,
     **fields: Any,
 ) -> int | None:
-    """Append the next event of a run and apply `fields` to it, in one transaction.
-
-    The UPDATE takes the run's row lock and bumps last_seq, so concurrent appenders are
-    serialised and seq stays gapless. With `when`, nothing happens unless the run matches it
-    (a conditional state transition); returns the new seq, or None.
-    """
+    """Append one event to a run and apply `fields` to it (events_write for one run); returns
+    the new seq, or None when `when` did not hold."""
     now = now or timezone.now()
-    with transaction.atomic():
-        runs = Run.objects.filter(pk=run_id)
-        if when is not None:
-            runs = runs.filter(when)
-        if event in TERMINAL_EVENTS:
-            runs = runs.filter(status__in=ACTIVE_STATUSES)  # a run ends once
-        row = _update_returning(
-            runs, {"last_seq": F("last_seq") + 1, **fields}, ("last_seq", "owner_id", "api_key_id")
-        )
-        if row is None:
-            return None
-        seq, owner_id, key_id = row
-        RunEvent.objects.create(
-            run_id=run_id,
-            seq=seq,
-            type=event,
-            created_at=now,
-            data={**data, "run_id": str(run_id), "seq": seq, "ts": iso(now)},
-        )
-        transaction.on_commit(
-            lambda: wakeup_publish(run_id=run_id, owner_id=owner_id, seq=seq, event=event)
-        )
-        if event in TERMINAL_EVENTS:
-            # Webhook messages are written with the terminal event, delivered on commit.
-            messages_create_for_event(run_id=run_id, event=event, seq=seq, now=now)
-            transaction.on_commit(lambda: run_ended(run_id=run_id))
-            if key_id is not None:
-                limits.active_runs_release(key_id=key_id)  # last: it locks the key's row
-    return seq
+    return events_write(appends=[Append(run_id, [(event, data, now)], fields, when)])[run_id]
 
 
-def _enqueue(run_id: UUID) -> None:
-    """Hand a committed run to the queue. The run is accepted whatever happens here, so a
-    broker failure is logged, not raised: raised, it would turn the 202 into a 503 and the
-    caller would start the run again. The keeper enqueues a run left queued again after
-    QUEUED_REENQUEUE_AFTER_S."""
-    try:
-        enqueue("runs.tasks.run_execute", str(run_id), task_name=f"run-{run_id}")
-    except Exception as e:
-        logger.warning("run %s: not enqueued (%s); the keeper will enqueue it again", run_id, e)
+def _tokens_settle(ended: list[tuple]) -> None:
+    """After terminal events commit: settle each run's token reservation to its real usage."""
+    for _, _, key_id, reserved, window, input_tokens, output_tokens in ended:
+        if key_id is not None and reserved:
+            try:
+                limits.tokens_settle(
+                    key_id=key_id,
+                    window=window,
+                    reserved=reserved,
+                    used=input_tokens + output_tokens,
+                )
+            except Exception:  # the run has ended whatever happens here; the window expires
+                logger.exception("token settlement failed for key %s", key_id)
 
 
 def token_reservation(*, chain: Chain, run_input: Any) -> int:
@@ -166,32 +227,16 @@ def run_create(
             if idempotency is not None:
                 IdempotencyRecord.objects.filter(pk=idempotency.pk).update(run=run)
             limits.active_runs_take(key=api_key)  # last: it locks the key's row until commit
-            transaction.on_commit(lambda: _enqueue(run.id))
+            # Executors claim it from the database; the wake-up only makes one look now.
             transaction.on_commit(
                 lambda: wakeup_publish(
-                    run_id=run.id, owner_id=run.owner_id, seq=1, event="run.queued"
+                    run_id=run.id, owner_id=run.owner_id, seq=1, event=RUN_QUEUED
                 )
             )
     except BaseException:
         limits.tokens_settle(key_id=api_key.pk, window=window, reserved=reserved, used=0)
         raise
     return run
-
-
-def run_ended(*, run_id: UUID) -> None:
-    """After a run's terminal event commits: settle its token reservation to real usage."""
-    run = (
-        Run.objects.filter(pk=run_id)
-        .values("api_key_id", "tokens_window", "tokens_reserved", "input_tokens", "output_tokens")
-        .first()
-    )
-    if run and run["api_key_id"] and run["tokens_reserved"]:
-        limits.tokens_settle(
-            key_id=run["api_key_id"],
-            window=run["tokens_window"],
-            reserved=run["tokens_reserved"],
-            used=run["input_tokens"] + run["output_tokens"],
-        )
 
 
 def run_cancel(*, run: Run, reason: str) -> Run:

@@ -17,11 +17,11 @@ from uuid import UUID
 from agentsvc.db import db_async
 from agentsvc.models import ApiKey
 from agentsvc.services import api_key_authenticate
+from runs.events import TERMINAL_EVENTS
 from runs.hub import get_hub
 from runs.models import ACTIVE_STATUSES, Run, RunEvent
 from runs.seen import run_seen, seen_due
 from runs.timefmt import iso
-from runs.wakeup import TERMINAL_EVENTS
 
 BATCH = 500
 MAX_SEQ = 2**31 - 1

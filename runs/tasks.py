@@ -1,10 +1,6 @@
 from __future__ import annotations
 
-from runs import engine, keeper
-
-
-def run_execute(run_id: str) -> None:
-    engine.run_execute(run_id=run_id)
+from runs import keeper
 
 
 def keeper_pass() -> dict[str, int]:

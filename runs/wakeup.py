@@ -22,23 +22,13 @@ from uuid import UUID
 from channels.layers import DEFAULT_CHANNEL_LAYER, channel_layers
 from django.conf import settings
 
+from runs.events import FEED_EVENTS, RUN_QUEUED
+
 logger = logging.getLogger(__name__)
 
-# Events that change what the status feed shows (status or progress).
-FEED_EVENTS = frozenset(
-    {
-        "run.queued",
-        "run.started",
-        "agent.started",
-        "agent.completed",
-        "run.completed",
-        "run.failed",
-        "run.cancelled",
-        "run.timed_out",
-    }
-)
-TERMINAL_EVENTS = frozenset({"run.completed", "run.failed", "run.cancelled", "run.timed_out"})
 FEED_ALL_GROUP = "feed.all"
+# Every executor process listens here for "a run was queued": claim now, not at the next poll.
+EXECUTORS_GROUP = "executors"
 
 
 def run_group(run_id: UUID | str) -> str:
@@ -107,13 +97,22 @@ class _Publisher:
 _publisher = _Publisher()
 
 
-def wakeup_socket_path() -> str | None:
-    """Embedded default: the web process listens for wake-ups on a Unix datagram socket next to
-    the SQLite database, so the worker process can reach it without Redis."""
+def _socket_path(name: str) -> str | None:
     if settings.STREAM_WAKEUP_VIA_LAYER or not settings.EMBEDDED:
         return None
-    path = str(Path(settings.DATA_DIR) / "stream-wakeup.sock")
+    path = str(Path(settings.DATA_DIR) / name)
     return path if len(path.encode()) < 100 else None  # AF_UNIX paths are short
+
+
+def wakeup_socket_path() -> str | None:
+    """Embedded default: the web process listens for wake-ups on a Unix datagram socket next to
+    the SQLite database, so the executor process can reach it without Redis."""
+    return _socket_path("stream-wakeup.sock")
+
+
+def executor_socket_path() -> str | None:
+    """Embedded default: the executor listens here for queued runs (web to executor)."""
+    return _socket_path("executor-wakeup.sock")
 
 
 class _DatagramSender:
@@ -135,25 +134,43 @@ class _DatagramSender:
 _datagrams = _DatagramSender()
 
 
-def wakeup_publish(*, run_id: UUID | str, owner_id: int | None, seq: int, event: str) -> None:
-    """Wake readers of this run (and of the owner's status feed when status or progress moved).
+Wakeup = tuple[UUID | str, int | None, int, str, bool]  # run, owner, seq, last event, feed?
 
-    Called from `transaction.on_commit`. Without Redis the in-memory layer cannot reach another
-    process, so the wake-up goes as a datagram to the web process's socket in DATA_DIR; readers
-    there also re-check the database every STREAM_POLL_MS in case it does not arrive.
-    """
-    run = str(run_id)
+
+def wakeups_publish(wakeups: list[Wakeup]) -> None:
+    """Wake readers of these runs (and the owners' status feeds where status or progress moved),
+    and the executors when a run was queued. Called from `transaction.on_commit`.
+
+    Without Redis the in-memory layer cannot reach another process, so each wake-up goes as a
+    datagram to the web process's (or the executor's) socket in DATA_DIR; readers there also
+    re-check the database every STREAM_POLL_MS in case it does not arrive."""
+    queued = any(event == RUN_QUEUED for _, _, _, event, _ in wakeups)
     if not settings.STREAM_WAKEUP_VIA_LAYER:
         path = wakeup_socket_path()
         if path:
-            feed = owner_id if event in FEED_EVENTS else None
-            _datagrams.send(path, json.dumps({"run": run, "seq": seq, "owner": feed}).encode())
+            for run_id, owner_id, seq, _, feed in wakeups:
+                owner = owner_id if feed else None
+                payload = json.dumps({"run": str(run_id), "seq": seq, "owner": owner}).encode()
+                _datagrams.send(path, payload)
+        executors = executor_socket_path()
+        if queued and executors:
+            _datagrams.send(executors, b"queued")
         return
-    messages = [(run_group(run), {"type": "run.wake", "run": run, "seq": seq})]
-    if event in FEED_EVENTS and owner_id is not None:
-        feed = {"type": "feed.wake", "run": run, "owner": owner_id}
-        messages += [(feed_group(owner_id), feed), (FEED_ALL_GROUP, feed)]
+    messages = []
+    for run_id, owner_id, seq, _, feed in wakeups:
+        run = str(run_id)
+        messages.append((run_group(run), {"type": "run.wake", "run": run, "seq": seq}))
+        if feed and owner_id is not None:
+            wake = {"type": "feed.wake", "run": run, "owner": owner_id}
+            messages += [(feed_group(owner_id), wake), (FEED_ALL_GROUP, wake)]
+    if queued:
+        messages.append((EXECUTORS_GROUP, {"type": "executor.wake"}))
     try:
         _publisher.publish(messages)
     except Exception:  # a wake-up must never break the write that caused it
         logger.exception("stream wake-up not scheduled")
+
+
+def wakeup_publish(*, run_id: UUID | str, owner_id: int | None, seq: int, event: str) -> None:
+    """One run's wake-up (see wakeups_publish)."""
+    wakeups_publish([(run_id, owner_id, seq, event, event in FEED_EVENTS)])

@@ -16,9 +16,7 @@ import httpx
 import pytest
 from django.conf import settings
 from django.test import Client
-from django_q.conf import Conf
 
-import agentsvc.broker
 from agentsvc.services import api_key_create
 from runs.chains import chain_publish
 from tests.fakes.openai_server import start_in_thread
@@ -178,17 +176,21 @@ class Proc:
         self.log.close()
 
 
+def _transactional(request) -> bool:
+    marker = request.node.get_closest_marker("django_db")
+    return "transactional_db" in request.fixturenames or bool(
+        marker and marker.kwargs.get("transaction")
+    )
+
+
 @pytest.fixture(autouse=True)
 def _runs_end_before_flush(request):
-    """Before a transactional test's database is flushed, no run may still be written to: a
-    worker mid-write and the flush's TRUNCATE can deadlock, and a run left going would leak into
-    the next test. Queued runs are cancelled (a worker's claim then fails) and running ones are
+    """Before a transactional test's database is flushed, no run may still be written to: an
+    executor mid-write and the flush's TRUNCATE can deadlock, and a run left going would leak
+    into the next test. Queued runs are cancelled (a claim then fails) and running ones are
     waited for."""
     yield
-    if "transactional_db" in request.fixturenames or (
-        request.node.get_closest_marker("django_db")
-        and request.node.get_closest_marker("django_db").kwargs.get("transaction")
-    ):
+    if _transactional(request):
         from runs.models import Run, RunStatus
 
         Run.objects.filter(status=RunStatus.QUEUED).update(status=RunStatus.CANCELLED)
@@ -199,13 +201,100 @@ def _runs_end_before_flush(request):
         )
 
 
+class ExecutorProcess:
+    """`manage.py executor` in its own process group, so SIGKILL takes it whole."""
+
+    def __init__(self, log: Path, **env: str) -> None:
+        self.log_path = log
+        self.log = log.open("wb")
+        self.proc = subprocess.Popen(
+            [sys.executable, "manage.py", "executor"],
+            cwd=ROOT,
+            # Small: the machine's PostgreSQL connections are shared with other suites.
+            env=process_env(**{"DB_POOL_MAX": "3", "EXECUTOR_DB_THREADS": "3", **env}),
+            stdout=self.log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+        try:
+            wait_until(
+                lambda: "runs at once" in self.output() or self.proc.poll() is not None,
+                60,
+                message="executor start",
+            )
+            assert self.proc.poll() is None, self.output()
+        except BaseException:
+            self.kill()  # an executor that did not come up in time must not outlive the test
+            raise
+
+    def output(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+    def alive(self) -> bool:
+        return self.proc.poll() is None
+
+    def terminate(self, timeout: float = 60) -> None:
+        """SIGTERM: the executor drains (WORKER_DRAIN_S), hands back the rest and exits."""
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(timeout=timeout)
+            except subprocess.TimeoutExpired:
+                self.kill()
+        self.log.close()
+
+    def kill(self) -> None:
+        if self.proc.poll() is None:
+            os.killpg(self.proc.pid, signal.SIGKILL)
+            self.proc.wait()
+        self.log.close()
+
+
+class _SharedExecutor:
+    """The suite's executor: started for the tests that ask for `worker`, stopped for any other
+    transactional test (an executor claims every queued run it can see, including the ones a
+    test makes for itself)."""
+
+    def __init__(self, log_dir: Path) -> None:
+        self.log_dir = log_dir
+        self.current: ExecutorProcess | None = None
+        self.starts = 0
+
+    def ensure(self) -> ExecutorProcess:
+        if self.current is None or not self.current.alive():
+            self.starts += 1
+            self.current = ExecutorProcess(self.log_dir / f"executor-{self.starts}.log")
+        return self.current
+
+    def stop(self) -> None:
+        if self.current is not None:
+            self.current.terminate()
+            self.current = None
+
+
 @pytest.fixture(scope="session")
-def worker(django_db_setup, django_db_blocker, tmp_path_factory):
-    """A real django-q2 cluster (qcluster) against the test database and Redis."""
+def _shared_executor(django_db_setup, tmp_path_factory):
+    shared = _SharedExecutor(tmp_path_factory.mktemp("executor"))
+    yield shared
+    shared.stop()
+
+
+@pytest.fixture(autouse=True)
+def _only_wanted_executors(request):
+    """A transactional test that did not ask for the suite's executor runs without it."""
+    if _transactional(request) and "worker" not in request.fixturenames:
+        shared = request.getfixturevalue("_shared_executor")
+        shared.stop()
+    yield
+
+
+@pytest.fixture(scope="session")
+def qcluster(django_db_setup, tmp_path_factory):
+    """A django-q2 cluster (the schedules' worker) against the test database and Redis."""
     proc = Proc(
         [sys.executable, "manage.py", "qcluster"],
         process_env(),
-        tmp_path_factory.mktemp("worker") / "qcluster.log",
+        tmp_path_factory.mktemp("qcluster") / "qcluster.log",
     )
     wait_until(
         lambda: "running" in proc.output() or proc.proc.poll() is not None,
@@ -215,6 +304,12 @@ def worker(django_db_setup, django_db_blocker, tmp_path_factory):
     assert proc.proc.poll() is None, proc.output()
     yield proc
     proc.stop()
+
+
+@pytest.fixture
+def worker(_shared_executor):
+    """A real executor process against the test database and Redis (runs and webhooks)."""
+    return _shared_executor.ensure()
 
 
 def start_web(
@@ -262,76 +357,23 @@ def live_server_url(django_db_setup, tmp_path_factory):
     proc.stop()
 
 
-# --- Worker clusters that tests start and kill ---------------------------------------------------
-
-
-class Cluster:
-    """A qcluster in its own process group, so SIGKILL takes its sentinel and workers at once."""
-
-    def __init__(self, name: str, log: Path, workers: int = 1, **env: str) -> None:
-        self.name = name
-        self.log_path = log
-        self.log = log.open("wb")
-        self.proc = subprocess.Popen(
-            [sys.executable, "manage.py", "qcluster"],
-            cwd=ROOT,
-            # Small: the machine's PostgreSQL connections are shared with other suites.
-            env=process_env(
-                **{"Q_CLUSTER_NAME": name, "Q_WORKERS": str(workers), "DB_POOL_MAX": "3", **env}
-            ),
-            stdout=self.log,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,
-        )
-        try:
-            wait_until(
-                lambda: (
-                    "running" in log.read_text(errors="replace") or self.proc.poll() is not None
-                ),
-                60,
-                message="qcluster start",
-            )
-            assert self.proc.poll() is None, log.read_text(errors="replace")
-        except BaseException:
-            self.kill()  # a cluster that did not come up in time must not outlive the test
-            raise
-
-    def kill(self) -> None:
-        if self.proc.poll() is None:
-            os.killpg(self.proc.pid, signal.SIGKILL)
-            self.proc.wait()
-            # Every process of the group gone, so none is still blocked reading the queue
-            # (Redis would hand it the retry's task, which would then be lost).
-            wait_until(lambda: not _group_alive(self.proc.pid), 10, message="the group to die")
-        self.log.close()
-
-
-def _group_alive(pgid: int) -> bool:
-    try:
-        os.killpg(pgid, 0)
-    except ProcessLookupError:
-        return False
-    return True
+# --- Executors that tests start and kill ----------------------------------------------------------
 
 
 @pytest.fixture
-def clusters(monkeypatch, tmp_path):
-    """Workers on a queue of this test's own, so the session's worker cannot take its runs."""
-    name = f"cluster-{uuid.uuid4().hex[:8]}"
-    monkeypatch.setattr(Conf, "CLUSTER_NAME", name)
-    monkeypatch.setattr(Conf, "PREFIX", name)  # the signing salt
-    # This process's broker is kept once built, with the queue name it was built with.
-    monkeypatch.setattr(agentsvc.broker, "_broker", None)
-    started: list[Cluster] = []
+def executors(tmp_path):
+    """Executors of this test's own (the suite's executor is stopped for it: the test is
+    transactional and does not ask for `worker`)."""
+    started: list[ExecutorProcess] = []
 
-    def start(workers: int = 1, **env: str) -> Cluster:
-        cluster = Cluster(name, tmp_path / f"qcluster-{len(started)}.log", workers, **env)
-        started.append(cluster)
-        return cluster
+    def start(**env: str) -> ExecutorProcess:
+        proc = ExecutorProcess(tmp_path / f"executor-{len(started)}.log", **env)
+        started.append(proc)
+        return proc
 
     yield start
-    for cluster in started:
-        cluster.kill()
+    for proc in started:
+        proc.kill()
 
 
 # --- Webhooks: the local receiver and the SSRF exemption for it ------------------------------

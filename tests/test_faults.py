@@ -1,7 +1,7 @@
 """Faults injected into real processes: the invariants of DESIGN.md, at a scale that says
 something, with the figures printed as one `FAULT name: ...` line per test.
 
-Every test runs its own qcluster(s) on a queue of its own (the `clusters` fixture), calls the
+Every test runs its own qcluster(s) on a queue of its own (the `executors` fixture), calls the
 keeper itself where the schedule would (the test worker runs no schedules), and ends by
 counting, over every run it started: lost (accepted but missing or never ended), duplicates
 (an event log that shows two executions at once, a seq gap or more than one end) and stuck
@@ -31,7 +31,7 @@ from django_q.conf import Conf
 import agentsvc.broker
 from agentsvc.models import TokenWindow
 from runs import keeper
-from runs.engine import run_execute
+from runs.executor import run_execute
 from runs.models import ACTIVE_STATUSES, TERMINAL_EVENTS, Run, RunEvent, RunStatus
 from runs.services import run_create
 from tests.conftest import ROOT, Proc, fake, free_port, process_env, start_web, wait_until
@@ -228,7 +228,7 @@ def assert_streams_clean(figures: dict) -> None:
 
 
 @pytest.mark.timeout(150)
-def test_kill9_worker_mid_runs(alice, make_chain, clusters, settings, fake_model, fault_report):
+def test_kill9_worker_mid_runs(alice, make_chain, executors, settings, fake_model, fault_report):
     """Two qclusters share 30 runs; one is killed with its whole process group while it
     executes runs. The keeper (called here every 0.3 s, with the staleness cut to 2 s) hands
     its runs and the tasks its pusher had taken to the other: every run completes, none twice."""
@@ -237,8 +237,8 @@ def test_kill9_worker_mid_runs(alice, make_chain, clusters, settings, fake_model
     settings.QUEUED_REENQUEUE_AFTER_S = 3
     models = [fake(tokens=10, latency_ms=40), fake(tokens=10, latency_ms=40)]
     chain = make_chain("demo", models=models, timeout_s=60)
-    doomed = clusters(workers=2, HEARTBEAT_S="0.3")
-    clusters(workers=2, HEARTBEAT_S="0.3")
+    doomed = executors(HEARTBEAT_S="0.3")
+    executors(HEARTBEAT_S="0.3")
     started = time.monotonic()
     ids = [
         run_create(api_key=alice.key, chain=chain, run_input={"topic": f"t{i}"}, metadata={}).id
@@ -281,13 +281,13 @@ def test_kill9_worker_mid_runs(alice, make_chain, clusters, settings, fake_model
 
 
 @pytest.mark.timeout(210)
-def test_web_restart_mid_stream(alice, make_chain, clusters, settings, tmp_path, fault_report):
+def test_web_restart_mid_stream(alice, make_chain, executors, settings, tmp_path, fault_report):
     """Ten SSE clients follow ten long runs through one daphne process, which is killed with
     SIGKILL and started again on the same port: each client reconnects with Last-Event-ID and
     gets every seq of its run exactly once, in order, through the terminal event."""
     settings.QUEUED_REENQUEUE_AFTER_S = 5
     make_chain("demo", models=[fake(tokens=60, latency_ms=50)], timeout_s=60)
-    cluster = clusters(workers=5)
+    cluster = executors()
     env = process_env(Q_CLUSTER_NAME=cluster.name, MAX_ACTIVE_RUNS="100", DB_POOL_MAX="4")
     web, base = start_web(env, tmp_path / "web-1.log")
     port = int(base.rsplit(":", 1)[1])
@@ -355,7 +355,7 @@ def test_web_restart_mid_stream(alice, make_chain, clusters, settings, tmp_path,
 
 
 @pytest.mark.timeout(150)
-def test_webhook_receiver_down_then_up(alice, make_chain, clusters, local_ok, fault_report):
+def test_webhook_receiver_down_then_up(alice, make_chain, executors, local_ok, fault_report):
     """30 runs end while their receiver's port refuses connections (each run's own webhook and
     a registered endpoint: 60 deliveries). Once every delivery failed twice the receiver comes
     up: each message arrives once per target, under the one webhook-id of its message."""
@@ -367,7 +367,7 @@ def test_webhook_receiver_down_then_up(alice, make_chain, clusters, local_ok, fa
     response = alice.post("/api/v1/webhook-endpoints", {"url": hooks + endpoint_path})
     assert response.status_code == 201, response.content
     chain = make_chain("demo", models=[fake(tokens=3)])
-    clusters(workers=2, WEBHOOK_RETRY_SCHEDULE_S=",".join(["1"] * 40), WEBHOOK_TIMEOUT_S="2")
+    executors(WEBHOOK_RETRY_SCHEDULE_S=",".join(["1"] * 40), WEBHOOK_TIMEOUT_S="2")
     started = time.monotonic()
     ids = [
         run_create(
@@ -489,7 +489,7 @@ def keeper_pass_in(env: dict[str, str]) -> dict[str, int]:
 
 
 @pytest.mark.timeout(180)
-def test_redis_stopped_and_started(alice, make_chain, clusters, tmp_path, fault_report):
+def test_redis_stopped_and_started(alice, make_chain, executors, tmp_path, fault_report):
     """A web and a worker on a private Redis, which is killed (its queue lost) while 20 runs
     wait and one is streamed, then started again. While it is down /readyz says why, and run
     creation is refused with 503 problem+json (the request counters live in Redis, so nothing is
@@ -500,7 +500,7 @@ def test_redis_stopped_and_started(alice, make_chain, clusters, tmp_path, fault_
     server = start_redis(redis_port, tmp_path / "redis-1.log")
     make_chain("demo", models=[fake(tokens=10, latency_ms=30)])
     make_chain("long", models=[fake(tokens=80, latency_ms=50)], timeout_s=60)
-    cluster = clusters(workers=2, REDIS_URL=redis_url)
+    cluster = executors(REDIS_URL=redis_url)
     env = process_env(
         REDIS_URL=redis_url,
         Q_CLUSTER_NAME=cluster.name,
@@ -594,7 +594,7 @@ def test_redis_stopped_and_started(alice, make_chain, clusters, tmp_path, fault_
 
 @pytest.mark.timeout(60)
 def test_broker_down_at_commit_loses_nothing(
-    alice, make_chain, clusters, monkeypatch, local_ok, receiver, fault_report
+    alice, make_chain, executors, monkeypatch, local_ok, receiver, fault_report
 ):
     """Redis answers the request counters but the queue push after commit fails (Redis dies
     between the two): the run is committed, so the answer is 202, not a 503 that would make the
@@ -656,7 +656,7 @@ def test_broker_down_at_commit_loses_nothing(
 
 @pytest.mark.timeout(180)
 def test_postgres_briefly_unreachable(
-    alice, make_chain, clusters, settings, tmp_path, fault_report
+    alice, make_chain, executors, settings, tmp_path, fault_report
 ):
     """A web and a worker reach PostgreSQL through a proxy that is cut for 2 s while 40 runs are
     created (each with an Idempotency-Key). Every answer is 202 or a 503 problem; retrying each
@@ -668,7 +668,7 @@ def test_postgres_briefly_unreachable(
     proxy = TcpProxy((db["HOST"], int(db["PORT"] or 5432)))
     via_proxy = f"postgres://{db['USER']}@127.0.0.1:{proxy.port}/{db['NAME']}"
     make_chain("demo", models=[fake(tokens=10, latency_ms=20)])
-    cluster = clusters(workers=2, DATABASE_URL=via_proxy, HEARTBEAT_S="0.3")
+    cluster = executors(DATABASE_URL=via_proxy, HEARTBEAT_S="0.3")
     # A request cut between recording its Idempotency-Key and answering cannot forget the key
     # (the database is gone): retries get 409 in progress until IDEMPOTENCY_LOCK_S, then start
     # over. The lock is cut from 120 s to 5 s here.
@@ -774,14 +774,14 @@ def test_postgres_briefly_unreachable(
 
 
 @pytest.mark.timeout(120)
-def test_model_failing_slow_hanging(alice, make_chain, clusters, settings, fault_report):
+def test_model_failing_slow_hanging(alice, make_chain, executors, settings, fault_report):
     """24 runs against a model that answers 500, one too slow for the chain's 1 s timeout, and
     one that sends a token and then nothing: each ends failed or timed_out with its code within
     its bound plus 2 s. Then four normal runs complete promptly on both worker
     processes: no worker is stuck."""
     settings.MAX_ACTIVE_RUNS = 100
     settings.QUEUED_REENQUEUE_AFTER_S = 5
-    cluster = clusters(
+    cluster = executors(
         workers=2, PROVIDER_READ_TIMEOUT_S="1", PROVIDER_RETRY_MAX_WAIT_S="0.2", HEARTBEAT_S="0.3"
     )
     grace = 2

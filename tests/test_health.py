@@ -6,7 +6,15 @@ import httpx
 import pytest
 from django.test import Client
 
-from tests.conftest import Proc, fake, free_port, process_env, start_web, wait_until
+from tests.conftest import (
+    ExecutorProcess,
+    Proc,
+    fake,
+    free_port,
+    process_env,
+    start_web,
+    wait_until,
+)
 from tests.fakes.openai_server import start_in_thread
 
 
@@ -20,18 +28,19 @@ def test_healthz_checks_nothing(db):
     assert Client().get("/healthz").json() == {"status": "ok"}
 
 
-def test_ready_with_worker_and_models(db, worker, make_chain):
+def test_ready_with_worker_and_models(db, worker, qcluster, make_chain):
     make_chain("demo", models=[fake(tokens=3)])
     _status, body = wait_until(lambda: (r := readyz())[0] == 200 and r, 15, 0.2, "ready")
     assert body["status"] == "ready"
-    for name in ("database", "migrations", "cache", "channel_layer", "broker", "workers"):
+    names = ("database", "migrations", "cache", "channel_layer", "broker", "workers", "executors")
+    for name in names:
         check = body["checks"][name]
         assert check["ok"] is True, (name, check)
         assert set(check) == {"ok", "latency_ms", "detail"}
     assert [m["ok"] for m in body["checks"]["models"].values()] == [True]
 
 
-def test_model_down_makes_not_ready_and_recovers(db, worker, make_chain, settings, alice):
+def test_model_down_makes_not_ready_and_recovers(db, worker, qcluster, make_chain, settings, alice):
     settings.MODEL_PROBE_CACHE_S = 0
     port = free_port()
     make_chain("demo", base_url=f"http://127.0.0.1:{port}/v1")
@@ -68,7 +77,7 @@ def test_model_not_served_is_unavailable(db, worker, make_chain, settings):
 def test_no_worker_is_not_ready_until_one_starts(tmp_path):
     env = process_env(Q_CLUSTER_NAME=f"lonely-{free_port()}")
     web, base = start_web(env, tmp_path / "web.log")
-    worker = None
+    worker = executor = None
     try:
 
         def status():
@@ -77,13 +86,25 @@ def test_no_worker_is_not_ready_until_one_starts(tmp_path):
         response = httpx.get(f"{base}/readyz", timeout=30)
         assert response.status_code == 503
         assert response.json()["checks"]["workers"]["ok"] is False
+        assert response.json()["checks"]["executors"]["ok"] is False
         worker = Proc([sys.executable, "manage.py", "qcluster"], env, tmp_path / "q.log")
-        wait_until(lambda: status() == 200, 30, 0.3, "ready with a worker")
+        executor = ExecutorProcess(tmp_path / "executor.log")
+        wait_until(lambda: status() == 200, 30, 0.3, "ready with a worker and an executor")
+        executor.terminate()  # a stopping executor says so at once
+        body = wait_until(
+            lambda: (r := httpx.get(f"{base}/readyz", timeout=30)).status_code == 503 and r.json(),
+            30,
+            0.3,
+            "not ready without an executor",
+        )
+        assert body["checks"]["executors"]["ok"] is False and body["checks"]["workers"]["ok"]
         worker.stop()
         worker = None
         wait_until(lambda: status() == 503, 30, 0.3, "not ready without a worker")
     finally:
         web.stop()
+        if executor:
+            executor.kill()
         if worker:
             worker.stop()
 

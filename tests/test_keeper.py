@@ -12,7 +12,7 @@ from django.utils import timezone
 
 from agentsvc.models import TokenWindow
 from runs import keeper
-from runs.engine import run_execute
+from runs.executor import run_execute
 from runs.models import Run, RunEvent, RunStatus
 from runs.services import event_append, run_create
 from tests.conftest import fake
@@ -174,15 +174,22 @@ def test_polling_keeps_a_run_from_being_orphaned(alice, make_chain, settings):
     assert Run.objects.get(pk=polled.id).status == RunStatus.QUEUED
 
 
-def test_waiting_queued_run_is_enqueued_again_once_per_interval(alice, make_chain, settings):
-    settings.QUEUED_REENQUEUE_AFTER_S = 300
-    run = start(alice, make_chain("demo"))
-    assert keeper.runs_reenqueue_waiting() == 0
-    _age(run, 301)
-    assert keeper.runs_reenqueue_waiting() == 1
-    assert keeper.runs_reenqueue_waiting() == 0  # the same interval: not again
-    Run.objects.filter(pk=run.id).update(heartbeat_at=timezone.now() - timedelta(seconds=301))
-    assert keeper.runs_reenqueue_waiting() == 1
+def test_silent_executors_are_forgotten(db, settings):
+    from runs.models import Executor
+
+    settings.WORKER_LOST_AFTER_S = 30
+    now = timezone.now()
+    for name, age in (("gone", 301), ("alive", 10)):
+        Executor.objects.create(
+            id=name,
+            host="h",
+            pid=1,
+            started_at=now,
+            heartbeat_at=now - timedelta(seconds=age),
+            capacity=10,
+        )
+    assert keeper.executors_forget() == 1
+    assert list(Executor.objects.values_list("id", flat=True)) == ["alive"]
 
 
 def test_retention_deletes_old_runs_with_events_and_webhook_payloads(alice, make_chain, settings):

@@ -11,12 +11,12 @@ from django.utils import timezone
 from runs import keeper
 from runs.models import Run, RunEvent, RunStatus
 from runs.services import run_create
-from tests.conftest import Cluster, fake, wait_until
+from tests.conftest import ExecutorProcess, fake, wait_until
 
 pytestmark = [pytest.mark.django_db(transaction=True), pytest.mark.slow]
 
 
-def kill_mid_run(cluster: Cluster, run: Run) -> None:
+def kill_mid_run(executor: ExecutorProcess, run: Run) -> None:
     """SIGKILL once the run is streaming output, then let its heartbeat go stale."""
     after = Run.objects.get(pk=run.id).last_seq  # output of this attempt, not an earlier one
     wait_until(
@@ -24,7 +24,7 @@ def kill_mid_run(cluster: Cluster, run: Run) -> None:
         60,
         message="output streaming",
     )
-    cluster.kill()
+    executor.kill()
     outputs = RunEvent.objects.filter(run=run, type="agent.output").count()
     assert Run.objects.get(pk=run.id).status == RunStatus.RUNNING
     # Nothing more arrives from the dead worker; its heartbeat is now as old as the keeper
@@ -38,13 +38,13 @@ def slow_run(alice, make_chain) -> Run:
     return run_create(api_key=alice.key, chain=chain, run_input={"topic": "tides"}, metadata={})
 
 
-def test_killed_worker_run_is_retried_on_another_and_completes(alice, make_chain, clusters):
-    first = clusters()
+def test_killed_worker_run_is_retried_on_another_and_completes(alice, make_chain, executors):
+    first = executors()
     run = slow_run(alice, make_chain)
     kill_mid_run(first, run)
     assert keeper.runs_recover_lost()["retried"] == 1
     assert Run.objects.get(pk=run.id).status == RunStatus.QUEUED
-    clusters()
+    executors()
     wait_until(
         lambda: Run.objects.get(pk=run.id).status not in (RunStatus.QUEUED, RunStatus.RUNNING),
         60,
@@ -57,11 +57,11 @@ def test_killed_worker_run_is_retried_on_another_and_completes(alice, make_chain
     assert types.count("run.started") == 2 and types[-1] == "run.completed"
 
 
-def test_killed_worker_on_the_retry_ends_failed_worker_lost(alice, make_chain, clusters):
+def test_killed_worker_on_the_retry_ends_failed_worker_lost(alice, make_chain, executors):
     run = slow_run(alice, make_chain)
-    kill_mid_run(clusters(), run)
+    kill_mid_run(executors(), run)
     assert keeper.runs_recover_lost()["retried"] == 1
-    kill_mid_run(clusters(), run)
+    kill_mid_run(executors(), run)
     assert keeper.runs_recover_lost()["failed"] == 1
     run.refresh_from_db()
     assert run.status == RunStatus.FAILED and run.error_code == "worker_lost"

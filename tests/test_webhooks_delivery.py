@@ -17,7 +17,7 @@ from tests.conftest import wait_until
 from tests.webhook_support import SECRET, deliver_all, finished_run, hook_path
 from webhooks.models import WebhookAttempt, WebhookDelivery, WebhookEndpoint, WebhookMessage
 from webhooks.services import (
-    deliveries_sweep,
+    deliveries_claim_due,
     delivery_attempt,
     endpoint_create,
     endpoint_delete,
@@ -273,19 +273,20 @@ def test_cancelling_a_queued_run_writes_its_message(alice, make_chain, receiver)
     assert payload["data"]["status"] == RunStatus.CANCELLED
 
 
-def test_one_claim_wins_and_a_dead_workers_lease_is_swept(alice, make_chain, receiver):
+def test_one_claim_wins_and_a_dead_executors_lease_is_claimed_again(alice, make_chain, receiver):
     path = hook_path()
     finished_run(alice, make_chain, webhook=own(receiver, path))
     delivery = WebhookDelivery.objects.get()
     token = _claim(delivery_id=delivery.id, token=None)
     assert token is not None
-    assert _claim(delivery_id=delivery.id, token=None) is None  # a second worker loses
-    assert deliveries_sweep() == 0  # the lease is still running
-    # The worker holding it died: once the lease runs out, the sweep hands it on.
+    assert _claim(delivery_id=delivery.id, token=None) is None  # a second executor loses
+    assert deliveries_claim_due(limit=10) == ([], None)  # the lease is still running
+    # The executor holding it died: once the lease runs out, another claims it.
     WebhookDelivery.objects.filter(pk=delivery.pk).update(
         next_attempt_at=timezone.now() - timedelta(seconds=1)
     )
-    assert deliveries_sweep() == 1
+    ids, _ = deliveries_claim_due(limit=10)
+    assert ids == [delivery.id]
     swept = WebhookDelivery.objects.get()
     assert swept.claim_token not in (None, token)
     assert not delivery_attempt(delivery_id=delivery.id, token=token)  # the old token is void
@@ -293,18 +294,16 @@ def test_one_claim_wins_and_a_dead_workers_lease_is_swept(alice, make_chain, rec
     assert len(receiver.requests_for(path)) == 1
 
 
-def test_the_sweep_is_scheduled_for_every_worker(db):
+def test_the_sweep_schedule_is_gone(db):
+    """Executors claim due deliveries themselves; the old minute schedule is removed."""
     import importlib
 
     from django.apps import apps
     from django_q.models import Schedule
 
-    # The data migration's function (the table may have been flushed by an earlier test).
-    importlib.import_module("webhooks.migrations.0002_sweep_schedule").create(apps, None)
-    importlib.import_module("webhooks.migrations.0002_sweep_schedule").create(apps, None)
-    schedule = Schedule.objects.get(name="webhooks-sweep")
-    assert schedule.func == "webhooks.tasks.deliveries_sweep"
-    assert schedule.repeats == -1 and schedule.minutes == 1
+    Schedule.objects.create(name="webhooks-sweep", func="webhooks.tasks.deliveries_sweep")
+    importlib.import_module("webhooks.migrations.0003_no_sweep_schedule").delete(apps, None)
+    assert not Schedule.objects.filter(name="webhooks-sweep").exists()
 
 
 def test_retries_follow_a_changed_endpoint_url(alice, make_chain, receiver):
@@ -322,26 +321,6 @@ def test_retries_follow_a_changed_endpoint_url(alice, make_chain, receiver):
     deliver_all()
     assert len(receiver.requests_for(old)) == 1 and len(receiver.requests_for(new)) == 1
     assert WebhookDelivery.objects.get().status == "succeeded"
-
-
-def test_a_busy_worker_sweeps_only_overdue_retries(alice, make_chain, receiver):
-    finished_run(alice, make_chain, webhook=own(receiver, hook_path(status=500)))
-    delivery = WebhookDelivery.objects.get()
-    soon = {"overdue": timedelta(seconds=2), "retries_only": True}
-
-    def due(seconds_ago: float) -> None:
-        WebhookDelivery.objects.filter(pk=delivery.pk).update(
-            next_attempt_at=timezone.now() - timedelta(seconds=seconds_ago), claim_token=None
-        )
-
-    due(3)
-    assert deliveries_sweep(**soon) == 0  # a first attempt: its own task will take it
-    due(0)
-    delivery_attempt(delivery_id=delivery.id)  # fails: a retry is now scheduled
-    due(1)
-    assert deliveries_sweep(**soon) == 0  # not overdue enough
-    due(3)
-    assert deliveries_sweep(**soon) == 1
 
 
 @pytest.mark.parametrize(

@@ -4,3 +4,15 @@ from django.apps import AppConfig
 class WebhooksConfig(AppConfig):
     name = "webhooks"
     default_auto_field = "django.db.models.BigAutoField"
+
+    def ready(self) -> None:
+        """Webhooks subscribe to runs: messages written with each terminal event, endpoints
+        that keep their owners' runs watched, delivery inside the executor process."""
+        from runs import events, executor
+        from webhooks.pump import deliveries_pump
+        from webhooks.selectors import owners_with_endpoints
+        from webhooks.services import messages_create_for_event
+
+        events.on_terminal(messages_create_for_event)
+        events.on_owners_watched(owners_with_endpoints)
+        executor.service_register(deliveries_pump)

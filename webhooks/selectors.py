@@ -62,3 +62,12 @@ def run_deliveries(
         return page, None
     page = page[:limit]
     return page, encode_cursor(page[-1].created_at, page[-1].id)
+
+
+def owners_with_endpoints(owner_ids: set[int]) -> set[int]:
+    """Owners among these with an enabled endpoint: they hear of their runs' ends."""
+    return set(
+        WebhookEndpoint.objects.filter(owner_id__in=owner_ids, enabled=True).values_list(
+            "owner_id", flat=True
+        )
+    )

@@ -1,9 +1,7 @@
 """Writes on webhooks (STYLE.md: services write, selectors read)."""
 
 from webhooks.services.deliveries import (
-    deliveries_attempt_many,
-    deliveries_sweep,
-    deliveries_sweep_soon,
+    deliveries_claim_due,
     delivery_attempt,
     delivery_resend,
     messages_create_for_event,
@@ -18,9 +16,7 @@ from webhooks.services.endpoints import (
 )
 
 __all__ = [
-    "deliveries_attempt_many",
-    "deliveries_sweep",
-    "deliveries_sweep_soon",
+    "deliveries_claim_due",
     "delivery_attempt",
     "delivery_resend",
     "endpoint_create",

@@ -3,11 +3,9 @@
 from __future__ import annotations
 
 import logging
-import queue
 import random
-import time
 import uuid
-from concurrent.futures import ThreadPoolExecutor
+from collections.abc import Callable
 from datetime import datetime, timedelta
 from typing import Any
 from uuid import UUID
@@ -16,7 +14,6 @@ from django.conf import settings
 from django.db import connection, transaction
 from django.utils import timezone
 
-from agentsvc.broker import enqueue
 from agentsvc.errors import ApplicationError
 from runs.models import TERMINAL_EVENTS, Run
 from runs.timefmt import iso
@@ -39,58 +36,20 @@ def _lease_s() -> float:
     return 3 * settings.WEBHOOK_TIMEOUT_S + 60
 
 
-def _enqueue(delivery_ids: list[UUID], token: UUID | None = None) -> None:
-    """One task per batch: a worker keeps a batch's attempts in flight together.
-
-    Called after commit, when the deliveries are already pending with a due time: a broker
-    failure is logged, not raised (raised, it would skip the rest of the commit's work, such as
-    settling the run's tokens), and the sweep sends them."""
-    size = settings.WEBHOOK_BATCH_SIZE
-    for start in range(0, len(delivery_ids), size):
-        batch = [str(i) for i in delivery_ids[start : start + size]]
-        try:
-            enqueue(
-                "webhooks.tasks.deliveries_send",
-                batch,
-                str(token) if token else None,
-                task_name=f"webhooks-{batch[0]}",
-            )
-        except Exception as e:
-            logger.warning("deliveries %s...: not enqueued (%s); the sweep sends them", batch[0], e)
+# Set by the delivery pump of this process (webhooks/pump.py), if it runs one: new deliveries
+# written here are attempted at once rather than at the pump's next poll.
+_wake: Callable[[], None] | None = None
 
 
-def _drain(ids: queue.SimpleQueue[str], token: str | None) -> None:
-    """One thread of a batch: attempt deliveries until none is left, then close this thread's
-    database connection, so idle workers hold no extra connections."""
-    try:
-        while True:
-            try:
-                delivery_id = ids.get_nowait()
-            except queue.Empty:
-                return
-            try:
-                delivery_attempt(delivery_id=delivery_id, token=token)
-            except Exception:
-                logger.exception("delivery %s: attempt failed", delivery_id)
-    finally:
-        connection.close()
+def deliveries_wake() -> None:
+    """After commit of new or resent deliveries: wake this process's pump (others poll)."""
+    if _wake is not None:
+        _wake()
 
 
-def deliveries_attempt_many(*, delivery_ids: list[str], token: str | None = None) -> None:
-    """Attempt a batch concurrently. Delivery waits on the network and the database, so one
-    worker process keeps up to WEBHOOK_CONCURRENCY attempts in flight (threads, each with its own
-    database connection while the batch lasts)."""
-    threads = min(settings.WEBHOOK_CONCURRENCY, len(delivery_ids))
-    if threads <= 1:
-        for delivery_id in delivery_ids:
-            delivery_attempt(delivery_id=delivery_id, token=token)
-        return
-    ids: queue.SimpleQueue[str] = queue.SimpleQueue()
-    for delivery_id in delivery_ids:
-        ids.put(delivery_id)
-    with ThreadPoolExecutor(threads, thread_name_prefix="webhook") as pool:
-        for future in [pool.submit(_drain, ids, token) for _ in range(threads)]:
-            future.result()
+def pump_register(wake: Callable[[], None] | None) -> None:
+    global _wake
+    _wake = wake
 
 
 # --- Messages ---------------------------------------------------------------------------------
@@ -161,8 +120,8 @@ def messages_create_for_event(*, run_id: UUID, event: str, seq: int, now: dateti
             for endpoint, url in targets
         ]
     )
-    ids = [d.id for d in deliveries]
-    transaction.on_commit(lambda: _enqueue(ids))
+    if deliveries:
+        transaction.on_commit(deliveries_wake)
 
 
 # --- Attempts ---------------------------------------------------------------------------------
@@ -244,6 +203,8 @@ def delivery_attempt(*, delivery_id: UUID | str, token: UUID | str | None = None
     message = delivery.message
     # An endpoint's retries follow it when its URL is changed.
     url = endpoint.url if endpoint is not None else delivery.url
+    if not connection.in_atomic_block:
+        connection.close()  # back to the pool while the receiver takes its time
     outcome = http.attempt(
         url=url,
         msg_id=message.id,
@@ -288,53 +249,23 @@ def delivery_attempt(*, delivery_id: UUID | str, token: UUID | str | None = None
     return True
 
 
-# A swept delivery waits in the queue under this lease; only if its task has not started by then
-# (lost, or a worker died) does a later sweep hand it out again. Long, so that a queue backlog
-# delays deliveries rather than making sweeps re-enqueue them over and over.
-SWEEP_LEASE = timedelta(minutes=10)
-
-
-def deliveries_sweep(
-    *, limit: int = 500, overdue: timedelta = timedelta(0), retries_only: bool = False
-) -> int:
-    """Claim deliveries whose attempt is due (retries, lost tasks, dead workers) and enqueue them.
-
-    Runs on a django-q2 schedule, so a lost task or a dead worker only delays a delivery.
-    With `overdue`, only deliveries due at least that long ago; with `retries_only`, only ones
-    attempted before (a first attempt has its own task, enqueued on commit).
-    """
+def deliveries_claim_due(*, limit: int) -> tuple[list[UUID], UUID | None]:
+    """Claim up to `limit` deliveries whose attempt is due (first attempts, retries, resends,
+    and leases of a dead process run out), oldest due first, skipping rows a peer is claiming.
+    Returns their ids and the claim token that `delivery_attempt` takes."""
     now = timezone.now()
     token = uuid.uuid4()
     with transaction.atomic():
         due = WebhookDelivery.objects.select_for_update(skip_locked=True).filter(
-            status=DeliveryStatus.PENDING, next_attempt_at__lte=now - overdue
+            status=DeliveryStatus.PENDING, next_attempt_at__lte=now
         )
-        if retries_only:
-            due = due.filter(attempt_count__gt=0)
         ids = list(due.order_by("next_attempt_at").values_list("id", flat=True)[:limit])
         if not ids:
-            return 0
-        WebhookDelivery.objects.filter(
-            id__in=ids, status=DeliveryStatus.PENDING, next_attempt_at__lte=now
-        ).update(next_attempt_at=now + SWEEP_LEASE, claim_token=token)
-        transaction.on_commit(lambda: _enqueue(ids, token))
-    return len(ids)
-
-
-_last_sweep = 0.0
-
-
-def deliveries_sweep_soon() -> None:
-    """Called after each delivery task: a busy worker sends retries due sooner than the
-    scheduler's 30-60 s tick (the first retry is due after 5 s). At most once a second per
-    process, and only retries 2 s overdue."""
-    global _last_sweep
-    if time.monotonic() - _last_sweep < 1:
-        return
-    _last_sweep = time.monotonic()
-    deliveries_sweep(
-        limit=settings.WEBHOOK_BATCH_SIZE, overdue=timedelta(seconds=2), retries_only=True
-    )
+            return [], None
+        WebhookDelivery.objects.filter(id__in=ids).update(
+            next_attempt_at=now + timedelta(seconds=_lease_s()), claim_token=token
+        )
+    return ids, token
 
 
 # --- Resends ----------------------------------------------------------------------------------
@@ -366,7 +297,7 @@ def delivery_resend(*, delivery: WebhookDelivery) -> WebhookDelivery:
             )
         )
         if updated:
-            transaction.on_commit(lambda: _enqueue([delivery.pk]))
+            transaction.on_commit(deliveries_wake)
     delivery.refresh_from_db()
     return delivery
 
@@ -393,9 +324,8 @@ def run_webhooks_resend(*, run: Run) -> list[WebhookDelivery]:
             for endpoint, url in _targets(run=run, event=message.event_type)
             if (endpoint.pk if endpoint else None) not in existing
         ]
-        created = WebhookDelivery.objects.bulk_create(new)
-        ids = [d.id for d in created]
-        transaction.on_commit(lambda: _enqueue(ids))
+        if WebhookDelivery.objects.bulk_create(new):
+            transaction.on_commit(deliveries_wake)
     for d in existing.values():
         if d.endpoint_id is None or d.endpoint.enabled:
             try:

@@ -1,5 +1,6 @@
 """One command for the embedded default: migrate, load the demo chains, start the local model,
-the worker and the web server together, and print a demo key with a curl to paste."""
+the executor, the worker and the web server together, and print a demo key with a curl to
+paste."""
 
 from __future__ import annotations
 
@@ -33,7 +34,9 @@ def _port_free(host: str, port: int) -> bool:
 
 
 class Command(BaseCommand):
-    help = "Run the local model, the worker (qcluster) and web (daphne) with a demo key."
+    help = (
+        "Run the local model, the executor, the worker (qcluster) and web (daphne) with a demo key."
+    )
 
     def add_arguments(self, parser):
         parser.add_argument("--host", default="127.0.0.1")
@@ -63,6 +66,9 @@ class Command(BaseCommand):
         children: dict[str, subprocess.Popen] = {}
         if model_cmd:
             children["model"] = subprocess.Popen(model_cmd, cwd=settings.BASE_DIR)
+        children["executor"] = subprocess.Popen(
+            [python, "manage.py", "executor"], cwd=settings.BASE_DIR
+        )
         children["worker"] = subprocess.Popen(
             [python, "manage.py", "qcluster"], cwd=settings.BASE_DIR
         )
@@ -97,7 +103,7 @@ class Command(BaseCommand):
             model_reported = False
             while True:
                 time.sleep(0.5)
-                for name in ("web", "worker"):
+                for name in ("web", "executor", "worker"):
                     if children[name].poll() is not None:
                         stop()
                         raise CommandError(

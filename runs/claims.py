@@ -1,0 +1,166 @@
+"""What an executor process writes besides events: its claims on queued runs, its heartbeat,
+and the hand-back of its runs when it stops. The database decides who runs what."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+from typing import Any
+from uuid import UUID
+
+from django.db import connection, transaction
+from django.db.models import Q
+from django.utils import timezone
+
+from runs.events import RUN_QUEUED, RUN_STARTED
+from runs.models import Executor, Run, RunStatus
+from runs.selectors import chain_agents
+from runs.services import Append, events_write
+
+CANDIDATES_PER_SLOT = 2  # queued runs looked at per free slot (others may be locked by peers)
+
+
+@dataclass(frozen=True)
+class Claimed:
+    """A run this executor now holds: `attempt` is part of its claim (a retry is another)."""
+
+    run_id: UUID
+    attempt: int
+    chain_id: int
+    input: Any
+    timeout_s: int
+    started_at: datetime
+
+
+def claim_condition(*, worker: str, attempt: int) -> Q:
+    """Still running, still held by this executor, and the same execution."""
+    return Q(status=RunStatus.RUNNING, worker=worker, attempt=attempt)
+
+
+def _fair_candidates(limit: int) -> list[UUID]:
+    """The oldest queued run of every key first, then every key's second, and so on: one key's
+    backlog delays another key's first run by at most one claim round."""
+    run = Run._meta.db_table
+    with connection.cursor() as cursor:
+        cursor.execute(
+            f"""
+            SELECT id FROM (
+                SELECT id, created_at, ROW_NUMBER() OVER (
+                    PARTITION BY api_key_id ORDER BY created_at, id
+                ) AS turn
+                FROM {run} WHERE status = %s
+            ) AS queued
+            ORDER BY turn, created_at, id
+            LIMIT %s
+            """,
+            [RunStatus.QUEUED.value, limit],
+        )
+        field = Run._meta.pk
+        return [field.to_python(row[0]) for row in cursor.fetchall()]
+
+
+def runs_claim(
+    *, worker: str, limit: int, run_id: UUID | None = None, now: datetime | None = None
+) -> tuple[list[Claimed], bool]:
+    """Claim up to `limit` queued runs (or the one run `run_id`) for `worker`.
+
+    Each claim is the `queued` -> `running` transition with its `run.started` event, written
+    for all claimed runs in one transaction. Rows another executor is claiming are skipped, not
+    waited for. Returns the claims, and whether queued runs were skipped or left over (so the
+    caller claims again soon instead of at its next poll)."""
+    now = now or timezone.now()
+    ids = [run_id] if run_id else _fair_candidates(limit * CANDIDATES_PER_SLOT)
+    if not ids:
+        return [], False
+    with transaction.atomic():
+        rows = list(
+            Run.objects.select_for_update(skip_locked=True, of=("self",))
+            .filter(pk__in=ids, status=RunStatus.QUEUED)
+            .order_by()
+            .values_list("id", "attempt", "chain_id", "input", "chain__timeout_s")[:limit]
+        )
+        if not rows:
+            return [], len(ids) > 0 and run_id is None
+        order = {run: i for i, run in enumerate(ids)}
+        rows.sort(key=lambda r: order[r[0]])
+        appends = [
+            Append(
+                run,
+                [(RUN_STARTED, {"agents_total": len(chain_agents(chain_id))}, now)],
+                {
+                    "status": RunStatus.RUNNING,
+                    "worker": worker,
+                    "started_at": now,
+                    "heartbeat_at": now,
+                    "deadline_at": now + timedelta(seconds=timeout_s),
+                },
+                Q(status=RunStatus.QUEUED),
+            )
+            for run, _, chain_id, _, timeout_s in rows
+        ]
+        written = events_write(appends=appends)
+    claimed = [
+        Claimed(run, attempt, chain_id, run_input, timeout_s, now)
+        for run, attempt, chain_id, run_input, timeout_s in rows
+        if written[run] is not None
+    ]
+    return claimed, len(ids) > len(rows)
+
+
+def runs_cancel_requested(*, worker: str) -> list[tuple[UUID, int, str]]:
+    """Runs of this executor that someone asked to stop: (run, attempt, reason)."""
+    return list(
+        Run.objects.filter(
+            worker=worker, status=RunStatus.RUNNING, cancel_requested_at__isnull=False
+        ).values_list("id", "attempt", "cancel_reason")
+    )
+
+
+def executor_heartbeat(
+    *,
+    worker: str,
+    host: str,
+    pid: int,
+    capacity: int,
+    in_flight: int,
+    draining: bool,
+    process: bool = True,
+) -> None:
+    """One beat for every run the executor holds (one UPDATE for all of them), and with
+    `process` for the executor itself (readiness and the dashboard see it alive)."""
+    now = timezone.now()
+    with transaction.atomic():
+        Run.objects.filter(worker=worker, status=RunStatus.RUNNING).update(heartbeat_at=now)
+        if not process:
+            return
+        state = {
+            "heartbeat_at": now,
+            "capacity": capacity,
+            "in_flight": in_flight,
+            "draining": draining,
+        }
+        if not Executor.objects.filter(pk=worker).update(**state):
+            Executor.objects.create(id=worker, host=host, pid=pid, started_at=now, **state)
+
+
+def executor_remove(*, worker: str) -> None:
+    Executor.objects.filter(pk=worker).delete()
+
+
+def hand_back(*, run_id: UUID, worker: str, attempt: int, chain: str, version: int) -> Append:
+    """The write that gives a run back to the queue when its executor stops (SIGTERM): another
+    executor starts it again at once, from its first agent."""
+    now = timezone.now()
+    return Append(
+        run_id,
+        [(RUN_QUEUED, {"chain": chain, "version": version, "reason": "worker_shutdown"}, now)],
+        {
+            "status": RunStatus.QUEUED,
+            "worker": "",
+            "current_agent": "",
+            "agents_completed": 0,
+            "deadline_at": None,
+            "heartbeat_at": now,
+        },
+        claim_condition(worker=worker, attempt=attempt),
+    )

@@ -1,0 +1,63 @@
+"""Run events in one place: their names, which ones end a run and with what status, which ones
+the status feed shows, and the hooks other apps register to act on a run's end.
+
+Webhooks subscribe here (webhooks/apps.py) instead of runs importing them: `runs` knows nothing
+of who listens.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from datetime import datetime
+from uuid import UUID
+
+RUN_QUEUED = "run.queued"
+RUN_STARTED = "run.started"
+AGENT_STARTED = "agent.started"
+AGENT_OUTPUT = "agent.output"
+AGENT_COMPLETED = "agent.completed"
+RUN_COMPLETED = "run.completed"
+RUN_FAILED = "run.failed"
+RUN_CANCELLED = "run.cancelled"
+RUN_TIMED_OUT = "run.timed_out"
+
+# The events that end a run, in the order webhook filters list them, and the status each sets.
+TERMINAL_EVENTS = (RUN_COMPLETED, RUN_FAILED, RUN_CANCELLED, RUN_TIMED_OUT)
+STATUS_OF = {
+    RUN_COMPLETED: "completed",
+    RUN_FAILED: "failed",
+    RUN_CANCELLED: "cancelled",
+    RUN_TIMED_OUT: "timed_out",
+}
+# Events that change what the status feed shows (status or progress).
+FEED_EVENTS = frozenset({RUN_QUEUED, RUN_STARTED, AGENT_STARTED, AGENT_COMPLETED, *TERMINAL_EVENTS})
+
+# Called inside the transaction that writes a terminal event: fn(run_id=, event=, seq=, now=).
+TerminalHook = Callable[..., None]
+_terminal_hooks: list[TerminalHook] = []
+# Asked whether an owner will hear of a run's end without anybody polling: fn(owner_ids) ->
+# the owners of those that will (the keeper does not cancel their unwatched runs).
+WatchedHook = Callable[[set[int]], set[int]]
+_watched_hooks: list[WatchedHook] = []
+
+
+def on_terminal(hook: TerminalHook) -> None:
+    if hook not in _terminal_hooks:
+        _terminal_hooks.append(hook)
+
+
+def on_owners_watched(hook: WatchedHook) -> None:
+    if hook not in _watched_hooks:
+        _watched_hooks.append(hook)
+
+
+def terminal_hooks_call(*, run_id: UUID, event: str, seq: int, now: datetime) -> None:
+    for hook in _terminal_hooks:
+        hook(run_id=run_id, event=event, seq=seq, now=now)
+
+
+def owners_watched(owner_ids: set[int]) -> set[int]:
+    watched: set[int] = set()
+    for hook in _watched_hooks:
+        watched |= hook(owner_ids)
+    return watched
