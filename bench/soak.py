@@ -1,10 +1,11 @@
 """Soak: minutes of mixed traffic at a fixed arrival rate, then the books are checked.
 
-    .venv/bin/python bench/soak.py [--minutes 10] [--rate 3] [--webs 2] [--workers 2]
+    .venv/bin/python bench/soak.py [--minutes 10] [--rate 3] [--webs 2] [--executors 2]
 
-Starts the fake model server (tokens 20 ms apart), a webhook receiver, N daphne processes and M
-qclusters (PostgreSQL + Redis, database `agentsvc_scale_soak`, Redis db 14; BENCH_DATABASE_URL /
-BENCH_REDIS_URL override), with the schedules on (keeper, webhook sweep) as in production.
+Starts the fake model server (tokens 20 ms apart), a webhook receiver, N daphne processes, M
+executors (runs and webhook deliveries) and one qcluster with the schedules on (the keeper), as
+in production (PostgreSQL + Redis, database `agentsvc_scale_soak`, Redis db 14;
+BENCH_DATABASE_URL / BENCH_REDIS_URL override).
 One endpoint of the key's owner receives every run's end. Runs arrive at `--rate` a second
 (open loop: a slow server does not slow the arrivals), each request to a web process picked at
 random, each arrival one of:
@@ -293,7 +294,7 @@ def main() -> int:
     parser.add_argument("--minutes", type=float, default=10)
     parser.add_argument("--rate", type=float, default=3, help="runs arriving per second")
     parser.add_argument("--webs", type=int, default=2)
-    parser.add_argument("--workers", type=int, default=2, help="qclusters (Q_WORKERS=2 each)")
+    parser.add_argument("--executors", "--workers", type=int, default=2, help="executor processes")
     parser.add_argument("--drain", type=float, default=120, help="seconds allowed to drain")
     args = parser.parse_args()
 
@@ -328,7 +329,8 @@ def main() -> int:
             [PY, "-m", "daphne", "-b", "127.0.0.1", "-p", str(p), "agentsvc.asgi:application"]
             for p in ports
         ]
-        commands += [[PY, "manage.py", "qcluster"] for _ in range(args.workers)]
+        commands += [[PY, "manage.py", "executor"] for _ in range(args.executors)]
+        commands += [[PY, "manage.py", "qcluster"]]  # the schedules
         with processes(*commands, env=env, log_dir=tmp_path):
             from bench.common import wait_http
 
@@ -340,7 +342,7 @@ def main() -> int:
                 headers={"Authorization": f"Bearer {key}"},
             )
             assert r.status_code == 201, r.text
-            time.sleep(2)  # let the clusters settle
+            time.sleep(2)  # let the executors and the qcluster settle
             soak = Soak(webs, key)
             seconds = args.minutes * 60
             began = time.monotonic()
@@ -361,7 +363,7 @@ def main() -> int:
     completed = result["statuses"]["completed"]
     print(
         f"\nsoak: {args.minutes:g} min at {args.rate:g} runs/s arriving, {args.webs} web,"
-        f" {args.workers} qclusters x 2; arrivals {dict(soak.kinds)};"
+        f" {args.executors} executors; arrivals {dict(soak.kinds)};"
         f" statuses {dict(result['statuses'])}; unacknowledged runs {result['unacknowledged']};"
         f" webhook redeliveries {result['webhook_redeliveries']}; arrival lag {lag:.2f} s;"
         f" clients given up after the drain {soak.unfinished}"

@@ -1,19 +1,18 @@
 """Faults injected into real processes: the invariants of DESIGN.md, at a scale that says
 something, with the figures printed as one `FAULT name: ...` line per test.
 
-Every test runs its own qcluster(s) on a queue of its own (the `executors` fixture), calls the
-keeper itself where the schedule would (the test worker runs no schedules), and ends by
-counting, over every run it started: lost (accepted but missing or never ended), duplicates
-(an event log that shows two executions at once, a seq gap or more than one end) and stuck
-(still queued or running when the test's time is up).
+Every test runs executors of its own (the `executors` fixture; the suite's shared one is stopped
+for it), which claim queued runs from the database and recover the runs of a lost peer by
+themselves every HEARTBEAT_S: no test calls the keeper. Each test ends by counting, over every
+run it started: lost (accepted but missing or never ended), duplicates (an event log that shows
+two executions at once, a seq gap or more than one end) and stuck (still queued or running when
+the test's time is up).
 """
 
 from __future__ import annotations
 
-import json
 import os
 import signal
-import subprocess
 import sys
 import threading
 import time
@@ -26,22 +25,27 @@ import httpx
 import pytest
 import redis
 from django.conf import settings as django_settings
-from django_q.conf import Conf
+from django.utils import timezone
 
-import agentsvc.broker
-from agentsvc.models import TokenWindow
-from runs import keeper
-from runs.executor import run_execute
+import runs.wakeup
+from agentsvc.models import ApiKey, TokenWindow
 from runs.models import ACTIVE_STATUSES, TERMINAL_EVENTS, Run, RunEvent, RunStatus
 from runs.services import run_create
-from tests.conftest import ROOT, Proc, fake, free_port, process_env, start_web, wait_until
+from tests.conftest import (
+    ExecutorProcess,
+    Proc,
+    fake,
+    free_port,
+    process_env,
+    start_web,
+    wait_until,
+)
 from tests.fakes.tcp_proxy import TcpProxy
 from tests.fakes.webhook_receiver import start_in_thread as start_receiver
 from tests.sse_client import events
 from tests.test_engine import requests_for
-from tests.webhook_support import SECRET, deliver_all, hook_path
+from tests.webhook_support import SECRET, hook_path
 from webhooks.models import DeliveryStatus, WebhookAttempt, WebhookDelivery, WebhookMessage
-from webhooks.services import deliveries_sweep
 
 pytestmark = [pytest.mark.django_db(transaction=True), pytest.mark.slow]
 
@@ -65,8 +69,9 @@ def fault_report(capsys):
 def execution_problems(run_id) -> list[str]:
     """What the event log of a run says against the invariants: seq 1..n without a gap, one
     terminal event and it is the last, and one execution at a time (after `run.started`, the
-    agents go 0, 1, ... until the end or a keeper's requeue; a completed run's output is
-    exactly the chunks of its last execution's last agent)."""
+    agents go 0, 1, ... until the end or a `run.queued`: recovered from a lost executor, or
+    handed back on SIGTERM; a completed run's output is exactly the chunks of its last
+    execution's last agent)."""
     rows = list(
         RunEvent.objects.filter(run_id=run_id).order_by("seq").values_list("seq", "type", "data")
     )
@@ -127,33 +132,44 @@ def all_ended(run_ids) -> bool:
     return not Run.objects.filter(pk__in=list(run_ids), status__in=ACTIVE_STATUSES).exists()
 
 
-def keeper_until_ended(run_ids, timeout: float, message: str = "every run to end") -> dict:
-    """Wait for the runs to end, calling the keeper every 0.3 s as its schedule would: runs of a
-    lost worker (WORKER_LOST_AFTER_S) go back to the queue, and runs queued for
-    QUEUED_REENQUEUE_AFTER_S are enqueued again (a task lost on the way to a worker). Returns
-    what it did, so a test reports it."""
-    done = {"retried": 0, "reenqueued": 0}
-
-    def ended() -> bool:
-        done["retried"] += keeper.runs_recover_lost()["retried"]
-        done["reenqueued"] += keeper.runs_reenqueue_waiting()
-        return all_ended(run_ids)
-
-    wait_until(ended, timeout, 0.3, message)
-    return done
+def wait_ended(run_ids, timeout: float, message: str = "every run to end") -> None:
+    """Wait for the runs to end: the executors claim, execute and recover them by themselves."""
+    wait_until(lambda: all_ended(run_ids), timeout, 0.3, message)
 
 
-def _group_pids(pgid: int) -> set[int]:
-    """The processes of a process group (a qcluster's sentinel and workers), from /proc."""
-    pids = set()
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        try:
-            fields = stat.read_text().rsplit(")", 1)[1].split()
-        except OSError:
-            continue
-        if int(fields[2]) == pgid:  # state, ppid, pgrp
-            pids.add(int(stat.parent.name))
-    return pids
+def requeued(run_ids, reason: str) -> int:
+    """`run.queued` events with this reason (`worker_lost`: a peer recovered the run of a lost
+    executor; `worker_shutdown`: an executor handed it back on SIGTERM)."""
+    return RunEvent.objects.filter(
+        run_id__in=list(run_ids), type="run.queued", data__reason=reason
+    ).count()
+
+
+def roomy(api) -> None:
+    """Limits that let one key have hundreds of runs going (the defaults allow 60 a minute)."""
+    ApiKey.objects.filter(pk=api.key.pk).update(
+        runs_per_minute=1_000_000, tokens_per_minute=1_000_000_000, max_active_runs=100_000
+    )
+    api.key.refresh_from_db()
+
+
+def create_runs(api, chain, n: int) -> list:
+    return [
+        run_create(api_key=api.key, chain=chain, run_input={"topic": f"t{i}"}, metadata={}).id
+        for i in range(n)
+    ]
+
+
+def executor_pid(worker: str) -> int | None:
+    """The pid in a run's `worker` claim (host:pid:nonce), None when no executor holds it."""
+    return int(worker.split(":")[1]) if worker else None
+
+
+def held_by(executor: ExecutorProcess, run_ids) -> list:
+    """The runs, among `run_ids`, that this executor process is running now."""
+    running = Run.objects.filter(pk__in=list(run_ids), status=RunStatus.RUNNING)
+    pid = executor.proc.pid
+    return [i for i, w in running.values_list("id", "worker") if executor_pid(w) == pid]
 
 
 class SseFollower(threading.Thread):
@@ -224,36 +240,27 @@ def assert_streams_clean(figures: dict) -> None:
     assert figures["unended_streams"] == 0, figures
 
 
-# --- 1. kill -9 a worker mid-runs ---------------------------------------------------------------
+# --- 1. kill -9 an executor mid-runs -------------------------------------------------------------
 
 
 @pytest.mark.timeout(150)
-def test_kill9_worker_mid_runs(alice, make_chain, executors, settings, fake_model, fault_report):
-    """Two qclusters share 30 runs; one is killed with its whole process group while it
-    executes runs. The keeper (called here every 0.3 s, with the staleness cut to 2 s) hands
-    its runs and the tasks its pusher had taken to the other: every run completes, none twice."""
-    settings.MAX_ACTIVE_RUNS = 100
-    settings.WORKER_LOST_AFTER_S = 2
-    settings.QUEUED_REENQUEUE_AFTER_S = 3
+def test_kill9_worker_mid_runs(alice, make_chain, executors, fake_model, fault_report):
+    """Two executors share 30 runs; one is killed (SIGKILL) while it executes runs. The other
+    notices the stale heartbeat (cut to 2 s here) on its own and takes the runs over: every run
+    completes, none twice."""
+    roomy(alice)
     models = [fake(tokens=10, latency_ms=40), fake(tokens=10, latency_ms=40)]
     chain = make_chain("demo", models=models, timeout_s=60)
-    doomed = executors(HEARTBEAT_S="0.3")
-    executors(HEARTBEAT_S="0.3")
+    # Fifteen runs at a time each: the thirty are shared out between the two.
+    lifecycle = {"HEARTBEAT_S": "0.3", "WORKER_LOST_AFTER_S": "2", "RUN_CONCURRENCY": "15"}
+    doomed = executors(**lifecycle)
+    executors(**lifecycle)
     started = time.monotonic()
-    ids = [
-        run_create(api_key=alice.key, chain=chain, run_input={"topic": f"t{i}"}, metadata={}).id
-        for i in range(30)
-    ]
-    doomed_pids = {str(pid) for pid in _group_pids(doomed.proc.pid)}
-
-    def doomed_runs() -> list:
-        running = Run.objects.filter(pk__in=ids, status=RunStatus.RUNNING)
-        return [i for i, w in running.values_list("id", "worker") if w.split(":")[1] in doomed_pids]
-
-    wait_until(lambda: len(doomed_runs()) >= 2, 30, message="the doomed cluster to run two")
-    killed = doomed_runs()
+    ids = create_runs(alice, chain, 30)
+    wait_until(lambda: len(held_by(doomed, ids)) >= 2, 30, message="the doomed executor to run two")
+    killed = held_by(doomed, ids)
     doomed.kill()
-    reenqueued = keeper_until_ended(ids, 90)["reenqueued"]
+    wait_ended(ids, 90)
     figures = audit(ids)
     statuses = Counter(Run.objects.filter(pk__in=ids).values_list("status", flat=True))
     retried = Run.objects.filter(pk__in=ids, attempt=2).count()
@@ -267,12 +274,12 @@ def test_kill9_worker_mid_runs(alice, make_chain, executors, settings, fake_mode
         faults=1,
         killed_mid_run=len(killed),
         retried=retried,
-        reenqueued=reenqueued,
     )
     assert_clean(figures)
     assert statuses == {RunStatus.COMPLETED: 30}, statuses
-    # The killed runs were taken over (a second execution after the keeper's requeue)...
+    # The killed runs were taken over (a second execution after the peer's requeue)...
     assert set(Run.objects.filter(pk__in=killed).values_list("attempt", flat=True)) == {2}
+    assert requeued(killed, "worker_lost") == len(killed)
     # ...and no execution happened that the log does not show: one model call per agent start.
     assert model_requests <= agent_starts, (model_requests, agent_starts)
 
@@ -281,14 +288,13 @@ def test_kill9_worker_mid_runs(alice, make_chain, executors, settings, fake_mode
 
 
 @pytest.mark.timeout(210)
-def test_web_restart_mid_stream(alice, make_chain, executors, settings, tmp_path, fault_report):
+def test_web_restart_mid_stream(alice, make_chain, executors, tmp_path, fault_report):
     """Ten SSE clients follow ten long runs through one daphne process, which is killed with
     SIGKILL and started again on the same port: each client reconnects with Last-Event-ID and
     gets every seq of its run exactly once, in order, through the terminal event."""
-    settings.QUEUED_REENQUEUE_AFTER_S = 5
     make_chain("demo", models=[fake(tokens=60, latency_ms=50)], timeout_s=60)
-    cluster = executors()
-    env = process_env(Q_CLUSTER_NAME=cluster.name, MAX_ACTIVE_RUNS="100", DB_POOL_MAX="4")
+    executors()
+    env = process_env(MAX_ACTIVE_RUNS="100", DB_POOL_MAX="4")
     web, base = start_web(env, tmp_path / "web-1.log")
     port = int(base.rsplit(":", 1)[1])
     started = time.monotonic()
@@ -304,10 +310,12 @@ def test_web_restart_mid_stream(alice, make_chain, executors, settings, tmp_path
             for i in range(10)
         ]
         followers = [SseFollower(base, alice.raw_key, run_id) for run_id in ids]
+        # Every client is streaming (all ten runs go at once: a client slow to connect would
+        # otherwise make its first connection after the restart, with nothing to resume).
         wait_until(
-            lambda: sum(t == "agent.output" for f in followers for _, t in f.frames) >= 30,
+            lambda: all(sum(t == "agent.output" for _, t in f.frames) >= 3 for f in followers),
             30,
-            message="output streaming",
+            message="output streaming to every client",
         )
         os.kill(web.proc.pid, signal.SIGKILL)
         web.proc.wait()
@@ -320,7 +328,7 @@ def test_web_restart_mid_stream(alice, make_chain, executors, settings, tmp_path
         down_s = time.monotonic() - killed_at
         for follower in followers:
             follower.join(90)
-        reenqueued = keeper_until_ended(ids, 30)["reenqueued"]
+        wait_ended(ids, 30)
     finally:
         web.stop()
     figures = audit(ids)
@@ -338,7 +346,6 @@ def test_web_restart_mid_stream(alice, make_chain, executors, settings, tmp_path
         started,
         faults=1,
         clients=len(followers),
-        reenqueued=reenqueued,
         resumed=resumed,
         down_s=f"{down_s:.1f}",
         refusals=sum(len(f.refusals) for f in followers),
@@ -357,17 +364,18 @@ def test_web_restart_mid_stream(alice, make_chain, executors, settings, tmp_path
 @pytest.mark.timeout(150)
 def test_webhook_receiver_down_then_up(alice, make_chain, executors, local_ok, fault_report):
     """30 runs end while their receiver's port refuses connections (each run's own webhook and
-    a registered endpoint: 60 deliveries). Once every delivery failed twice the receiver comes
-    up: each message arrives once per target, under the one webhook-id of its message."""
+    a registered endpoint: 60 deliveries), attempted by the delivery pumps of two executors.
+    Once every delivery failed twice the receiver comes up: each message arrives once per
+    target, under the one webhook-id of its message."""
     local_ok.MAX_ACTIVE_RUNS = 100
-    local_ok.QUEUED_REENQUEUE_AFTER_S = 5
     port = free_port()
     hooks, tag = f"http://127.0.0.1:{port}", uuid.uuid4().hex[:8]
     endpoint_path = f"/endpoint?tag={tag}"
     response = alice.post("/api/v1/webhook-endpoints", {"url": hooks + endpoint_path})
     assert response.status_code == 201, response.content
     chain = make_chain("demo", models=[fake(tokens=3)])
-    executors(WEBHOOK_RETRY_SCHEDULE_S=",".join(["1"] * 40), WEBHOOK_TIMEOUT_S="2")
+    for _ in range(2):
+        executors(WEBHOOK_RETRY_SCHEDULE_S=",".join(["1"] * 40), WEBHOOK_TIMEOUT_S="2")
     started = time.monotonic()
     ids = [
         run_create(
@@ -379,15 +387,10 @@ def test_webhook_receiver_down_then_up(alice, make_chain, executors, local_ok, f
         ).id
         for i in range(30)
     ]
-    reenqueued = keeper_until_ended(ids, 60)["reenqueued"]
+    wait_ended(ids, 60)
     deliveries = WebhookDelivery.objects.filter(message__run_id__in=ids)
-
-    def sweep_until(done) -> bool:
-        deliveries_sweep()  # the schedule's job, which the test worker does not run
-        return done()
-
     wait_until(
-        lambda: sweep_until(lambda: not deliveries.filter(attempt_count__lt=2).exists()),
+        lambda: not deliveries.filter(attempt_count__lt=2).exists(),
         60,
         0.5,
         "every delivery to fail twice",
@@ -396,9 +399,7 @@ def test_webhook_receiver_down_then_up(alice, make_chain, executors, local_ok, f
     receiver = start_receiver(port=port)
     try:
         wait_until(
-            lambda: sweep_until(
-                lambda: not deliveries.exclude(status=DeliveryStatus.SUCCEEDED).exists()
-            ),
+            lambda: not deliveries.exclude(status=DeliveryStatus.SUCCEEDED).exists(),
             60,
             0.5,
             "every delivery to succeed",
@@ -428,7 +429,6 @@ def test_webhook_receiver_down_then_up(alice, make_chain, executors, local_ok, f
         figures,
         started,
         faults=1,
-        reenqueued=reenqueued,
         messages=len(messages),
         deliveries=deliveries.count(),
         failed_attempts=failed_attempts,
@@ -473,42 +473,45 @@ def start_redis(port: int, log: Path) -> Proc:
     return server
 
 
-def keeper_pass_in(env: dict[str, str]) -> dict[str, int]:
-    """One keeper pass in a process of its own (this process's broker is not that Redis)."""
-    code = "import json; from runs.keeper import keeper_pass; print(json.dumps(keeper_pass()))"
-    done = subprocess.run(
-        [sys.executable, "manage.py", "shell", "-c", code],
-        cwd=ROOT,
-        env=env,
-        check=True,
-        timeout=60,
-        capture_output=True,
-        text=True,
+def start_qcluster(env: dict[str, str], log: Path) -> Proc:
+    """A django-q2 cluster (the schedules; readiness wants one alive on the service's Redis)."""
+    proc = Proc([sys.executable, "manage.py", "qcluster"], env, log)
+    wait_until(
+        lambda: "running" in proc.output() or proc.proc.poll() is not None,
+        30,
+        message="qcluster start",
     )
-    return json.loads(done.stdout.strip().splitlines()[-1])
+    assert proc.proc.poll() is None, proc.output()
+    return proc
 
 
 @pytest.mark.timeout(180)
 def test_redis_stopped_and_started(alice, make_chain, executors, tmp_path, fault_report):
-    """A web and a worker on a private Redis, which is killed (its queue lost) while 20 runs
-    wait and one is streamed, then started again. While it is down /readyz says why, and run
-    creation is refused with 503 problem+json (the request counters live in Redis, so nothing is
-    accepted that could not be counted). Afterwards the keeper re-enqueues the waiting runs,
-    every accepted run ends, and the open stream gets every event once."""
+    """A web, an executor (three runs at a time) and a qcluster on a private Redis, which is
+    killed (its wake-ups lost) while 20 runs wait and one is streamed, then started again.
+    While it is down /readyz says why, and run creation is refused with 503 problem+json (the
+    request counters live in Redis, so nothing is accepted that could not be counted). The
+    executor goes on claiming the waiting runs from the database: every accepted run ends, and
+    the open stream gets every event once."""
     redis_port = free_port()
     redis_url = f"redis://127.0.0.1:{redis_port}/0"
     server = start_redis(redis_port, tmp_path / "redis-1.log")
     make_chain("demo", models=[fake(tokens=10, latency_ms=30)])
     make_chain("long", models=[fake(tokens=80, latency_ms=50)], timeout_s=60)
-    cluster = executors(REDIS_URL=redis_url)
+    executors(REDIS_URL=redis_url, RUN_CONCURRENCY="3")
     env = process_env(
         REDIS_URL=redis_url,
-        Q_CLUSTER_NAME=cluster.name,
+        Q_CLUSTER_NAME=f"faults-{uuid.uuid4().hex[:8]}",
         MAX_ACTIVE_RUNS="100",
         DB_POOL_MAX="4",
         MODEL_PROBE_CACHE_S="0",
     )
-    web, base = start_web(env, tmp_path / "web.log")
+    schedules = start_qcluster(env, tmp_path / "qcluster.log")
+    try:
+        web, base = start_web(env, tmp_path / "web.log")
+    except BaseException:
+        schedules.stop()
+        raise
     http = httpx.Client(
         base_url=base, timeout=30, headers={"Authorization": f"Bearer {alice.raw_key}"}
     )
@@ -528,6 +531,7 @@ def test_redis_stopped_and_started(alice, make_chain, executors, tmp_path, fault
             assert response.status_code == 202, response.text
             accepted.append(response.json()["run_id"])
 
+        waiting_at_kill = Run.objects.filter(pk__in=accepted, status=RunStatus.QUEUED).count()
         server.proc.kill()
         server.stop()
         down_at = time.monotonic()
@@ -548,20 +552,10 @@ def test_redis_stopped_and_started(alice, make_chain, executors, tmp_path, fault
         outage_events = len(follower.frames)
         time.sleep(max(0.0, 2 - (time.monotonic() - down_at)))
         outage_events = len(follower.frames) - outage_events
+        waiting_at_restart = Run.objects.filter(pk__in=accepted, status=RunStatus.QUEUED).count()
         server = start_redis(redis_port, tmp_path / "redis-2.log")
         down_s = time.monotonic() - down_at
-
-        keeper_env = {**env, "QUEUED_REENQUEUE_AFTER_S": "1"}
-        reenqueued = 0
-
-        def settle() -> bool:
-            nonlocal reenqueued
-            if all_ended(accepted):
-                return True
-            reenqueued += keeper_pass_in(keeper_env)["reenqueued"]
-            return all_ended(accepted)
-
-        wait_until(settle, 90, 0.5, "every accepted run to end")
+        wait_ended(accepted, 90, "every accepted run to end")
         follower.join(60)
         wait_until(lambda: http.get("/readyz").status_code == 200, 30, 0.3, "ready again")
         after = http.post("/api/v1/chains/demo/runs", json={"input": {"topic": "after"}})
@@ -571,6 +565,7 @@ def test_redis_stopped_and_started(alice, make_chain, executors, tmp_path, fault
     finally:
         http.close()
         web.stop()
+        schedules.stop()
         server.stop()
     figures = audit(accepted)
     streams = streams_figures([follower])
@@ -581,7 +576,8 @@ def test_redis_stopped_and_started(alice, make_chain, executors, tmp_path, fault
         started,
         faults=1,
         refused_503=refused,
-        reenqueued=reenqueued,
+        waiting_at_kill=waiting_at_kill,
+        waiting_at_restart=waiting_at_restart,
         down_s=f"{down_s:.1f}",
         events_during_outage=outage_events,
         **streams,
@@ -592,63 +588,99 @@ def test_redis_stopped_and_started(alice, make_chain, executors, tmp_path, fault
     assert statuses == {RunStatus.COMPLETED: len(accepted)}, statuses
 
 
-@pytest.mark.timeout(60)
-def test_broker_down_at_commit_loses_nothing(
-    alice, make_chain, executors, monkeypatch, local_ok, receiver, fault_report
+def queue_waits(run_ids) -> list[float]:
+    """Seconds from each run's creation to its start (its first claim)."""
+    rows = Run.objects.filter(pk__in=list(run_ids)).values_list("created_at", "started_at")
+    return sorted((started - created).total_seconds() for created, started in rows)
+
+
+@pytest.mark.timeout(120)
+def test_runs_start_without_a_message(
+    alice, make_chain, executors, monkeypatch, settings, local_ok, receiver, tmp_path, fault_report
 ):
-    """Redis answers the request counters but the queue push after commit fails (Redis dies
-    between the two): the run is committed, so the answer is 202, not a 503 that would make the
-    caller start it again; the keeper enqueues it later. A worker ending a run then cannot
-    enqueue its webhook deliveries either: the run still ends cleanly, its tokens are settled,
-    and the sweep sends the deliveries."""
-    local_ok.QUEUED_REENQUEUE_AFTER_S = 0
-    make_chain("demo", models=[fake(tokens=5)])
+    """Nothing has to reach an executor for a run to start: a run accepted while no executor
+    runs (its wake-up went nowhere) waits, queued, and the executor started later claims it
+    from the database, completes it, settles its tokens and delivers its webhook. Then that
+    executor's Redis dies: runs created meanwhile lose their wake-ups and start at the
+    executor's next poll (EXECUTOR_POLL_S), not later."""
+    poll_s = 2.0
+    redis_port = free_port()
+    redis_url = f"redis://127.0.0.1:{redis_port}/0"
+    server = start_redis(redis_port, tmp_path / "redis.log")
+    # This process publishes its wake-ups on that Redis too (the request counters stay on the
+    # suite's), as a web process on that Redis would.
+    settings.CHANNEL_LAYERS = {
+        "default": {
+            "BACKEND": "channels_redis.core.RedisChannelLayer",
+            "CONFIG": {"hosts": [redis_url]},
+        }
+    }
+    monkeypatch.setattr(runs.wakeup, "_publisher", runs.wakeup._Publisher())
+    chain = make_chain("demo", models=[fake(tokens=5)])
     path = hook_path()
     body = {
         "input": {"topic": "x"},
         "webhook": {"url": receiver.base_url + path, "secret": SECRET},
     }
     started = time.monotonic()
-    working, dead = Conf.REDIS, f"redis://127.0.0.1:{free_port()}/0"
+    try:
+        first = alice.post("/api/v1/chains/demo/runs", body, headers={"Idempotency-Key": "k1"})
+        again = alice.post("/api/v1/chains/demo/runs", body, headers={"Idempotency-Key": "k1"})
+        assert first.status_code == 202, first.content
+        run_id = first.json()["run_id"]
+        assert again.status_code == 202 and again.json()["run_id"] == run_id
+        time.sleep(poll_s)  # nobody to start it: it waits, queued
+        assert Run.objects.get(pk=run_id).status == RunStatus.QUEUED
 
-    def queue_on(url: str) -> None:
-        """This process's task queue on `url` (the cache stays on the working Redis); the
-        process's broker is built again from the configuration."""
-        monkeypatch.setattr(Conf, "REDIS", url)
-        monkeypatch.setattr(agentsvc.broker, "_broker", None)
+        late = executors(REDIS_URL=redis_url, EXECUTOR_POLL_S=str(poll_s))
+        late_at = time.monotonic()
+        wait_ended([run_id], 30, "the run created before any executor")
+        waited_s = time.monotonic() - late_at
+        wait_until(lambda: receiver.requests_for(path), 30, message="the run's webhook")
+        run = Run.objects.get(pk=run_id)
+        assert run.status == RunStatus.COMPLETED, run.error_message
+        assert executor_pid(run.worker) == late.proc.pid
+        used = TokenWindow.objects.get(api_key=alice.key, window=run.tokens_window).used
+        assert used == run.input_tokens + run.output_tokens  # the reservation was settled
 
-    queue_on(dead)
-    first = alice.post("/api/v1/chains/demo/runs", body, headers={"Idempotency-Key": "k1"})
-    again = alice.post("/api/v1/chains/demo/runs", body, headers={"Idempotency-Key": "k1"})
-    assert first.status_code == 202, first.content
-    run_id = first.json()["run_id"]
-    assert again.status_code == 202 and again.json()["run_id"] == run_id
-    assert Run.objects.get(pk=run_id).status == RunStatus.QUEUED
-
-    queue_on(working)
-    assert keeper.runs_reenqueue_waiting() == 1  # on the test's own queue, which nobody reads
-    queue_on(dead)
-    run_execute(run_id=run_id)  # the worker's code, ending the run with the queue unreachable
-    run = Run.objects.get(pk=run_id)
-    assert run.status == RunStatus.COMPLETED
-    used = TokenWindow.objects.get(api_key=alice.key, window=run.tokens_window).used
-    assert used == run.input_tokens + run.output_tokens  # the reservation was settled
-
-    queue_on(working)
-    deliver_all()
-    figures = audit([run_id])
+        # Wake-ups reach the executor: runs start at once, not at its poll.
+        awake = create_runs(alice, chain, 5)
+        wait_ended(awake, 30, "the runs created with Redis up")
+        server.proc.kill()
+        server.stop()
+        # Redis is gone: nothing wakes the executor, its poll finds the runs.
+        asleep = []
+        for i in range(5):
+            asleep += create_runs(alice, chain, 1)
+            time.sleep(poll_s * (i + 1) / 5)  # created at different points of its poll cycle
+        wait_ended(asleep, 30, "the runs created with Redis down")
+    finally:
+        server.stop()
+    ids = [run_id, *awake, *asleep]
+    figures = audit(ids)
+    awake_waits, asleep_waits = queue_waits(awake), queue_waits(asleep)
     report_figures(
         fault_report,
-        "broker-down-at-commit",
+        "no-message",
         figures,
         started,
         faults=2,
         runs_created=Run.objects.filter(owner=alice.key.owner).count(),
+        started_after_executor_s=f"{waited_s:.1f}",
         webhooks_received=len(receiver.requests_for(path)),
+        poll_s=poll_s,
+        wait_redis_up_max_s=f"{awake_waits[-1]:.2f}",
+        wait_redis_down_max_s=f"{asleep_waits[-1]:.2f}",
     )
     assert_clean(figures)
-    assert Run.objects.filter(owner=alice.key.owner).count() == 1
+    assert Run.objects.filter(owner=alice.key.owner).count() == len(ids)
     assert len(receiver.requests_for(path)) == 1
+    assert set(Run.objects.filter(pk__in=ids).values_list("status", flat=True)) == {
+        RunStatus.COMPLETED
+    }
+    # Without wake-ups a run waits for the executor's next poll, and no longer (a second of
+    # slack for a busy machine).
+    assert asleep_waits[-1] <= poll_s + 1.5, asleep_waits
 
 
 # --- 5. PostgreSQL briefly unreachable ----------------------------------------------------------
@@ -656,24 +688,22 @@ def test_broker_down_at_commit_loses_nothing(
 
 @pytest.mark.timeout(180)
 def test_postgres_briefly_unreachable(
-    alice, make_chain, executors, settings, tmp_path, fault_report
+    alice, make_chain, executors, qcluster, tmp_path, fault_report
 ):
-    """A web and a worker reach PostgreSQL through a proxy that is cut for 2 s while 40 runs are
-    created (each with an Idempotency-Key). Every answer is 202 or a 503 problem; retrying each
-    503 with its key after the outage starts its run exactly once; every run has its first event
-    (nothing half-written), and every run ends without restarting anything."""
-    settings.WORKER_LOST_AFTER_S = 2
-    settings.QUEUED_REENQUEUE_AFTER_S = 3
+    """A web and an executor reach PostgreSQL through a proxy that is cut for 2 s (the
+    schedules' qcluster, which readiness wants alive, does not) while 40 runs are created, each
+    with an Idempotency-Key. Every answer is 202 or a 503 problem; retrying each 503 with its
+    key after the outage starts its run exactly once; every run has its first event (nothing
+    half-written), and every run ends without restarting anything."""
     db = django_settings.DATABASES["default"]
     proxy = TcpProxy((db["HOST"], int(db["PORT"] or 5432)))
     via_proxy = f"postgres://{db['USER']}@127.0.0.1:{proxy.port}/{db['NAME']}"
     make_chain("demo", models=[fake(tokens=10, latency_ms=20)])
-    cluster = executors(DATABASE_URL=via_proxy, HEARTBEAT_S="0.3")
+    executor = executors(DATABASE_URL=via_proxy, HEARTBEAT_S="0.3", WORKER_LOST_AFTER_S="2")
     # A request cut between recording its Idempotency-Key and answering cannot forget the key
     # (the database is gone): retries get 409 in progress until IDEMPOTENCY_LOCK_S, then start
     # over. The lock is cut from 120 s to 5 s here.
     env = process_env(
-        Q_CLUSTER_NAME=cluster.name,
         MAX_ACTIVE_RUNS="100",
         DB_POOL_MAX="4",
         DB_POOL_TIMEOUT_S="1",
@@ -731,12 +761,13 @@ def test_postgres_briefly_unreachable(
                 raise AssertionError(f"{e}; answers to the retries: {dict(retry_answers)}") from e
             run_ids[key] = response.json()["run_id"]
 
-        kept = keeper_until_ended(run_ids.values(), 90)
+        wait_ended(run_ids.values(), 90)
         after = create("pg-outage-after")
         assert after.status_code == 202, after.text
         run_ids["after"] = after.json()["run_id"]
         wait_until(lambda: all_ended(run_ids.values()), 30, message="the run after the outage")
-        assert httpx.get(f"{base}/readyz", timeout=30).status_code == 200
+        ready = httpx.get(f"{base}/readyz", timeout=30)
+        assert ready.status_code == 200, ready.text
     finally:
         web.stop()
         proxy.close()
@@ -757,8 +788,7 @@ def test_postgres_briefly_unreachable(
         retries_409=sum(n for (status, _), n in retry_answers.items() if status == 409),
         runs_in_db=owned.count(),
         headless=headless,
-        runs_retried_by_keeper=retried_runs,
-        reenqueued=kept["reenqueued"],
+        runs_retried=retried_runs,
         completed=ends[RunStatus.COMPLETED],
     )
     assert_clean(figures)
@@ -767,23 +797,29 @@ def test_postgres_briefly_unreachable(
     # One run per key, whatever the outage did to its first request.
     assert owned.count() == len(run_ids) == len(keys) + 1
     assert headless == 0
-    assert "not found" not in cluster.log_path.read_text(errors="replace")
+    assert "not found" not in executor.output()
 
 
 # --- 6. the model server failing, slow and hanging ----------------------------------------------
 
 
 @pytest.mark.timeout(120)
-def test_model_failing_slow_hanging(alice, make_chain, executors, settings, fault_report):
+def test_model_failing_slow_hanging(alice, make_chain, executors, fault_report):
     """24 runs against a model that answers 500, one too slow for the chain's 1 s timeout, and
-    one that sends a token and then nothing: each ends failed or timed_out with its code within
-    its bound plus 2 s. Then four normal runs complete promptly on both worker
-    processes: no worker is stuck."""
-    settings.MAX_ACTIVE_RUNS = 100
-    settings.QUEUED_REENQUEUE_AFTER_S = 5
-    cluster = executors(
-        workers=2, PROVIDER_READ_TIMEOUT_S="1", PROVIDER_RETRY_MAX_WAIT_S="0.2", HEARTBEAT_S="0.3"
-    )
+    one that sends a token and then nothing, on two executors of two runs at a time: each ends
+    failed or timed_out with its code within its bound plus 2 s. Then four normal runs complete
+    promptly on both executors: no slot of either is stuck."""
+    roomy(alice)
+    pair = [
+        executors(
+            RUN_CONCURRENCY="2",
+            PROVIDER_READ_TIMEOUT_S="1",
+            PROVIDER_RETRY_MAX_WAIT_S="0.2",
+            HEARTBEAT_S="0.3",
+            WORKER_LOST_AFTER_S="2",
+        )
+        for _ in range(2)
+    ]
     grace = 2
     cases = {
         # name: (model, chain timeout, status, error code, bound in s)
@@ -795,12 +831,9 @@ def test_model_failing_slow_hanging(alice, make_chain, executors, settings, faul
     runs: dict[str, list] = {}
     for name, (model, timeout_s, *_) in cases.items():
         chain = make_chain(name, models=[model], timeout_s=timeout_s)
-        runs[name] = [
-            run_create(api_key=alice.key, chain=chain, run_input={"topic": "x"}, metadata={}).id
-            for _ in range(8)
-        ]
+        runs[name] = create_runs(alice, chain, 8)
     every = [i for ids in runs.values() for i in ids]
-    reenqueued = keeper_until_ended(every, 60, "every faulty run to end")["reenqueued"]
+    wait_ended(every, 60, "every faulty run to end")
     late = []
     for name, (_, _, status, code, bound) in cases.items():
         for run in Run.objects.filter(pk__in=runs[name]):
@@ -811,14 +844,11 @@ def test_model_failing_slow_hanging(alice, make_chain, executors, settings, faul
 
     chain = make_chain("normal", models=[fake(tokens=10, latency_ms=50)])
     normal_started = time.monotonic()
-    normal = [
-        run_create(api_key=alice.key, chain=chain, run_input={"topic": "x"}, metadata={}).id
-        for _ in range(4)
-    ]
-    reenqueued += keeper_until_ended(normal, 15, "the normal runs")["reenqueued"]
+    normal = create_runs(alice, chain, 4)
+    wait_ended(normal, 15, "the normal runs")
     normal_s = time.monotonic() - normal_started
-    workers = {
-        w.split(":")[1] for w in Run.objects.filter(pk__in=normal).values_list("worker", flat=True)
+    pids = {
+        executor_pid(w) for w in Run.objects.filter(pk__in=normal).values_list("worker", flat=True)
     }
     figures = audit(every + normal)
     report_figures(
@@ -828,13 +858,218 @@ def test_model_failing_slow_hanging(alice, make_chain, executors, settings, faul
         started,
         faults=len(every),
         late=len(late),
-        reenqueued=reenqueued,
         normal_after_s=f"{normal_s:.1f}",
-        workers_free=len(workers),
+        workers_free=len(pids),
     )
     assert_clean(figures)
     assert late == []
     assert set(Run.objects.filter(pk__in=normal).values_list("status", flat=True)) == {
         RunStatus.COMPLETED
     }
-    assert len(workers) == 2, cluster.log_path.read_text(errors="replace")[-2000:]
+    # Two runs at a time each: four runs at once need both executors' two slots.
+    assert pids == {e.proc.pid for e in pair}, [e.output()[-2000:] for e in pair]
+
+
+# --- 7. SIGKILL an executor holding 200 runs, default lifecycle settings --------------------------
+
+
+@pytest.mark.timeout(240)
+def test_kill9_executor_holding_200_runs(alice, make_chain, executors, fake_model, fault_report):
+    """One executor holds 200 runs mid-way when it is killed with SIGKILL; another is running.
+    With the default heartbeat (HEARTBEAT_S 5, WORKER_LOST_AFTER_S 30) the survivor notices the
+    silence by itself and runs all 200 again: each ends once, completed on its retry, with no
+    seq gap and never two executions at once, within a minute of the kill."""
+    roomy(alice)
+    # About 8 s a run, at one event a run per 0.7 s: long enough that the survivor starts while
+    # they are all in flight, light enough for 200 at once on a small machine.
+    model = fake(tokens=12, latency_ms=700)
+    chain = make_chain("held", models=[model], timeout_s=120)
+    started = time.monotonic()
+    ids = create_runs(alice, chain, 200)  # no executor yet: they wait, queued
+    doomed = executors()
+    wait_until(lambda: len(held_by(doomed, ids)) == 200, 60, 0.2, "the doomed to hold 200")
+    survivor = executors()
+    held = held_by(doomed, ids)
+    agent_outputs = RunEvent.objects.filter(run_id__in=held, type="agent.output").count()
+    doomed.kill()
+    killed_at = time.monotonic()
+    wait_ended(ids, 60, "every run to end within a minute of the kill")
+    recovery_s = time.monotonic() - killed_at
+    figures = audit(ids)
+    statuses = Counter(Run.objects.filter(pk__in=ids).values_list("status", flat=True))
+    retried = requeued(ids, "worker_lost")
+    agent_starts = RunEvent.objects.filter(run_id__in=ids, type="agent.started").count()
+    model_requests = requests_for(fake_model, model)
+    report_figures(
+        fault_report,
+        "kill9-executor-200",
+        figures,
+        started,
+        faults=1,
+        held_at_kill=len(held),
+        outputs_before_kill=agent_outputs,
+        retried=retried,
+        recovery_s=f"{recovery_s:.1f}",
+        heartbeat_s=django_settings.HEARTBEAT_S,
+        lost_after_s=django_settings.WORKER_LOST_AFTER_S,
+    )
+    assert len(held) == 200, "every run should be in flight on the doomed executor at the kill"
+    assert_clean(figures)
+    assert statuses == {RunStatus.COMPLETED: 200}, statuses
+    # Each was recovered once (worker_lost) and completed by the survivor on its second attempt.
+    assert retried == 200
+    runs = Run.objects.filter(pk__in=ids)
+    assert set(runs.values_list("attempt", flat=True)) == {2}
+    assert {executor_pid(w) for w in runs.values_list("worker", flat=True)} == {survivor.proc.pid}
+    assert model_requests <= agent_starts, (model_requests, agent_starts)
+
+
+# --- 8. SIGTERM an executor with 200 runs in flight -----------------------------------------------
+
+
+@pytest.mark.timeout(240)
+def test_sigterm_executor_with_200_runs_in_flight(
+    alice, make_chain, executors, fake_model, fault_report
+):
+    """One executor holds 200 runs when it gets SIGTERM (WORKER_DRAIN_S 2); another is running.
+    It claims nothing more, lets the runs that end within the drain finish (100 short ones,
+    signalled as the first of them ends) and hands the others back to the queue
+    (`run.queued`, reason worker_shutdown), where the other executor starts them again at once.
+    Every run completes, once; none is lost or executed twice at a time."""
+    roomy(alice)
+    drain_s = 2
+    short_model, long_model = fake(tokens=10, latency_ms=800), fake(tokens=16, latency_ms=800)
+    short = make_chain("short", models=[short_model], timeout_s=120)
+    long = make_chain("long", models=[long_model], timeout_s=120)
+    started = time.monotonic()
+    short_ids, long_ids = create_runs(alice, short, 100), create_runs(alice, long, 100)
+    ids = short_ids + long_ids
+    leaving = executors(WORKER_DRAIN_S=str(drain_s))
+    wait_until(lambda: len(held_by(leaving, ids)) == 200, 60, 0.2, "the leaving to hold 200")
+    staying = executors(WORKER_DRAIN_S=str(drain_s))
+    # The short runs started within a moment of each other: once the first has ended, the
+    # others end within the drain.
+    wait_until(
+        lambda: Run.objects.filter(pk__in=short_ids, status=RunStatus.COMPLETED).exists(),
+        60,
+        0.05,
+        "a short run to end",
+    )
+    in_flight = len(held_by(leaving, ids))
+    signalled = timezone.now()
+    signalled_mono = time.monotonic()
+    leaving.terminate(timeout=drain_s + 30)
+    exit_s = time.monotonic() - signalled_mono
+    wait_ended(ids, 90, "every run to end")
+
+    figures = audit(ids)
+    runs = Run.objects.filter(pk__in=ids)
+    statuses = Counter(runs.values_list("status", flat=True))
+    handed_back = set(
+        RunEvent.objects.filter(
+            run_id__in=ids, type="run.queued", data__reason="worker_shutdown"
+        ).values_list("run_id", flat=True)
+    )
+    by_leaving = [
+        (run_id, finished_at)
+        for run_id, worker, finished_at in runs.values_list("id", "worker", "finished_at")
+        if executor_pid(worker) == leaving.proc.pid
+    ]
+    finished_in_drain = sum(1 for _, at in by_leaving if at >= signalled)
+    finished_before = len(by_leaving) - finished_in_drain
+    restarts = []
+    for run_id in handed_back:
+        events_ = list(
+            RunEvent.objects.filter(run_id=run_id, type__in=["run.queued", "run.started"])
+            .order_by("seq")
+            .values_list("type", "created_at")
+        )
+        back = max(at for t, at in events_ if t == "run.queued")
+        again = min(at for t, at in events_ if t == "run.started" and at >= back)
+        restarts.append((again - back).total_seconds())
+    agent_starts = RunEvent.objects.filter(run_id__in=ids, type="agent.started").count()
+    model_requests = requests_for(fake_model, short_model) + requests_for(fake_model, long_model)
+    report_figures(
+        fault_report,
+        "sigterm-executor-200",
+        figures,
+        started,
+        faults=1,
+        in_flight_at_sigterm=in_flight,
+        finished_before_sigterm=finished_before,
+        finished_in_drain=finished_in_drain,
+        handed_back=len(handed_back),
+        drain_s=drain_s,
+        exit_s=f"{exit_s:.1f}",
+        restart_max_s=f"{max(restarts, default=0):.2f}",
+    )
+    assert leaving.proc.returncode == 0, leaving.output()[-2000:]  # it exited by itself
+    assert_clean(figures)
+    assert statuses == {RunStatus.COMPLETED: 200}, statuses
+    # Each run either finished on the leaving executor or was handed back, never both...
+    assert not handed_back & {run_id for run_id, _ in by_leaving}
+    assert finished_before + finished_in_drain + len(handed_back) == 200
+    # ...the long ones could not finish in the drain: all handed back, each once, and completed
+    # by the staying executor (a hand-back is not a failure: the attempt stays 1).
+    assert set(long_ids) <= handed_back
+    assert requeued(ids, "worker_shutdown") == len(handed_back)
+    back = runs.filter(pk__in=handed_back)
+    assert {executor_pid(w) for w in back.values_list("worker", flat=True)} == {staying.proc.pid}
+    assert set(runs.values_list("attempt", flat=True)) == {1}
+    assert model_requests <= agent_starts, (model_requests, agent_starts)
+
+
+# --- 9. two executors claiming the same 300 runs ------------------------------------------------
+
+
+@pytest.mark.timeout(180)
+def test_two_executors_claim_300_runs_once_each(
+    alice, make_chain, fake_model, tmp_path, fault_report
+):
+    """300 queued runs, each on a chain with a model of its own, and two executors started at
+    the same moment (fifty runs at a time each, so they claim against each other round after
+    round): each run is claimed and executed exactly once, one `run.started` and one request
+    to its model."""
+    roomy(alice)
+    models = [fake(tokens=5, latency_ms=100) for _ in range(300)]
+    chains = [make_chain(f"c{i}", models=[m]) for i, m in enumerate(models)]
+    started = time.monotonic()
+    ids = [create_runs(alice, chain, 1)[0] for chain in chains]
+    pair: list[ExecutorProcess] = []
+    try:
+        with ThreadPoolExecutor(2) as pool:
+            futures = [
+                pool.submit(ExecutorProcess, tmp_path / f"claimer-{n}.log", RUN_CONCURRENCY="50")
+                for n in "ab"
+            ]
+        # Both starts are over here: keep what came up (to kill it), then raise any failure.
+        pair = [f.result() for f in futures if f.exception() is None]
+        for future in futures:
+            future.result()
+        wait_ended(ids, 120)
+    finally:
+        for proc in pair:
+            proc.kill()
+    figures = audit(ids)
+    starts = Counter(
+        RunEvent.objects.filter(run_id__in=ids, type="run.started").values_list("run_id", flat=True)
+    )
+    stats = httpx.get(fake_model.base_url.replace("/v1", "/_stats")).json()
+    requests = Counter(stats.get(m, 0) for m in models)
+    runs = Run.objects.filter(pk__in=ids)
+    per_executor = Counter(executor_pid(w) for w in runs.values_list("worker", flat=True))
+    report_figures(
+        fault_report,
+        "two-executors-300",
+        figures,
+        started,
+        executor_a=per_executor[pair[0].proc.pid],
+        executor_b=per_executor[pair[1].proc.pid],
+        started_twice=sum(1 for n in starts.values() if n > 1),
+        model_requests=sum(stats.get(m, 0) for m in models),
+    )
+    assert_clean(figures)
+    assert set(runs.values_list("status", flat=True)) == {RunStatus.COMPLETED}
+    assert set(starts.values()) == {1} and len(starts) == 300
+    assert requests == {1: 300}, requests
+    assert set(per_executor) == {p.proc.pid for p in pair}, per_executor

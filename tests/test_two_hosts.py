@@ -1,10 +1,10 @@
 """Scale-out across two hosts: network namespaces made by scripts/two-hosts, each running its own
-web (daphne) and worker (qcluster) against the one PostgreSQL and the one Redis.
+web (daphne) and executor against the one PostgreSQL and the one Redis.
 
 A stream opened on host A follows a run executed on host B (the wake-up crosses hosts through
-the channel layer); then host B's worker is killed with SIGKILL mid-runs and the keeper, run on
-host A, hands its runs to A's worker, where they finish. Each process runs with the hostname of
-its host, so a run's `worker` claim records which host executed it.
+the channel layer); then host B's executor is killed with SIGKILL mid-runs and A's executor,
+seeing B's heartbeat go stale, takes its runs over, where they finish. Each process runs with
+the hostname of its host, so a run's `worker` claim records which host executed it.
 
 Deselected from the main suite (it changes the machine's network); run it with
 `scripts/test -m twohosts tests/test_two_hosts.py` or `scripts/scale-check`.
@@ -51,7 +51,7 @@ def bridged(url: str) -> str:
 
 
 class Host:
-    """One namespace's processes. Each is its own process group, so SIGKILL takes a qcluster
+    """One namespace's processes. Each is its own process group, so SIGKILL takes a process
     with all its children at once, as a machine losing power would."""
 
     def __init__(self, name: str, env: dict[str, str], log_dir) -> None:
@@ -92,26 +92,19 @@ class Host:
 
         wait_until(up, 30, message=f"web on host {self.name}")
 
-    def start_worker(self) -> None:
-        proc = self._start("worker", "manage.py", "qcluster")
+    def start_executor(self) -> None:
+        proc = self._start("executor", "manage.py", "executor")
         wait_until(
-            lambda: "running" in self.log("worker") or proc.poll() is not None,
-            30,
-            message=f"worker on host {self.name}",
+            lambda: "runs at once" in self.log("executor") or proc.poll() is not None,
+            60,
+            message=f"executor on host {self.name}",
         )
-        assert proc.poll() is None, self.log("worker")
+        assert proc.poll() is None, self.log("executor")
 
     def kill(self, role: str) -> None:
         proc = self.procs.pop(role)
         os.killpg(proc.pid, signal.SIGKILL)
         proc.wait()
-
-    def keeper_pass(self) -> str:
-        return subprocess.run(
-            [SCRIPT, "exec", self.name, sys.executable, "manage.py", "shell", "-c",
-             "from runs.keeper import keeper_pass; print(keeper_pass())"],
-            cwd=ROOT, env=self.env, check=True, capture_output=True, text=True,
-        ).stdout  # fmt: skip
 
     def stop(self) -> None:
         for role in list(self.procs):
@@ -133,14 +126,10 @@ def hosts(tmp_path):
         DATABASE_URL=f"postgres://{db['USER']}@{BRIDGE}:{db['PORT'] or 5432}/{db['NAME']}",
         REDIS_URL=bridged(settings.REDIS_URL),
         ALLOWED_HOSTS=",".join(ADDRESS.values()),
-        # A queue of their own: a worker of another test in this session never takes their runs.
-        Q_CLUSTER_NAME=f"two-hosts-{os.getpid()}",
-        Q_WORKERS="2",
-        # Short lifecycle timings, so a lost worker is noticed within seconds.
+        # Short lifecycle timings, so a lost executor is noticed within seconds.
         HEARTBEAT_S="0.5",
         PROVIDER_READ_TIMEOUT_S="2",
         WORKER_LOST_AFTER_S="3",
-        QUEUED_REENQUEUE_AFTER_S="3",
         LOG_LEVEL="INFO",
     )
     pair = {name: Host(name, env, tmp_path) for name in ADDRESS}
@@ -202,7 +191,7 @@ def test_stream_on_a_follows_a_run_executed_on_b(hosts, bridge_model, alice, mak
     a, b = hosts["a"], hosts["b"]
     a.start_web()
     b.start_web()
-    b.start_worker()  # the only worker: the run can only execute on host B
+    b.start_executor()  # the only executor: the run can only execute on host B
     chain = make_chain(
         name="two-hosts",
         models=[fake(tokens=30, latency_ms=10), fake(tokens=30, latency_ms=10)],
@@ -221,13 +210,13 @@ def test_stream_on_a_follows_a_run_executed_on_b(hosts, bridge_model, alice, mak
     assert sum(1 for _, event, _ in received if event == "agent.output") >= 2
 
 
-def test_runs_of_a_killed_worker_on_b_finish_on_a(hosts, bridge_model, alice, make_chain):
+def test_runs_of_a_killed_executor_on_b_finish_on_a(hosts, bridge_model, alice, make_chain):
     a, b = hosts["a"], hosts["b"]
     a.start_web()
     b.start_web()
-    b.start_worker()
-    # About 4 s a run (2 agents x 40 tokens x 50 ms), so B's two worker processes are mid-run
-    # when they are killed, and B's pusher already holds the other runs' tasks.
+    b.start_executor()
+    # About 4 s a run (2 agents x 40 tokens x 50 ms), so B's executor holds all four mid-run
+    # when it is killed.
     chain = make_chain(
         name="two-hosts-slow",
         models=[fake(tokens=40, latency_ms=50), fake(tokens=40, latency_ms=50)],
@@ -246,21 +235,20 @@ def test_runs_of_a_killed_worker_on_b_finish_on_a(hosts, bridge_model, alice, ma
         ]
 
     killed_mid_run = wait_until(
-        lambda: r if len(r := running_on_b()) == 2 else None, 30, message="two runs mid-way on B"
+        lambda: r if len(r := running_on_b()) == 4 else None, 30, message="four runs mid-way on B"
     )
-    b.kill("worker")
+    b.kill("executor")
     killed_at = time.monotonic()
-    a.start_worker()
+    a.start_executor()  # it recovers the runs of the lost peer by itself (no keeper pass)
 
     def all_finished() -> bool:
-        a.keeper_pass()  # what the minute schedule does, here every second
         return (
             not Run.objects.filter(pk__in=run_ids)
             .exclude(status__in=[RunStatus.COMPLETED, RunStatus.FAILED, RunStatus.CANCELLED])
             .exists()
         )
 
-    wait_until(all_finished, 90, interval=1, message="every run to finish on host A")
+    wait_until(all_finished, 90, interval=0.5, message="every run to finish on host A")
     recovered_s = time.monotonic() - killed_at
     reader.join(30)
 
