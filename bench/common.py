@@ -11,7 +11,7 @@ import statistics
 import subprocess
 import sys
 import time
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from pathlib import Path
 
 import httpx
@@ -23,7 +23,12 @@ PY = sys.executable
 DATABASE_URL = os.environ.get(
     "BENCH_DATABASE_URL", "postgres://postgres@127.0.0.1:5432/agentsvc_bench"
 )
-REDIS_URL = os.environ.get("BENCH_REDIS_URL", "redis://127.0.0.1:6379/12")
+REDIS_URL = os.environ.get("BENCH_REDIS_URL", "redis://127.0.0.1:6379/13")
+
+
+# The executor's PostgreSQL sessions carry this application_name (libpq's PGAPPNAME), so
+# pg_stat_activity tells its connections from those of daphne and of the benchmark itself.
+EXECUTOR_APP = "agentsvc-executor"
 
 
 def exit_on_sigterm() -> None:
@@ -128,3 +133,161 @@ def write_json(path: str | None, results: dict) -> None:
     """Where `bench/suite.py` reads a script's results (`--json PATH`)."""
     if path:
         Path(path).write_text(json.dumps(results, indent=1))
+
+
+def executor_command(concurrency: int | None = None, stats: Path | None = None) -> list[str]:
+    """The command that starts one executor (`manage.py executor`); with `stats`, through
+    bench/executor_probe.py, which runs the same command and samples its counters to that file."""
+    extra = ["--concurrency", str(concurrency)] if concurrency else []
+    if stats is None:
+        return [PY, "manage.py", "executor", *extra]
+    return [PY, str(ROOT / "bench" / "executor_probe.py"), "--stats", str(stats), *extra]
+
+
+def executor_env(env: dict[str, str]) -> dict[str, str]:
+    return dict(env, PGAPPNAME=EXECUTOR_APP)
+
+
+def read_samples(path: Path) -> list[dict]:
+    """The lines bench/executor_probe.py wrote so far (a partial last line is skipped)."""
+    samples = []
+    if path.exists():
+        for line in path.read_text().splitlines():
+            with suppress(ValueError):
+                samples.append(json.loads(line))
+    return samples
+
+
+def rss_kb(pid: int) -> int:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1])
+    return 0
+
+
+class PgSampler:
+    """Samples, from the maintenance database (so its own queries are not counted), the commits
+    of the bench database (pg_stat_database.xact_commit) and the connections to it held by
+    processes with application_name `app`, every `interval` seconds, in a thread."""
+
+    def __init__(self, database_url: str, app: str = EXECUTOR_APP, interval: float = 0.25):
+        import threading
+
+        self.url = database_url.rsplit("/", 1)[0] + "/postgres"
+        self.db = database_url.rsplit("/", 1)[1]
+        self.app = app
+        self.interval = interval
+        self.samples: list[tuple[float, int, int]] = []  # (time, xact_commit, connections)
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._loop, daemon=True)
+
+    def __enter__(self) -> PgSampler:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._thread.join(timeout=5)
+
+    def _loop(self) -> None:
+        import psycopg
+
+        with psycopg.connect(self.url, autocommit=True) as conn:
+            while not self._stop.is_set():
+                row = conn.execute(
+                    "SELECT (SELECT xact_commit FROM pg_stat_database WHERE datname = %s),"
+                    " (SELECT count(*) FROM pg_stat_activity WHERE datname = %s"
+                    " AND application_name = %s)",
+                    [self.db, self.db, self.app],
+                ).fetchone()
+                self.samples.append((time.time(), int(row[0] or 0), int(row[1])))
+                self._stop.wait(self.interval)
+
+    def window(self, start: float, end: float) -> dict:
+        """Commits per second and connections (max, median) between two wall-clock times.
+        PostgreSQL publishes a backend's counts about once a second: use windows of seconds."""
+        inside = [s for s in self.samples if start <= s[0] <= end]
+        if len(inside) < 2:
+            return {"commits_per_s": float("nan"), "connections_max": 0, "connections_p50": 0}
+        (t0, c0, _), (t1, c1, _) = inside[0], inside[-1]
+        conns = [s[2] for s in inside]
+        return {
+            "seconds": t1 - t0,
+            "commits_per_s": (c1 - c0) / (t1 - t0),
+            "connections_max": max(conns),
+            "connections_p50": statistics.median(conns),
+        }
+
+
+def in_flight_timeline(intervals: list[tuple[float, float]]) -> list[tuple[float, int]]:
+    """[(time, runs in flight from then on)] from (started, finished) pairs."""
+    points = sorted([(s, 1) for s, _ in intervals] + [(f, -1) for _, f in intervals])
+    timeline, level = [], 0
+    for t, d in points:
+        level += d
+        timeline.append((t, level))
+    return timeline
+
+
+def in_flight_stats(intervals: list[tuple[float, float]]) -> dict:
+    """Peak and time-averaged runs in flight over [first start, last finish]."""
+    if not intervals:
+        return {"peak": 0, "average": 0.0}
+    span = max(f for _, f in intervals) - min(s for s, _ in intervals)
+    busy = sum(f - s for s, f in intervals)
+    peak = max(level for _, level in in_flight_timeline(intervals))
+    return {"peak": peak, "average": busy / span if span > 0 else float("nan")}
+
+
+def model_command(port: int) -> list[str]:
+    """The fake model server (tests/fakes/openai_server.py) with a listen backlog for a thousand
+    connections opened at once (the standard library's default is 5: the rest would wait for a
+    SYN retransmit, a second or more, which is not the model's latency)."""
+    code = (
+        "import sys; from tests.fakes.openai_server import FakeModelServer as S; "
+        "S.request_queue_size = 4096; S(('127.0.0.1', int(sys.argv[1]))).serve_forever()"
+    )
+    return [PY, "-c", code, str(port)]
+
+
+def pyspy_record(pid: int, seconds: float, out: Path) -> subprocess.Popen | None:
+    """py-spy (if installed next to this Python) sampling `pid` for `seconds`, raw format."""
+    spy = Path(PY).parent / "py-spy"
+    if not spy.exists():
+        return None
+    return subprocess.Popen(
+        [str(spy), "record", "--pid", str(pid), "--duration", str(int(seconds)), "--rate", "100",
+         "--format", "raw", "--threads", "--nonblocking", "--output", str(out)],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )  # fmt: skip
+
+
+def pyspy_top(path: Path, n: int = 12) -> dict:
+    """From a raw py-spy profile: samples per thread kind, and per kind the functions with the
+    most samples, inclusive (function (file)) and self."""
+    from collections import Counter, defaultdict
+
+    kinds: Counter = Counter()
+    incl: dict[str, Counter] = defaultdict(Counter)
+    own: dict[str, Counter] = defaultdict(Counter)
+
+    def name(frame: str) -> str:
+        func, _, where = frame.partition(" (")
+        return f"{func} ({where.split(':')[0].rsplit('/', 1)[-1].rstrip(')')})"
+
+    for line in path.read_text().splitlines() if path.exists() else []:
+        stack, _, count = line.rpartition(" ")
+        if not stack:
+            continue
+        frames = stack.split(";")
+        thread = frames[0].split(": ", 1)[-1].rstrip(")")
+        kind = thread.rstrip("_0123456789") or thread
+        kinds[kind] += int(count)
+        for f in {name(f) for f in frames[1:]}:
+            incl[kind][f] += int(count)
+        own[kind][name(frames[-1])] += int(count)
+    return {
+        "samples": dict(kinds),
+        "inclusive": {k: incl[k].most_common(n) for k in kinds},
+        "self": {k: own[k].most_common(n) for k in kinds},
+    }
