@@ -2,7 +2,7 @@
 
     .venv/bin/python bench/client_bench.py [--calls 300] [--drops 40]
 
-Starts the fake model server, daphne and a qcluster against PostgreSQL + Redis (databases of its
+Starts the fake model server, daphne and an executor against PostgreSQL + Redis (databases of its
 own: BENCH_DATABASE_URL / BENCH_REDIS_URL override), and a TCP proxy in this process.
   get overhead: `client.runs.get` vs a bare `httpx.Client.get` of the same run, ms per call.
   resume gap:   a run streams 400 tokens 20 ms apart through the proxy; every 8th event the proxy
@@ -28,6 +28,7 @@ from agentsvc_client import Client
 from bench.common import (
     PY,
     config_env,
+    executor_command,
     free_port,
     manage,
     processes,
@@ -72,7 +73,7 @@ def main() -> None:
         with processes(
             [PY, "-m", "tests.fakes.openai_server", "--port", str(model_port)],
             [*daphne, "agentsvc.asgi:application"],
-            [PY, "manage.py", "qcluster"],
+            executor_command(),
             env=env,
             log_dir=tmp_path,
         ):

@@ -3,9 +3,9 @@
     .venv/bin/python bench/run_latency.py [--runs 100] [--configs embedded,production]
                                           [--chains one,three]
 
-Starts the fake model server, daphne and one qcluster (2 worker processes) in each
+Starts the fake model server, daphne and one executor (`manage.py executor`) in each
 configuration, creates runs one after another over HTTP and reports, per chain:
-  server: finished_at - created_at (API accepted it -> worker wrote the terminal event)
+  server: finished_at - created_at (API accepted it -> executor wrote the terminal event)
   client: POST sent -> client saw the terminal status (polling GET /runs/{id} every 5 ms)
   model:  the same completion asked of the model server directly, once per agent; the
           platform's overhead per run is server minus model
@@ -26,6 +26,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from bench.common import (
     PY,
     config_env,
+    executor_command,
     exit_on_sigterm,
     free_port,
     manage,
@@ -105,7 +106,7 @@ def measure(config: str, runs: int, chains: list[str]) -> dict[str, dict[str, li
                 str(web_port),
                 "agentsvc.asgi:application",
             ],
-            [PY, "manage.py", "qcluster"],
+            executor_command(),
             env=env,
             log_dir=tmp_path,
         ):
@@ -114,7 +115,7 @@ def measure(config: str, runs: int, chains: list[str]) -> dict[str, dict[str, li
             with httpx.Client(
                 base_url=base, headers={"Authorization": f"Bearer {key}"}, timeout=30
             ) as http:
-                time.sleep(2)  # let the cluster settle
+                time.sleep(2)  # let the executor settle
                 for chain in chains:
                     server, client = [], []
                     for i in range(runs + 5):

@@ -1,6 +1,6 @@
 """Streaming benchmark: token-to-client latency, idle streams per process, fan-out to many readers.
 
-Starts its own processes (daphne, qcluster, the fake model server in this process) and prints a
+Starts its own processes (daphne, an executor, the fake model server in this process) and prints a
 table. Production configuration (PostgreSQL + Redis) by default; --embedded for SQLite, no Redis.
 
   .venv/bin/python bench/stream_bench.py                      # PostgreSQL + Redis
@@ -8,7 +8,7 @@ table. Production configuration (PostgreSQL + Redis) by default; --embedded for 
   .venv/bin/python bench/stream_bench.py --hold 1000 --idle 5000 --fanout 1000 --runs 100
 
 In order: `--hold` idle SSE streams are opened; with them open, `--runs` runs are streamed over SSE
-and as many over WebSocket (each reader connects, sees `run.queued`, then the run is enqueued);
+and as many over WebSocket (each reader connects, sees `run.queued`, then the run is queued);
 then idle streams are added up to `--idle` and the web process's memory is read; last, fan-out.
 The model server stamps each token with the time it was sent (Unix ns); the reader subtracts that
 from the time it parsed the token off the stream. SSE readers speak raw HTTP/1.1 over asyncio
@@ -35,6 +35,7 @@ sys.path.insert(0, str(ROOT))
 from bench.common import (  # noqa: E402
     PY,
     config_env,
+    executor_command,
     exit_on_sigterm,
     free_port,
     pct,
@@ -51,7 +52,7 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--port", type=int, default=0, help="daphne (default: a free port)")
     p.add_argument("--runs", type=int, default=100, help="runs streamed per protocol for latency")
     p.add_argument("--tokens", type=int, default=20, help="tokens per latency run")
-    p.add_argument("--coalesce-ms", type=int, default=None, help="STREAM_COALESCE_MS for workers")
+    p.add_argument("--coalesce-ms", type=int, default=None, help="STREAM_COALESCE_MS (executor)")
     p.add_argument("--hold", type=int, default=1000, help="idle streams open during latency")
     p.add_argument("--idle", type=int, default=5000, help="idle SSE streams to hold open in all")
     p.add_argument("--fanout", type=int, default=1000, help="readers of one run (0: skip)")
@@ -82,13 +83,14 @@ import django  # noqa: E402
 django.setup()
 
 from django.core.management import call_command  # noqa: E402
-from django_q.tasks import async_task  # noqa: E402
 from websockets.asyncio.client import connect as ws_connect  # noqa: E402
 
 from agentsvc.services import api_key_create  # noqa: E402
 from runs.chains import chain_publish  # noqa: E402
+from runs.events import RUN_QUEUED  # noqa: E402
 from runs.models import Run, RunEvent, RunStatus  # noqa: E402
 from runs.timefmt import iso  # noqa: E402
+from runs.wakeup import wakeup_publish  # noqa: E402
 from tests.fakes.openai_server import start_in_thread  # noqa: E402
 
 HOST = "127.0.0.1"
@@ -179,14 +181,20 @@ async def follow(sse: Sse, samples: list[float], split: list | None = None) -> i
 
 
 # --- scenarios ---------------------------------------------------------------------------------
+HELD = "bench-held"  # no executor's id: executors neither claim, beat for nor recover these
+
+
 def idle_runs(key, chain, n: int) -> list[str]:
-    """Queued runs that no worker will take (none is enqueued): their streams stay open and
-    silent until the benchmark enqueues one."""
+    """Runs no executor will take: `running`, held by no executor, with no heartbeat or
+    deadline (so neither an executor's lost-run check nor the keeper, which is off, moves
+    them), and only their `run.queued` event. Their streams stay open and silent until the
+    benchmark queues one (`enqueue`)."""
     runs = []
     for _ in range(n):
         run = Run.objects.create(
-            owner=key.owner, api_key=key, chain=chain, input={}, agents_total=1, last_seq=1
-        )
+            owner=key.owner, api_key=key, chain=chain, input={}, agents_total=1, last_seq=1,
+            status=RunStatus.RUNNING, worker=HELD,
+        )  # fmt: skip
         RunEvent.objects.create(
             run=run, seq=1, type="run.queued", created_at=run.created_at,
             data={"run_id": str(run.id), "seq": 1, "ts": iso(run.created_at)},
@@ -196,7 +204,11 @@ def idle_runs(key, chain, n: int) -> list[str]:
 
 
 def enqueue(run_id: str) -> None:
-    async_task("runs.tasks.run_execute", run_id, save=False)
+    """Hand a held run to the queue and wake the executors, as `run_create` does on commit."""
+    run = Run.objects.filter(pk=run_id, worker=HELD)
+    owner_id = run.values_list("owner_id", flat=True).get()
+    run.update(status=RunStatus.QUEUED, worker="")
+    wakeup_publish(run_id=run_id, owner_id=owner_id, seq=1, event=RUN_QUEUED)
 
 
 async def sse_run(raw: str, run_id: str, samples: list[float], split: list) -> None:
@@ -362,9 +374,7 @@ def main() -> None:
     fan_chain = chain("bench-fanout", f"fake?tokens={ARGS.fanout_tokens}&latency_ms=5&stamp=1")
     daphne = [PY, "-m", "daphne", "-b", HOST, "-p", str(ARGS.port), "agentsvc.asgi:application"]
     try:
-        with processes(
-            [PY, "manage.py", "qcluster"], daphne, env=ENV, log_dir=Path(DATA_DIR)
-        ) as procs:
+        with processes(executor_command(), daphne, env=ENV, log_dir=Path(DATA_DIR)) as procs:
             wait_http(f"http://{HOST}:{ARGS.port}/healthz")
             results = asyncio.run(scenarios(key, raw, latency_chain, fan_chain, procs[1].pid))
     finally:
