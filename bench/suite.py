@@ -13,7 +13,7 @@ bench/results/latest.md; everything measured to bench/results/latest.json, each 
 to bench/results/<scenario>.log.
 
 Needs PostgreSQL and Redis (BENCH_DATABASE_URL, default postgres://postgres@127.0.0.1:5432/
-agentsvc_bench, recreated; BENCH_REDIS_URL, default redis://127.0.0.1:6379/12, emptied) and wrk.
+agentsvc_bench, recreated; BENCH_REDIS_URL, default redis://127.0.0.1:6379/13, emptied) and wrk.
 """
 
 from __future__ import annotations
@@ -55,12 +55,18 @@ SCENARIOS = {
         ["--runs", "10", "--hold", "1000", "--idle", "1000", "--fanout", "0"],
         300,
     ),
-    "workers": ("worker_bench.py", ["--runs", "1000"], ["--runs", "300"], 300),
+    "throughput": ("throughput_bench.py", ["--runs", "1000"], ["--runs", "300"], 240),
     "webhooks": (
         "webhook_bench.py",
         ["--deliveries", "1000", "--runs", "100"],
         ["--deliveries", "300", "--runs", "30"],
         240,
+    ),
+    "inflight": (
+        "inflight_bench.py",
+        ["--runs", "1000", "--levels", "10,100,1000", "--waves", "3"],
+        ["--runs", "300", "--levels", "10,100,300", "--waves", "2"],
+        480,
     ),
 }
 
@@ -149,13 +155,13 @@ def rows(r: dict) -> list[tuple]:
              num(key["rps"]), num(d["rps"]), ratio(key["rps"], d["rps"]), "≥ 0.8x",
              met(key["rps"] >= 0.8 * d["rps"])),
         ]  # fmt: skip
-    for config, target in (("embedded", 250), ("production", 20)):
+    for config, target in (("embedded", 250), ("production", 10)):
         one = r.get("overhead", {}).get(config, {}).get("one")
         if one:
             model = statistics.median(one["model"])
             overhead = [s - model for s in one["server"]]
             p50 = statistics.median(overhead)
-            label = "embedded (SQLite)" if config == "embedded" else "production (Redis broker)"
+            label = "embedded (SQLite)" if config == "embedded" else "production (Redis)"
             out.append(
                 ("2 platform overhead per run", f"ms p50 / p99, {label}; ref: model time",
                  ms(p50, pct(overhead, 99)), f"{model:.1f}", "", f"p50 ≤ {target} ms",
@@ -180,23 +186,29 @@ def rows(r: dict) -> list[tuple]:
             ("4 idle streams", "memory per stream, KB (RSS growth / streams)",
              num(i["kb_per_stream"], 1), "", "", "≤ 100 KB", met(i["kb_per_stream"] <= 100)),
         ]  # fmt: skip
-    w = r.get("workers", {})
-    if "1w" in w:
-        one = w["1w"]["runs_per_s"]
-        out.append(("5 worker throughput", f"runs/s, 1 worker ({w['runs']} runs)", num(one), "",
-                    "", "≥ 200", met(one >= 200)))  # fmt: skip
-        if "2w" in w:
-            two = w["2w"]["runs_per_s"]
-            out.append(("5 worker throughput", "runs/s, 2 workers; ref: 1 worker", num(two),
-                        num(one), ratio(two, one), "", ""))  # fmt: skip
-    h = r.get("webhooks", {})
-    if "per_task_per_s" in h:
+    t = r.get("throughput", {})
+    if "executor" in t:
+        x = t["executor"]
         out += [
-            ("6 webhooks", "deliveries/s, 1 worker, one task per run end",
-             num(h["per_task_per_s"]), "", "", "≥ 300", met(h["per_task_per_s"] >= 300)),
-            ("6 webhooks", "deliveries/s, 1 worker, a backlog in batches",
+            ("5 executor throughput", f"runs/s, 1 executor process, zero-latency model "
+             f"({t['runs']:,} runs queued first)", num(x["runs_per_s"]), "", "", "≥ 300",
+             met(x["runs_per_s"] >= 300)),
+            ("5 executor throughput", "runs in flight avg / peak; group commits, events each",
+             f"{x['in_flight_average']:.0f} / {x['in_flight_peak']}; {x['group_commits']}, "
+             f"{x['events_per_group_commit']:.0f}", "", "", "", ""),
+            ("5 executor throughput", "database commits per run; SQL statements per run alone",
+             f"{x['db_commits_per_run']:.2f}; {t['queries_per_run_alone']:.0f}", "", "", "",
+             ""),
+        ]  # fmt: skip
+    h = r.get("webhooks", {})
+    if "backlog_per_s" in h:
+        k = h.get("concurrency", 8)
+        out += [
+            ("6 webhooks", f"deliveries/s, 1 executor's pump ({k} threads), a backlog",
              num(h["backlog_per_s"]), "", "", "≥ 300", met(h["backlog_per_s"] >= 300)),
-            ("6 webhooks", "completion → receipt ms, p50 / p95",
+            ("6 webhooks", "deliveries/s, runs ending (run and delivery, 1 executor)",
+             num(h["run_ends_per_s"]), "", "", "≥ 300", met(h["run_ends_per_s"] >= 300)),
+            ("6 webhooks", "run end (finished_at) → receipt ms, p50 / p95",
              ms(h["latency_p50_ms"], h["latency_p95_ms"]), "", "", "", ""),
         ]  # fmt: skip
     if "hello" in c:
@@ -205,6 +217,57 @@ def rows(r: dict) -> list[tuple]:
              num(c["agentsvc"]["rps"]), num(hello["rps"]),
              ratio(c["agentsvc"]["rps"], hello["rps"]), "", "")
         )  # fmt: skip
+    f = r.get("inflight", {})
+    if "agentsvc" in f and "seed" in f:
+        a, seed, cfg = f["agentsvc"], f["seed"], f["config"]
+        shape = (
+            f"{a['runs']:,} runs ({cfg['agents']} agents x {cfg['tokens']} tokens at "
+            f"{cfg['latency_ms']} ms) through the API, 1 executor"
+        )
+        out += [
+            ("8 runs in flight", f"drain s, first create → last done, {shape}; ref: seed "
+             "FastAPI pattern", num(a["drain_s"], 1), num(seed["drain_s"], 1),
+             ratio(a["drain_s"], seed["drain_s"]), "≤ 1.2x",
+             met(a["drain_s"] <= 1.2 * seed["drain_s"])),
+            ("8 runs in flight", "runs created/s, 16 connections; ref: seed",
+             num(a["create_rps"]), num(seed["create_rps"]), ratio(a["create_rps"],
+             seed["create_rps"]), "", ""),
+            ("8 runs in flight", "last create → last done s; ref: seed",
+             num(a["after_last_create_s"], 1), num(seed["after_last_create_s"], 1),
+             ratio(a["after_last_create_s"], seed["after_last_create_s"]), "", ""),
+            ("8 runs in flight", "start latency ms p50 / p99 (started_at - created_at); ref: seed",
+             ms(a["start_latency_p50_ms"], a["start_latency_p99_ms"]),
+             ms(seed["start_latency_p50_ms"], seed["start_latency_p99_ms"]), "", "p99 ≤ 1,000",
+             met(a["start_latency_p99_ms"] <= 1000)),
+            ("8 runs in flight", "run duration ms p50 / p99 (model time "
+             f"{cfg['model_s_per_run'] * 1000:,.0f}); ref: seed",
+             ms(a["run_duration_p50_ms"], a["run_duration_p99_ms"]),
+             ms(seed["run_duration_p50_ms"], seed["run_duration_p99_ms"]), "", "", ""),
+            ("8 runs in flight", "runs in flight avg / peak; ref: seed",
+             f"{a['in_flight_average']:.0f} / {a['in_flight_peak']}",
+             f"{seed['in_flight_average']:.0f} / {seed['in_flight_peak']}", "", "", ""),
+            ("8 runs in flight", "RSS MB idle / peak; ref: seed process",
+             f"{a['rss_idle_kb'] / 1024:.0f} / {a['rss_peak_kb'] / 1024:.0f}",
+             f"{seed['rss_idle_kb'] / 1024:.0f} / {seed['rss_peak_kb'] / 1024:.0f}", "", "", ""),
+            ("8 runs in flight", "RSS KB per run in flight, (peak - idle) / peak; ref: seed",
+             num(a["rss_per_run_kb"], 1), num(seed["rss_per_run_kb"], 1),
+             ratio(a["rss_per_run_kb"], seed["rss_per_run_kb"]), "≤ 100 KB",
+             met(a["rss_per_run_kb"] <= 100)),
+            ("8 runs in flight", "PostgreSQL connections of the executor, max; commits/s",
+             f"{a.get('connections_max', 0)}; {a.get('commits_per_s', float('nan')):,.0f}", "",
+             "", "", ""),
+        ]  # fmt: skip
+    for level, x in f.get("levels", {}).items():
+        out += [
+            ("8 runs in flight", f"at {int(level):,} in flight: PostgreSQL connections max; "
+             "commits/s; group commits/s; events/s",
+             f"{x.get('connections_max', '—')}; {x.get('commits_per_s', float('nan')):,.0f}; "
+             f"{x.get('group_commits_per_s', float('nan')):,.1f}; "
+             f"{x.get('events_per_s', float('nan')):,.0f}", "", "", "", ""),
+            ("8 runs in flight", f"at {int(level):,} in flight: run duration ms p50 / p99; "
+             "RSS KB per run", f"{ms(x['run_duration_p50_ms'], x['run_duration_p99_ms'])}; "
+             f"{x['rss_per_run_kb']:.0f}", "", "", "", ""),
+        ]  # fmt: skip
     for name, error in failed:
         out.append((name, "failed", error, "", "", "", met(False)))
     return out
