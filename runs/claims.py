@@ -13,7 +13,7 @@ from django.db.models import Q
 from django.utils import timezone
 
 from runs.events import RUN_QUEUED, RUN_STARTED
-from runs.models import Executor, Run, RunStatus
+from runs.models import Agent, Executor, Run, RunStatus
 from runs.selectors import chain_agents
 from runs.services import Append, events_write
 
@@ -26,7 +26,9 @@ class Claimed:
 
     run_id: UUID
     attempt: int
-    chain_id: int
+    chain: str
+    version: int
+    agents: tuple[Agent, ...]
     input: Any
     timeout_s: int
     started_at: datetime
@@ -77,7 +79,15 @@ def runs_claim(
             Run.objects.select_for_update(skip_locked=True, of=("self",))
             .filter(pk__in=ids, status=RunStatus.QUEUED)
             .order_by()
-            .values_list("id", "attempt", "chain_id", "input", "chain__timeout_s")[:limit]
+            .values_list(
+                "id",
+                "attempt",
+                "chain_id",
+                "input",
+                "chain__timeout_s",
+                "chain__name",
+                "chain__version",
+            )[:limit]
         )
         if not rows:
             return [], len(ids) > 0 and run_id is None
@@ -96,12 +106,12 @@ def runs_claim(
                 },
                 Q(status=RunStatus.QUEUED),
             )
-            for run, _, chain_id, _, timeout_s in rows
+            for run, _, chain_id, _, timeout_s, _, _ in rows
         ]
         written = events_write(appends=appends)
     claimed = [
-        Claimed(run, attempt, chain_id, run_input, timeout_s, now)
-        for run, attempt, chain_id, run_input, timeout_s in rows
+        Claimed(run, attempt, name, version, chain_agents(chain_id), run_input, timeout_s, now)
+        for run, attempt, chain_id, run_input, timeout_s, name, version in rows
         if written[run] is not None
     ]
     return claimed, len(ids) > len(rows)
@@ -119,6 +129,7 @@ def runs_cancel_requested(*, worker: str) -> list[tuple[UUID, int, str]]:
 def executor_heartbeat(
     *,
     worker: str,
+    run_ids: list[UUID],
     host: str,
     pid: int,
     capacity: int,
@@ -127,10 +138,14 @@ def executor_heartbeat(
     process: bool = True,
 ) -> None:
     """One beat for every run the executor holds (one UPDATE for all of them), and with
-    `process` for the executor itself (readiness and the dashboard see it alive)."""
+    `process` for the executor itself (readiness and the dashboard see it alive). Only the
+    runs it is executing: a run it lost track of must look lost to the keeper."""
     now = timezone.now()
     with transaction.atomic():
-        Run.objects.filter(worker=worker, status=RunStatus.RUNNING).update(heartbeat_at=now)
+        if run_ids:
+            Run.objects.filter(pk__in=run_ids, worker=worker, status=RunStatus.RUNNING).update(
+                heartbeat_at=now
+            )
         if not process:
             return
         state = {

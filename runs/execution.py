@@ -53,11 +53,11 @@ class Stop:
 
 
 class Execution:
-    def __init__(self, executor: Executor, claim: Claimed, agents: tuple[Agent, ...]) -> None:
+    def __init__(self, executor: Executor, claim: Claimed) -> None:
         self.executor = executor
         self.claim = claim
         self.run_id = claim.run_id
-        self.agents = agents
+        self.agents = claim.agents
         self.when = claim_condition(worker=executor.id, attempt=claim.attempt)
         self.started = time.monotonic()
         elapsed = (executor.now() - claim.started_at).total_seconds()

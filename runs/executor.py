@@ -36,9 +36,7 @@ from django.utils import timezone
 
 from runs import claims, keeper
 from runs.execution import Execution, Stop
-from runs.models import Chain
 from runs.providers import async_client
-from runs.selectors import chain_agents
 from runs.services import Append, events_write
 from runs.wakeup import EXECUTORS_GROUP, executor_socket_path
 
@@ -123,13 +121,12 @@ class EventWriter:
         return await self._wait(execution.run_id)
 
     async def hand_back(self, execution: Execution) -> int | None:
-        chain, version = self.executor.chain_names[execution.claim.chain_id]
         append = claims.hand_back(
             run_id=execution.run_id,
             worker=self.executor.id,
             attempt=execution.claim.attempt,
-            chain=chain,
-            version=version,
+            chain=execution.claim.chain,
+            version=execution.claim.version,
         )
         entry = self.pending.get(execution.run_id)
         if entry is not None and entry[0] is execution:
@@ -175,6 +172,12 @@ class EventWriter:
                 self._put_back(batch, waiters, count)
                 await asyncio.sleep(min(0.05 * 2**failures, 2.0))
                 continue
+            except Exception:
+                # Not the database being away: retrying would fail the same way. The batch's
+                # runs stop here, unwritten; their heartbeat stops too, so the keeper retries
+                # them (or fails them worker_lost).
+                logger.exception("events not written; %s runs left to the keeper", len(batch))
+                written = dict.fromkeys(batch)
             failures = 0
             self.commits += 1
             self.events_written += count
@@ -209,7 +212,6 @@ class Executor:
         self.capacity = capacity
         self.db = db
         self.runs: dict[UUID, Execution] = {}
-        self.chain_names: dict[int, tuple[str, int]] = {}
         self.writer = EventWriter(self)
         self.http = async_client(max(capacity, 10))
         self.wake = asyncio.Event()
@@ -222,14 +224,11 @@ class Executor:
 
     # --- Runs -----------------------------------------------------------------------------
 
-    async def start(self, claim: claims.Claimed) -> Execution:
-        agents = chain_agents(claim.chain_id)  # cached per process: versions never change
-        if claim.chain_id not in self.chain_names:
-            self.chain_names[claim.chain_id] = await self.db(_chain_name, chain_id=claim.chain_id)
+    def start(self, claim: claims.Claimed) -> Execution:
         old = self.runs.get(claim.run_id)
         if old is not None:  # a stale execution of an earlier attempt: its writes fail anyway
             self._stop(old, Stop("lost"))
-        execution = Execution(self, claim, agents)
+        execution = Execution(self, claim)
         self.runs[claim.run_id] = execution
         execution.task = asyncio.create_task(self._execute(execution), name=str(claim.run_id))
         self.started_runs += 1
@@ -267,7 +266,7 @@ class Executor:
                     logger.warning("claim failed (%s)", e)
                     claimed = []
                 for claim in claimed:
-                    await self.start(claim)
+                    self.start(claim)
                 again = again or len(claimed) == batch
             if not again:
                 with contextlib.suppress(TimeoutError):
@@ -279,6 +278,7 @@ class Executor:
         await self.db(
             claims.executor_heartbeat,
             worker=self.id,
+            run_ids=list(self.runs),
             host=socket.gethostname(),
             pid=os.getpid(),
             capacity=self.capacity,
@@ -402,10 +402,6 @@ class Executor:
             await asyncio.gather(*tasks, return_exceptions=True)
 
 
-def _chain_name(*, chain_id: int) -> tuple[str, int]:
-    return Chain.objects.values_list("name", "version").get(pk=chain_id)
-
-
 def executor_main(*, capacity: int, threads: int) -> None:
     """The `executor` command: serve until SIGTERM or SIGINT, then drain."""
 
@@ -440,7 +436,7 @@ async def _execute_one(run_id: UUID) -> None:
         asyncio.create_task(executor.cancel_loop()),
     ]
     try:
-        execution = await executor.start(claimed[0])
+        execution = executor.start(claimed[0])
         await asyncio.gather(execution.task, return_exceptions=True)
     finally:
         for task in loops:

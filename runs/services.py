@@ -92,7 +92,7 @@ def events_write(*, appends: list[Append]) -> dict[UUID, int | None]:
     wakeups: list[tuple[UUID, int | None, int, str, bool]] = []
     ended: list[tuple] = []
     released: dict[int, int] = {}
-    with transaction.atomic():
+    with transaction.atomic(savepoint=False):
         for append in appends:
             runs = Run.objects.filter(pk=append.run_id)
             if append.when is not None:

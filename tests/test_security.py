@@ -262,7 +262,7 @@ RAW_KEY = re.compile(r"ak_[A-Za-z0-9_-]{12,}")
 @pytest.mark.slow
 def test_no_secret_reaches_a_log(alice, make_chain, receiver, local_ok, caplog, tmp_path, capsys):
     """A representative flow with every logger at DEBUG, in this process and in a web server
-    and a worker of its own: keys made three ways, runs and endpoints with signing secrets,
+    and an executor of its own: keys made three ways, runs and endpoints with signing secrets,
     deliveries, resends, rotation, streams, and failed authentications."""
     for name in ["", *logging.root.manager.loggerDict]:
         caplog.set_level(logging.DEBUG, logger=name)
@@ -272,7 +272,7 @@ def test_no_secret_reaches_a_log(alice, make_chain, receiver, local_ok, caplog, 
         LOCAL_MODEL_API_KEY=provider_key,
         Q_CLUSTER_NAME=f"agentsvc-test-logs-{uuid.uuid4().hex[:8]}",
     )
-    worker = Proc([sys.executable, "manage.py", "qcluster"], env, tmp_path / "worker.log")
+    worker = Proc([sys.executable, "manage.py", "executor"], env, tmp_path / "worker.log")
     web, url = start_web(env, tmp_path / "web.log")
     secrets = {alice.raw_key, provider_key, SECRET}
     try:
@@ -350,7 +350,9 @@ def test_no_secret_reaches_a_log(alice, make_chain, receiver, local_ok, caplog, 
                 assert http.get("/api/v1/runs", headers={"X-API-Key": wrong}).status_code == 401
                 with connect(f"{ws}/ws/v1/runs?api_key={wrong}") as sock:
                     assert frames_until_close(sock)[1] == 4401
-        # In this process too: a run with a webhook, its deliveries, a failed authentication.
+        # In this process too: a run with a webhook, its deliveries, a failed authentication
+        # (the executor stopped first: its pump would claim the deliveries).
+        worker.stop()
         finished_run(
             alice, make_chain, webhook={"url": receiver.base_url + hook_path(), "secret": SECRET}
         )

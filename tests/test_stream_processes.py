@@ -65,7 +65,7 @@ def _daphne(env: dict, log) -> tuple[Proc, str]:
 
 @pytest.fixture(scope="module")
 def embedded(tmp_path_factory, fake_model):
-    """daphne + qcluster on the embedded default: SQLite in a temporary DATA_DIR, no Redis."""
+    """daphne + executor on the embedded default: SQLite in a temporary DATA_DIR, no Redis."""
     data = tmp_path_factory.mktemp("embedded")
     env = {k: v for k, v in os.environ.items() if k not in ("DATABASE_URL", "REDIS_URL")}
     env.update(DATA_DIR=str(data), Q_CLUSTER_NAME=f"embedded-{uuid.uuid4().hex[:8]}")
@@ -76,7 +76,7 @@ def embedded(tmp_path_factory, fake_model):
     )
     key = subprocess.run([sys.executable, "manage.py", "shell", "-c", script], **run)
     key = key.stdout.strip().splitlines()[-1]
-    worker = Proc([sys.executable, "manage.py", "qcluster"], env, data / "qcluster.log")
+    worker = Proc([sys.executable, "manage.py", "executor"], env, data / "executor.log")
     web, url = _daphne(env, data / "daphne.log")
     yield url, key, data
     web.stop()
@@ -85,7 +85,7 @@ def embedded(tmp_path_factory, fake_model):
 
 @pytest.mark.slow
 def test_embedded_default_streams_live_across_processes(embedded):
-    """No Redis: the worker process's events reach the web process's reader while the run goes."""
+    """No Redis: the executor's events reach the web process's reader while the run goes."""
     url, key, data = embedded
     arrivals = []
     with (

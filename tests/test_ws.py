@@ -141,8 +141,11 @@ def test_status_feed_keeps_an_event_that_commits_late(ws_url, alice, make_chain)
     from runs.services import event_append
 
     chain = make_chain("demo", models=[fake(tokens=3)])
-    late = Run.objects.create(owner=alice.key.owner, chain=chain, input={}, last_seq=2)
-    other = Run.objects.create(owner=alice.key.owner, chain=chain, input={})
+    # Running already: the suite's executor must not claim them.
+    late = Run.objects.create(
+        owner=alice.key.owner, chain=chain, input={}, last_seq=2, status="running"
+    )
+    other = Run.objects.create(owner=alice.key.owner, chain=chain, input={}, status="running")
     now = timezone.now()
     hole = RunEvent.objects.create(run=late, seq=1, type="x", created_at=now, data={})
     RunEvent.objects.create(run=late, seq=2, type="agent.output", created_at=now, data={})
