@@ -19,7 +19,7 @@ from websockets.sync.client import connect
 
 from runs.models import Run
 from runs.services import run_create
-from tests.conftest import Api
+from tests.conftest import Api, process_env, start_web
 from tests.test_ws import frames_until_close
 from webhooks.models import WebhookEndpoint
 
@@ -448,3 +448,42 @@ def test_stream_views_bad_input(live_server_url, alice, make_chain):
         with connect(f"{ws}?{query}") as sock:
             assert frames_until_close(sock) == ([], code), query
     assert Run.objects.count() == 1
+
+
+# Paths that climb out of the static files, as curl --path-as-is sends them. The server decodes
+# %2e and %2f, so every form reaches the static handler as "/static/../...".
+CLIMBING_PATHS = [
+    "/static/../agentsvc/settings.py",
+    "/static/%2e%2e/agentsvc/settings.py",
+    "/static/..%2fagentsvc/settings.py",
+    "/static/%2e%2e%2f%2e%2e%2fetc/passwd",
+    "/static/admin/../../../../etc/passwd",
+]
+
+
+@pytest.mark.slow
+def test_static_paths_that_climb_out_are_404_without_a_traceback(tmp_path):
+    """A black-box probe got a 500 and a SuspiciousFileOperation traceback logged at ERROR per
+    request; the static handler runs outside the middleware chain, so nothing else caught it."""
+    log = tmp_path / "web.log"
+    web, url = start_web(process_env(), log)
+    host = f"Host: {urlsplit(url).netloc}\r\n".encode()
+    try:
+        for path in CLIMBING_PATHS:
+            head = f"GET {path} HTTP/1.1\r\n".encode() + host + b"Connection: close\r\n\r\n"
+            response = _parse(_raw_request(url, head))
+            assert response.status_code == 404, (path, response.status_code)
+            assert b"SECRET_KEY" not in response.content and b"root:" not in response.content
+        # The static files themselves are still served.
+        ok = _parse(
+            _raw_request(
+                url,
+                b"GET /static/runs/dashboard.js HTTP/1.1\r\n" + host + b"Connection: close\r\n\r\n",
+            )
+        )
+        assert ok.status_code == 200 and b"WebSocket" in ok.content
+    finally:
+        web.stop()
+    output = web.output()
+    for leak in ("Traceback", "SuspiciousFileOperation", " ERROR "):
+        assert leak not in output, output[-3000:]
