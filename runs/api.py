@@ -18,7 +18,7 @@ from rest_framework import serializers, status
 from rest_framework.response import Response
 from rest_framework.views import APIView
 
-from agentsvc.errors import ApplicationError
+from agentsvc.errors import ApplicationError, echo
 from agentsvc.idempotency import IdempotentMixin
 from agentsvc.openapi import IDEMPOTENCY_KEY, problems
 from agentsvc.serializers import (
@@ -143,9 +143,9 @@ def _start_run(view, request, name: str, serializer_class=RunCreateInput):
         chain = selectors.chain_get(name=name, version=data.get("version"))
     except Http404:
         detail = (
-            f"Chain {name!r} has no version {data['version']}."
+            f"Chain {echo(name)!r} has no version {data['version']}."
             if "version" in data
-            else f"No chain named {name!r}."
+            else f"No chain named {echo(name)!r}."
         )
         raise ApplicationError("not_found", detail) from None
     run = services.run_create(
@@ -277,7 +277,8 @@ class RunListApi(APIView):
                     errors=[
                         {
                             "field": "status",
-                            "message": f"{bad[0]!r} is not one of {', '.join(RunStatus.values)}.",
+                            "message": f"{echo(bad[0])!r} is not one of "
+                            f"{', '.join(RunStatus.values)}.",
                         }
                     ],
                 )
@@ -303,7 +304,7 @@ class RunListApi(APIView):
             raise ApplicationError(
                 "validation_error",
                 "Unknown chain.",
-                errors=[{"field": "chain", "message": f"No chain {chain!r}."}],
+                errors=[{"field": "chain", "message": f"No chain {echo(chain)!r}."}],
             )
         runs, next_cursor = selectors.run_list(
             owner=request.user,

@@ -23,7 +23,7 @@ from rest_framework.exceptions import ParseError, ValidationError
 from agentsvc import limits
 from agentsvc.auth import raw_key_from_headers
 from agentsvc.db import db_async
-from agentsvc.errors import ApplicationError, exception_problem, problem_response
+from agentsvc.errors import ApplicationError, echo, exception_problem, problem_response
 from agentsvc.idempotency import (
     HEADER,
     fingerprint,
@@ -209,9 +209,9 @@ def _create_run(*, key: ApiKey, name: str, body: object, idempotency) -> tuple[R
         chain = selectors.chain_get(name=name, version=data.get("version"))
     except Http404:
         detail = (
-            f"Chain {name!r} has no version {data['version']}."
+            f"Chain {echo(name)!r} has no version {data['version']}."
             if "version" in data
-            else f"No chain named {name!r}."
+            else f"No chain named {echo(name)!r}."
         )
         raise ApplicationError("not_found", detail) from None
     run = services.run_create(

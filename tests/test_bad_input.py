@@ -308,6 +308,56 @@ def test_hostile_headers(alice, target, headers):
     assert_clean_4xx(response, 401)
 
 
+# --- Echoes: a problem repeats at most a short prefix of what the caller sent ------------------
+
+LONG = "z" * 10_000
+
+
+def _strings(value):
+    if isinstance(value, dict):
+        for item in value.values():
+            yield from _strings(item)
+    elif isinstance(value, list):
+        for item in value:
+            yield from _strings(item)
+    elif isinstance(value, str):
+        yield value
+
+
+def assert_no_long_echo(response) -> dict:
+    """A probe sent a 10,000-character chain name and got all of it back in the 404."""
+    body = assert_clean_4xx(response)
+    assert len(response.content) < 3000, len(response.content)
+    for text in _strings(body):
+        assert "z" * 101 not in text, text[:300]
+    return body
+
+
+def test_problems_cut_what_they_repeat(alice, target):
+    long_chain = "/api/v1/chains/" + LONG
+    body = assert_no_long_echo(alice.post(long_chain + "/runs", {"input": {}}))
+    assert body["detail"] == f"No chain named {'z' * 64 + '…'!r}."
+    assert body["instance"].startswith("/api/v1/chains/zzz") and body["instance"].endswith("…")
+    assert_no_long_echo(alice.post(long_chain + "/invoke", {"input": {}, "version": 3}))
+    assert_no_long_echo(alice.get(long_chain))
+    for params in ({"status": LONG}, {"chain": LONG}, {LONG: "1"}, {"limit": LONG}):
+        body = assert_no_long_echo(alice.get("/api/v1/runs", params))
+        assert all(len(e["field"]) <= 101 for e in body["errors"])
+    # Body fields: unknown names, and values the chain's JSON Schema or a choice refuses.
+    assert_no_long_echo(alice.post("/api/v1/chains/demo/runs", {"input": {}, LONG: 1}))
+    endpoints = "/api/v1/webhook-endpoints"
+    assert_no_long_echo(alice.post(endpoints, {"url": "https://a.example", "events": [LONG]}))
+    many = {f"x{i}": 1 for i in range(500)}
+    body = assert_no_long_echo(alice.post(endpoints, {"url": "https://a.example", **many}))
+    assert len(body["errors"]) == 50
+
+
+def test_input_schema_errors_cut_the_value(alice, make_chain):
+    make_chain("typed", schema={"type": "object", "properties": {"n": {"type": "integer"}}})
+    body = assert_no_long_echo(alice.post("/api/v1/chains/typed/runs", {"input": {"n": LONG}}))
+    assert body["errors"][0]["field"] == "input.n"
+
+
 # --- Over a real server ------------------------------------------------------------------------
 
 

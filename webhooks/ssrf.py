@@ -16,6 +16,8 @@ from urllib.parse import urlsplit
 
 from django.conf import settings
 
+from agentsvc.errors import echo
+
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 
 # Ranges refused whatever the flags of the ipaddress module say (they vary across Python patches).
@@ -146,7 +148,7 @@ def _resolve(host: str, port: int) -> list[str]:
     try:
         infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
     except (socket.gaierror, UnicodeError) as e:
-        raise BlockedAddress(f"Cannot resolve {host}: {e}", permanent=False) from None
+        raise BlockedAddress(f"Cannot resolve {echo(host)}: {e}", permanent=False) from None
     return [info[4][0] for info in infos]
 
 
@@ -159,10 +161,10 @@ def resolve_target(url: str) -> Target:
     scheme, host, port, path = _split(url)
     addresses = _resolve(host, port)
     if not addresses:
-        raise BlockedAddress(f"{host} has no address.", permanent=False)
+        raise BlockedAddress(f"{echo(host)} has no address.", permanent=False)
     for address in addresses:
         if address_blocked(address):
-            raise BlockedAddress(f"{host} resolves to a refused address.")
+            raise BlockedAddress(f"{echo(host)} resolves to a refused address.")
     return Target(scheme=scheme, host=host, port=port, address=addresses[0], path=path)
 
 
