@@ -92,9 +92,9 @@ def env_prices(name: str) -> dict[str, tuple[Decimal, Decimal]]:
     return prices
 
 
-def env_cidr_list(name: str) -> list[str]:
+def env_cidr_list(name: str, default: list[str] | None = None) -> list[str]:
     """Comma-separated CIDRs (10.1.0.0/16, 127.0.0.1, fd00::/8), each checked at start-up."""
-    items = env_list(name, [])
+    items = env_list(name, default or [])
     for item in items:
         try:
             ipaddress.ip_network(item, strict=False)

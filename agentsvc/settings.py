@@ -295,6 +295,13 @@ RATELIMIT_USE_CACHE = "default"
 
 # --- Observability ----------------------------------------------------------------------------
 METRICS_TOKEN = env_str("METRICS_TOKEN")
+# Who sees the `checks` of /readyz (everyone sees its status): a request with the metrics token,
+# or one made directly (no Forwarded / X-Forwarded-For) from these networks. Default: loopback,
+# unless METRICS_TOKEN is set, when the token is the only way (a proxy on the same machine
+# would otherwise make every request look local).
+READYZ_DETAIL_NETWORKS = env_cidr_list(
+    "READYZ_DETAIL_NETWORKS", [] if METRICS_TOKEN else ["127.0.0.0/8", "::1/128"]
+)
 
 # --- OpenAPI ------------------------------------------------------------------------------------
 SPECTACULAR_SETTINGS = {
