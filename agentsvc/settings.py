@@ -14,12 +14,14 @@ import dj_database_url
 from django.core.exceptions import ImproperlyConfigured
 
 from agentsvc.env import (
+    env_allowed_networks,
     env_bool,
     env_cidr_list,
     env_float,
     env_float_list,
     env_int,
     env_list,
+    env_port_list,
     env_prices,
     env_str,
 )
@@ -348,8 +350,14 @@ WEBHOOK_CONCURRENCY = env_int("WEBHOOK_CONCURRENCY", 8, minimum=1)
 WEBHOOK_BATCH_SIZE = env_int("WEBHOOK_BATCH_SIZE", 50, minimum=1)
 # A PEM file of CAs to trust for https receivers instead of the public ones (certifi).
 WEBHOOK_CA_BUNDLE = env_str("WEBHOOK_CA_BUNDLE")
-# CIDRs exempt from the SSRF guard (e.g. an internal receiver). Empty: only public addresses.
-WEBHOOK_ALLOWED_NETWORKS = env_cidr_list("WEBHOOK_ALLOWED_NETWORKS")
+# Networks exempt from the SSRF guard (e.g. an internal receiver), each optionally with the one
+# port it opens: 10.20.0.0/16, 10.20.0.0/16:443, [fd00::/8]:8443. Empty: only public addresses.
+WEBHOOK_ALLOWED_NETWORKS = env_allowed_networks("WEBHOOK_ALLOWED_NETWORKS")
+# The ports this service listens on (each `daphne -p`; `manage.py serve --port` adds its own).
+# An entry without a port does not open them, nor the ports of DATABASE_URL and REDIS_URL: a
+# webhook could otherwise post to the service itself or its Redis from inside. An entry that
+# names such a port (127.0.0.1/32:8000) opens it.
+SERVICE_PORTS = env_port_list("SERVICE_PORTS", [8000])
 # --- Streaming (SSE and WebSocket) ----------------------------------------------------------
 # Readers replay events from the database and wait for a wake-up. With Redis, wake-ups come over
 # the channel layer and the database is re-checked every STREAM_RECHECK_S in case one was dropped.

@@ -63,7 +63,10 @@ def test_signed_delivery_verifies_with_standardwebhooks(alice, make_chain, recei
     assert delivery["event"] == "run.completed" and delivery["url"].endswith(path)
     [attempt] = delivery["attempts"]
     assert attempt["number"] == 1 and attempt["status_code"] == 200
-    assert attempt["trigger"] == "auto" and attempt["response_excerpt"] == "received 1"
+    assert attempt["trigger"] == "auto"
+    # The receiver is on loopback: its answer is kept for operators, not shown to the tenant.
+    assert attempt["response_excerpt"] == ""
+    assert WebhookAttempt.objects.get().response_excerpt == "received 1"
     assert "secret" not in json.dumps(response)
 
 

@@ -3,6 +3,7 @@ the worker and the web server together, and print a demo key with a curl to past
 
 from __future__ import annotations
 
+import os
 import signal
 import socket
 import subprocess
@@ -60,15 +61,21 @@ class Command(BaseCommand):
         key = self._demo_key()
 
         python = sys.executable
+        # The worker must know the web port: webhooks may not be sent to it (webhooks/ssrf.py).
+        env = {
+            **os.environ,
+            "SERVICE_PORTS": ",".join(map(str, sorted({*settings.SERVICE_PORTS, port}))),
+        }
         children: dict[str, subprocess.Popen] = {}
         if model_cmd:
             children["model"] = subprocess.Popen(model_cmd, cwd=settings.BASE_DIR)
         children["worker"] = subprocess.Popen(
-            [python, "manage.py", "qcluster"], cwd=settings.BASE_DIR
+            [python, "manage.py", "qcluster"], cwd=settings.BASE_DIR, env=env
         )
         children["web"] = subprocess.Popen(
             [python, "-m", "daphne", "-b", host, "-p", str(port), "agentsvc.asgi:application"],
             cwd=settings.BASE_DIR,
+            env=env,
         )
 
         def stop(*_):
