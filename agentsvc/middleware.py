@@ -21,10 +21,19 @@ def _is_api(request) -> bool:
 
 
 def _query_problem(request):
-    """400 for a NUL anywhere in the query string: no parameter may hold one, and PostgreSQL
+    """401 for a key in the URL, where it would end up in access logs and browser history;
+    400 for a NUL anywhere in the query string: no parameter may hold one, and PostgreSQL
     refuses it in a query with an error that would otherwise surface as a 500."""
     if not _is_api(request):
         return None
+    if "api_key" in request.GET:
+        return problem_response(
+            request,
+            "authentication_failed",
+            "API keys are not accepted in URLs: send Authorization: Bearer <key> (browsers: "
+            "a stream ticket from POST /api/v1/stream-tickets).",
+            headers={"WWW-Authenticate": 'Bearer realm="api"'},
+        )
     bad = sorted({k for k, values in request.GET.lists() for v in [k, *values] if "\x00" in v})
     if not bad:
         return None

@@ -370,6 +370,8 @@ STREAM_POLL_MS = env_int("STREAM_POLL_MS", 50, minimum=5)
 STREAM_RECHECK_S = env_float("STREAM_RECHECK_S", 1.0, minimum=0.05)
 STREAMS_PER_KEY = env_int("STREAMS_PER_KEY", 20, minimum=1)
 STREAMS_MAX = env_int("STREAMS_MAX", 10000, minimum=1)
+# How long a stream ticket (POST /api/v1/stream-tickets) opens its stream, reconnects included.
+STREAM_TICKET_TTL_S = env_int("STREAM_TICKET_TTL_S", 300, minimum=10)
 STREAM_WAKEUP_VIA_LAYER = bool(REDIS_URL)
 if REDIS_URL:
     # Wake-ups are tiny and fanned out per process, so a modest buffer per channel is plenty;

@@ -488,14 +488,17 @@ def test_stream_views_bad_input(live_server_url, alice, make_chain):
             assert_clean_4xx(http.get(path, headers=sse), 404)
     # The WebSocket: closed with a code before any frame.
     ws = live_server_url.replace("http://", "ws://") + f"/ws/v1/runs/{run.id}"
-    for query, code in [
-        (f"after=%C2%B2&api_key={alice.raw_key}", 4400),
-        (f"after=-1&api_key={alice.raw_key}", 4400),
-        (f"after={10**30}&api_key={alice.raw_key}", 4400),
-        ("api_key=ak_" + "%00" * 40, 4401),
-        ("api_key=" + "k" * 10_000, 4401),
+    for query, code, auth in [
+        ("after=%C2%B2", 4400, headers),
+        ("after=-1", 4400, headers),
+        (f"after={10**30}", 4400, headers),
+        ("api_key=ak_" + "%00" * 40, 4401, {}),
+        ("api_key=" + "k" * 10_000, 4401, {}),
+        ("ticket=" + "%00" * 40, 4401, {}),
+        ("ticket=" + "t" * 10_000, 4401, {}),
+        ("ticket=a:b:c", 4401, {}),
     ]:
-        with connect(f"{ws}?{query}") as sock:
+        with connect(f"{ws}?{query}", additional_headers=auth) as sock:
             assert frames_until_close(sock) == ([], code), query
     assert Run.objects.count() == 1
 

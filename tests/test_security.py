@@ -325,7 +325,7 @@ def test_no_secret_reaches_a_log(alice, make_chain, receiver, local_ok, caplog, 
             ) as stream:
                 stream.read()
             ws = url.replace("http://", "ws://")
-            with connect(f"{ws}/ws/v1/runs/{run_id}?api_key={alice.raw_key}") as sock:
+            with connect(f"{ws}/ws/v1/runs/{run_id}", additional_headers=auth) as sock:
                 assert frames_until_close(sock)[1] == 1000
             wait_until(
                 lambda: (
@@ -348,7 +348,7 @@ def test_no_secret_reaches_a_log(alice, make_chain, receiver, local_ok, caplog, 
                     == 401
                 )
                 assert http.get("/api/v1/runs", headers={"X-API-Key": wrong}).status_code == 401
-                with connect(f"{ws}/ws/v1/runs?api_key={wrong}") as sock:
+                with connect(f"{ws}/ws/v1/runs", additional_headers={"X-API-Key": wrong}) as sock:
                     assert frames_until_close(sock)[1] == 4401
         # In this process too: a run with a webhook, its deliveries, a failed authentication.
         finished_run(
