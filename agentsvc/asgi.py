@@ -9,14 +9,13 @@ os.environ.setdefault("DJANGO_SETTINGS_MODULE", "agentsvc.settings")
 # Django must be set up before the consumers (and their models) are imported.
 django.setup(set_prefix=False)
 
-from agentsvc.handlers import OneHopASGIHandler  # noqa: E402
+from agentsvc.handlers import OneHopASGIHandler, StaticFilesHandler  # noqa: E402
 
 django_asgi_app = OneHopASGIHandler()
 
 from channels.auth import AuthMiddlewareStack  # noqa: E402
 from channels.routing import ProtocolTypeRouter, URLRouter  # noqa: E402
 from channels.security.websocket import AllowedHostsOriginValidator  # noqa: E402
-from django.contrib.staticfiles.handlers import ASGIStaticFilesHandler  # noqa: E402
 
 from runs.routing import websocket_urlpatterns  # noqa: E402
 
@@ -43,7 +42,7 @@ application = ProtocolTypeRouter(
     {
         # Static files (admin, API docs) are served in-process from the installed apps: few,
         # small, and no outside network or build step needed. Everything else goes to Django.
-        "http": ASGIStaticFilesHandler(django_asgi_app),
+        "http": StaticFilesHandler(django_asgi_app),
         "websocket": BrowserOriginValidator(AuthMiddlewareStack(URLRouter(websocket_urlpatterns))),
     }
 )

@@ -111,6 +111,37 @@ PROBLEMS: dict[str, tuple[int, str, str]] = {
 }
 
 
+# Text a caller sent that a problem repeats (a chain name, a query value, a host) is cut to this
+# many characters, so an answer never mirrors a huge input back (echo()). As a net for messages
+# built elsewhere (DRF's, jsonschema's), problem_response bounds every member too.
+ECHO_CHARS = 64
+DETAIL_CHARS = 300
+FIELD_CHARS = 100
+INSTANCE_CHARS = 100
+MAX_FIELD_ERRORS = 50
+
+
+def echo(value: object, limit: int = ECHO_CHARS) -> str:
+    """Caller-supplied text as a problem may repeat it: at most `limit` characters, then "…"."""
+    text = str(value)
+    return text if len(text) <= limit else text[:limit] + "…"
+
+
+def _bounded_errors(errors: object) -> object:
+    if not isinstance(errors, list):
+        return errors
+    return [
+        {
+            **item,
+            "field": echo(item.get("field", ""), FIELD_CHARS),
+            "message": echo(item.get("message", ""), DETAIL_CHARS),
+        }
+        if isinstance(item, dict)
+        else item
+        for item in errors[:MAX_FIELD_ERRORS]
+    ]
+
+
 class ApplicationError(Exception):
     """An error with a problem code; the handler turns it into problem+json."""
 
@@ -146,11 +177,13 @@ def problem_response(
         "type": f"/api/problems/{code}",
         "title": title,
         "status": status,
-        "detail": detail or title,
+        "detail": echo(detail or title, DETAIL_CHARS),
         "code": code,
-        "instance": request.path if request is not None else None,
+        "instance": echo(request.path, INSTANCE_CHARS) if request is not None else None,
     }
     body.update({k: v for k, v in extra.items() if v is not None})
+    if "errors" in body:
+        body["errors"] = _bounded_errors(body["errors"])
     response = JsonResponse(body, status=status, content_type=PROBLEM_CONTENT_TYPE)
     for name, value in (headers or {}).items():
         response[name] = value

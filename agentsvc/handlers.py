@@ -10,8 +10,12 @@ under WSGI. Async views (the SSE streams) keep the async chain and run on the ev
 from __future__ import annotations
 
 from asgiref.sync import iscoroutinefunction, sync_to_async
+from django.contrib.staticfiles.handlers import ASGIStaticFilesHandler
+from django.core.exceptions import SuspiciousOperation
 from django.core.handlers.asgi import ASGIHandler
 from django.core.handlers.base import BaseHandler
+from django.core.handlers.exception import response_for_exception
+from django.http import Http404
 from django.urls import Resolver404, get_resolver
 
 
@@ -40,3 +44,21 @@ class OneHopASGIHandler(ASGIHandler):
         response = await sync_to_async(self.sync_chain.get_response, thread_sensitive=True)(request)
         response._handler_class = self.__class__
         return response
+
+
+class StaticFilesHandler(ASGIStaticFilesHandler):
+    """The in-process static files, where a path that climbs out of them is a plain 404.
+
+    For `/static/../agentsvc/settings.py` (or `%2e%2e`, `..%2f`, which the server decodes to the
+    same path) the finders raise SuspiciousFileOperation. Django's static handler only catches
+    Http404 and runs outside the middleware chain, so that was a 500 with a traceback logged at
+    ERROR on every such request.
+    """
+
+    async def get_response_async(self, request):
+        try:
+            return await super().get_response_async(request)
+        except SuspiciousOperation:
+            return await sync_to_async(response_for_exception, thread_sensitive=False)(
+                request, Http404()
+            )

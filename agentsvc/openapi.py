@@ -147,7 +147,8 @@ def add_stream_operations(result, generator, request, public):
             "summary": "A run's events: a JSON page, or live SSE with Accept: text/event-stream",
             "description": "With `Accept: text/event-stream`: every stored event with seq > "
             "`after` (or `Last-Event-ID`), then live ones; `: ping` when idle; the stream ends "
-            "after the terminal event.",
+            "after the terminal event. A browser's EventSource, which cannot send the key, "
+            "authenticates the stream with `?ticket=` (POST /api/v1/stream-tickets).",
             "tags": ["runs"],
             "security": [{"apiKey": []}],
             "parameters": [
@@ -162,6 +163,13 @@ def add_stream_operations(result, generator, request, public):
                     "in": "query",
                     "description": "JSON page size.",
                     "schema": {"type": "integer", "minimum": 1, "maximum": 1000},
+                },
+                {
+                    "name": "ticket",
+                    "in": "query",
+                    "description": "A stream ticket for this run, instead of the key (SSE only; "
+                    "the JSON page needs the key).",
+                    "schema": {"type": "string"},
                 },
                 {
                     "name": "Last-Event-ID",

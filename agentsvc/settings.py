@@ -14,12 +14,14 @@ import dj_database_url
 from django.core.exceptions import ImproperlyConfigured
 
 from agentsvc.env import (
+    env_allowed_networks,
     env_bool,
     env_cidr_list,
     env_float,
     env_float_list,
     env_int,
     env_list,
+    env_port_list,
     env_prices,
     env_str,
 )
@@ -74,6 +76,7 @@ INSTALLED_APPS = [
 MIDDLEWARE = [
     "agentsvc.middleware.ApiProblemMiddleware",
     "django.middleware.security.SecurityMiddleware",
+    "agentsvc.middleware.ContentSecurityPolicyMiddleware",
     "django.contrib.sessions.middleware.SessionMiddleware",
     "django.middleware.common.CommonMiddleware",
     "django.middleware.csrf.CsrfViewMiddleware",
@@ -173,6 +176,8 @@ SESSION_COOKIE_HTTPONLY = True
 MESSAGE_STORAGE = "django.contrib.messages.storage.session.SessionStorage"
 SESSION_COOKIE_SECURE = env_bool("SECURE_COOKIES", False)
 CSRF_COOKIE_SECURE = SESSION_COOKIE_SECURE
+# Strict-Transport-Security on HTTPS answers (0: none). Only for deployments served over TLS.
+SECURE_HSTS_SECONDS = env_int("SECURE_HSTS_SECONDS", 0, minimum=0)
 
 # --- Requests -------------------------------------------------------------------------------
 MAX_REQUEST_BYTES = env_int("MAX_REQUEST_BYTES", 1024 * 1024, minimum=1024)
@@ -316,6 +321,13 @@ RATELIMIT_USE_CACHE = "default"
 
 # --- Observability ----------------------------------------------------------------------------
 METRICS_TOKEN = env_str("METRICS_TOKEN")
+# Who sees the `checks` of /readyz (everyone sees its status): a request with the metrics token,
+# or one made directly (no Forwarded / X-Forwarded-For) from these networks. Default: loopback,
+# unless METRICS_TOKEN is set, when the token is the only way (a proxy on the same machine
+# would otherwise make every request look local).
+READYZ_DETAIL_NETWORKS = env_cidr_list(
+    "READYZ_DETAIL_NETWORKS", [] if METRICS_TOKEN else ["127.0.0.0/8", "::1/128"]
+)
 
 # --- OpenAPI ------------------------------------------------------------------------------------
 SPECTACULAR_SETTINGS = {
@@ -363,8 +375,14 @@ WEBHOOK_DISABLE_AFTER_S = env_int("WEBHOOK_DISABLE_AFTER_S", 5 * 24 * 3600, mini
 WEBHOOK_CONCURRENCY = env_int("WEBHOOK_CONCURRENCY", 8, minimum=1)
 # A PEM file of CAs to trust for https receivers instead of the public ones (certifi).
 WEBHOOK_CA_BUNDLE = env_str("WEBHOOK_CA_BUNDLE")
-# CIDRs exempt from the SSRF guard (e.g. an internal receiver). Empty: only public addresses.
-WEBHOOK_ALLOWED_NETWORKS = env_cidr_list("WEBHOOK_ALLOWED_NETWORKS")
+# Networks exempt from the SSRF guard (e.g. an internal receiver), each optionally with the one
+# port it opens: 10.20.0.0/16, 10.20.0.0/16:443, [fd00::/8]:8443. Empty: only public addresses.
+WEBHOOK_ALLOWED_NETWORKS = env_allowed_networks("WEBHOOK_ALLOWED_NETWORKS")
+# The ports this service listens on (each `daphne -p`; `manage.py serve --port` adds its own).
+# An entry without a port does not open them, nor the ports of DATABASE_URL and REDIS_URL: a
+# webhook could otherwise post to the service itself or its Redis from inside. An entry that
+# names such a port (127.0.0.1/32:8000) opens it.
+SERVICE_PORTS = env_port_list("SERVICE_PORTS", [8000])
 # --- Streaming (SSE and WebSocket) ----------------------------------------------------------
 # Readers replay events from the database and wait for a wake-up. With Redis, wake-ups come over
 # the channel layer and the database is re-checked every STREAM_RECHECK_S in case one was dropped.
@@ -377,6 +395,8 @@ STREAM_POLL_MS = env_int("STREAM_POLL_MS", 50, minimum=5)
 STREAM_RECHECK_S = env_float("STREAM_RECHECK_S", 1.0, minimum=0.05)
 STREAMS_PER_KEY = env_int("STREAMS_PER_KEY", 20, minimum=1)
 STREAMS_MAX = env_int("STREAMS_MAX", 10000, minimum=1)
+# How long a stream ticket (POST /api/v1/stream-tickets) opens its stream, reconnects included.
+STREAM_TICKET_TTL_S = env_int("STREAM_TICKET_TTL_S", 300, minimum=10)
 STREAM_WAKEUP_VIA_LAYER = bool(REDIS_URL)
 if REDIS_URL:
     # Wake-ups are tiny and fanned out per process, so a modest buffer per channel is plenty;

@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import hmac
+import ipaddress
 
 from django.conf import settings
 from django.http import Http404, HttpResponse, JsonResponse
@@ -18,18 +19,46 @@ def healthz(request):
 
 
 def readyz(request):
+    """The status for every balancer; the checks (backends, worker count, model names) only
+    for operators: see `readiness_detail_allowed`."""
     ready, checks = readiness()
-    return JsonResponse(
-        {"status": "ready" if ready else "not_ready", "checks": checks},
-        status=200 if ready else 503,
+    body: dict = {"status": "ready" if ready else "not_ready"}
+    if readiness_detail_allowed(request):
+        body["checks"] = checks
+    return JsonResponse(body, status=200 if ready else 503)
+
+
+def _has_metrics_token(request) -> bool:
+    token = settings.METRICS_TOKEN
+    return bool(token) and hmac.compare_digest(
+        request.headers.get("Authorization", ""), f"Bearer {token}"
+    )
+
+
+def readiness_detail_allowed(request) -> bool:
+    """The metrics token, or a direct request from READYZ_DETAIL_NETWORKS (loopback by default
+    when no token is set). A request that came through a proxy (Forwarded, X-Forwarded-For)
+    is not direct: the proxy's own address says nothing about who asked."""
+    if _has_metrics_token(request):
+        return True
+    if "Forwarded" in request.headers or "X-Forwarded-For" in request.headers:
+        return False
+    try:
+        address = ipaddress.ip_address(request.META.get("REMOTE_ADDR", ""))
+    except ValueError:
+        return False
+    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped:
+        address = address.ipv4_mapped
+    return any(
+        address.version == network.version and address in network
+        for network in (
+            ipaddress.ip_network(n, strict=False) for n in settings.READYZ_DETAIL_NETWORKS
+        )
     )
 
 
 def metrics(request):
-    token = settings.METRICS_TOKEN
-    if token and not hmac.compare_digest(
-        request.headers.get("Authorization", ""), f"Bearer {token}"
-    ):
+    if settings.METRICS_TOKEN and not _has_metrics_token(request):
         return HttpResponse("Forbidden\n", status=403, content_type="text/plain")
     return HttpResponse(metrics_text(), content_type=CONTENT_TYPE_LATEST)
 

@@ -18,7 +18,7 @@ from rest_framework import serializers, status
 from rest_framework.response import Response
 from rest_framework.views import APIView
 
-from agentsvc.errors import ApplicationError
+from agentsvc.errors import ApplicationError, echo
 from agentsvc.idempotency import IdempotentMixin
 from agentsvc.openapi import IDEMPOTENCY_KEY, problems
 from agentsvc.serializers import (
@@ -30,8 +30,10 @@ from agentsvc.serializers import (
 from runs import selectors, services
 from runs.models import TERMINAL_STATUSES, RunStatus
 from runs.presenters import chain_dict, event_dict, run_dict, run_handle
-from runs.schemas import ChainOut, ChainPage, RunHandle, RunOut, RunPage
+from runs.schemas import ChainOut, ChainPage, RunHandle, RunOut, RunPage, StreamTicketOut
 from runs.seen import run_seen
+from runs.tickets import stream_ticket_create
+from runs.timefmt import iso
 from webhooks.serializers import RunWebhookInput
 
 MAX_LIMIT = 100
@@ -117,18 +119,23 @@ class MetadataField(JSONObjectField):
     """Up to 50 keys of at most 40 characters; values strings (≤ 500), numbers or booleans."""
 
 
-class RunCreateInput(StrictSerializer):
-    input = JSONObjectField(required=False, default=dict)
-    version = StrictIntegerField(required=False, min_value=1, max_value=2**31 - 1)
-    metadata = MetadataField(required=False, default=dict, validators=[_validate_metadata])
-    webhook = RunWebhookInput(required=False, allow_null=True)
-    idempotency_key = StrictCharField(
+def idempotency_key_field() -> StrictCharField:
+    """The body's `idempotency_key`, for POSTs that send no Idempotency-Key header."""
+    return StrictCharField(
         required=False,
         trim_whitespace=False,
         validators=[
             RegexValidator(r"^[\x20-\x7e]{1,255}$", "1 to 255 printable ASCII characters.")
         ],
     )
+
+
+class RunCreateInput(StrictSerializer):
+    input = JSONObjectField(required=False, default=dict)
+    version = StrictIntegerField(required=False, min_value=1, max_value=2**31 - 1)
+    metadata = MetadataField(required=False, default=dict, validators=[_validate_metadata])
+    webhook = RunWebhookInput(required=False, allow_null=True)
+    idempotency_key = idempotency_key_field()
 
 
 class RunInvokeInput(RunCreateInput):
@@ -143,9 +150,9 @@ def _start_run(view, request, name: str, serializer_class=RunCreateInput):
         chain = selectors.chain_get(name=name, version=data.get("version"))
     except Http404:
         detail = (
-            f"Chain {name!r} has no version {data['version']}."
+            f"Chain {echo(name)!r} has no version {data['version']}."
             if "version" in data
-            else f"No chain named {name!r}."
+            else f"No chain named {echo(name)!r}."
         )
         raise ApplicationError("not_found", detail) from None
     run = services.run_create(
@@ -277,7 +284,8 @@ class RunListApi(APIView):
                     errors=[
                         {
                             "field": "status",
-                            "message": f"{bad[0]!r} is not one of {', '.join(RunStatus.values)}.",
+                            "message": f"{echo(bad[0])!r} is not one of "
+                            f"{', '.join(RunStatus.values)}.",
                         }
                     ],
                 )
@@ -303,7 +311,7 @@ class RunListApi(APIView):
             raise ApplicationError(
                 "validation_error",
                 "Unknown chain.",
-                errors=[{"field": "chain", "message": f"No chain {chain!r}."}],
+                errors=[{"field": "chain", "message": f"No chain {echo(chain)!r}."}],
             )
         runs, next_cursor = selectors.run_list(
             owner=request.user,
@@ -347,6 +355,42 @@ class RunCancelApi(IdempotentMixin, APIView):
         run = services.run_cancel(run=run, reason="api")
         code = status.HTTP_200_OK if run.is_terminal else status.HTTP_202_ACCEPTED
         return Response(run_dict(run), status=code)
+
+
+class StrictUUIDField(serializers.UUIDField):
+    """A UUID string only (DRF also reads an integer as a UUID)."""
+
+    def to_internal_value(self, data):
+        if not isinstance(data, str):
+            self.fail("invalid", value=data)
+        return super().to_internal_value(data)
+
+
+class StreamTicketInput(StrictSerializer):
+    run_id = StrictUUIDField(required=False, help_text="A run of yours; leave out for the feed.")
+    idempotency_key = idempotency_key_field()
+
+
+class StreamTicketCreateApi(IdempotentMixin, APIView):
+    """A ticket for a browser: `?ticket=` opens one run's SSE stream and WebSocket (or, without
+    run_id, the key's status feed) until it expires, and nothing else."""
+
+    @extend_schema(
+        operation_id="stream_tickets_create",
+        summary="A stream ticket for a browser",
+        request=StreamTicketInput,
+        parameters=[IDEMPOTENCY_KEY],
+        responses={201: StreamTicketOut, **problems(404, 409, 422)},
+    )
+    def post(self, request):
+        body = StreamTicketInput(data=request.data)
+        body.is_valid(raise_exception=True)
+        run_id = body.validated_data.get("run_id")
+        run = selectors.run_get(owner=request.user, run_id=run_id) if run_id else None
+        ticket, expires_at = stream_ticket_create(api_key=request.auth, run=run)
+        return Response(
+            {"ticket": ticket, "expires_at": iso(expires_at)}, status=status.HTTP_201_CREATED
+        )
 
 
 class RunEventsApi(APIView):

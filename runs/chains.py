@@ -14,7 +14,7 @@ from django.template import Context, Engine, TemplateSyntaxError
 from jsonschema import Draft202012Validator, FormatChecker
 from jsonschema.exceptions import SchemaError
 
-from agentsvc.errors import ApplicationError
+from agentsvc.errors import ECHO_CHARS, ApplicationError
 from runs.models import Agent, Chain
 
 _templates = Engine(autoescape=False, debug=False)
@@ -187,6 +187,14 @@ def _error_field(error) -> str:
     return path
 
 
+def _error_message(error) -> str:
+    """jsonschema's message, with the value it repeats (`'...' is not of type 'integer'`) cut."""
+    shown = repr(error.instance)
+    if len(shown) <= ECHO_CHARS or shown not in error.message:
+        return error.message
+    return error.message.replace(shown, shown[:ECHO_CHARS] + "…")
+
+
 def chain_validate_input(*, chain: Chain, data: Any) -> None:
     """Raise a validation_error listing every field of `data` that the chain's schema rejects."""
     validator = _validator(chain.id, canonical_json(chain.input_schema))
@@ -195,7 +203,7 @@ def chain_validate_input(*, chain: Chain, data: Any) -> None:
         raise ApplicationError(
             "validation_error",
             f"The input does not match the input schema of {chain.name}.",
-            errors=[{"field": _error_field(e), "message": e.message} for e in errors[:50]],
+            errors=[{"field": _error_field(e), "message": _error_message(e)} for e in errors[:50]],
         )
 
 

@@ -1,8 +1,10 @@
 """WebSocket streams (API.md section 5): one run's events, and the status feed.
 
 The socket is accepted, then closed with 4401 / 4404 / 4429 before any frame when the caller may
-not have it (browsers only see close codes after an accept). A key comes from the Authorization
-header, `?api_key=`, or a staff session (the operator dashboard).
+not have it (browsers only see close codes after an accept). The caller is a key from the
+Authorization header, a stream ticket (`?ticket=`, for browsers: runs/tickets.py) for this very
+socket, or a staff session (the operator dashboard). A key in the URL (`?api_key=`) is refused:
+it would end up in access logs and browser history.
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ from runs.models import RunEvent
 from runs.presenters import run_dict
 from runs.stream_limits import StreamLease, StreamLimitExceeded
 from runs.streams import authenticate, follow_run, parse_after, visible_run
+from runs.tickets import FEED, ticket_authenticate
 from runs.timefmt import iso
 
 CLOSE_AUTH, CLOSE_NOT_FOUND, CLOSE_LIMIT, CLOSE_BAD_REQUEST = 4401, 4404, 4429, 4400
@@ -61,14 +64,20 @@ class _StreamConsumer(AsyncWebsocketConsumer):
     task: asyncio.Task | None = None
 
     def query(self, name: str) -> str | None:
-        values = parse_qs(self.scope.get("query_string", b"").decode("latin-1")).get(name)
+        values = parse_qs(
+            self.scope.get("query_string", b"").decode("latin-1"), keep_blank_values=True
+        ).get(name)
         return values[-1] if values else None
 
-    async def _viewer(self) -> tuple[bool, int | None, int | None]:
-        """(allowed, owner_id or None for staff, key id or None)."""
-        raw = raw_key_from_headers(_Headers(self.scope)) or self.query("api_key")
-        if raw:
-            key = await authenticate(raw)
+    async def _viewer(self, scope: str) -> tuple[bool, int | None, int | None]:
+        """(allowed, owner_id or None for staff, key id or None); `scope` is what a ticket must
+        open: this run's id, or FEED."""
+        if self.query("api_key") is not None:
+            return False, None, None
+        raw = raw_key_from_headers(_Headers(self.scope))
+        ticket = self.query("ticket")
+        if raw or ticket is not None:
+            key = await (authenticate(raw) if raw else ticket_authenticate(ticket, scope))
             return (True, key.owner_id, key.pk) if key else (False, None, None)
         user = self.scope.get("user")
         if user is not None and user.is_authenticated and user.is_staff and user.is_active:
@@ -109,12 +118,13 @@ class RunEventsConsumer(_StreamConsumer):
 
     async def connect(self) -> None:
         await self.accept()
-        allowed, owner_id, key_id = await self._viewer()
+        run_id = self.scope["url_route"]["kwargs"]["run_id"]
+        allowed, owner_id, key_id = await self._viewer(str(run_id))
         if not allowed:
             await self.close(CLOSE_AUTH)
             return
         after = parse_after(self.query("after"))
-        run = await visible_run(self.scope["url_route"]["kwargs"]["run_id"], owner_id)
+        run = await visible_run(run_id, owner_id)
         if run is None:
             await self.close(CLOSE_NOT_FOUND)
             return
@@ -183,7 +193,7 @@ class RunFeedConsumer(_StreamConsumer):
 
     async def connect(self) -> None:
         await self.accept()
-        allowed, owner_id, key_id = await self._viewer()
+        allowed, owner_id, key_id = await self._viewer(FEED)
         if not allowed:
             await self.close(CLOSE_AUTH)
             return

@@ -90,3 +90,10 @@ class RunOut(serializers.Serializer):
 class RunPage(serializers.Serializer):
     results = RunOut(many=True)
     next = serializers.CharField(allow_null=True)
+
+
+class StreamTicketOut(serializers.Serializer):
+    ticket = serializers.CharField(
+        help_text="`?ticket=` on the run's SSE stream and WebSocket (or the status feed)."
+    )
+    expires_at = serializers.DateTimeField()

@@ -23,7 +23,7 @@ from rest_framework.exceptions import ParseError, ValidationError
 from agentsvc import limits
 from agentsvc.auth import raw_key_from_headers
 from agentsvc.db import db_async
-from agentsvc.errors import ApplicationError, exception_problem, problem_response
+from agentsvc.errors import ApplicationError, echo, exception_problem, problem_response
 from agentsvc.idempotency import (
     HEADER,
     fingerprint,
@@ -47,6 +47,7 @@ from runs.streams import (
     follow_run,
     parse_after,
 )
+from runs.tickets import ticket_authenticate_and_find
 
 logger = logging.getLogger(__name__)
 
@@ -65,12 +66,13 @@ def _frames(rows: list[EventRow]) -> bytes:
     return b"".join(r.sse for r in rows)
 
 
-def _auth_problem(request: HttpRequest, raw: str | None) -> HttpResponse:
-    detail = (
-        "Unknown or revoked API key."
-        if raw
-        else "Send Authorization: Bearer <key> or X-API-Key: <key>."
-    )
+def _auth_problem(request: HttpRequest, raw: str | None, ticket: str | None = None) -> HttpResponse:
+    if raw:
+        detail = "Unknown or revoked API key."
+    elif ticket is not None:
+        detail = "The stream ticket is invalid, expired, revoked or for another stream."
+    else:
+        detail = "Send Authorization: Bearer <key> or X-API-Key: <key>."
     return problem_response(
         request, "authentication_failed", detail, headers={"WWW-Authenticate": 'Bearer realm="api"'}
     )
@@ -168,13 +170,20 @@ async def run_events(request: HttpRequest, run_id: UUID) -> HttpResponse:
     if request.method != "GET":
         return problem_response(request, "method_not_allowed", headers={"Allow": "GET"})
     # Key and run in one hop to a worker thread; the answers keep their order: 401, 400, 404.
+    # Browsers, which cannot set a header on an EventSource, send a stream ticket instead.
     raw = raw_key_from_headers(request.headers)
-    key, run = await authenticate_and_find(raw, run_id) if raw else (None, None)
+    ticket = request.GET.get("ticket") if not raw else None
+    if raw:
+        key, run = await authenticate_and_find(raw, run_id)
+    elif ticket is not None:
+        key, run = await ticket_authenticate_and_find(ticket, run_id)
+    else:
+        key, run = None, None
     if key is None:
-        return _auth_problem(request, raw)
+        return _auth_problem(request, raw, ticket)
     if (limited := await _admit_or_problem(request, key)) is not None:
         return limited
-    unknown = sorted(set(request.GET) - {"after"})
+    unknown = sorted(set(request.GET) - {"after", "ticket"})
     if unknown:
         return problem_response(
             request,
@@ -209,9 +218,9 @@ def _create_run(*, key: ApiKey, name: str, body: object, idempotency) -> tuple[R
         chain = selectors.chain_get(name=name, version=data.get("version"))
     except Http404:
         detail = (
-            f"Chain {name!r} has no version {data['version']}."
+            f"Chain {echo(name)!r} has no version {data['version']}."
             if "version" in data
-            else f"No chain named {name!r}."
+            else f"No chain named {echo(name)!r}."
         )
         raise ApplicationError("not_found", detail) from None
     run = services.run_create(

@@ -19,7 +19,7 @@ from websockets.sync.client import connect
 
 from runs.models import Run
 from runs.services import run_create
-from tests.conftest import Api
+from tests.conftest import Api, process_env, start_web
 from tests.test_ws import frames_until_close
 from webhooks.models import WebhookEndpoint
 
@@ -308,6 +308,56 @@ def test_hostile_headers(alice, target, headers):
     assert_clean_4xx(response, 401)
 
 
+# --- Echoes: a problem repeats at most a short prefix of what the caller sent ------------------
+
+LONG = "z" * 10_000
+
+
+def _strings(value):
+    if isinstance(value, dict):
+        for item in value.values():
+            yield from _strings(item)
+    elif isinstance(value, list):
+        for item in value:
+            yield from _strings(item)
+    elif isinstance(value, str):
+        yield value
+
+
+def assert_no_long_echo(response) -> dict:
+    """A probe sent a 10,000-character chain name and got all of it back in the 404."""
+    body = assert_clean_4xx(response)
+    assert len(response.content) < 3000, len(response.content)
+    for text in _strings(body):
+        assert "z" * 101 not in text, text[:300]
+    return body
+
+
+def test_problems_cut_what_they_repeat(alice, target):
+    long_chain = "/api/v1/chains/" + LONG
+    body = assert_no_long_echo(alice.post(long_chain + "/runs", {"input": {}}))
+    assert body["detail"] == f"No chain named {'z' * 64 + '…'!r}."
+    assert body["instance"].startswith("/api/v1/chains/zzz") and body["instance"].endswith("…")
+    assert_no_long_echo(alice.post(long_chain + "/invoke", {"input": {}, "version": 3}))
+    assert_no_long_echo(alice.get(long_chain))
+    for params in ({"status": LONG}, {"chain": LONG}, {LONG: "1"}, {"limit": LONG}):
+        body = assert_no_long_echo(alice.get("/api/v1/runs", params))
+        assert all(len(e["field"]) <= 101 for e in body["errors"])
+    # Body fields: unknown names, and values the chain's JSON Schema or a choice refuses.
+    assert_no_long_echo(alice.post("/api/v1/chains/demo/runs", {"input": {}, LONG: 1}))
+    endpoints = "/api/v1/webhook-endpoints"
+    assert_no_long_echo(alice.post(endpoints, {"url": "https://a.example", "events": [LONG]}))
+    many = {f"x{i}": 1 for i in range(500)}
+    body = assert_no_long_echo(alice.post(endpoints, {"url": "https://a.example", **many}))
+    assert len(body["errors"]) == 50
+
+
+def test_input_schema_errors_cut_the_value(alice, make_chain):
+    make_chain("typed", schema={"type": "object", "properties": {"n": {"type": "integer"}}})
+    body = assert_no_long_echo(alice.post("/api/v1/chains/typed/runs", {"input": {"n": LONG}}))
+    assert body["errors"][0]["field"] == "input.n"
+
+
 # --- Over a real server ------------------------------------------------------------------------
 
 
@@ -438,13 +488,55 @@ def test_stream_views_bad_input(live_server_url, alice, make_chain):
             assert_clean_4xx(http.get(path, headers=sse), 404)
     # The WebSocket: closed with a code before any frame.
     ws = live_server_url.replace("http://", "ws://") + f"/ws/v1/runs/{run.id}"
-    for query, code in [
-        (f"after=%C2%B2&api_key={alice.raw_key}", 4400),
-        (f"after=-1&api_key={alice.raw_key}", 4400),
-        (f"after={10**30}&api_key={alice.raw_key}", 4400),
-        ("api_key=ak_" + "%00" * 40, 4401),
-        ("api_key=" + "k" * 10_000, 4401),
+    for query, code, auth in [
+        ("after=%C2%B2", 4400, headers),
+        ("after=-1", 4400, headers),
+        (f"after={10**30}", 4400, headers),
+        ("api_key=ak_" + "%00" * 40, 4401, {}),
+        ("api_key=" + "k" * 10_000, 4401, {}),
+        ("ticket=" + "%00" * 40, 4401, {}),
+        ("ticket=" + "t" * 10_000, 4401, {}),
+        ("ticket=a:b:c", 4401, {}),
     ]:
-        with connect(f"{ws}?{query}") as sock:
+        with connect(f"{ws}?{query}", additional_headers=auth) as sock:
             assert frames_until_close(sock) == ([], code), query
     assert Run.objects.count() == 1
+
+
+# Paths that climb out of the static files, as curl --path-as-is sends them. The server decodes
+# %2e and %2f, so every form reaches the static handler as "/static/../...".
+CLIMBING_PATHS = [
+    "/static/../agentsvc/settings.py",
+    "/static/%2e%2e/agentsvc/settings.py",
+    "/static/..%2fagentsvc/settings.py",
+    "/static/%2e%2e%2f%2e%2e%2fetc/passwd",
+    "/static/admin/../../../../etc/passwd",
+]
+
+
+@pytest.mark.slow
+def test_static_paths_that_climb_out_are_404_without_a_traceback(tmp_path):
+    """A black-box probe got a 500 and a SuspiciousFileOperation traceback logged at ERROR per
+    request; the static handler runs outside the middleware chain, so nothing else caught it."""
+    log = tmp_path / "web.log"
+    web, url = start_web(process_env(), log)
+    host = f"Host: {urlsplit(url).netloc}\r\n".encode()
+    try:
+        for path in CLIMBING_PATHS:
+            head = f"GET {path} HTTP/1.1\r\n".encode() + host + b"Connection: close\r\n\r\n"
+            response = _parse(_raw_request(url, head))
+            assert response.status_code == 404, (path, response.status_code)
+            assert b"SECRET_KEY" not in response.content and b"root:" not in response.content
+        # The static files themselves are still served.
+        ok = _parse(
+            _raw_request(
+                url,
+                b"GET /static/runs/dashboard.js HTTP/1.1\r\n" + host + b"Connection: close\r\n\r\n",
+            )
+        )
+        assert ok.status_code == 200 and b"WebSocket" in ok.content
+    finally:
+        web.stop()
+    output = web.output()
+    for leak in ("Traceback", "SuspiciousFileOperation", " ERROR "):
+        assert leak not in output, output[-3000:]

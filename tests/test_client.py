@@ -7,6 +7,7 @@ import threading
 import uuid
 from urllib.parse import urlsplit
 
+import httpx
 import pytest
 from agentsvc_client import (
     AsyncClient,
@@ -212,6 +213,24 @@ def test_invoke_cancel_and_chains(client, make_chain):
     names = {c["name"] for c in client.chains.list()}
     assert {"demo", "broken", "slow"} <= names
     assert client.chains.get("demo")["agents"][0]["name"] == "agent0"
+
+
+def test_stream_ticket(client, live_server_url, make_chain):
+    """What a server hands a browser: the ticket opens the run's event stream, without the key."""
+    make_chain("demo", models=[fake(tokens=3)])
+    run = client.runs.invoke("demo", {"topic": "tides"})
+    ticket = client.runs.stream_ticket(run["run_id"])
+    assert set(ticket) == {"ticket", "expires_at"}
+    response = httpx.get(
+        f"{live_server_url}/api/v1/runs/{run['run_id']}/events",
+        params={"ticket": ticket["ticket"]},
+        headers={"Accept": "text/event-stream"},
+        timeout=30,
+    )
+    assert response.status_code == 200 and "event: run.completed" in response.text
+    assert client.runs.stream_ticket()["ticket"] != ticket["ticket"]  # the feed's
+    with pytest.raises(NotFoundError):
+        client.runs.stream_ticket(str(uuid.uuid4()))
 
 
 def test_webhook_endpoints_deliveries_and_verify(client, make_chain, receiver):

@@ -223,6 +223,15 @@ def page(browser_setup, web):  # after both: no ORM call once the browser runs
         context = browser.new_context(viewport={"width": 1400, "height": 800})
         page = context.new_page()
         page.set_default_timeout(30_000)
+        # What the Content-Security-Policy blocked (Chromium reports it on the console).
+        page.csp_violations = []
+        page.on(
+            "console",
+            lambda message: (
+                "Content Security Policy" in message.text
+                and page.csp_violations.append(message.text)
+            ),
+        )
         try:
             yield page
         finally:
@@ -284,6 +293,8 @@ def test_dashboard_in_a_browser(browser_setup, web, page):
     log_in(page, web)
     assert page.text_content("#count-active") == "0"
     page.wait_for_selector('#feed-state[data-state="live"]')
+    # The styles come from a file, which the page's policy allows.
+    assert page.evaluate("getComputedStyle(document.querySelector('main')).display") == "grid"
 
     # A run started through the API appears at the top, streams its tokens, and completes.
     run_id = api.start("demo")
@@ -320,6 +331,12 @@ def test_dashboard_in_a_browser(browser_setup, web, page):
     page.goto(f"{web}/admin/runs/run/{brief}/change/")
     assert page.locator("#events-group").get_by_text("run.completed", exact=True).count() == 1
     page.screenshot(path=str(ARTIFACTS / "admin-run.png"), full_page=True)
+    # The admin's list (filters, actions) and index work under their policy too.
+    page.goto(f"{web}/admin/runs/run/")
+    page.locator("#action-toggle").click()
+    assert page.locator("tr.selected").count() > 0  # the admin's script ran
+    page.goto(f"{web}/admin/")
+    assert page.csp_violations == []
 
 
 @pytest.mark.slow

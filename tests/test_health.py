@@ -40,6 +40,35 @@ def test_ready_with_worker_and_models(db, worker, qcluster, make_chain):
     assert [m["ok"] for m in body["checks"]["models"].values()] == [True]
 
 
+def test_readiness_checks_are_for_operators_only(db, worker, qcluster, make_chain, settings):
+    """An outside probe read the database, cache, channel layer, worker count and model names
+    from /readyz. The status stays public; the checks need the metrics token or a direct
+    request from READYZ_DETAIL_NETWORKS (loopback by default, while no token is set)."""
+    make_chain("demo", models=[fake(tokens=3)])
+    wait_until(lambda: readyz()[0] == 200, 15, 0.2, "ready")
+    outside = Client(REMOTE_ADDR="203.0.113.9")
+    assert readyz(outside) == (200, {"status": "ready"})
+    # Through a proxy on this machine: the proxy's loopback address says nothing of the caller.
+    for header in ({"X-Forwarded-For": "203.0.113.9"}, {"Forwarded": "for=203.0.113.9"}):
+        assert readyz(Client(headers=header)) == (200, {"status": "ready"})
+    assert set(readyz()[1]) == {"status", "checks"}  # direct from loopback
+    settings.READYZ_DETAIL_NETWORKS = ["203.0.113.0/24"]
+    assert set(readyz(outside)[1]["checks"]) >= {"database", "workers", "models"}
+
+    settings.METRICS_TOKEN = "s3cret"
+    settings.READYZ_DETAIL_NETWORKS = []  # what the default is once a token is set
+    assert readyz() == (200, {"status": "ready"})
+    assert readyz(Client(headers={"Authorization": "Bearer nope"})) == (200, {"status": "ready"})
+    with_token = Client(REMOTE_ADDR="203.0.113.9", headers={"Authorization": "Bearer s3cret"})
+    assert readyz(with_token)[1]["checks"]["workers"]["ok"] is True
+
+    # Not ready: the status code and status say so to everyone, the reason only to operators.
+    settings.MODEL_PROBE_CACHE_S = 0
+    make_chain("demo", base_url=f"http://127.0.0.1:{free_port()}/v1")
+    assert readyz(outside) == (503, {"status": "not_ready"})
+    assert readyz(with_token)[1]["checks"]["models"]
+
+
 def test_model_down_makes_not_ready_and_recovers(db, worker, qcluster, make_chain, settings, alice):
     settings.MODEL_PROBE_CACHE_S = 0
     port = free_port()

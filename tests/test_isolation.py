@@ -63,6 +63,8 @@ OWNED = [
     Owned("POST", "/api/v1/webhook-endpoints/{endpoint_id}/rotate-secret", "endpoint", 200),
     Owned("DELETE", "/api/v1/webhook-endpoints/{endpoint_id}", "endpoint", 204),
     Owned("POST", "/api/v1/deliveries/{delivery_id}/resend", "delivery", 202),
+    # The run's id in the body ("{id}"): no ticket for another owner's run.
+    Owned("POST", "/api/v1/stream-tickets", "run", 201, body={"run_id": "{id}"}),
 ]
 # Lists (and the id field of their items): only the caller's objects, whatever the filters and
 # the cursor (even one taken from another owner's page).
@@ -85,6 +87,7 @@ CREATES = {
         "cancel_on_disconnect": True,
     },
     ("POST", "/api/v1/webhook-endpoints"): {},  # the receiver's URL, filled in
+    ("POST", "/api/v1/stream-tickets"): {},  # the caller's feed
 }
 # API operations that hold no tenant data.
 SHARED = {
@@ -173,7 +176,9 @@ def _call(http: httpx.Client, api, case: Owned, object_id: str, **headers) -> ht
     headers = {"Authorization": f"Bearer {api.raw_key}", **headers}
     if case.accept:
         headers["Accept"] = case.accept
-    body = case.body if case.method in ("POST", "PATCH") else None
+    body = None
+    if case.method in ("POST", "PATCH") and case.body is not None:
+        body = {k: object_id if v == "{id}" else v for k, v in case.body.items()}
     with http.stream(
         case.method, _path(case.path, object_id), json=body, headers=headers
     ) as response:
@@ -317,12 +322,24 @@ def test_idempotency_keys_are_per_owner(live_server_url, alice, bob, make_chain,
                         made[api.key.name] = (response.headers["X-Run-Id"], None)
                     else:
                         data = json.loads(response.read())
-                        made[api.key.name] = (data.get("run_id") or data["id"], data.get("secret"))
+                        made[api.key.name] = (
+                            data.get("run_id") or data.get("id") or data["ticket"],
+                            data.get("secret"),
+                        )
             (alice_id, alice_secret), (bob_id, bob_secret) = made["alice-key"], made["bob-key"]
             assert alice_id != bob_id, path
             assert alice_secret is None or alice_secret != bob_secret, path
     assert Run.objects.filter(owner=bob.key.owner).count() == 3
     assert WebhookEndpoint.objects.filter(owner=bob.key.owner).count() == 1
+
+
+def _ticket(url: str, api, body: dict) -> str | None:
+    """A stream ticket of `api` (None when refused: 404)."""
+    response = httpx.post(f"{url}/api/v1/stream-tickets", json=body, headers=_bearer(api))
+    if response.status_code == 404:
+        return None
+    assert response.status_code == 201, response.text
+    return response.json()["ticket"]
 
 
 def _feed_started(feed, api, chain) -> None:
@@ -348,22 +365,24 @@ def _drain(feed) -> None:
 @pytest.mark.slow
 def test_websockets_keep_to_their_owner(live_server_url, alice, bob, objects):
     ws = live_server_url.replace("http://", "ws://")
+    bobs_feed = _ticket(live_server_url, bob, {})
     for run_id in (objects.run.id, objects.queued.id, uuid.uuid4()):
-        for url, headers in (
-            (f"{ws}/ws/v1/runs/{run_id}", _bearer(bob)),
-            (f"{ws}/ws/v1/runs/{run_id}?after=0&api_key={bob.raw_key}", {}),
-        ):
-            with connect(url, additional_headers=headers) as sock:
-                assert frames_until_close(sock) == ([], 4404), url
+        with connect(f"{ws}/ws/v1/runs/{run_id}", additional_headers=_bearer(bob)) as sock:
+            assert frames_until_close(sock) == ([], 4404), run_id
+        # No ticket of bob's opens it: he cannot get one for it, and his feed's is not one.
+        assert _ticket(live_server_url, bob, {"run_id": str(run_id)}) is None
+        with connect(f"{ws}/ws/v1/runs/{run_id}?after=0&ticket={bobs_feed}") as sock:
+            assert frames_until_close(sock) == ([], 4401), run_id
     # Alice's own run: replayed, then closed 1000.
-    with connect(f"{ws}/ws/v1/runs/{objects.run.id}?api_key={alice.raw_key}") as sock:
+    ticket = _ticket(live_server_url, alice, {"run_id": str(objects.run.id)})
+    with connect(f"{ws}/ws/v1/runs/{objects.run.id}?ticket={ticket}") as sock:
         frames, code = frames_until_close(sock)
     assert code == 1000 and frames[-1]["event"] in TERMINAL_EVENTS
 
     # The status feed: alice's change shows on hers and never on bob's.
     with (
-        connect(f"{ws}/ws/v1/runs?api_key={alice.raw_key}") as alice_feed,
-        connect(f"{ws}/ws/v1/runs?api_key={bob.raw_key}") as bob_feed,
+        connect(f"{ws}/ws/v1/runs?ticket={_ticket(live_server_url, alice, {})}") as alice_feed,
+        connect(f"{ws}/ws/v1/runs?ticket={bobs_feed}") as bob_feed,
     ):
         for feed, api in ((alice_feed, alice), (bob_feed, bob)):
             _feed_started(feed, api, objects.run.chain)

@@ -8,6 +8,7 @@ import hmac
 import json
 import logging
 import re
+import subprocess
 import sys
 import uuid
 
@@ -325,7 +326,7 @@ def test_no_secret_reaches_a_log(alice, make_chain, receiver, local_ok, caplog, 
             ) as stream:
                 stream.read()
             ws = url.replace("http://", "ws://")
-            with connect(f"{ws}/ws/v1/runs/{run_id}?api_key={alice.raw_key}") as sock:
+            with connect(f"{ws}/ws/v1/runs/{run_id}", additional_headers=auth) as sock:
                 assert frames_until_close(sock)[1] == 1000
             wait_until(
                 lambda: (
@@ -348,7 +349,7 @@ def test_no_secret_reaches_a_log(alice, make_chain, receiver, local_ok, caplog, 
                     == 401
                 )
                 assert http.get("/api/v1/runs", headers={"X-API-Key": wrong}).status_code == 401
-                with connect(f"{ws}/ws/v1/runs?api_key={wrong}") as sock:
+                with connect(f"{ws}/ws/v1/runs", additional_headers={"X-API-Key": wrong}) as sock:
                     assert frames_until_close(sock)[1] == 4401
         # In this process too: a run with a webhook, its deliveries, a failed authentication
         # (the executor stopped first: its pump would claim the deliveries).
@@ -377,3 +378,93 @@ def test_no_secret_reaches_a_log(alice, make_chain, receiver, local_ok, caplog, 
         for marker in ("whsec_", "Bearer ak_"):
             at = text.find(marker)
             assert at < 0, (where, text[max(0, at - 300) : at + 100])
+
+
+# --- Headers on pages for people, and settings for TLS deployments --------------------------
+
+
+def _directives(policy: str) -> dict[str, str]:
+    return dict(part.strip().partition(" ")[::2] for part in policy.split(";") if part.strip())
+
+
+def test_admin_and_dashboard_pages_carry_a_content_security_policy(admin_objects):
+    staff = Client()
+    staff.force_login(get_user_model().objects.create_superuser("ops", "o@example.com", "pw"))
+    for page in [*_admin_pages(admin_objects), "/admin/login/"]:
+        client = staff if page != "/admin/login/" else Client()
+        response = client.get(page)
+        assert response.status_code in (200, 403), page  # 403: models nobody may add
+        policy = _directives(response["Content-Security-Policy"])
+        assert policy["default-src"] == policy["script-src"] == "'self'", page
+        assert policy["frame-ancestors"] == "'none'" and policy["object-src"] == "'none'", page
+        # The admin's templates set style attributes; the dashboard needs no inline style.
+        styles = "'self'" if page.startswith("/dashboard/") else "'self' 'unsafe-inline'"
+        assert policy["style-src"] == styles, page
+        # No script the policy would block: every one comes from a file, no handler inline.
+        if response["Content-Type"].startswith("text/html"):
+            html = response.content.decode()
+            assert not re.search(r"<script(?![^>]*\bsrc=)[^>]*>", html), page
+            assert not re.search(r"\son[a-z]+=", html), page
+            assert "javascript:" not in html, page
+    dashboard = staff.get("/dashboard/").content.decode()
+    assert "<style" not in dashboard and " style=" not in dashboard
+    # The API and the problem pages are not HTML for people: no policy needed there.
+    assert "Content-Security-Policy" not in Client().get("/healthz")
+
+
+def _settings_in_a_child(**env: str) -> subprocess.CompletedProcess:
+    """Start-up as a process would do it: settings read from this environment."""
+    code = (
+        "import django, json; django.setup(); from django.conf import settings as s; "
+        "print(json.dumps({n: getattr(s, n) for n in ("
+        "'SECURE_HSTS_SECONDS', 'SESSION_COOKIE_SECURE', 'CSRF_COOKIE_SECURE', "
+        "'READYZ_DETAIL_NETWORKS', 'WEBHOOK_ALLOWED_NETWORKS', 'SERVICE_PORTS', "
+        "'STREAM_TICKET_TTL_S')}))"
+    )
+    return subprocess.run(
+        [sys.executable, "-c", code],
+        env=process_env(DJANGO_SETTINGS_MODULE="agentsvc.settings", **env),
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+
+
+def test_tls_settings_and_strict_parsing_of_the_new_variables():
+    done = _settings_in_a_child(
+        SECURE_HSTS_SECONDS="31536000",
+        SECURE_COOKIES="true",
+        METRICS_TOKEN="t",
+        WEBHOOK_ALLOWED_NETWORKS="10.20.0.0/16:443,[fd00::/8]:8443,10.30.0.0/16",
+        SERVICE_PORTS="8000,8001",
+        STREAM_TICKET_TTL_S="120",
+    )
+    assert done.returncode == 0, done.stderr
+    values = json.loads(done.stdout.strip().splitlines()[-1])
+    assert values["SECURE_HSTS_SECONDS"] == 31536000
+    assert values["SESSION_COOKIE_SECURE"] is values["CSRF_COOKIE_SECURE"] is True
+    assert values["READYZ_DETAIL_NETWORKS"] == []  # a token set: the token is the only way
+    assert values["SERVICE_PORTS"] == [8000, 8001] and values["STREAM_TICKET_TTL_S"] == 120
+    defaults = json.loads(
+        _settings_in_a_child(METRICS_TOKEN="", SECURE_HSTS_SECONDS="").stdout.splitlines()[-1]
+    )
+    assert defaults["SECURE_HSTS_SECONDS"] == 0 and defaults["STREAM_TICKET_TTL_S"] == 300
+    assert defaults["READYZ_DETAIL_NETWORKS"] == ["127.0.0.0/8", "::1/128"]
+    for name, bad in [
+        ("SECURE_HSTS_SECONDS", "a year"),
+        ("SECURE_HSTS_SECONDS", "-1"),
+        ("WEBHOOK_ALLOWED_NETWORKS", "fd00::/8:443"),
+        ("SERVICE_PORTS", "80,http"),
+        ("READYZ_DETAIL_NETWORKS", "loopback"),
+        ("STREAM_TICKET_TTL_S", "5m"),
+    ]:
+        failed = _settings_in_a_child(**{name: bad})
+        assert failed.returncode != 0, (name, bad)
+        assert "ImproperlyConfigured" in failed.stderr and name in failed.stderr, failed.stderr
+
+
+def test_hsts_on_https_answers(db, settings):
+    settings.SECURE_HSTS_SECONDS = 3600
+    response = Client().get("/healthz", secure=True)
+    assert response["Strict-Transport-Security"] == "max-age=3600"
+    assert "Strict-Transport-Security" not in Client().get("/healthz")

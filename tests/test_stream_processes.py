@@ -176,7 +176,10 @@ def test_stream_caps_per_key_and_per_process(
         assert over.status_code == 429
         assert over.headers["Content-Type"] == "application/problem+json"
         assert over.json()["code"] == "concurrency_limit" and "Retry-After" in over.headers
-        with connect(f"{limited.replace('http', 'ws')}/ws/v1/runs?api_key={alice.raw_key}") as ws:
+        with connect(
+            f"{limited.replace('http', 'ws')}/ws/v1/runs",
+            additional_headers={"Authorization": f"Bearer {alice.raw_key}"},
+        ) as ws:
             with pytest.raises(ConnectionClosed) as closed:
                 ws.recv(timeout=10)
             assert closed.value.rcvd.code == 4429
@@ -298,12 +301,16 @@ def test_streams_hand_database_connections_back(tmp_path, alice, make_chain):
     chain = make_chain("demo", models=[fake(tokens=3)])
     run = Run.objects.create(owner=alice.key.owner, api_key=alice.key, chain=chain, input={})
     proc, url = _daphne(process_env(DB_POOL_MAX="2", DB_POOL_TIMEOUT_S="1"), tmp_path / "web.log")
-    ws_base, query = url.replace("http://", "ws://"), f"api_key={alice.raw_key}"
-    paths = [f"/ws/v1/runs?{query}"] * 6 + [f"/ws/v1/runs/{run.id}?{query}"] * 6
+    ws_base = url.replace("http://", "ws://")
+    paths = ["/ws/v1/runs"] * 6 + [f"/ws/v1/runs/{run.id}"] * 6
     headers = {"Authorization": f"Bearer {alice.raw_key}"}
+
+    def open_socket(path: str):
+        return stack.enter_context(connect(f"{ws_base}{path}", additional_headers=headers))
+
     try:
         with contextlib.ExitStack() as stack, ThreadPoolExecutor(len(paths)) as pool:
-            sockets = list(pool.map(lambda p: stack.enter_context(connect(f"{ws_base}{p}")), paths))
+            sockets = list(pool.map(open_socket, paths))
             for ws in sockets:
                 with pytest.raises(TimeoutError):
                     ws.recv(timeout=0.2)  # open, with nothing to say

@@ -223,3 +223,127 @@ def test_https_keeps_the_name_for_sni_and_verification(
             assert server.requests_for(path) == []
     finally:
         server.shutdown()
+
+
+# --- Ports in the allow-list, and the service's own ports -------------------------------------
+
+
+def test_allowed_network_entries_can_name_a_port(alice, dns, settings):
+    settings.WEBHOOK_ALLOWED_NETWORKS = ["10.20.0.0/16:443", "[fd00::/8]:8443", "10.30.0.0/16"]
+    cases = {
+        "https://10.20.3.4/hook": 201,  # 443 by default
+        "http://10.20.3.4:443/hook": 201,
+        "http://10.20.3.4/hook": 400,  # 80: not the port the entry opens
+        "https://10.20.3.4:8443/hook": 400,
+        "http://[fd00::1]:8443/hook": 201,
+        "https://[fd00::1]/hook": 400,
+        "http://10.30.1.1:9999/hook": 201,  # an entry without a port opens any port...
+        "http://10.30.1.1/hook": 201,
+        "http://10.30.1.1:8000/metrics": 400,  # ...but the service's own (SERVICE_PORTS)
+        "http://10.30.1.1:6379/x": 400,  # and those of its Redis and PostgreSQL
+        "http://10.30.1.1:5432/x": 400,
+    }
+    for url, status in cases.items():
+        assert alice.post(EP, {"url": url}).status_code == status, url
+
+
+def test_the_services_own_ports_need_an_explicit_entry(alice, make_chain, receiver, settings):
+    """The probe: with 127.0.0.1/32 allowed, a tenant registered the service's /metrics and its
+    Redis, and read their answers back in the delivery log."""
+    port = receiver.server_address[1]
+    settings.SERVICE_PORTS = [8000, port]  # the receiver plays the service itself
+    settings.WEBHOOK_ALLOWED_NETWORKS = ["127.0.0.1/32"]
+    settings.WEBHOOK_RETRY_SCHEDULE_S = [0.05]
+    for url in (f"http://127.0.0.1:{port}/metrics", "http://127.0.0.1:6379/x"):
+        response = alice.post(EP, {"url": url})
+        assert response.status_code == 400, url
+        assert "refused address" in response.json()["errors"][0]["message"]
+    # Registered while its port was named, delivered after the entry lost the port: refused.
+    settings.WEBHOOK_ALLOWED_NETWORKS = [f"127.0.0.1/32:{port}"]
+    path = hook_path()
+    assert alice.post(EP, {"url": f"http://127.0.0.1:{port}{path}"}).status_code == 201
+    settings.WEBHOOK_ALLOWED_NETWORKS = ["127.0.0.1/32"]
+    finished_run(alice, make_chain)
+    deliver_all()
+    assert receiver.requests_for(path) == []
+    assert WebhookAttempt.objects.get().error == "blocked_address"
+    # Named with its port, it is delivered.
+    settings.WEBHOOK_ALLOWED_NETWORKS = ["127.0.0.1/32", f"127.0.0.1/32:{port}"]
+    delivery = WebhookDelivery.objects.get()
+    assert alice.post(f"/api/v1/deliveries/{delivery.id}/resend").status_code == 202
+    deliver_all()
+    assert len(receiver.requests_for(path)) == 1
+
+
+def test_answers_of_private_targets_are_for_operators_only(alice, make_chain, receiver, local_ok):
+    """The deliveries API showed tenants 500 characters of an internal service's answer."""
+    from django.contrib.auth import get_user_model
+    from django.test import Client
+
+    path = hook_path()
+    run = finished_run(
+        alice, make_chain, webhook={"url": receiver.base_url + path, "secret": SECRET}
+    )
+    deliver_all()
+    attempt = WebhookAttempt.objects.get()
+    assert attempt.response_excerpt == "received 1" and attempt.private_target is True
+    [shown] = alice.get(f"/api/v1/runs/{run.id}/deliveries").json()["results"][0]["attempts"]
+    assert shown["status_code"] == 200 and shown["response_excerpt"] == ""
+    # The admin shows it.
+    staff = Client()
+    staff.force_login(get_user_model().objects.create_superuser("ops", "o@example.com", "pw"))
+    page = staff.get(f"/admin/webhooks/webhookdelivery/{attempt.delivery_id}/change/")
+    assert page.status_code == 200 and b"received 1" in page.content
+    # A public receiver's answer is the tenant's to see (no public receiver runs here: the
+    # attempt is marked as if it had gone to one).
+    WebhookAttempt.objects.update(private_target=False)
+    [shown] = alice.get(f"/api/v1/runs/{run.id}/deliveries").json()["results"][0]["attempts"]
+    assert shown["response_excerpt"] == "received 1"
+
+
+@pytest.mark.parametrize(
+    "entry, parsed",
+    [
+        ("10.20.0.0/16", ("10.20.0.0/16", None)),
+        ("10.20.0.0/16:443", ("10.20.0.0/16", 443)),
+        ("127.0.0.1:8000", ("127.0.0.1/32", 8000)),
+        ("fd00::/8", ("fd00::/8", None)),
+        ("[fd00::/8]:8443", ("fd00::/8", 8443)),
+        ("[::1]", ("::1/128", None)),
+    ],
+)
+def test_allowed_network_syntax(monkeypatch, entry, parsed):
+    from agentsvc.env import env_allowed_networks, parse_allowed_network
+
+    monkeypatch.setenv("WEBHOOK_ALLOWED_NETWORKS", f" {entry} ,10.0.0.0/8")
+    assert env_allowed_networks("WEBHOOK_ALLOWED_NETWORKS") == [entry, "10.0.0.0/8"]
+    found = parse_allowed_network(entry)
+    assert (str(found.network), found.port) == parsed
+
+
+@pytest.mark.parametrize(
+    "entry",
+    [
+        "10.20.0.0/16:0",
+        "10.20.0.0/16:65536",
+        "10.20.0.0/16:https",
+        "10.20.0.0/16:",
+        "10.20.0.0/33",
+        "fd00::/8:443",  # IPv6 with a port needs brackets
+        "[fd00::/8",
+        "[fd00::/8]443",
+        "[fd00::/8]:",
+        "intranet",
+    ],
+)
+def test_a_bad_allowed_network_stops_start_up(monkeypatch, entry):
+    from django.core.exceptions import ImproperlyConfigured
+
+    from agentsvc.env import env_allowed_networks, env_port_list
+
+    monkeypatch.setenv("WEBHOOK_ALLOWED_NETWORKS", f"10.0.0.0/8,{entry}")
+    with pytest.raises(ImproperlyConfigured, match="WEBHOOK_ALLOWED_NETWORKS"):
+        env_allowed_networks("WEBHOOK_ALLOWED_NETWORKS")
+    monkeypatch.setenv("SERVICE_PORTS", "8000,x")
+    with pytest.raises(ImproperlyConfigured, match="SERVICE_PORTS"):
+        env_port_list("SERVICE_PORTS", [8000])

@@ -35,6 +35,10 @@ def start(live_server_url, api, chain: str = "demo") -> str:
     return response.json()["run_id"]
 
 
+def bearer(api) -> dict[str, str]:
+    return {"Authorization": f"Bearer {api.raw_key}"}
+
+
 def frames_until_close(ws) -> tuple[list[dict], int]:
     frames = []
     try:
@@ -54,8 +58,8 @@ def test_ws_replays_then_follows_and_closes_1000(ws_url, live_server_url, alice,
     assert [f["seq"] for f in frames] == list(range(1, len(frames) + 1))
     assert set(frames[0]) == {"seq", "event", "data", "ts"}
     assert frames[0]["event"] == "run.queued" and frames[-1]["event"] == "run.completed"
-    # ?after=N with the key in the query string (what a browser can do).
-    with connect(f"{ws_url}/ws/v1/runs/{run_id}?after=3&api_key={alice.raw_key}") as ws:
+    # ?after=N (what a reconnecting browser sends, with a stream ticket: test_stream_tickets.py).
+    with connect(f"{ws_url}/ws/v1/runs/{run_id}?after=3", additional_headers=headers) as ws:
         again, code = frames_until_close(ws)
     assert code == 1000
     assert [f["seq"] for f in again] == list(range(4, len(frames) + 1))
@@ -64,13 +68,19 @@ def test_ws_replays_then_follows_and_closes_1000(ws_url, live_server_url, alice,
 def test_ws_close_codes_before_any_frame(ws_url, live_server_url, alice, bob, make_chain):
     make_chain("demo", models=[fake(tokens=3)])
     run_id = start(live_server_url, alice)
+    key = {"Authorization": f"Bearer {alice.raw_key}"}
     cases = [
         (f"/ws/v1/runs/{run_id}", {}, 4401),
         (f"/ws/v1/runs/{run_id}?api_key=ak_{'x' * 40}", {}, 4401),
         (f"/ws/v1/runs/{run_id}", {"Authorization": "Bearer nope"}, 4401),
         (f"/ws/v1/runs/{run_id}", {"Authorization": f"Bearer {bob.raw_key}"}, 4404),
-        (f"/ws/v1/runs/{run_id}?after=x&api_key={alice.raw_key}", {}, 4400),
+        (f"/ws/v1/runs/{run_id}?after=x", key, 4400),
         ("/ws/v1/runs", {}, 4401),
+        # A key in the URL is refused, even a good one, even beside a good header.
+        (f"/ws/v1/runs/{run_id}?api_key={alice.raw_key}", {}, 4401),
+        (f"/ws/v1/runs/{run_id}?api_key={alice.raw_key}", key, 4401),
+        (f"/ws/v1/runs?api_key={alice.raw_key}", {}, 4401),
+        ("/ws/v1/runs?api_key=", key, 4401),
     ]
     for path, headers, expected in cases:
         with connect(f"{ws_url}{path}", additional_headers=headers) as ws:
@@ -79,17 +89,18 @@ def test_ws_close_codes_before_any_frame(ws_url, live_server_url, alice, bob, ma
 
 
 def test_ws_refuses_a_foreign_origin(ws_url, alice):
+    key = {"Authorization": f"Bearer {alice.raw_key}"}
     with pytest.raises(Exception, match="403"):
-        connect(f"{ws_url}/ws/v1/runs?api_key={alice.raw_key}", origin="https://evil.example")
-    with connect(f"{ws_url}/ws/v1/runs?api_key={alice.raw_key}", origin="http://localhost") as ws:
+        connect(f"{ws_url}/ws/v1/runs", origin="https://evil.example", additional_headers=key)
+    with connect(f"{ws_url}/ws/v1/runs", origin="http://localhost", additional_headers=key) as ws:
         ws.send("hello")  # accepted: the client only listens, extra frames are ignored
 
 
 def test_status_feed_shows_own_runs_only(ws_url, live_server_url, alice, bob, make_chain):
     make_chain("demo", models=[fake(tokens=3)])
     with (
-        connect(f"{ws_url}/ws/v1/runs?api_key={alice.raw_key}") as alice_ws,
-        connect(f"{ws_url}/ws/v1/runs?api_key={bob.raw_key}") as bob_ws,
+        connect(f"{ws_url}/ws/v1/runs", additional_headers=bearer(alice)) as alice_ws,
+        connect(f"{ws_url}/ws/v1/runs", additional_headers=bearer(bob)) as bob_ws,
     ):
         bob_run = start(live_server_url, bob)
         alice_run = start(live_server_url, alice)
@@ -126,7 +137,7 @@ def test_staff_session_sees_every_run(ws_url, live_server_url, alice, make_chain
 def test_ws_disconnect_does_not_cancel(ws_url, live_server_url, alice, make_chain):
     make_chain("demo", models=[fake(tokens=20, latency_ms=40)])
     run_id = start(live_server_url, alice)
-    with connect(f"{ws_url}/ws/v1/runs/{run_id}?api_key={alice.raw_key}") as ws:
+    with connect(f"{ws_url}/ws/v1/runs/{run_id}", additional_headers=bearer(alice)) as ws:
         for _ in range(3):
             ws.recv(timeout=30)
     settle()
@@ -151,7 +162,7 @@ def test_status_feed_keeps_an_event_that_commits_late(ws_url, alice, make_chain)
     RunEvent.objects.create(run=late, seq=2, type="agent.output", created_at=now, data={})
     hole_pk = hole.pk
     hole.delete()
-    with connect(f"{ws_url}/ws/v1/runs?api_key={alice.raw_key}") as feed:
+    with connect(f"{ws_url}/ws/v1/runs", additional_headers=bearer(alice)) as feed:
         time.sleep(0.5)  # the feed has started after the newest id
         RunEvent.objects.create(
             pk=hole_pk, run=late, seq=1, type="run.started", created_at=now, data={}

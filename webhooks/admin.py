@@ -101,7 +101,16 @@ class WebhookAttemptInline(admin.TabularInline):
     model = WebhookAttempt
     extra = 0
     can_delete = False
-    fields = ("number", "at", "status_code", "duration_ms", "error", "response_excerpt", "trigger")
+    fields = (
+        "number",
+        "at",
+        "status_code",
+        "duration_ms",
+        "error",
+        "response_excerpt",
+        "private_target",
+        "trigger",
+    )
     readonly_fields = fields
 
     def has_add_permission(self, request, obj=None) -> bool:

@@ -31,6 +31,8 @@ class Outcome:
     retry_after_s: float | None = None
     # No retry will help (410, refused address, invalid URL).
     permanent: bool = False
+    # Sent to a private address the allow-list opened (the excerpt is for operators only).
+    private_target: bool = False
 
     @property
     def ok(self) -> bool:
@@ -122,11 +124,21 @@ def attempt(*, url: str, msg_id: str, body: str, secrets: list[str]) -> Outcome:
                 if len(raw) >= READ_LIMIT or time.monotonic() > deadline:
                     break
     except httpx.TimeoutException:
-        return Outcome(None, took(), error="timeout")
+        return Outcome(None, took(), error="timeout", private_target=target.private)
     except httpx.HTTPError as e:
-        return Outcome(None, took(), error=f"connection_error: {type(e).__name__}: {e}"[:500])
+        return Outcome(
+            None,
+            took(),
+            error=f"connection_error: {type(e).__name__}: {e}"[:500],
+            private_target=target.private,
+        )
     status = response.status_code
-    outcome = Outcome(status, took(), excerpt=raw[:READ_LIMIT].decode(errors="replace")[:500])
+    outcome = Outcome(
+        status,
+        took(),
+        excerpt=raw[:READ_LIMIT].decode(errors="replace")[:EXCERPT_CHARS],
+        private_target=target.private,
+    )
     if 300 <= status < 400:
         outcome.error = f"redirect_not_followed: {status}"
     elif status == 410:

@@ -149,6 +149,9 @@ class WebhookAttempt(models.Model):
     duration_ms = models.PositiveIntegerField()
     error = models.CharField(max_length=500, blank=True)
     response_excerpt = models.CharField(max_length=1000, blank=True)
+    # Sent to a private address that WEBHOOK_ALLOWED_NETWORKS opened: the excerpt is an internal
+    # service's answer, shown to operators in the admin but not to the tenant in the API.
+    private_target = models.BooleanField(default=False)
     trigger = models.CharField(max_length=8, choices=Trigger.choices)
 
     class Meta:

@@ -41,7 +41,8 @@ def delivery_dict(delivery: WebhookDelivery) -> dict[str, Any]:
                 "status_code": a.status_code,
                 "duration_ms": a.duration_ms,
                 "error": a.error or None,
-                "response_excerpt": a.response_excerpt,
+                # An internal service's answer stays with the operators (the admin shows it).
+                "response_excerpt": "" if a.private_target else a.response_excerpt,
                 "trigger": a.trigger,
             }
             for a in delivery.attempts.all()

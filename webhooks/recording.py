@@ -25,7 +25,15 @@ _DELIVERY_FIELDS = (
     "last_error",
     "last_duration_ms",
 )
-_ATTEMPT_FIELDS = ("at", "status_code", "duration_ms", "error", "response_excerpt", "trigger")
+_ATTEMPT_FIELDS = (
+    "at",
+    "status_code",
+    "duration_ms",
+    "error",
+    "response_excerpt",
+    "private_target",
+    "trigger",
+)
 
 
 def _sql() -> str:

@@ -33,9 +33,12 @@ def validate_secret(value: str) -> str:
 
 
 def _events_field(**kwargs) -> serializers.ListField:
-    return serializers.ListField(
-        child=serializers.ChoiceField(choices=TERMINAL_EVENTS), allow_empty=False, **kwargs
+    # DRF's own message repeats the value whole; this one names the choices instead.
+    choice = serializers.ChoiceField(
+        choices=TERMINAL_EVENTS,
+        error_messages={"invalid_choice": f"Must be one of {', '.join(TERMINAL_EVENTS)}."},
     )
+    return serializers.ListField(child=choice, allow_empty=False, **kwargs)
 
 
 def _dedupe(events: list[str]) -> list[str]:

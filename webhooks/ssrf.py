@@ -4,6 +4,11 @@ Used at registration (endpoints and a run's own webhook), at every delivery atte
 resends. A host is resolved once; the address checked is the address connected to (the
 delivery connects to that IP and keeps the Host header and TLS SNI), so DNS rebinding between
 the check and the connect cannot pass.
+
+WEBHOOK_ALLOWED_NETWORKS lifts the guard for chosen private networks, each entry for one port
+or for any port. Any port is not quite any: the ports of this service (SERVICE_PORTS) and of its
+PostgreSQL and Redis stay closed unless an entry names them, so that allowing an internal
+receiver does not let a tenant post to /metrics or to Redis from inside.
 """
 
 from __future__ import annotations
@@ -15,6 +20,9 @@ from functools import lru_cache
 from urllib.parse import urlsplit
 
 from django.conf import settings
+
+from agentsvc.env import AllowedNetwork, parse_allowed_network
+from agentsvc.errors import echo
 
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 
@@ -69,6 +77,8 @@ class Target:
     port: int
     address: str
     path: str
+    # A private address the allow-list opened: what it answers is not shown to tenants.
+    private: bool = False
 
     @property
     def connect_url(self) -> str:
@@ -83,8 +93,28 @@ class Target:
 
 
 @lru_cache(maxsize=8)
-def _allowed(networks: tuple[str, ...]) -> list[ipaddress.IPv4Network | ipaddress.IPv6Network]:
-    return [ipaddress.ip_network(n, strict=False) for n in networks]
+def _allowed(entries: tuple[str, ...]) -> list[AllowedNetwork]:
+    return [parse_allowed_network(e) for e in entries]
+
+
+def _url_port(url: str, default: int) -> int | None:
+    try:
+        parts = urlsplit(url)
+        return (parts.port or default) if parts.hostname else None
+    except ValueError:
+        return None
+
+
+def own_ports() -> frozenset[int]:
+    """Ports an allow-list entry without a port does not open: this service's (SERVICE_PORTS)
+    and those of its PostgreSQL and Redis."""
+    ports = set(settings.SERVICE_PORTS)
+    database = settings.DATABASES["default"]
+    if database.get("HOST") and "postgresql" in database.get("ENGINE", ""):
+        ports.add(int(database.get("PORT") or 5432))
+    if settings.REDIS_URL and (redis_port := _url_port(settings.REDIS_URL, 6379)):
+        ports.add(redis_port)
+    return frozenset(ports)
 
 
 def _embedded_ipv4(ip: IPAddress) -> ipaddress.IPv4Address | None:
@@ -102,16 +132,7 @@ def _embedded_ipv4(ip: IPAddress) -> ipaddress.IPv4Address | None:
     return None
 
 
-def address_blocked(address: str) -> bool:
-    """True when connecting to `address` is refused (WEBHOOK_ALLOWED_NETWORKS lifts it)."""
-    ip = ipaddress.ip_address(address.split("%")[0])
-    allowed = _allowed(tuple(settings.WEBHOOK_ALLOWED_NETWORKS))
-    candidates = [ip]
-    inner = _embedded_ipv4(ip)
-    if inner is not None:
-        candidates.append(inner)
-    if any(c.version == n.version and c in n for c in candidates for n in allowed):
-        return False
+def _refused_by_default(candidates: list[IPAddress]) -> bool:
     for c in candidates:
         if any(c.version == n.version and c in n for n in _BLOCKED):
             return True
@@ -120,6 +141,29 @@ def address_blocked(address: str) -> bool:
         if c.is_link_local or c.is_unspecified or not c.is_global:
             return True
     return False
+
+
+def address_check(address: str, port: int) -> tuple[bool, bool]:
+    """(refused, private) for connecting to `address` on `port`: private when the address is
+    one the guard refuses unless WEBHOOK_ALLOWED_NETWORKS lifts it."""
+    ip = ipaddress.ip_address(address.split("%")[0])
+    candidates = [ip]
+    inner = _embedded_ipv4(ip)
+    if inner is not None:
+        candidates.append(inner)
+    if not _refused_by_default(candidates):
+        return False, False
+    for entry in _allowed(tuple(settings.WEBHOOK_ALLOWED_NETWORKS)):
+        if not any(c.version == entry.network.version and c in entry.network for c in candidates):
+            continue
+        if entry.port == port or (entry.port is None and port not in own_ports()):
+            return False, True
+    return True, True
+
+
+def address_blocked(address: str, port: int) -> bool:
+    """True when connecting to `address` on `port` is refused."""
+    return address_check(address, port)[0]
 
 
 def _split(url: str) -> tuple[str, str, int, str]:
@@ -146,7 +190,7 @@ def _resolve(host: str, port: int) -> list[str]:
     try:
         infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
     except (socket.gaierror, UnicodeError) as e:
-        raise BlockedAddress(f"Cannot resolve {host}: {e}", permanent=False) from None
+        raise BlockedAddress(f"Cannot resolve {echo(host)}: {e}", permanent=False) from None
     return [info[4][0] for info in infos]
 
 
@@ -159,11 +203,16 @@ def resolve_target(url: str) -> Target:
     scheme, host, port, path = _split(url)
     addresses = _resolve(host, port)
     if not addresses:
-        raise BlockedAddress(f"{host} has no address.", permanent=False)
+        raise BlockedAddress(f"{echo(host)} has no address.", permanent=False)
+    private = False
     for address in addresses:
-        if address_blocked(address):
-            raise BlockedAddress(f"{host} resolves to a refused address.")
-    return Target(scheme=scheme, host=host, port=port, address=addresses[0], path=path)
+        refused, private_here = address_check(address, port)
+        if refused:
+            raise BlockedAddress(f"{echo(host)} resolves to a refused address.")
+        private = private or private_here
+    return Target(
+        scheme=scheme, host=host, port=port, address=addresses[0], path=path, private=private
+    )
 
 
 def check_url(url: str) -> None:

@@ -238,6 +238,7 @@ def delivery_attempt(*, delivery_id: UUID | str, token: UUID | str | None = None
             "duration_ms": outcome.duration_ms,
             "error": outcome.error[:500],
             "response_excerpt": outcome.excerpt[:1000],
+            "private_target": outcome.private_target,
             "trigger": trigger,
         },
     )

@@ -4,6 +4,7 @@ paste."""
 
 from __future__ import annotations
 
+import os
 import signal
 import socket
 import subprocess
@@ -63,18 +64,25 @@ class Command(BaseCommand):
         key = self._demo_key()
 
         python = sys.executable
+        # The executor (webhooks) and the web process must know the web port: webhooks may not be
+        # sent to it (webhooks/ssrf.py).
+        env = {
+            **os.environ,
+            "SERVICE_PORTS": ",".join(map(str, sorted({*settings.SERVICE_PORTS, port}))),
+        }
         children: dict[str, subprocess.Popen] = {}
         if model_cmd:
             children["model"] = subprocess.Popen(model_cmd, cwd=settings.BASE_DIR)
         children["executor"] = subprocess.Popen(
-            [python, "manage.py", "executor"], cwd=settings.BASE_DIR
+            [python, "manage.py", "executor"], cwd=settings.BASE_DIR, env=env
         )
         children["worker"] = subprocess.Popen(
-            [python, "manage.py", "qcluster"], cwd=settings.BASE_DIR
+            [python, "manage.py", "qcluster"], cwd=settings.BASE_DIR, env=env
         )
         children["web"] = subprocess.Popen(
             [python, "-m", "daphne", "-b", host, "-p", str(port), "agentsvc.asgi:application"],
             cwd=settings.BASE_DIR,
+            env=env,
         )
 
         def stop(*_):
@@ -83,7 +91,7 @@ class Command(BaseCommand):
                     child.send_signal(signal.SIGTERM)
             for child in children.values():
                 try:
-                    child.wait(timeout=10)
+                    child.wait(timeout=settings.WORKER_DRAIN_S + 10)  # the executor drains
                 except subprocess.TimeoutExpired:
                     child.kill()
 

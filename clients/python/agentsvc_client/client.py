@@ -164,6 +164,15 @@ class Runs:
             "POST", f"/api/v1/runs/{run_id}/cancel", idempotency_key=idempotency_key
         )
 
+    def stream_ticket(self, run_id: str | None = None, *, idempotency_key: Any = AUTO) -> dict:
+        """`{ticket, expires_at}` for a browser: `?ticket=` opens this run's SSE stream and
+        WebSocket (or, without run_id, the status feed) until it expires. Never put the key
+        itself in a URL."""
+        body = {"run_id": run_id} if run_id is not None else {}
+        return self._c.call(
+            "POST", "/api/v1/stream-tickets", json=body, idempotency_key=idempotency_key
+        )
+
     def resend_webhooks(self, run_id: str, *, idempotency_key: Any = AUTO) -> dict:
         return self._c.call(
             "POST", f"/api/v1/runs/{run_id}/webhooks/resend", idempotency_key=idempotency_key

@@ -8,6 +8,6 @@ def delete(apps, schema_editor):
 
 
 class Migration(migrations.Migration):
-    dependencies = [("webhooks", "0002_sweep_schedule")]
+    dependencies = [("webhooks", "0003_webhookattempt_private_target")]
 
     operations = [migrations.RunPython(delete, migrations.RunPython.noop)]
