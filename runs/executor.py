@@ -327,10 +327,10 @@ class Executor:
             return  # PostgreSQL without Redis: the poll alone
         layer = get_channel_layer()
         channel = await layer.new_channel()
-        joined = 0.0
+        joined: float | None = None
         while True:
             try:
-                if time.monotonic() - joined > 3600:  # group membership expires
+                if joined is None or time.monotonic() - joined > 3600:  # membership expires
                     await layer.group_add(EXECUTORS_GROUP, channel)
                     joined = time.monotonic()
                 await layer.receive(channel)
@@ -339,7 +339,7 @@ class Executor:
                 raise
             except Exception as e:
                 logger.warning("wake-ups unavailable (%s); polling", e)
-                joined = 0.0
+                joined = None
                 await asyncio.sleep(settings.EXECUTOR_POLL_S)
 
     async def _datagram_listener(self, path: str) -> None:

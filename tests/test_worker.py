@@ -1,4 +1,4 @@
-"""Runs through real processes: daphne serving the API, a django-q2 cluster executing runs."""
+"""Runs through real processes: daphne serving the API, an executor running them."""
 
 from __future__ import annotations
 
@@ -166,3 +166,23 @@ def test_two_workers_never_run_one_run(alice, make_chain, fake_model):
     assert [requests_for(fake_model, m) for m in models] == [1, 1]
     seqs = list(RunEvent.objects.filter(run=run).order_by("seq").values_list("seq", flat=True))
     assert seqs == list(range(1, len(seqs) + 1))
+
+
+def test_a_queued_run_starts_at_once_not_at_the_next_poll(alice, make_chain, executors):
+    """The wake-up on the channel layer starts a run within milliseconds; the poll is only the
+    fallback (here 30 s, so a start after more than a few seconds means no wake-up came)."""
+    from runs.services import run_create
+
+    executors(EXECUTOR_POLL_S="30")
+    chain = make_chain("demo", models=[fake(tokens=2)])
+    # The first poll happens as the executor starts: the run made after it needs a wake-up.
+    time.sleep(1)
+    waits = []
+    for _ in range(3):
+        run = run_create(api_key=alice.key, chain=chain, run_input={"topic": "x"}, metadata={})
+        wait_until(
+            lambda run=run: Run.objects.get(pk=run.id).started_at, 10, message="the run to start"
+        )
+        run.refresh_from_db()
+        waits.append((run.started_at - run.created_at).total_seconds())
+    assert max(waits) < 2, waits
