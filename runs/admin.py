@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import uuid
+from collections.abc import Callable
 from functools import cached_property
 
 from django import forms
@@ -23,9 +24,17 @@ from agentsvc.errors import ApplicationError
 from runs import services
 from runs.chains import ChainDefinitionError, chain_definition_normalize, chain_publish
 from runs.models import ACTIVE_STATUSES, Agent, Chain, Run, RunEvent
-from webhooks.models import WebhookDelivery
 
 COUNT_CAP = 10_000
+
+# What other apps show on a run's page under "Webhook deliveries" (webhooks/admin.py registers
+# the run's deliveries): fn(run) -> HTML, or "" for nothing.
+_run_panels: list[Callable[[Run], str]] = []
+
+
+def run_panel_register(panel: Callable[[Run], str]) -> None:
+    if panel not in _run_panels:
+        _run_panels.append(panel)
 
 
 class CappedPaginator(Paginator):
@@ -157,31 +166,8 @@ class RunAdmin(admin.ModelAdmin):
 
     @admin.display(description="deliveries")
     def deliveries(self, run: Run) -> str:
-        rows = WebhookDelivery.objects.filter(message__run=run).select_related("message")
-        items = [
-            (
-                reverse("admin:webhooks_webhookdelivery_change", args=[d.pk]),
-                d.message.event_type,
-                d.url,
-                d.status,
-                d.attempt_count,
-                d.next_attempt_at or "-",
-                d.last_error or "-",
-            )
-            for d in rows.order_by("created_at")
-        ]
-        if not items:
-            return "None"
-        return format_html(
-            "<table><tr><th>event</th><th>url</th><th>status</th><th>attempts</th>"
-            "<th>next attempt</th><th>last error</th></tr>{}</table>",
-            format_html_join(
-                "",
-                '<tr><td><a href="{}">{}</a></td><td>{}</td><td>{}</td><td>{}</td>'
-                "<td>{}</td><td>{}</td></tr>",
-                items,
-            ),
-        )
+        parts = [html for panel in _run_panels if (html := panel(run))]
+        return format_html_join("", "{}", ((part,) for part in parts)) if parts else "None"
 
     @admin.action(description="Cancel selected runs (queued and running)")
     def cancel_selected(self, request, queryset) -> None:

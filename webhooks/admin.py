@@ -7,9 +7,13 @@ from datetime import timedelta
 from django import forms
 from django.contrib import admin, messages
 from django.contrib.admin.helpers import ActionForm
+from django.urls import reverse
 from django.utils import timezone
+from django.utils.html import format_html, format_html_join
 
 from agentsvc.errors import ApplicationError
+from runs.admin import run_panel_register
+from runs.models import Run
 from webhooks import services
 from webhooks.models import DeliveryStatus, WebhookAttempt, WebhookDelivery, WebhookEndpoint
 from webhooks.services.endpoints import endpoint_delete, endpoint_update
@@ -141,3 +145,35 @@ class WebhookDeliveryAdmin(admin.ModelAdmin):
             except ApplicationError as e:
                 self.message_user(request, f"{delivery}: {e.detail}", messages.ERROR)
         self.message_user(request, f"{sent} delivery(ies) queued for resend.")
+
+
+def run_deliveries(run: Run) -> str:
+    """The deliveries of a run, on its admin page."""
+    rows = WebhookDelivery.objects.filter(message__run=run).select_related("message")
+    items = [
+        (
+            reverse("admin:webhooks_webhookdelivery_change", args=[d.pk]),
+            d.message.event_type,
+            d.url,
+            d.status,
+            d.attempt_count,
+            d.next_attempt_at or "-",
+            d.last_error or "-",
+        )
+        for d in rows.order_by("created_at")
+    ]
+    if not items:
+        return ""
+    return format_html(
+        "<table><tr><th>event</th><th>url</th><th>status</th><th>attempts</th>"
+        "<th>next attempt</th><th>last error</th></tr>{}</table>",
+        format_html_join(
+            "",
+            '<tr><td><a href="{}">{}</a></td><td>{}</td><td>{}</td><td>{}</td>'
+            "<td>{}</td><td>{}</td></tr>",
+            items,
+        ),
+    )
+
+
+run_panel_register(run_deliveries)
