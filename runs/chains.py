@@ -10,7 +10,7 @@ from typing import Any
 
 from django.conf import settings
 from django.db import transaction
-from django.template import Context, Engine, TemplateSyntaxError
+from django.template import Context, Engine, Template, TemplateSyntaxError
 from jsonschema import Draft202012Validator, FormatChecker
 from jsonschema.exceptions import SchemaError
 
@@ -207,6 +207,12 @@ def chain_validate_input(*, chain: Chain, data: Any) -> None:
         )
 
 
+@lru_cache(maxsize=1024)
+def _template(source: str) -> Template:
+    """Compiled once per process: every run of a chain renders the same prompts."""
+    return _templates.from_string(source)
+
+
 def agent_messages(
     *, agent: Agent, run_input: Any, outputs: dict[str, str], previous: str
 ) -> list[dict[str, str]]:
@@ -218,10 +224,8 @@ def agent_messages(
         messages.append(
             {
                 "role": "system",
-                "content": _templates.from_string(agent.system_prompt).render(context),
+                "content": _template(agent.system_prompt).render(context),
             }
         )
-    messages.append(
-        {"role": "user", "content": _templates.from_string(agent.prompt_template).render(context)}
-    )
+    messages.append({"role": "user", "content": _template(agent.prompt_template).render(context)})
     return messages

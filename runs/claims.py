@@ -9,13 +9,12 @@ from typing import Any
 from uuid import UUID
 
 from django.db import connection, transaction
-from django.db.models import Q
 from django.utils import timezone
 
 from runs.events import RUN_QUEUED, RUN_STARTED
 from runs.models import Agent, Executor, Run, RunStatus
 from runs.selectors import chain_agents
-from runs.services import Append, events_write
+from runs.services import Append, Expect, events_write
 
 CANDIDATES_PER_SLOT = 2  # queued runs looked at per free slot (others may be locked by peers)
 
@@ -34,9 +33,9 @@ class Claimed:
     started_at: datetime
 
 
-def claim_condition(*, worker: str, attempt: int) -> Q:
+def claim_condition(*, worker: str, attempt: int) -> Expect:
     """Still running, still held by this executor, and the same execution."""
-    return Q(status=RunStatus.RUNNING, worker=worker, attempt=attempt)
+    return Expect(RunStatus.RUNNING, worker, attempt)
 
 
 def _fair_candidates(limit: int) -> list[UUID]:
@@ -104,7 +103,7 @@ def runs_claim(
                     "heartbeat_at": now,
                     "deadline_at": now + timedelta(seconds=timeout_s),
                 },
-                Q(status=RunStatus.QUEUED),
+                Expect(RunStatus.QUEUED),
             )
             for run, _, chain_id, _, timeout_s, _, _ in rows
         ]

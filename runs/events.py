@@ -32,7 +32,9 @@ STATUS_OF = {
 # Events that change what the status feed shows (status or progress).
 FEED_EVENTS = frozenset({RUN_QUEUED, RUN_STARTED, AGENT_STARTED, AGENT_COMPLETED, *TERMINAL_EVENTS})
 
-# Called inside the transaction that writes a terminal event: fn(run_id=, event=, seq=, now=).
+# Called inside the transaction that writes terminal events, once for all of them:
+# fn(ended=[(run_id, event, seq, at), ...]).
+Ended = list[tuple[UUID, str, int, datetime]]
 TerminalHook = Callable[..., None]
 _terminal_hooks: list[TerminalHook] = []
 # Asked whether an owner will hear of a run's end without anybody polling: fn(owner_ids) ->
@@ -51,9 +53,9 @@ def on_owners_watched(hook: WatchedHook) -> None:
         _watched_hooks.append(hook)
 
 
-def terminal_hooks_call(*, run_id: UUID, event: str, seq: int, now: datetime) -> None:
+def terminal_hooks_call(*, ended: Ended) -> None:
     for hook in _terminal_hooks:
-        hook(run_id=run_id, event=event, seq=seq, now=now)
+        hook(ended=ended)
 
 
 def owners_watched(owner_ids: set[int]) -> set[int]:

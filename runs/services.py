@@ -8,6 +8,7 @@ import math
 import time
 from dataclasses import dataclass, field
 from datetime import datetime
+from functools import partial
 from typing import Any
 from uuid import UUID
 
@@ -53,6 +54,23 @@ def _update_returning(rows: QuerySet, values: dict[str, Any], columns: tuple[str
         return cursor.fetchone()
 
 
+@dataclass(frozen=True)
+class Expect:
+    """What a run's row must still be for a write to apply: its status, and for an executor's
+    writes the worker and attempt of its claim. Unlike any Q, writes of many runs under an
+    Expect go in one statement (PostgreSQL)."""
+
+    status: str
+    worker: str | None = None
+    attempt: int | None = None
+
+    def q(self) -> Q:
+        q = Q(status=self.status)
+        if self.worker is not None:
+            q &= Q(worker=self.worker, attempt=self.attempt)
+        return q
+
+
 @dataclass
 class Append:
     """Events of one run to write together, and what they change on the run's row.
@@ -63,7 +81,7 @@ class Append:
     run_id: UUID
     events: list[tuple[str, dict[str, Any], datetime]]
     fields: dict[str, Any] = field(default_factory=dict)
-    when: Q | None = None
+    when: Q | Expect | None = None
 
 
 _RETURNING = (
@@ -77,63 +95,123 @@ _RETURNING = (
 )
 
 
+def _update_one(append: Append) -> tuple | None:
+    runs = Run.objects.filter(pk=append.run_id)
+    when = append.when.q() if isinstance(append.when, Expect) else append.when
+    if when is not None:
+        runs = runs.filter(when)
+    if append.events[-1][0] in TERMINAL_EVENTS:
+        runs = runs.filter(status__in=ACTIVE_STATUSES)  # a run ends once
+    n = len(append.events)
+    return _update_returning(runs, {"last_seq": F("last_seq") + n, **append.fields}, _RETURNING)
+
+
+def _update_many(appends: list[Append]) -> dict[UUID, tuple]:
+    """One UPDATE … FROM (VALUES …) RETURNING for runs whose writes share an Expect's status and
+    worker and the same fields: the group commit's statement (PostgreSQL). Each row gets its own
+    values and its own attempt check."""
+    db = connections[Run.objects.db]
+    first = appends[0]
+    expect = first.when
+    assert isinstance(expect, Expect)
+    names = sorted(first.fields)
+    fields = [Run._meta.get_field(name) for name in names]
+    quote = db.ops.quote_name
+    pk = Run._meta.pk
+    columns = ["id", "n", "attempt", *(f.column for f in fields)]
+    types = [pk.cast_db_type(db), "integer", "integer", *(f.cast_db_type(db) for f in fields)]
+    row_sql = "(" + ", ".join(f"%s::{t}" for t in types) + ")"
+    params: list[Any] = []
+    for append in appends:
+        params += [
+            pk.get_db_prep_value(append.run_id, db),
+            len(append.events),
+            append.when.attempt,
+        ]
+        params += [f.get_db_prep_save(append.fields[f.name], db) for f in fields]
+    sets = [
+        "last_seq = r.last_seq + v.n",
+        *(f"{quote(f.column)} = v.{quote(f.column)}" for f in fields),
+    ]
+    where = ["r.id = v.id", "r.status = %s"]
+    tail: list[Any] = [expect.status]
+    if expect.worker is not None:
+        where += ["r.worker = %s", "r.attempt = v.attempt"]
+        tail.append(expect.worker)
+    returning = ", ".join(f"r.{quote(Run._meta.get_field(c).column)}" for c in _RETURNING)
+    sql = (
+        f"UPDATE {quote(Run._meta.db_table)} AS r SET {', '.join(sets)} "
+        f"FROM (VALUES {', '.join([row_sql] * len(appends))}) "
+        f"AS v({', '.join(quote(c) for c in columns)}) "
+        f"WHERE {' AND '.join(where)} RETURNING r.id, {returning}"
+    )
+    with db.cursor() as cursor:
+        cursor.execute(sql, params + tail)
+        return {row[0]: row[1:] for row in cursor.fetchall()}
+
+
+def _update_all(appends: list[Append]) -> dict[UUID, tuple | None]:
+    """The row UPDATEs of a write: grouped into one statement per shape where the database can,
+    one each otherwise. Returns each run's RETURNING row, or None where its condition failed."""
+    found: dict[UUID, tuple | None] = {}
+    groups: dict[tuple, list[Append]] = {}
+    bulk = connections[Run.objects.db].vendor == "postgresql"
+    for append in appends:
+        if bulk and isinstance(append.when, Expect) and append.when.status in ACTIVE_STATUSES:
+            key = (append.when.status, append.when.worker, tuple(sorted(append.fields)))
+            groups.setdefault(key, []).append(append)
+        else:
+            found[append.run_id] = _update_one(append)
+    for group in groups.values():
+        rows = _update_many(group)
+        for append in group:
+            found[append.run_id] = rows.get(append.run_id)
+    return found
+
+
 def events_write(*, appends: list[Append]) -> dict[UUID, int | None]:
     """Append the events of many runs in one transaction: the group commit of an executor, and
     (with one run) every other state change.
 
-    Per run, one UPDATE takes the run's row lock, bumps last_seq by its number of events and
-    applies its fields, so concurrent writers are serialised and seq stays gapless; then every
-    event goes in one INSERT. A terminal event also writes what its hooks write (webhook
-    messages) and gives the key's active-run slot back, in the same transaction. Returns each
-    run's new last seq, or None where `when` did not hold (nothing of that run was written).
+    Per run, an UPDATE takes the run's row lock, bumps last_seq by its number of events and
+    applies its fields (for an executor's runs, one statement for all of them), so concurrent
+    writers are serialised and seq stays gapless; then every event goes in one INSERT. Terminal
+    events also write what their hooks write (webhook messages) and give the keys' active-run
+    slots back, in the same transaction. Returns each run's new last seq, or None where its
+    condition did not hold (nothing of that run was written).
     """
     written: dict[UUID, int | None] = {}
-    rows: list[RunEvent] = []
+    rows: list[tuple[UUID, int, str, dict[str, Any], datetime]] = []
     wakeups: list[tuple[UUID, int | None, int, str, bool]] = []
     ended: list[tuple] = []
+    hooked: list[tuple[UUID, str, int, datetime]] = []
     released: dict[int, int] = {}
     with transaction.atomic(savepoint=False):
+        updated = _update_all(appends)
         for append in appends:
-            runs = Run.objects.filter(pk=append.run_id)
-            if append.when is not None:
-                runs = runs.filter(append.when)
-            last_type = append.events[-1][0]
-            terminal = last_type in TERMINAL_EVENTS
-            if terminal:
-                runs = runs.filter(status__in=ACTIVE_STATUSES)  # a run ends once
-            n = len(append.events)
-            row = _update_returning(
-                runs, {"last_seq": F("last_seq") + n, **append.fields}, _RETURNING
-            )
+            row = updated[append.run_id]
             if row is None:
                 written[append.run_id] = None
                 continue
             last_seq, owner_id, key_id = row[0], row[1], row[2]
             written[append.run_id] = last_seq
             run = str(append.run_id)
+            n = len(append.events)
             for i, (event, data, at) in enumerate(append.events):
                 seq = last_seq - n + 1 + i
-                rows.append(
-                    RunEvent(
-                        run_id=append.run_id,
-                        seq=seq,
-                        type=event,
-                        created_at=at,
-                        data={**data, "run_id": run, "seq": seq, "ts": iso(at)},
-                    )
-                )
+                data = {**data, "run_id": run, "seq": seq, "ts": iso(at)}
+                rows.append((append.run_id, seq, event, data, at))
+            last_type, _, last_at = append.events[-1]
             feed = any(event in FEED_EVENTS for event, _, _ in append.events)
             wakeups.append((append.run_id, owner_id, last_seq, last_type, feed))
-            if terminal:
+            if last_type in TERMINAL_EVENTS:
                 ended.append(row)
+                hooked.append((append.run_id, last_type, last_seq, last_at))
                 if key_id is not None:
                     released[key_id] = released.get(key_id, 0) + 1
-        RunEvent.objects.bulk_create(rows)
-        for append in appends:
-            seq = written[append.run_id]
-            event, _, at = append.events[-1]
-            if seq is not None and event in TERMINAL_EVENTS:
-                terminal_hooks_call(run_id=append.run_id, event=event, seq=seq, now=at)
+        _events_insert(rows)
+        if hooked:
+            terminal_hooks_call(ended=hooked)
         for key_id in sorted(released):  # last, and in one order: they lock the keys' rows
             limits.active_runs_release(key_id=key_id, count=released[key_id])
         if wakeups:
@@ -141,6 +219,31 @@ def events_write(*, appends: list[Append]) -> dict[UUID, int | None]:
         if ended:
             transaction.on_commit(lambda: _tokens_settle(ended))
     return written
+
+
+_EVENT_COLUMNS = ("run", "seq", "type", "data", "created_at")
+_EVENT_BATCH = 1000  # rows per INSERT statement
+
+
+def _events_insert(rows: list[tuple[UUID, int, str, dict[str, Any], datetime]]) -> None:
+    """INSERT the events, a thousand rows a statement: the group commit writes hundreds at a
+    time, where model instances and bulk_create cost more than the database does."""
+    if not rows:
+        return
+    db = connections[RunEvent.objects.db]
+    fields = [RunEvent._meta.get_field(name) for name in _EVENT_COLUMNS]
+    columns = ", ".join(db.ops.quote_name(f.column) for f in fields)
+    prep = [partial(f.get_db_prep_save, connection=db) for f in fields]
+    with db.cursor() as cursor:
+        for start in range(0, len(rows), _EVENT_BATCH):
+            batch = rows[start : start + _EVENT_BATCH]
+            values = ", ".join(["(" + ", ".join(["%s"] * len(fields)) + ")"] * len(batch))
+            params = [p(value) for row in batch for p, value in zip(prep, row, strict=True)]
+            cursor.execute(
+                f"INSERT INTO {db.ops.quote_name(RunEvent._meta.db_table)} ({columns}) "
+                f"VALUES {values}",
+                params,
+            )
 
 
 def event_append(
@@ -159,18 +262,26 @@ def event_append(
 
 
 def _tokens_settle(ended: list[tuple]) -> None:
-    """After terminal events commit: settle each run's token reservation to its real usage."""
+    """After terminal events commit: settle the runs' token reservations to their real usage,
+    summed per key and window (refunds) and per key (overspend), in one transaction."""
+    refunds: dict[tuple[int, int], int] = {}
+    overspent: dict[int, int] = {}
     for _, _, key_id, reserved, window, input_tokens, output_tokens in ended:
-        if key_id is not None and reserved:
-            try:
-                limits.tokens_settle(
-                    key_id=key_id,
-                    window=window,
-                    reserved=reserved,
-                    used=input_tokens + output_tokens,
-                )
-            except Exception:  # the run has ended whatever happens here; the window expires
-                logger.exception("token settlement failed for key %s", key_id)
+        if key_id is None or not reserved:
+            continue
+        delta = input_tokens + output_tokens - reserved
+        if delta < 0:
+            refunds[key_id, window] = refunds.get((key_id, window), 0) - delta
+        elif delta > 0:
+            overspent[key_id] = overspent.get(key_id, 0) + delta
+    try:
+        with transaction.atomic():
+            for (key_id, window), refund in sorted(refunds.items()):
+                limits.tokens_settle(key_id=key_id, window=window, reserved=refund, used=0)
+            for key_id, extra in sorted(overspent.items()):
+                limits.tokens_settle(key_id=key_id, window=0, reserved=0, used=extra)
+    except Exception:  # the runs have ended whatever happens here; the windows expire
+        logger.exception("token settlement failed")
 
 
 def token_reservation(*, chain: Chain, run_input: Any) -> int:

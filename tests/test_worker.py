@@ -186,3 +186,8 @@ def test_a_queued_run_starts_at_once_not_at_the_next_poll(alice, make_chain, exe
         run.refresh_from_db()
         waits.append((run.started_at - run.created_at).total_seconds())
     assert max(waits) < 2, waits
+    wait_until(
+        lambda: not Run.objects.filter(status__in=["queued", "running"]).exists(),
+        20,
+        message="the runs to end",
+    )

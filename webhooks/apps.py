@@ -11,8 +11,8 @@ class WebhooksConfig(AppConfig):
         from runs import events, executor
         from webhooks.pump import deliveries_pump
         from webhooks.selectors import owners_with_endpoints
-        from webhooks.services import messages_create_for_event
+        from webhooks.services import messages_create_for_events
 
-        events.on_terminal(messages_create_for_event)
+        events.on_terminal(messages_create_for_events)
         events.on_owners_watched(owners_with_endpoints)
         executor.service_register(deliveries_pump)

@@ -4,7 +4,7 @@ from webhooks.services.deliveries import (
     deliveries_claim_due,
     delivery_attempt,
     delivery_resend,
-    messages_create_for_event,
+    messages_create_for_events,
     run_webhooks_resend,
 )
 from webhooks.services.endpoints import (
@@ -23,7 +23,7 @@ __all__ = [
     "endpoint_delete",
     "endpoint_rotate_secret",
     "endpoint_update",
-    "messages_create_for_event",
+    "messages_create_for_events",
     "run_webhooks_resend",
     "secret_generate",
 ]

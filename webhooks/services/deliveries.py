@@ -87,41 +87,57 @@ def _payload(*, run: Run, event: str, seq: int, msg_id: str, now: datetime) -> d
     }
 
 
-def _targets(*, run: Run, event: str) -> list[tuple[WebhookEndpoint | None, str]]:
-    """The run's own webhook and every enabled endpoint of the owner subscribed to `event`."""
+def _targets(
+    *, run: Run, event: str, endpoints: list[WebhookEndpoint] | None = None
+) -> list[tuple[WebhookEndpoint | None, str]]:
+    """The run's own webhook and every enabled endpoint of the owner subscribed to `event`
+    (`endpoints`: the owner's enabled endpoints, when the caller has them already)."""
     targets: list[tuple[WebhookEndpoint | None, str]] = []
     if run.webhook_url and event in (run.webhook_events or TERMINAL_EVENTS):
         targets.append((None, run.webhook_url))
-    for endpoint in WebhookEndpoint.objects.filter(owner_id=run.owner_id, enabled=True):
+    if endpoints is None:
+        endpoints = list(WebhookEndpoint.objects.filter(owner_id=run.owner_id, enabled=True))
+    for endpoint in endpoints:
         if event in endpoint.events:
             targets.append((endpoint, endpoint.url))
     return targets
 
 
-def messages_create_for_event(*, run_id: UUID, event: str, seq: int, now: datetime) -> None:
-    """Called by `runs.services.event_append` inside the transaction of a terminal event, so the
-    message exists if and only if the event does; delivery tasks are enqueued on commit."""
-    run = Run.objects.select_related("chain").get(pk=run_id)
-    targets = _targets(run=run, event=event)
-    if not targets:
-        return
-    msg_id = WebhookMessage.new_id()
-    message = WebhookMessage.objects.create(
-        id=msg_id,
-        run=run,
-        event_type=event,
-        seq=seq,
-        payload=_payload(run=run, event=event, seq=seq, msg_id=msg_id, now=now),
-        created_at=now,
-    )
-    deliveries = WebhookDelivery.objects.bulk_create(
-        [
+def messages_create_for_events(*, ended: list[tuple[UUID, str, int, datetime]]) -> None:
+    """Called by `runs.services.events_write` inside the transaction of terminal events (run,
+    event, seq, time), so a message exists if and only if its event does; this process's
+    delivery pump is woken on commit. Three queries and two inserts for any number of runs."""
+    runs = Run.objects.select_related("chain").in_bulk([run_id for run_id, _, _, _ in ended])
+    endpoints: dict[int, list[WebhookEndpoint]] = {}
+    owners = {run.owner_id for run in runs.values()}
+    for endpoint in WebhookEndpoint.objects.filter(owner_id__in=owners, enabled=True):
+        endpoints.setdefault(endpoint.owner_id, []).append(endpoint)
+    messages: list[WebhookMessage] = []
+    deliveries: list[WebhookDelivery] = []
+    for run_id, event, seq, now in ended:
+        run = runs[run_id]
+        targets = _targets(run=run, event=event, endpoints=endpoints.get(run.owner_id, []))
+        if not targets:
+            continue
+        msg_id = WebhookMessage.new_id()
+        message = WebhookMessage(
+            id=msg_id,
+            run=run,
+            event_type=event,
+            seq=seq,
+            payload=_payload(run=run, event=event, seq=seq, msg_id=msg_id, now=now),
+            created_at=now,
+        )
+        messages.append(message)
+        deliveries += [
             WebhookDelivery(message=message, endpoint=endpoint, url=url, next_attempt_at=now)
             for endpoint, url in targets
         ]
-    )
-    if deliveries:
-        transaction.on_commit(deliveries_wake)
+    if not messages:
+        return
+    WebhookMessage.objects.bulk_create(messages)
+    WebhookDelivery.objects.bulk_create(deliveries)
+    transaction.on_commit(deliveries_wake)
 
 
 # --- Attempts ---------------------------------------------------------------------------------
@@ -317,7 +333,7 @@ def run_webhooks_resend(*, run: Run) -> list[WebhookDelivery]:
         )
         if message is None:
             seq = run.last_seq
-            messages_create_for_event(run_id=run.id, event=event, seq=seq, now=now)
+            messages_create_for_events(ended=[(run.id, event, seq, now)])
             return list(WebhookDelivery.objects.filter(message__run=run).order_by("created_at"))
         existing = {d.endpoint_id: d for d in message.deliveries.select_related("endpoint")}
         new = [
