@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from decimal import Decimal
 from typing import TYPE_CHECKING, Any
 
+import httpx
 from django.conf import settings
 
 from runs.chains import agent_messages
@@ -67,6 +68,7 @@ class Execution:
         self.cost = Decimal(0)
         self.stop: Stop | None = None
         self.task: asyncio.Task | None = None
+        self.http: httpx.AsyncClient  # the executor's model connections this run uses
 
     # --- Events ---------------------------------------------------------------------------
 
@@ -206,7 +208,7 @@ class Execution:
         last_flush = time.monotonic()
         usage = Usage(0, 0)
         stream = provider.stream(
-            client=self.executor.http,
+            client=self.http,
             model=agent.model,
             messages=messages,
             max_tokens=agent.max_tokens,

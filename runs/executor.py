@@ -42,6 +42,8 @@ from runs.wakeup import EXECUTORS_GROUP, executor_socket_path
 
 logger = logging.getLogger(__name__)
 
+HTTP_POOL_SIZE = 16  # model connections per httpx client
+
 # Other apps run services of their own inside the executor process (webhook delivery):
 # fn(executor) -> coroutine, started with the executor and cancelled when it stops.
 Service = Callable[["Executor"], Awaitable[None]]
@@ -99,6 +101,8 @@ class EventWriter:
         self.count = 0
         self.work = asyncio.Event()
         self.flushed = asyncio.Event()
+        # Held by each flush and each heartbeat: one transaction on this process's runs at once.
+        self.lock = asyncio.Lock()
         self.commits = 0
         self.events_written = 0
 
@@ -163,9 +167,10 @@ class EventWriter:
             waiters, self.waiters = self.waiters, {}
             count, self.count = self.count, 0
             try:
-                written = await self.executor.db(
-                    events_write, appends=[append for _, append in batch.values()]
-                )
+                async with self.lock:
+                    written = await self.executor.db(
+                        events_write, appends=[append for _, append in batch.values()]
+                    )
             except (OperationalError, InterfaceError) as e:
                 failures += 1
                 logger.warning("events not written (%s); retrying", e)
@@ -213,7 +218,13 @@ class Executor:
         self.db = db
         self.runs: dict[UUID, Execution] = {}
         self.writer = EventWriter(self)
-        self.http = async_client(max(capacity, 10))
+        # Many small pools of model connections: httpcore looks through all of a pool's
+        # connections on every request (quadratically), which with hundreds of kept-alive
+        # connections in one pool took most of the loop's time. A run takes the least busy pool,
+        # so none holds more than HTTP_POOL_SIZE runs.
+        shards = -(-capacity // HTTP_POOL_SIZE)
+        self.clients = [async_client(HTTP_POOL_SIZE) for _ in range(shards)]
+        self.client_runs = [0] * shards
         self.wake = asyncio.Event()
         self.draining = False
         self.started_runs = 0
@@ -221,6 +232,9 @@ class Executor:
     @staticmethod
     def now() -> datetime:
         return timezone.now()
+
+    async def close_clients(self) -> None:
+        await asyncio.gather(*(client.aclose() for client in self.clients))
 
     # --- Runs -----------------------------------------------------------------------------
 
@@ -235,9 +249,13 @@ class Executor:
         return execution
 
     async def _execute(self, execution: Execution) -> None:
+        shard = min(range(len(self.clients)), key=self.client_runs.__getitem__)
+        self.client_runs[shard] += 1
+        execution.http = self.clients[shard]
         try:
             await execution.execute()
         finally:
+            self.client_runs[shard] -= 1
             if self.runs.get(execution.run_id) is execution:
                 del self.runs[execution.run_id]
             self.wake.set()  # a slot is free
@@ -275,6 +293,12 @@ class Executor:
             await asyncio.sleep(interval)
 
     async def heartbeat(self, *, process: bool = True) -> None:
+        # Under the writer's lock: the beat and a flush update the same rows, and two
+        # transactions locking them in different orders would deadlock.
+        async with self.writer.lock:
+            await self._heartbeat(process=process)
+
+    async def _heartbeat(self, *, process: bool) -> None:
         await self.db(
             claims.executor_heartbeat,
             worker=self.id,
@@ -386,7 +410,7 @@ class Executor:
             await asyncio.gather(claimer, *services, *loops, return_exceptions=True)
             with contextlib.suppress(OperationalError, InterfaceError):
                 await self.db(claims.executor_remove, worker=self.id)
-            await self.http.aclose()
+            await self.close_clients()
             logger.info("executor %s: stopped", self.id)
 
     async def drain(self) -> None:
@@ -428,7 +452,7 @@ async def _execute_one(run_id: UUID) -> None:
     executor = Executor(capacity=1, db=Db(None))
     claimed, _ = await executor.db(claims.runs_claim, worker=executor.id, limit=1, run_id=run_id)
     if not claimed:
-        await executor.http.aclose()
+        await executor.close_clients()
         return  # cancelled while queued, or another executor has it
     loops = [
         asyncio.create_task(executor.writer.run()),
@@ -442,4 +466,4 @@ async def _execute_one(run_id: UUID) -> None:
         for task in loops:
             task.cancel()
         await asyncio.gather(*loops, return_exceptions=True)
-        await executor.http.aclose()
+        await executor.close_clients()

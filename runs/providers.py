@@ -189,9 +189,11 @@ class OpenAICompatibleProvider:
             if not line.startswith("data:"):
                 continue
             payload = line[5:].strip()
+            if done:
+                continue  # read to the body's end: a connection left mid-body is not reused
             if payload == "[DONE]":
                 done = True
-                break
+                continue
             try:
                 chunk = json.loads(payload)
                 if chunk.get("usage"):

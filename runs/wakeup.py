@@ -85,7 +85,9 @@ class _Publisher:
     async def _send(self, messages: list[tuple[str, dict]]) -> None:
         try:
             sends = (self._layer.group_send(group, msg) for group, msg in messages)
-            await asyncio.wait_for(asyncio.gather(*sends), self.TIMEOUT_S)
+            # A group commit hands over hundreds at once: a little more time for those.
+            timeout = min(self.TIMEOUT_S + 0.002 * len(messages), 2.0)
+            await asyncio.wait_for(asyncio.gather(*sends), timeout)
         except Exception as e:
             self._paused_until = time.monotonic() + self.PAUSE_S
             logger.warning("stream wake-ups paused for %s s: %r", self.PAUSE_S, e)
@@ -157,12 +159,17 @@ def wakeups_publish(wakeups: list[Wakeup]) -> None:
             _datagrams.send(executors, b"queued")
         return
     messages = []
+    owners: set[int] = set()
     for run_id, owner_id, seq, _, feed in wakeups:
         run = str(run_id)
         messages.append((run_group(run), {"type": "run.wake", "run": run, "seq": seq}))
         if feed and owner_id is not None:
-            wake = {"type": "feed.wake", "run": run, "owner": owner_id}
-            messages += [(feed_group(owner_id), wake), (FEED_ALL_GROUP, wake)]
+            owners.add(owner_id)
+    # A feed wake only says "look again": one per owner, and one for the staff feed.
+    for owner_id in owners:
+        messages.append((feed_group(owner_id), {"type": "feed.wake", "owner": owner_id}))
+    if owners:
+        messages.append((FEED_ALL_GROUP, {"type": "feed.wake", "owner": next(iter(owners))}))
     if queued:
         messages.append((EXECUTORS_GROUP, {"type": "executor.wake"}))
     try:
