@@ -1,4 +1,4 @@
-"""End to end: a run completes in a real qcluster worker and its webhooks reach a real receiver."""
+"""End to end: a run completes in a real executor and its webhooks reach a real receiver."""
 
 from __future__ import annotations
 
@@ -94,3 +94,34 @@ def test_a_failed_delivery_is_retried_on_time_by_the_executor(http, make_chain, 
     assert [a["status_code"] for a in delivery["attempts"]] == [503, 200]
     at = [datetime.fromisoformat(a["at"]) for a in delivery["attempts"]]
     assert (at[1] - at[0]).total_seconds() < 6 + 1.5, at
+
+
+def test_slow_receivers_never_delay_a_run_start(http, make_chain, receiver):
+    """Deliveries have threads of their own in the executor: with all of them waiting on a
+    receiver that takes 3 s to answer, a new run still starts at once."""
+    from runs.models import Run
+    from webhooks.models import WebhookDelivery
+
+    make_chain("demo", models=[fake(tokens=2)])
+    slow = {"url": receiver.base_url + hook_path(delay_ms=3000), "secret": SECRET}
+    for topic in "abcdef":
+        http.post("/api/v1/chains/demo/runs", json={"input": {"topic": topic}, "webhook": slow})
+    # Every delivery thread (WEBHOOK_CONCURRENCY in the test environment) is now mid-attempt.
+    wait_until(
+        lambda: WebhookDelivery.objects.filter(claim_token__isnull=False).count() >= 2,
+        20,
+        message="deliveries under way",
+    )
+    run_id = http.post("/api/v1/chains/demo/runs", json={"input": {"topic": "now"}}).json()[
+        "run_id"
+    ]
+    run = wait_until(
+        lambda: Run.objects.filter(pk=run_id, started_at__isnull=False).first(), 10, 0.01
+    )
+    assert (run.started_at - run.created_at).total_seconds() < 1
+    assert WebhookDelivery.objects.filter(status="pending").exists()  # still on the slow ones
+    wait_until(
+        lambda: not WebhookDelivery.objects.filter(status="pending").exists(),
+        60,
+        message="the slow deliveries",
+    )
