@@ -5,9 +5,11 @@
 Runs the very command (`call_command("executor")`: same settings, signals, drain) and, from a
 thread of its own, appends one JSON line to PATH every `--interval` seconds and a last one when
 the command returns: wall-clock time `t`, `in_flight` (runs the executor holds), `started_runs`,
-`commits` and `events_written` (its group commit, `executor.writer`) and the process's
-`rss_kb`. Reading a counter and the length of a dict from another thread is safe under the
-GIL; the sampling costs the process well under 1 % of a core.
+`commits` and `events_written` (its group commit, `executor.writer`), the process's
+`rss_kb` and `cpu_s` (user + system), and `loop_lag_ms`: how late the event loop ran the
+callback the previous sample scheduled on it (call_soon_threadsafe), or how long it has waited
+so far. Reading a counter and the length of a dict from another thread is safe under the GIL;
+the sampling costs the process well under 1 % of a core.
 """
 
 from __future__ import annotations
@@ -54,13 +56,37 @@ def main() -> None:
         executors.append(self)
 
     module.Executor.__init__ = tracked_init
+    loops: list = []
+    serve = module.Executor.serve
+
+    async def tracked_serve(self, *a, **kw):
+        import asyncio
+
+        loops.append(asyncio.get_running_loop())
+        return await serve(self, *a, **kw)
+
+    module.Executor.serve = tracked_serve
+    lag: dict = {"scheduled": None, "ran": None}
+
+    def ran() -> None:
+        lag["ran"] = time.monotonic()
 
     out = Path(args.stats).open("a", buffering=1)  # noqa: SIM115 (closed in the finally)
     done = threading.Event()
 
     def sample() -> None:
         e = executors[0] if executors else None
-        row = {"t": time.time(), "rss_kb": rss_kb()}
+        times = os.times()
+        row = {"t": time.time(), "rss_kb": rss_kb(), "cpu_s": times.user + times.system}
+        if loops:
+            now = time.monotonic()
+            scheduled, done_at = lag["scheduled"], lag["ran"]
+            if scheduled is not None:  # still waiting: how long so far
+                late = (done_at if done_at is not None else now) - scheduled
+                row["loop_lag_ms"] = round(late * 1000, 1)
+            if scheduled is None or done_at is not None:
+                lag["scheduled"], lag["ran"] = now, None
+                loops[0].call_soon_threadsafe(ran)
         if e is not None:
             row.update(
                 in_flight=len(e.runs),

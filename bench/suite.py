@@ -1,7 +1,7 @@
 """The benchmark suite: every scenario in a bounded time, one table.
 
     make bench                                   # under 10 minutes on 2 cores
-    make bench BENCH_ARGS=--quick                # a smoke run, about 3 minutes
+    make bench BENCH_ARGS=--quick                # a smoke run, about 4 minutes
     .venv/bin/python bench/suite.py [--quick] [--only create,overhead,...]
 
 Each scenario is one of the scripts next to this file, run as its own process (each configures
@@ -67,6 +67,12 @@ SCENARIOS = {
         ["--runs", "1000", "--levels", "10,100,1000", "--waves", "3"],
         ["--runs", "300", "--levels", "10,100,300", "--waves", "2"],
         480,
+    ),
+    "cancel": (
+        "cancel_bench.py",
+        ["--runs", "100", "--rounds", "3"],
+        ["--runs", "40", "--rounds", "1"],
+        240,
     ),
 }
 
@@ -267,6 +273,31 @@ def rows(r: dict) -> list[tuple]:
             ("8 runs in flight", f"at {int(level):,} in flight: run duration ms p50 / p99; "
              "RSS KB per run", f"{ms(x['run_duration_p50_ms'], x['run_duration_p99_ms'])}; "
              f"{x['rss_per_run_kb']:.0f}", "", "", "", ""),
+        ]  # fmt: skip
+    k = r.get("cancel", {})
+    if "all" in k:
+        cfg, a = k["config"], k["all"]
+        d = k["during_cancels"]
+        shape = (
+            f"{cfg['runs']} in flight on 1 executor, half streaming, half on a silent model, "
+            f"{a['client']['n']} cancels through the API"
+        )
+        out += [
+            ("9 cancellation", f"ms p50 / p99, cancel POST sent → run reads cancelled; {shape}",
+             ms(a["client"]["p50_ms"], a["client"]["p99_ms"]), "", "", "p99 ≤ 200 ms",
+             met(a["client"]["p99_ms"] <= 200)),
+            ("9 cancellation", "ms p50 / p99, finished_at - cancel_requested_at (database); "
+             "streaming / silent model",
+             f"{ms(k['stream']['server']['p50_ms'], k['stream']['server']['p99_ms'])}; "
+             f"{ms(k['silent']['server']['p50_ms'], k['silent']['server']['p99_ms'])}", "", "",
+             "p99 ≤ 200 ms", met(a["server"]["p99_ms"] <= 200)),
+            ("9 cancellation", "ms p50 / p99: cancel POST round trip; run's end → visible",
+             f"{ms(a['post']['p50_ms'], a['post']['p99_ms'])}; "
+             f"{ms(a['end_visible']['p50_ms'], a['end_visible']['p99_ms'])}", "", "", "", ""),
+            ("9 cancellation", f"while cancelling: executor loop lag ms p50 / p99; CPU of a core, "
+             f"executor / web (cancel poll {cfg['cancel_poll_ms']} ms)",
+             f"{ms(d['loop_lag_p50_ms'], d['loop_lag_p99_ms'])}; {d['executor_cpu']:.0%} / "
+             f"{d['web_cpu']:.0%}", "", "", "", ""),
         ]  # fmt: skip
     for name, error in failed:
         out.append((name, "failed", error, "", "", "", met(False)))
