@@ -296,20 +296,17 @@ class Executor:
         # Under the writer's lock: the beat and a flush update the same rows, and two
         # transactions locking them in different orders would deadlock.
         async with self.writer.lock:
-            await self._heartbeat(process=process)
-
-    async def _heartbeat(self, *, process: bool) -> None:
-        await self.db(
-            claims.executor_heartbeat,
-            worker=self.id,
-            run_ids=list(self.runs),
-            host=socket.gethostname(),
-            pid=os.getpid(),
-            capacity=self.capacity,
-            in_flight=len(self.runs),
-            draining=self.draining,
-            process=process,
-        )
+            await self.db(
+                claims.executor_heartbeat,
+                worker=self.id,
+                run_ids=list(self.runs),
+                host=socket.gethostname(),
+                pid=os.getpid(),
+                capacity=self.capacity,
+                in_flight=len(self.runs),
+                draining=self.draining,
+                process=process,
+            )
 
     async def heartbeat_loop(self, *, process: bool = True) -> None:
         """One beat per tick for the process and all its runs; then (`process`) the lost-peer
