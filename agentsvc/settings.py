@@ -6,6 +6,7 @@ channel layer. DATABASE_URL and REDIS_URL switch to PostgreSQL and Redis.
 
 from __future__ import annotations
 
+import os
 import secrets
 from decimal import Decimal
 from pathlib import Path
@@ -235,6 +236,10 @@ MODEL_PRICES: dict[str, tuple[Decimal, Decimal]] = {
     "gpt-4.1-nano": (Decimal("0.10"), Decimal("0.40")),
 }
 MODEL_PRICES.update(env_prices("MODEL_PRICES"))
+
+# --- Web ---------------------------------------------------------------------------------------
+# Daphne processes `manage.py web` starts on one port: a process is CPU-bound, one per core.
+WEB_PROCESSES = env_int("WEB_PROCESSES", os.cpu_count() or 1, minimum=1)
 
 # --- Executors -------------------------------------------------------------------------------
 # An executor process keeps up to RUN_CONCURRENCY runs going at once (a run mostly waits on its

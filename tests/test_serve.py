@@ -103,3 +103,52 @@ def test_serve_says_when_the_port_is_taken(tmp_path):
         )
     assert result.returncode != 0
     assert f"127.0.0.1:{port} is in use" in result.stderr
+
+
+@pytest.mark.django_db(transaction=True)
+def test_web_serves_one_port_from_several_processes(tmp_path):
+    """`manage.py web`: one listening socket, several daphne processes on it; a process that
+    dies is replaced while the others keep answering; SIGTERM stops them all."""
+    from tests.conftest import process_env
+
+    port = free_port()
+    log = (tmp_path / "web.log").open("w+")
+    proc = subprocess.Popen(
+        [sys.executable, "manage.py", "web", "--port", str(port), "--processes", "2"],
+        cwd=ROOT,
+        env=process_env(),
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+    )
+    url = f"http://127.0.0.1:{port}/healthz"
+
+    def up() -> bool:
+        try:
+            return httpx.get(url, timeout=2).status_code == 200
+        except httpx.HTTPError:
+            return False
+
+    try:
+        wait_until(up, 60, 0.2, "the web processes")
+        log.seek(0)
+        pids = [int(p) for p in re.search(r"pids ([\d, ]+)", log.read()).group(1).split(", ")]
+        assert len(pids) == 2
+        os.kill(pids[0], signal.SIGKILL)
+        # The survivor answers meanwhile; the supervisor starts a replacement.
+        for _ in range(20):
+            assert httpx.get(url, timeout=5).status_code == 200
+        wait_until(lambda: "starting another" in log_text(tmp_path), 20, 0.2, "a replacement")
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=30) == 0
+        assert not up()
+        with pytest.raises(ProcessLookupError):
+            os.kill(pids[1], 0)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+        log.close()
+
+
+def log_text(tmp_path) -> str:
+    return (tmp_path / "web.log").read_text()
