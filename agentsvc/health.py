@@ -16,12 +16,20 @@ from django.db.migrations.executor import MigrationExecutor
 REQUIRED = ["database", "migrations", "broker", "workers"]
 # Checks that feature apps add at start-up (name -> fn returning a detail, raising when not ok).
 _checks: dict[str, Callable[[], str]] = {}
+# The models the published chains need (runs/availability.py): {"provider/model": check}, every
+# one required. Read only when the database answers.
+_models: Callable[[], dict[str, dict[str, Any]]] = dict
 
 
 def check_register(name: str, check: Callable[[], str], *, required: bool) -> None:
     _checks[name] = check
     if required and name not in REQUIRED:
         REQUIRED.append(name)
+
+
+def models_check_register(check: Callable[[], dict[str, dict[str, Any]]]) -> None:
+    global _models
+    _models = check
 
 
 def _timed(check: Callable[[], str]) -> dict[str, Any]:
@@ -85,20 +93,6 @@ def _workers() -> str:
     if not clusters:
         raise RuntimeError("no worker cluster is alive")
     return f"{len(clusters)} cluster(s), {sum(len(s.workers) for s in clusters)} workers"
-
-
-def _models() -> dict[str, dict[str, Any]]:
-    from runs.availability import model_status
-    from runs.selectors import chain_latest_list
-
-    needed = {
-        (a.provider, a.model, a.base_url) for c in chain_latest_list() for a in c.agents.all()
-    }
-    result = {}
-    for provider, model, base_url in sorted(needed):
-        ok, detail, latency_ms = model_status(provider=provider, model=model, base_url=base_url)
-        result[f"{provider}/{model}"] = {"ok": ok, "latency_ms": latency_ms, "detail": detail}
-    return result
 
 
 def readiness() -> tuple[bool, dict[str, Any]]:

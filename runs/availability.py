@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import time
+from typing import Any
 
 from django.conf import settings
 
 from runs.models import Chain
 from runs.providers import provider_for
+from runs.selectors import chain_latest_list
 
 _cache: dict[tuple[str, str, str], tuple[float, bool, str, float]] = {}
 
@@ -33,3 +35,15 @@ def chain_available(chain: Chain) -> bool:
         model_status(provider=a.provider, model=a.model, base_url=a.base_url)[0]
         for a in chain.agents.all()
     )
+
+
+def models_readiness() -> dict[str, dict[str, Any]]:
+    """Readiness of every model a published chain needs (agentsvc/health.py asks)."""
+    needed = {
+        (a.provider, a.model, a.base_url) for c in chain_latest_list() for a in c.agents.all()
+    }
+    result = {}
+    for provider, model, base_url in sorted(needed):
+        ok, detail, latency_ms = model_status(provider=provider, model=model, base_url=base_url)
+        result[f"{provider}/{model}"] = {"ok": ok, "latency_ms": latency_ms, "detail": detail}
+    return result
