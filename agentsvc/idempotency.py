@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+from collections.abc import Callable
 from datetime import timedelta
 from typing import Any
 
@@ -78,6 +79,17 @@ def fingerprint(data: Any, *, key_in_body: bool) -> str:
     return hashlib.sha256(canonical.encode()).hexdigest()
 
 
+# What a retry is answered when the first request created its resource and died before
+# answering: (body, Location). Registered by the app that owns the resource (runs: the run's
+# handle).
+_abandoned_answer: Callable[[IdempotencyRecord], tuple[dict, str]]
+
+
+def abandoned_answer_register(answer: Callable[[IdempotencyRecord], tuple[dict, str]]) -> None:
+    global _abandoned_answer
+    _abandoned_answer = answer
+
+
 def _replay(record: IdempotencyRecord) -> Response:
     if record.completed:
         headers = dict(record.response_headers)
@@ -90,10 +102,9 @@ def _replay(record: IdempotencyRecord) -> Response:
             response[name] = value
     else:
         # Abandoned after creating its run (the process died before answering): point at the run.
-        from runs.presenters import run_handle
-
-        response = Response(run_handle(record.run), status=202)
-        response["Location"] = f"/api/v1/runs/{record.run_id}"
+        body, location = _abandoned_answer(record)
+        response = Response(body, status=202)
+        response["Location"] = location
     response["Idempotent-Replayed"] = "true"
     return response
 

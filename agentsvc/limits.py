@@ -192,32 +192,3 @@ def tokens_settle(*, key_id: int, window: int, reserved: int, used: int) -> None
 def tokens_purge() -> int:
     """Scheduled: windows older than a few minutes are of no use."""
     return TokenWindow.objects.filter(window__lt=_window() - 5 * WINDOW_S).delete()[0]
-
-
-# --- Queue ---------------------------------------------------------------------------------
-
-_queue_depth: tuple[float, int] = (0.0, 0)
-
-
-def queue_depth() -> int:
-    """Queued runs, counted at most once per QUEUE_DEPTH_CACHE_S per process."""
-    global _queue_depth
-    from runs.models import Run, RunStatus
-
-    at, depth = _queue_depth
-    if time.monotonic() - at >= settings.QUEUE_DEPTH_CACHE_S:
-        depth = Run.objects.filter(status=RunStatus.QUEUED).count()
-        _queue_depth = (time.monotonic(), depth)
-    return depth
-
-
-def queue_check() -> None:
-    if queue_depth() >= settings.QUEUE_MAX:
-        from agentsvc.metrics import rejection
-
-        rejection("queue_full")
-        raise ApplicationError(
-            "queue_full",
-            f"{settings.QUEUE_MAX} runs are waiting; try again shortly.",
-            headers={"Retry-After": str(settings.QUEUE_RETRY_AFTER_S)},
-        )

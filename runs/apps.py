@@ -5,9 +5,13 @@ class RunsConfig(AppConfig):
     name = "runs"
 
     def ready(self) -> None:
-        from agentsvc import health
+        from agentsvc import health, idempotency
         from runs.availability import models_readiness
+        from runs.presenters import run_handle
         from runs.selectors import executors_alive
 
         health.check_register("executors", executors_alive, required=True)
         health.models_check_register(models_readiness)
+        idempotency.abandoned_answer_register(
+            lambda record: (run_handle(record.run), f"/api/v1/runs/{record.run_id}")
+        )

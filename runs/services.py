@@ -12,6 +12,7 @@ from functools import partial
 from typing import Any
 from uuid import UUID
 
+from django.conf import settings
 from django.db import connections, transaction
 from django.db.models import F, Q, QuerySet
 from django.db.models.sql import UpdateQuery
@@ -19,6 +20,7 @@ from django.utils import timezone
 
 from agentsvc import limits
 from agentsvc.errors import ApplicationError
+from agentsvc.metrics import rejection
 from agentsvc.models import ApiKey, IdempotencyRecord
 from runs.chains import chain_validate_input
 from runs.events import FEED_EVENTS, RUN_QUEUED, TERMINAL_EVENTS, terminal_hooks_call
@@ -284,6 +286,30 @@ def _tokens_settle(ended: list[tuple]) -> None:
         logger.exception("token settlement failed")
 
 
+_queue_depth: tuple[float, int] = (0.0, 0)
+
+
+def queue_depth() -> int:
+    """Queued runs, counted at most once per QUEUE_DEPTH_CACHE_S per process."""
+    global _queue_depth
+    at, depth = _queue_depth
+    if time.monotonic() - at >= settings.QUEUE_DEPTH_CACHE_S:
+        depth = Run.objects.filter(status=RunStatus.QUEUED).count()
+        _queue_depth = (time.monotonic(), depth)
+    return depth
+
+
+def queue_check() -> None:
+    """Backpressure: 503 `queue_full` while QUEUE_MAX runs wait."""
+    if queue_depth() >= settings.QUEUE_MAX:
+        rejection("queue_full")
+        raise ApplicationError(
+            "queue_full",
+            f"{settings.QUEUE_MAX} runs are waiting; try again shortly.",
+            headers={"Retry-After": str(settings.QUEUE_RETRY_AFTER_S)},
+        )
+
+
 def token_reservation(*, chain: Chain, run_input: Any) -> int:
     """What a run reserves of its key's token budget: its input and every agent's max_tokens."""
     input_chars = len(json.dumps(run_input, separators=(",", ":"), ensure_ascii=False))
@@ -302,7 +328,7 @@ def run_create(
     """Admit and queue a run: limits first, then the run, its first event and the idempotency
     record in one transaction; the task is enqueued after commit."""
     chain_validate_input(chain=chain, data=run_input)
-    limits.queue_check()
+    queue_check()
     limits.runs_admit(key=api_key)
     reserved = token_reservation(chain=chain, run_input=run_input)
     window = limits.tokens_reserve(key=api_key, amount=reserved)
