@@ -24,8 +24,9 @@ from runs.events import (
     RUN_COMPLETED,
     RUN_FAILED,
     RUN_TIMED_OUT,
+    STATUS_OF,
 )
-from runs.models import Agent, RunStatus
+from runs.models import Agent
 from runs.providers import DeadlineExceeded, ProviderError, Usage, provider_for
 from runs.services import Append
 
@@ -79,18 +80,12 @@ class Execution:
         if event in (RUN_COMPLETED, RUN_FAILED):
             data = {**data, "duration_ms": int((time.monotonic() - self.started) * 1000)}
         now = self.executor.now()
-        status = {
-            RUN_COMPLETED: RunStatus.COMPLETED,
-            RUN_FAILED: RunStatus.FAILED,
-            RUN_CANCELLED: RunStatus.CANCELLED,
-            RUN_TIMED_OUT: RunStatus.TIMED_OUT,
-        }[event]
         await self.executor.writer.add_and_wait(
             self,
             event,
             data,
             {
-                "status": status,
+                "status": STATUS_OF[event],
                 "finished_at": now,
                 "current_agent": "",
                 "input_tokens": self.input_tokens,
