@@ -158,6 +158,27 @@ def read_samples(path: Path) -> list[dict]:
     return samples
 
 
+def loop_window(samples: list[dict], start: float, end: float) -> dict:
+    """From bench/executor_probe.py samples between two wall-clock times: the event loop's lag
+    (p50, p99, max ms) and the shares of the time its thread (the process's main thread) spent
+    on a CPU and waiting on a run queue for one (the rest it slept, waiting for I/O); the
+    process's CPU (all threads), in cores."""
+    inside = [s for s in samples if start <= s["t"] <= end and "main_wait_s" in s]
+    lags = [s["loop_lag_ms"] for s in inside if "loop_lag_ms" in s]
+    if len(inside) < 2 or not lags:
+        return {}
+    first, last = inside[0], inside[-1]
+    span = last["t"] - first["t"]
+    return {
+        "loop_lag_p50_ms": statistics.median(lags),
+        "loop_lag_p99_ms": pct(lags, 99),
+        "loop_lag_max_ms": max(lags),
+        "loop_on_cpu": (last["main_cpu_s"] - first["main_cpu_s"]) / span,
+        "loop_waiting_for_cpu": (last["main_wait_s"] - first["main_wait_s"]) / span,
+        "process_cpu": (last["cpu_s"] - first["cpu_s"]) / span,
+    }
+
+
 def rss_kb(pid: int) -> int:
     for line in Path(f"/proc/{pid}/status").read_text().splitlines():
         if line.startswith("VmRSS:"):

@@ -23,6 +23,10 @@ bench/executor_probe.py, which samples its counters and RSS every 100 ms).
    left idle, then C x `--waves` runs are queued through `run_create` in one transaction (so they
    all become claimable at once) and executed; while C runs are in flight (90 % or more):
    connections, commits/s, group commits/s, RSS.
+
+For part 1 the probe's event-loop figures are reported too (bench/common.py loop_window): the
+loop's lag, and how much of the time its thread ran on a CPU or waited on a run queue for one,
+which tells a busy executor from a machine whose other processes hold the cores.
 """
 
 from __future__ import annotations
@@ -50,6 +54,7 @@ from bench.common import (
     exit_on_sigterm,
     free_port,
     in_flight_stats,
+    loop_window,
     model_command,
     pct,
     processes,
@@ -290,6 +295,7 @@ def main() -> None:
                 rss_per_run_kb=(peak - idle) / a["in_flight_peak"] if a["in_flight_peak"] else 0,
                 daphne_rss_kb=daphne_rss,
                 **pg.window(start, end),
+                **loop_window(samples, start, end),
             )
             results["agentsvc"] = a
             print("agentsvc", a, flush=True)
@@ -433,6 +439,14 @@ def report(r: dict) -> None:
                 f" peak {x['in_flight_peak']}; RSS idle {x['rss_idle_kb'] / 1024:.0f} MB peak "
                 f"{x['rss_peak_kb'] / 1024:.0f} MB = {x['rss_per_run_kb']:.1f} KB/run"
             )
+    x = r.get("agentsvc", {})
+    if "loop_lag_p50_ms" in x:
+        print(
+            f"executor event loop: lag p50 {x['loop_lag_p50_ms']:.0f} / p99 "
+            f"{x['loop_lag_p99_ms']:.0f} / max {x['loop_lag_max_ms']:.0f} ms; its thread on a CPU "
+            f"{x['loop_on_cpu']:.0%} of the time, waiting for one {x['loop_waiting_for_cpu']:.0%};"
+            f" process CPU {x['process_cpu']:.2f} cores"
+        )
     if "agentsvc" in r and "seed" in r:
         print(f"drain agentsvc / seed: {r['agentsvc']['drain_s'] / r['seed']['drain_s']:.2f}x")
     for level, x in r.get("levels", {}).items():
