@@ -76,6 +76,13 @@ PROBLEMS: dict[str, tuple[int, str, str]] = {
         "Token budget exceeded",
         "The key's tokens-per-minute budget cannot cover this run now; retry after Retry-After.",
     ),
+    "run_too_large": (
+        422,
+        "Run too large for the token budget",
+        "The run (or the batch) reserves more tokens than the key's whole tokens-per-minute "
+        "budget, so it can never start under this limit: waiting does not help. Send a smaller "
+        "input or batch, or ask for a larger budget.",
+    ),
     "concurrency_limit": (
         429,
         "Too many active runs or streams",

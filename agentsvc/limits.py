@@ -145,18 +145,19 @@ def _ledger(key_id: int, window: int):
     return TokenWindow.objects.filter(api_key_id=key_id, window=window)
 
 
-def tokens_reserve(*, key: ApiKey, amount: int) -> int:
-    """Reserve `amount` tokens in the current window; returns the window for settling."""
+def tokens_reserve(*, key: ApiKey, amount: int, what: str = "This run") -> int:
+    """Reserve `amount` tokens in the current window; returns the window for settling.
+    `what` names the caller's request in the answer ("This run", "This batch of 20 runs")."""
     quota = quotas(key).tokens
     if amount > quota:
-        # Waiting cannot make this run fit; Retry-After is still sent, as on every 429, and the
-        # detail says why a retry will not help.
-        raise _limited(
-            "token_budget_exceeded",
-            "tokens",
-            f"This run reserves {amount} tokens, more than this key's whole budget of {quota} "
+        # Waiting cannot make this fit: not a 429 (which invites a retry), and no Retry-After.
+        from agentsvc.metrics import rejection
+
+        rejection("run_too_large")
+        raise ApplicationError(
+            "run_too_large",
+            f"{what} reserves {amount} tokens, more than this key's whole budget of {quota} "
             "tokens per minute; it can never start under this limit.",
-            WINDOW_S,
         )
     now = time.time()
     window = _window(now)
@@ -172,7 +173,7 @@ def tokens_reserve(*, key: ApiKey, amount: int) -> int:
     raise _limited(
         "token_budget_exceeded",
         "tokens",
-        f"This run reserves {amount} tokens; {max(0, quota - used)} of {quota} are left in this "
+        f"{what} reserves {amount} tokens; {max(0, quota - used)} of {quota} are left in this "
         "minute.",
         window + WINDOW_S - now,
     )

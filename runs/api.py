@@ -33,7 +33,7 @@ from runs.presenters import chain_dict, event_dict, run_dict, run_handle
 from runs.schemas import ChainOut, ChainPage, RunHandle, RunOut, RunPage, StreamTicketOut
 from runs.seen import run_seen
 from runs.tickets import stream_ticket_create
-from runs.timefmt import iso
+from runs.timefmt import after_ms, iso
 from webhooks.serializers import RunWebhookInput
 
 MAX_LIMIT = 100
@@ -64,6 +64,21 @@ def _int_param(request, name: str, default: int, lo: int, hi: int) -> int:
             errors=[{"field": name, "message": f"Must be an integer from {lo} to {hi}."}],
         )
     return value
+
+
+def rfc3339(raw: str, field: str) -> datetime:
+    """An RFC 3339 timestamp with a zone, or a 400 naming `field`."""
+    try:
+        value = datetime.fromisoformat(raw)
+        if value.tzinfo is None:
+            raise ValueError
+        return value
+    except ValueError:
+        raise ApplicationError(
+            "validation_error",
+            f"Invalid {field}.",
+            errors=[{"field": field, "message": "Must be an RFC 3339 timestamp with a time zone."}],
+        ) from None
 
 
 def _page(results: list, request, next_cursor: str | None) -> dict:
@@ -264,7 +279,12 @@ class RunListApi(APIView):
         parameters=[
             OpenApiParameter("status", str, description="Comma-separated statuses."),
             OpenApiParameter("chain", str, description="A chain name."),
-            OpenApiParameter("created_after", str, description="RFC 3339 timestamp with zone."),
+            OpenApiParameter(
+                "created_after",
+                str,
+                description="RFC 3339 timestamp with zone. Runs whose `created_at`, as shown "
+                "(to the millisecond), is later: a run's own `created_at` excludes that run.",
+            ),
             LIMIT,
             CURSOR,
         ],
@@ -291,21 +311,12 @@ class RunListApi(APIView):
                 )
         created_after = None
         if params.get("created_after"):
+            # Shown to the millisecond, stored to the microsecond: "after" the millisecond named.
+            created_after = rfc3339(params["created_after"], "created_after")
             try:
-                created_after = datetime.fromisoformat(params["created_after"])
-                if created_after.tzinfo is None:
-                    raise ValueError
-            except ValueError:
-                raise ApplicationError(
-                    "validation_error",
-                    "Invalid created_after.",
-                    errors=[
-                        {
-                            "field": "created_after",
-                            "message": "Must be an RFC 3339 timestamp with a time zone.",
-                        }
-                    ],
-                ) from None
+                created_after = after_ms(created_after)
+            except OverflowError:  # 9999-12-31T23:59:59.999Z: nothing can be later
+                return Response(_page([], request, None))
         chain = params.get("chain") or None
         if chain is not None and not selectors.chain_exists(name=chain):
             raise ApplicationError(
