@@ -132,6 +132,20 @@ def _problem_responses(result, *statuses: int) -> dict:
     }
 
 
+def _events_filter() -> dict:
+    from runs.events import EVENT_NAMES
+
+    return {
+        "name": "events",
+        "in": "query",
+        "description": "Comma-separated event names (" + ", ".join(EVENT_NAMES) + "): only these "
+        "are sent, each with its own `seq`, so `after` and `Last-Event-ID` resume as without "
+        "the filter. A stream still ends after the run's terminal event, even one filtered "
+        "out. An unknown name is a 400 `validation_error`.",
+        "schema": {"type": "string", "pattern": r"^[a-z_.]+(,[a-z_.]+)*$"},
+    }
+
+
 def add_stream_operations(result, generator, request, public):
     """The event and stream endpoints are async views outside DRF: document them here."""
     paths = result.setdefault("paths", {})
@@ -164,6 +178,7 @@ def add_stream_operations(result, generator, request, public):
                     "description": "JSON page size.",
                     "schema": {"type": "integer", "minimum": 1, "maximum": 1000},
                 },
+                _events_filter(),
                 {
                     "name": "ticket",
                     "in": "query",
@@ -213,6 +228,7 @@ def add_stream_operations(result, generator, request, public):
                     "required": True,
                     "schema": {"type": "string", "pattern": "^[-a-zA-Z0-9_]+$"},
                 },
+                _events_filter(),
                 {
                     "name": "Idempotency-Key",
                     "in": "header",

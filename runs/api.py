@@ -28,6 +28,7 @@ from agentsvc.serializers import (
     StrictSerializer,
 )
 from runs import selectors, services
+from runs.events import event_filter_parse
 from runs.models import TERMINAL_STATUSES, RunStatus
 from runs.presenters import chain_dict, event_dict, run_dict, run_handle
 from runs.schemas import ChainOut, ChainPage, RunHandle, RunOut, RunPage, StreamTicketOut
@@ -409,16 +410,23 @@ class RunEventsApi(APIView):
     documented with the stream in agentsvc.openapi)."""
 
     def get(self, request, run_id):
-        _check_query(request, {"after", "limit"})
+        _check_query(request, {"after", "limit", "events"})
+        try:
+            types = event_filter_parse(request.query_params.get("events"))
+        except ValueError as e:
+            raise ApplicationError(
+                "validation_error",
+                "Invalid events.",
+                errors=[{"field": "events", "message": str(e)}],
+            ) from None
         run = selectors.run_get(owner=request.user, run_id=run_id)
         run_seen(run_id=run.id, status=run.status, last_seen_at=run.last_seen_at)
         after = _int_param(request, "after", 0, 0, 2**31 - 1)
-        events = selectors.run_events_after(
-            run=run, after=after, limit=_int_param(request, "limit", 100, 1, 1000)
-        )
-        return Response(
-            {
-                "results": [event_dict(e) for e in events],
-                "next_after": events[-1].seq if events else after,
-            }
-        )
+        limit = _int_param(request, "limit", 100, 1, 1000)
+        events = selectors.run_events_after(run=run, after=after, limit=limit, types=types)
+        next_after = events[-1].seq if events else after
+        if types is not None and len(events) < limit:
+            # Every event up to the run's last_seq (read before the page) was looked at: the
+            # next page starts there, not back at the last one shown.
+            next_after = max(next_after, run.last_seq)
+        return Response({"results": [event_dict(e) for e in events], "next_after": next_after})

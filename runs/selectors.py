@@ -127,8 +127,14 @@ def run_list(
     return page, next_cursor
 
 
-def run_events_after(*, run: Run, after: int, limit: int = 100) -> list[RunEvent]:
-    return list(RunEvent.objects.filter(run=run, seq__gt=after).order_by("seq")[:limit])
+def run_events_after(
+    *, run: Run, after: int, limit: int = 100, types: frozenset[str] | None = None
+) -> list[RunEvent]:
+    """Events with seq > after, in order; with `types`, only those (runevent_run_seq_uniq)."""
+    events = RunEvent.objects.filter(run=run, seq__gt=after)
+    if types is not None:
+        events = events.filter(type__in=sorted(types))
+    return list(events.order_by("seq")[:limit])
 
 
 def chain_exists(*, name: str) -> bool:
