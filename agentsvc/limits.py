@@ -89,35 +89,41 @@ def ratelimit_headers(state: tuple[Quotas, int, float]) -> dict[str, str]:
     }
 
 
-def runs_admit(*, key: ApiKey) -> None:
-    """Count a run start against runs-per-minute; 429 when over."""
+def runs_admit(*, key: ApiKey, count: int = 1) -> None:
+    """Count `count` run starts (a batch counts each run) against runs-per-minute; 429 when over,
+    and then none of them is counted beyond the first."""
     q = quotas(key)
     usage = _count(None, "runs", key, q.runs, increment=True)
-    if usage["should_limit"]:
+    if usage["should_limit"] or usage["count"] + count - 1 > q.runs:
+        what = "runs" if count == 1 else f"runs (this batch has {count})"
         raise _limited(
             "rate_limited",
             "runs",
-            f"More than {q.runs} runs started in {WINDOW_S} s for this key.",
+            f"More than {q.runs} {what} started in {WINDOW_S} s for this key.",
             usage["time_left"],
         )
+    for _ in range(count - 1):
+        _count(None, "runs", key, q.runs, increment=True)
 
 
-def active_runs_take(*, key: ApiKey) -> None:
-    """Take one of the key's active-run slots in the caller's transaction; 429 when none is left.
+def active_runs_take(*, key: ApiKey, count: int = 1) -> None:
+    """Take `count` of the key's active-run slots in the caller's transaction; 429 when they are
+    not all free (a batch takes all or none).
 
     The conditional UPDATE waits for a concurrent start's commit and re-checks the row, so the
     limit holds exactly under parallel starts. The row stays locked until the caller commits: call
     this last in the transaction, so starts of one key queue behind a commit, not a round trip."""
     q = quotas(key)
-    taken = ApiKey.objects.filter(pk=key.pk, active_runs__lt=q.active_runs).update(
-        active_runs=F("active_runs") + 1
+    taken = ApiKey.objects.filter(pk=key.pk, active_runs__lte=q.active_runs - count).update(
+        active_runs=F("active_runs") + count
     )
     if not taken:
         active = ApiKey.objects.values_list("active_runs", flat=True).get(pk=key.pk)
         raise _limited(
             "concurrency_limit",
             "active_runs",
-            f"This key already has {active} active runs (at most {q.active_runs}).",
+            f"This key already has {active} active runs (at most {q.active_runs})"
+            + (f"; this batch needs {count} more." if count > 1 else "."),
             settings.CONCURRENCY_RETRY_AFTER_S,
         )
 
@@ -212,8 +218,9 @@ def queue_depth() -> int:
     return depth
 
 
-def queue_check() -> None:
-    if queue_depth() >= settings.QUEUE_MAX:
+def queue_check(*, adding: int = 1) -> None:
+    """503 when `adding` more runs would take the queue past QUEUE_MAX."""
+    if queue_depth() + adding > settings.QUEUE_MAX:
         from agentsvc.metrics import rejection
 
         rejection("queue_full")

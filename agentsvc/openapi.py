@@ -62,6 +62,10 @@ _HEADERS = {
 }
 
 
+# Operations whose 202 is one new run's handle, with its Location.
+_STARTS_ONE_RUN = frozenset({"runs_create", "runs_invoke", "runs_rerun"})
+
+
 def add_common_headers(result, generator, request, public):
     """Document problem+json media types, the rate-limit headers, Location and Retry-After;
     request bodies refuse unknown fields."""
@@ -79,7 +83,7 @@ def add_common_headers(result, generator, request, public):
                 headers = response.setdefault("headers", {})
                 for name, text in _HEADERS.items():
                     headers[name] = {"schema": {"type": "string"}, "description": text}
-                if status == "202":
+                if status == "202" and operation.get("operationId") in _STARTS_ONE_RUN:
                     headers["Location"] = {
                         "schema": {"type": "string"},
                         "description": "The run: `/api/v1/runs/{id}`.",
@@ -272,12 +276,17 @@ _RUN_LINKS = _links(
     "/run_id",
     "runs_retrieve",
     "runs_cancel",
+    "runs_rerun",
     "runs_events",
     "runs_deliveries",
     "runs_webhooks_resend",
 )
 _LINKS = {
     ("runs_create", "202"): _RUN_LINKS,
+    ("runs_rerun", "202"): _RUN_LINKS,
+    ("runs_create_batch", "202"): _links(
+        "run_id", "/results/0/run_id", "runs_retrieve", "runs_cancel", "runs_events"
+    ),
     ("runs_invoke", "200"): _RUN_LINKS,
     ("runs_invoke", "202"): _RUN_LINKS,
     ("runs_cancel", "200"): _RUN_LINKS,

@@ -13,9 +13,11 @@ api_v1 = [
     path("chains/<slug:name>", runs_api.ChainDetailApi.as_view()),
     path("chains/<slug:name>/runs", runs_api.RunCreateApi.as_view()),
     path("chains/<slug:name>/invoke", runs_api.RunInvokeApi.as_view()),
+    path("chains/<slug:name>/runs/batch", runs_api.RunBatchCreateApi.as_view()),
     path("runs", runs_api.RunListApi.as_view()),
     path("runs/<uuid:run_id>", runs_api.RunDetailApi.as_view()),
     path("runs/<uuid:run_id>/cancel", runs_api.RunCancelApi.as_view()),
+    path("runs/<uuid:run_id>/rerun", runs_api.RunRerunApi.as_view()),
     path("stream-tickets", runs_api.StreamTicketCreateApi.as_view()),
     # JSON page or SSE by Accept; the stream views are async, outside DRF.
     path("runs/<uuid:run_id>/events", runs_sse.run_events),

@@ -102,6 +102,7 @@ class RunAdmin(admin.ModelAdmin):
                     ("created_at", "started_at", "finished_at", "duration"),
                     ("attempt", "worker", "heartbeat_at", "last_seen_at"),
                     ("cancel_requested_at", "cancel_reason"),
+                    "rerun_of",
                 )
             },
         ),
@@ -190,19 +191,8 @@ class RunAdmin(admin.ModelAdmin):
                     request, f"{run.id}: its API key is gone or revoked.", messages.ERROR
                 )
                 continue
-            webhook = (
-                {"url": run.webhook_url, "secret": run.webhook_secret, "events": run.webhook_events}
-                if run.webhook_url
-                else None
-            )
             try:
-                new = services.run_create(
-                    api_key=run.api_key,
-                    chain=run.chain,
-                    run_input=run.input,
-                    metadata=run.metadata,
-                    webhook=webhook,
-                )
+                new = services.run_rerun(api_key=run.api_key, run=run)
             except ApplicationError as e:
                 self.message_user(request, f"{run.id}: {e.detail}", messages.ERROR)
                 continue

@@ -31,7 +31,15 @@ from runs import selectors, services
 from runs.events import event_filter_parse
 from runs.models import TERMINAL_STATUSES, RunStatus
 from runs.presenters import chain_dict, event_dict, run_dict, run_handle
-from runs.schemas import ChainOut, ChainPage, RunHandle, RunOut, RunPage, StreamTicketOut
+from runs.schemas import (
+    ChainOut,
+    ChainPage,
+    RunBatchOut,
+    RunHandle,
+    RunOut,
+    RunPage,
+    StreamTicketOut,
+)
 from runs.seen import run_seen
 from runs.tickets import stream_ticket_create
 from runs.timefmt import after_ms, iso
@@ -154,23 +162,59 @@ class RunCreateInput(StrictSerializer):
     idempotency_key = idempotency_key_field()
 
 
+class RunRerunInput(StrictSerializer):
+    """What a rerun may change; anything left out is the original run's."""
+
+    input = JSONObjectField(required=False, help_text="Default: the original run's input.")
+    metadata = MetadataField(
+        required=False,
+        validators=[_validate_metadata],
+        help_text="Default: the original run's metadata.",
+    )
+    webhook = RunWebhookInput(
+        required=False,
+        allow_null=True,
+        help_text="Default: the original run's webhook (its secret too); null for none.",
+    )
+    idempotency_key = idempotency_key_field()
+
+
+MAX_BATCH = 100
+
+
+class RunBatchItemInput(StrictSerializer):
+    input = JSONObjectField(required=False, default=dict)
+    metadata = MetadataField(required=False, default=dict, validators=[_validate_metadata])
+    webhook = RunWebhookInput(required=False, allow_null=True)
+
+
+class RunBatchInput(StrictSerializer):
+    items = RunBatchItemInput(many=True, allow_empty=False, max_length=MAX_BATCH)
+    version = StrictIntegerField(required=False, min_value=1, max_value=2**31 - 1)
+    idempotency_key = idempotency_key_field()
+
+
 class RunInvokeInput(RunCreateInput):
     wait_s = StrictFloatField(required=False, min_value=0)
+
+
+def _chain_or_404(name: str, version: int | None):
+    try:
+        return selectors.chain_get(name=name, version=version)
+    except Http404:
+        detail = (
+            f"Chain {echo(name)!r} has no version {version}."
+            if version is not None
+            else f"No chain named {echo(name)!r}."
+        )
+        raise ApplicationError("not_found", detail) from None
 
 
 def _start_run(view, request, name: str, serializer_class=RunCreateInput):
     body = serializer_class(data=request.data)
     body.is_valid(raise_exception=True)
     data = body.validated_data
-    try:
-        chain = selectors.chain_get(name=name, version=data.get("version"))
-    except Http404:
-        detail = (
-            f"Chain {echo(name)!r} has no version {data['version']}."
-            if "version" in data
-            else f"No chain named {echo(name)!r}."
-        )
-        raise ApplicationError("not_found", detail) from None
+    chain = _chain_or_404(name, data.get("version"))
     run = services.run_create(
         api_key=request.auth,
         chain=chain,
@@ -231,6 +275,40 @@ class RunInvokeApi(IdempotentMixin, APIView):
         if run.status in TERMINAL_STATUSES:
             return Response(run_dict(run))
         return _accepted(run)
+
+
+class RunBatchCreateApi(IdempotentMixin, APIView):
+    @extend_schema(
+        operation_id="runs_create_batch",
+        summary="Start up to 100 runs of one chain at once (all or nothing)",
+        description="Every item is checked first: one invalid item is a 400 naming it "
+        "(`items[3].input.topic`) and no run is created. Limits count every run: a batch over "
+        "the runs-per-minute, token or active-run limit is refused whole (429, or 422 "
+        "`run_too_large` when it exceeds the whole token budget). More than 100 items: 400.",
+        request=RunBatchInput,
+        parameters=[IDEMPOTENCY_KEY],
+        responses={202: RunBatchOut, **problems(404, 409, 422)},
+    )
+    def post(self, request, name: str):
+        body = RunBatchInput(data=request.data)
+        body.is_valid(raise_exception=True)
+        data = body.validated_data
+        chain = _chain_or_404(name, data.get("version"))
+        runs = services.run_create_batch(
+            api_key=request.auth,
+            chain=chain,
+            items=[
+                services.NewRun(item["input"], item["metadata"], item.get("webhook"))
+                for item in data["items"]
+            ],
+            idempotency=self.idempotency,
+            answer=_batch_answer,
+        )
+        return Response(_batch_answer(runs), status=status.HTTP_202_ACCEPTED)
+
+
+def _batch_answer(runs) -> dict:
+    return {"results": [run_handle(run) for run in runs]}
 
 
 LIMIT = OpenApiParameter(
@@ -367,6 +445,32 @@ class RunCancelApi(IdempotentMixin, APIView):
         run = services.run_cancel(run=run, reason="api")
         code = status.HTTP_200_OK if run.is_terminal else status.HTTP_202_ACCEPTED
         return Response(run_dict(run), status=code)
+
+
+class RunRerunApi(IdempotentMixin, APIView):
+    @extend_schema(
+        operation_id="runs_rerun",
+        summary="Start a new run of the same chain version, input and metadata",
+        description="The new run carries `rerun_of`. The body may replace `input`, `metadata` "
+        "and `webhook`. Limits apply as on create.",
+        request=RunRerunInput,
+        parameters=[IDEMPOTENCY_KEY],
+        responses={202: RunHandle, **problems(404, 409, 422)},
+    )
+    def post(self, request, run_id):
+        original = selectors.run_get(owner=request.user, run_id=run_id)
+        body = RunRerunInput(data=request.data)
+        body.is_valid(raise_exception=True)
+        data = body.validated_data
+        run = services.run_rerun(
+            api_key=request.auth,
+            run=original,
+            run_input=data.get("input"),
+            metadata=data.get("metadata"),
+            webhook=data.get("webhook", services.UNSET),
+            idempotency=self.idempotency,
+        )
+        return _accepted(run)
 
 
 class StrictUUIDField(serializers.UUIDField):

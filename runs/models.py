@@ -118,6 +118,12 @@ class Run(models.Model):
     # The last event number handed out; incremented under the row lock, so seq is gapless.
     last_seq = models.PositiveIntegerField(default=0)
 
+    # The run this one re-runs (POST /runs/{id}/rerun, the admin's Re-run), if any. Its index
+    # (Django's, on every foreign key) serves the SET NULL when retention deletes the original.
+    rerun_of = models.ForeignKey(
+        "self", null=True, blank=True, on_delete=models.SET_NULL, related_name="reruns"
+    )
+
     webhook_url = models.URLField(max_length=2000, blank=True)
     webhook_secret = models.CharField(max_length=200, blank=True)
     webhook_events = models.JSONField(default=list, blank=True)

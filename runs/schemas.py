@@ -42,6 +42,10 @@ class RunHandle(serializers.Serializer):
     ws_url = serializers.CharField()
 
 
+class RunBatchOut(serializers.Serializer):
+    results = RunHandle(many=True, help_text="One handle per item, in the items' order.")
+
+
 class RunError(serializers.Serializer):
     code = serializers.CharField()
     message = serializers.CharField()
@@ -82,6 +86,9 @@ class RunOut(serializers.Serializer):
     cancel_requested = serializers.BooleanField()
     metadata = serializers.DictField()
     webhook = WebhookOut(allow_null=True)
+    rerun_of = serializers.UUIDField(
+        allow_null=True, help_text="The run this one re-runs (POST /runs/{id}/rerun)."
+    )
     poll_url = serializers.CharField()
     events_url = serializers.CharField()
     ws_url = serializers.CharField()
