@@ -28,6 +28,14 @@ api_v1 = [
         "webhook-endpoints/<uuid:endpoint_id>/rotate-secret",
         webhooks_api.WebhookEndpointRotateSecretApi.as_view(),
     ),
+    path(
+        "webhook-endpoints/<uuid:endpoint_id>/test",
+        webhooks_api.WebhookEndpointTestApi.as_view(),
+    ),
+    path(
+        "webhook-endpoints/<uuid:endpoint_id>/recover",
+        webhooks_api.WebhookEndpointRecoverApi.as_view(),
+    ),
     path("runs/<uuid:run_id>/deliveries", webhooks_api.RunDeliveriesApi.as_view()),
     path("runs/<uuid:run_id>/webhooks/resend", webhooks_api.RunWebhooksResendApi.as_view()),
     path("deliveries/<uuid:delivery_id>/resend", webhooks_api.DeliveryResendApi.as_view()),

@@ -16,6 +16,7 @@ from dataclasses import dataclass
 
 import httpx
 import pytest
+from django.db.models import Q
 from django.urls import URLResolver, get_resolver
 from drf_spectacular.generators import SchemaGenerator
 from websockets.sync.client import connect
@@ -62,6 +63,14 @@ OWNED = [
         body={"description": "x"},
     ),
     Owned("POST", "/api/v1/webhook-endpoints/{endpoint_id}/rotate-secret", "endpoint", 200),
+    Owned("POST", "/api/v1/webhook-endpoints/{endpoint_id}/test", "endpoint", 202),
+    Owned(
+        "POST",
+        "/api/v1/webhook-endpoints/{endpoint_id}/recover",
+        "endpoint",
+        202,
+        body={"since": "2000-01-01T00:00:00Z"},
+    ),
     Owned("DELETE", "/api/v1/webhook-endpoints/{endpoint_id}", "endpoint", 204),
     Owned("POST", "/api/v1/deliveries/{delivery_id}/resend", "delivery", 202),
     # The run's id in the body ("{id}"): no ticket for another owner's run.
@@ -195,11 +204,16 @@ def _state(owner_id: int) -> dict:
         "endpoints": list(
             WebhookEndpoint.objects.filter(owner_id=owner_id).order_by("id").values()
         ),
+        # Of her runs, and the tests sent to her endpoints.
         "deliveries": list(
-            WebhookDelivery.objects.filter(message__run__owner_id=owner_id).order_by("id").values()
+            WebhookDelivery.objects.filter(
+                Q(message__run__owner_id=owner_id) | Q(endpoint__owner_id=owner_id)
+            )
+            .order_by("id")
+            .values()
         ),
         "attempts": WebhookAttempt.objects.filter(
-            delivery__message__run__owner_id=owner_id
+            Q(delivery__message__run__owner_id=owner_id) | Q(delivery__endpoint__owner_id=owner_id)
         ).count(),
         "idempotency": IdempotencyRecord.objects.filter(owner_id=owner_id).count(),
     }

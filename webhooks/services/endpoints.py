@@ -11,7 +11,7 @@ from django.db import transaction
 from django.utils import timezone
 
 from agentsvc.models import Owner
-from webhooks.models import WebhookDelivery, WebhookEndpoint
+from webhooks.models import WebhookDelivery, WebhookEndpoint, WebhookMessage
 
 ROTATION_OVERLAP = timedelta(hours=24)
 
@@ -56,4 +56,6 @@ def endpoint_delete(*, endpoint: WebhookEndpoint) -> None:
     attempt's foreign key. With it, the cascade waits for that worker and sees its attempt, and a
     worker that comes later finds its delivery gone (its lease is lost)."""
     list(WebhookDelivery.objects.select_for_update().filter(endpoint=endpoint).values_list("pk"))
+    # Its test messages belong to no run: they go with it rather than linger without deliveries.
+    WebhookMessage.objects.filter(run__isnull=True, deliveries__endpoint=endpoint).delete()
     endpoint.delete()
