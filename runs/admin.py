@@ -216,10 +216,12 @@ def _flatten(fields) -> list[str]:
 
 def chain_definition(chain: Chain) -> dict:
     """A version as the definition it was published from (the form's starting point)."""
+    output = {"output_schema": chain.output_schema} if chain.output_schema is not None else {}
     return {
         "name": chain.name,
         "description": chain.description,
         "input_schema": chain.input_schema,
+        **output,
         "timeout_s": chain.timeout_s,
         "estimated_duration_s": chain.estimated_duration_s,
         "agents": [

@@ -16,6 +16,9 @@ class Chain(models.Model):
     version = models.PositiveIntegerField()
     description = models.TextField(blank=True)
     input_schema = models.JSONField(default=dict)
+    # JSON Schema of the run's output: the last agent is asked for JSON matching it (OpenAI
+    # `response_format` json_schema), and the run's output is the parsed value. Null: text.
+    output_schema = models.JSONField(null=True, blank=True)
     timeout_s = models.PositiveIntegerField(default=120)
     estimated_duration_s = models.PositiveIntegerField(default=30)
     published = models.BooleanField(default=True)

@@ -19,6 +19,10 @@ class ChainOut(serializers.Serializer):
     description = serializers.CharField()
     agents = AgentSummary(many=True)
     input_schema = serializers.JSONField()
+    output_schema = serializers.JSONField(
+        allow_null=True,
+        help_text="JSON Schema of a run's output, or null: the output is then text.",
+    )
     timeout_s = serializers.IntegerField()
     estimated_duration_s = serializers.IntegerField()
     available = serializers.BooleanField()
@@ -74,7 +78,10 @@ class RunOut(serializers.Serializer):
     version = serializers.IntegerField()
     status = serializers.ChoiceField(RunStatus.choices)
     input = serializers.JSONField()
-    output = serializers.CharField(allow_null=True)
+    output = serializers.JSONField(
+        allow_null=True,
+        help_text="Text; for a chain with an output_schema, the JSON value matching it.",
+    )
     error = RunError(allow_null=True)
     progress = Progress()
     usage = UsageOut()

@@ -16,6 +16,7 @@ from django.utils import timezone
 
 from agentsvc.errors import ApplicationError
 from runs.models import TERMINAL_EVENTS, Run
+from runs.presenters import run_output
 from runs.timefmt import iso
 from webhooks import delivery as http
 from webhooks.models import (
@@ -69,7 +70,7 @@ def _payload(*, run: Run, event: str, seq: int, msg_id: str, now: datetime) -> d
             "chain": run.chain.name,
             "version": run.chain.version,
             "status": run.status,
-            "output": run.output,
+            "output": run_output(run),
             "error": (
                 {"code": run.error_code, "message": run.error_message} if run.error_code else None
             ),
