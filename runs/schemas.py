@@ -2,9 +2,20 @@
 
 from __future__ import annotations
 
+from drf_spectacular.utils import extend_schema_field
 from rest_framework import serializers
 
 from runs.models import RunStatus
+
+
+@extend_schema_field({"type": ["string", "object", "null"]})
+class RunOutputField(serializers.JSONField):
+    """Text, or the JSON object of a chain with an output_schema; null until completed."""
+
+
+@extend_schema_field({"type": ["object", "null"], "additionalProperties": True})
+class OutputSchemaField(serializers.JSONField):
+    pass
 
 
 class AgentSummary(serializers.Serializer):
@@ -19,8 +30,7 @@ class ChainOut(serializers.Serializer):
     description = serializers.CharField()
     agents = AgentSummary(many=True)
     input_schema = serializers.JSONField()
-    output_schema = serializers.JSONField(
-        allow_null=True,
+    output_schema = OutputSchemaField(
         help_text="JSON Schema of a run's output, or null: the output is then text.",
     )
     timeout_s = serializers.IntegerField()
@@ -78,8 +88,7 @@ class RunOut(serializers.Serializer):
     version = serializers.IntegerField()
     status = serializers.ChoiceField(RunStatus.choices)
     input = serializers.JSONField()
-    output = serializers.JSONField(
-        allow_null=True,
+    output = RunOutputField(
         help_text="Text; for a chain with an output_schema, the JSON value matching it.",
     )
     error = RunError(allow_null=True)
