@@ -89,6 +89,12 @@ PROBLEMS: dict[str, tuple[int, str, str]] = {
         "The key has as many active runs or open streams as it may; wait for one to finish.",
     ),
     "queue_full": (503, "Queue full", "The server's run queue is full; retry after Retry-After."),
+    "streams_full": (
+        503,
+        "Too many open streams",
+        "This server holds as many open streams (SSE and WebSocket) as it may; retry after "
+        "Retry-After.",
+    ),
     "run_not_cancellable": (
         409,
         "Run not cancellable",

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import json
+import re
 
 import pytest
 import yaml
@@ -56,3 +57,16 @@ def test_committed_document_is_the_served_one(db):
     assert served == committed, (
         f"docs/openapi.json is out of date; regenerate it with: {REGENERATE}"
     )
+
+
+def _documented_codes() -> list[str]:
+    text = (ROOT / "docs" / "api.md").read_text()
+    codes = text[text.index("\nCodes: ") : text.index("explains each")]
+    return re.findall(r"`([a-z_]+)`", codes)
+
+
+@pytest.mark.parametrize("code", _documented_codes())
+def test_every_documented_problem_code_has_its_page(db, code):
+    response = Client().get(f"/api/problems/{code}")
+    assert response.status_code == 200, code
+    assert code.encode() in response.content
