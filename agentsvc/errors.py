@@ -76,12 +76,25 @@ PROBLEMS: dict[str, tuple[int, str, str]] = {
         "Token budget exceeded",
         "The key's tokens-per-minute budget cannot cover this run now; retry after Retry-After.",
     ),
+    "run_too_large": (
+        422,
+        "Run too large for the token budget",
+        "The run (or the batch) reserves more tokens than the key's whole tokens-per-minute "
+        "budget, so it can never start under this limit: waiting does not help. Send a smaller "
+        "input or batch, or ask for a larger budget.",
+    ),
     "concurrency_limit": (
         429,
         "Too many active runs or streams",
         "The key has as many active runs or open streams as it may; wait for one to finish.",
     ),
     "queue_full": (503, "Queue full", "The server's run queue is full; retry after Retry-After."),
+    "streams_full": (
+        503,
+        "Too many open streams",
+        "This server holds as many open streams (SSE and WebSocket) as it may; retry after "
+        "Retry-After.",
+    ),
     "run_not_cancellable": (
         409,
         "Run not cancellable",

@@ -89,35 +89,41 @@ def ratelimit_headers(state: tuple[Quotas, int, float]) -> dict[str, str]:
     }
 
 
-def runs_admit(*, key: ApiKey) -> None:
-    """Count a run start against runs-per-minute; 429 when over."""
+def runs_admit(*, key: ApiKey, count: int = 1) -> None:
+    """Count `count` run starts (a batch counts each run) against runs-per-minute; 429 when over,
+    and then none of them is counted beyond the first."""
     q = quotas(key)
     usage = _count(None, "runs", key, q.runs, increment=True)
-    if usage["should_limit"]:
+    if usage["should_limit"] or usage["count"] + count - 1 > q.runs:
+        what = "runs" if count == 1 else f"runs (this batch has {count})"
         raise _limited(
             "rate_limited",
             "runs",
-            f"More than {q.runs} runs started in {WINDOW_S} s for this key.",
+            f"More than {q.runs} {what} started in {WINDOW_S} s for this key.",
             usage["time_left"],
         )
+    for _ in range(count - 1):
+        _count(None, "runs", key, q.runs, increment=True)
 
 
-def active_runs_take(*, key: ApiKey) -> None:
-    """Take one of the key's active-run slots in the caller's transaction; 429 when none is left.
+def active_runs_take(*, key: ApiKey, count: int = 1) -> None:
+    """Take `count` of the key's active-run slots in the caller's transaction; 429 when they are
+    not all free (a batch takes all or none).
 
     The conditional UPDATE waits for a concurrent start's commit and re-checks the row, so the
     limit holds exactly under parallel starts. The row stays locked until the caller commits: call
     this last in the transaction, so starts of one key queue behind a commit, not a round trip."""
     q = quotas(key)
-    taken = ApiKey.objects.filter(pk=key.pk, active_runs__lt=q.active_runs).update(
-        active_runs=F("active_runs") + 1
+    taken = ApiKey.objects.filter(pk=key.pk, active_runs__lte=q.active_runs - count).update(
+        active_runs=F("active_runs") + count
     )
     if not taken:
         active = ApiKey.objects.values_list("active_runs", flat=True).get(pk=key.pk)
         raise _limited(
             "concurrency_limit",
             "active_runs",
-            f"This key already has {active} active runs (at most {q.active_runs}).",
+            f"This key already has {active} active runs (at most {q.active_runs})"
+            + (f"; this batch needs {count} more." if count > 1 else "."),
             settings.CONCURRENCY_RETRY_AFTER_S,
         )
 
@@ -145,18 +151,19 @@ def _ledger(key_id: int, window: int):
     return TokenWindow.objects.filter(api_key_id=key_id, window=window)
 
 
-def tokens_reserve(*, key: ApiKey, amount: int) -> int:
-    """Reserve `amount` tokens in the current window; returns the window for settling."""
+def tokens_reserve(*, key: ApiKey, amount: int, what: str = "This run") -> int:
+    """Reserve `amount` tokens in the current window; returns the window for settling.
+    `what` names the caller's request in the answer ("This run", "This batch of 20 runs")."""
     quota = quotas(key).tokens
     if amount > quota:
-        # Waiting cannot make this run fit; Retry-After is still sent, as on every 429, and the
-        # detail says why a retry will not help.
-        raise _limited(
-            "token_budget_exceeded",
-            "tokens",
-            f"This run reserves {amount} tokens, more than this key's whole budget of {quota} "
+        # Waiting cannot make this fit: not a 429 (which invites a retry), and no Retry-After.
+        from agentsvc.metrics import rejection
+
+        rejection("run_too_large")
+        raise ApplicationError(
+            "run_too_large",
+            f"{what} reserves {amount} tokens, more than this key's whole budget of {quota} "
             "tokens per minute; it can never start under this limit.",
-            WINDOW_S,
         )
     now = time.time()
     window = _window(now)
@@ -172,7 +179,7 @@ def tokens_reserve(*, key: ApiKey, amount: int) -> int:
     raise _limited(
         "token_budget_exceeded",
         "tokens",
-        f"This run reserves {amount} tokens; {max(0, quota - used)} of {quota} are left in this "
+        f"{what} reserves {amount} tokens; {max(0, quota - used)} of {quota} are left in this "
         "minute.",
         window + WINDOW_S - now,
     )

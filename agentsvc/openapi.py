@@ -62,6 +62,10 @@ _HEADERS = {
 }
 
 
+# Operations whose 202 is one new run's handle, with its Location.
+_STARTS_ONE_RUN = frozenset({"runs_create", "runs_invoke", "runs_rerun"})
+
+
 def add_common_headers(result, generator, request, public):
     """Document problem+json media types, the rate-limit headers, Location and Retry-After;
     request bodies refuse unknown fields."""
@@ -79,7 +83,7 @@ def add_common_headers(result, generator, request, public):
                 headers = response.setdefault("headers", {})
                 for name, text in _HEADERS.items():
                     headers[name] = {"schema": {"type": "string"}, "description": text}
-                if status == "202":
+                if status == "202" and operation.get("operationId") in _STARTS_ONE_RUN:
                     headers["Location"] = {
                         "schema": {"type": "string"},
                         "description": "The run: `/api/v1/runs/{id}`.",
@@ -132,6 +136,20 @@ def _problem_responses(result, *statuses: int) -> dict:
     }
 
 
+def _events_filter() -> dict:
+    from runs.events import EVENT_NAMES
+
+    return {
+        "name": "events",
+        "in": "query",
+        "description": "Comma-separated event names (" + ", ".join(EVENT_NAMES) + "): only these "
+        "are sent, each with its own `seq`, so `after` and `Last-Event-ID` resume as without "
+        "the filter. A stream still ends after the run's terminal event, even one filtered "
+        "out. An unknown name is a 400 `validation_error`.",
+        "schema": {"type": "string", "pattern": r"^[a-z_.]+(,[a-z_.]+)*$"},
+    }
+
+
 def add_stream_operations(result, generator, request, public):
     """The event and stream endpoints are async views outside DRF: document them here."""
     paths = result.setdefault("paths", {})
@@ -164,6 +182,7 @@ def add_stream_operations(result, generator, request, public):
                     "description": "JSON page size.",
                     "schema": {"type": "integer", "minimum": 1, "maximum": 1000},
                 },
+                _events_filter(),
                 {
                     "name": "ticket",
                     "in": "query",
@@ -213,6 +232,7 @@ def add_stream_operations(result, generator, request, public):
                     "required": True,
                     "schema": {"type": "string", "pattern": "^[-a-zA-Z0-9_]+$"},
                 },
+                _events_filter(),
                 {
                     "name": "Idempotency-Key",
                     "in": "header",
@@ -256,12 +276,17 @@ _RUN_LINKS = _links(
     "/run_id",
     "runs_retrieve",
     "runs_cancel",
+    "runs_rerun",
     "runs_events",
     "runs_deliveries",
     "runs_webhooks_resend",
 )
 _LINKS = {
     ("runs_create", "202"): _RUN_LINKS,
+    ("runs_rerun", "202"): _RUN_LINKS,
+    ("runs_create_batch", "202"): _links(
+        "run_id", "/results/0/run_id", "runs_retrieve", "runs_cancel", "runs_events"
+    ),
     ("runs_invoke", "200"): _RUN_LINKS,
     ("runs_invoke", "202"): _RUN_LINKS,
     ("runs_cancel", "200"): _RUN_LINKS,

@@ -1,5 +1,7 @@
 from __future__ import annotations
 
+from datetime import datetime
+
 from rest_framework import serializers
 
 
@@ -58,3 +60,19 @@ class StrictBooleanField(serializers.BooleanField):
         if not isinstance(data, bool):
             self.fail("not_a_boolean")
         return data
+
+
+class RFC3339Field(StrictCharField):
+    """An RFC 3339 timestamp with a zone (DRF's DateTimeField takes a naive one as local)."""
+
+    default_error_messages = {"not_rfc3339": "Must be an RFC 3339 timestamp with a time zone."}
+
+    def to_internal_value(self, data):
+        text = super().to_internal_value(data)
+        try:
+            value = datetime.fromisoformat(text)
+        except ValueError:
+            self.fail("not_rfc3339")
+        if value.tzinfo is None:
+            self.fail("not_rfc3339")
+        return value

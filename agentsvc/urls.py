@@ -1,6 +1,6 @@
 from django.contrib import admin
 from django.urls import include, path
-from drf_spectacular.views import SpectacularAPIView, SpectacularSwaggerView
+from drf_spectacular.views import SpectacularSwaggerView
 
 from agentsvc import views
 from runs import api as runs_api
@@ -13,9 +13,11 @@ api_v1 = [
     path("chains/<slug:name>", runs_api.ChainDetailApi.as_view()),
     path("chains/<slug:name>/runs", runs_api.RunCreateApi.as_view()),
     path("chains/<slug:name>/invoke", runs_api.RunInvokeApi.as_view()),
+    path("chains/<slug:name>/runs/batch", runs_api.RunBatchCreateApi.as_view()),
     path("runs", runs_api.RunListApi.as_view()),
     path("runs/<uuid:run_id>", runs_api.RunDetailApi.as_view()),
     path("runs/<uuid:run_id>/cancel", runs_api.RunCancelApi.as_view()),
+    path("runs/<uuid:run_id>/rerun", runs_api.RunRerunApi.as_view()),
     path("stream-tickets", runs_api.StreamTicketCreateApi.as_view()),
     # JSON page or SSE by Accept; the stream views are async, outside DRF.
     path("runs/<uuid:run_id>/events", runs_sse.run_events),
@@ -25,6 +27,14 @@ api_v1 = [
     path(
         "webhook-endpoints/<uuid:endpoint_id>/rotate-secret",
         webhooks_api.WebhookEndpointRotateSecretApi.as_view(),
+    ),
+    path(
+        "webhook-endpoints/<uuid:endpoint_id>/test",
+        webhooks_api.WebhookEndpointTestApi.as_view(),
+    ),
+    path(
+        "webhook-endpoints/<uuid:endpoint_id>/recover",
+        webhooks_api.WebhookEndpointRecoverApi.as_view(),
     ),
     path("runs/<uuid:run_id>/deliveries", webhooks_api.RunDeliveriesApi.as_view()),
     path("runs/<uuid:run_id>/webhooks/resend", webhooks_api.RunWebhooksResendApi.as_view()),
@@ -37,7 +47,7 @@ urlpatterns = [
     path("metrics", views.metrics),
     path("api/problems/<slug:code>", views.problem_page),
     path("api/v1/", include(api_v1)),
-    path("api/v1/schema", SpectacularAPIView.as_view(), name="schema"),
+    path("api/v1/schema", views.SchemaView.as_view(), name="schema"),
     path("api/docs", SpectacularSwaggerView.as_view(url_name="schema"), name="docs"),
     path("admin/", admin.site.urls),
     path("dashboard/", dashboard.dashboard, name="dashboard"),

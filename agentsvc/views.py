@@ -6,7 +6,15 @@ import ipaddress
 from django.conf import settings
 from django.http import Http404, HttpResponse, JsonResponse
 from django.shortcuts import render
+from drf_spectacular.renderers import (
+    OpenApiJsonRenderer,
+    OpenApiJsonRenderer2,
+    OpenApiYamlRenderer,
+    OpenApiYamlRenderer2,
+)
+from drf_spectacular.views import SpectacularAPIView
 from prometheus_client import CONTENT_TYPE_LATEST
+from rest_framework.negotiation import DefaultContentNegotiation
 
 from agentsvc.errors import PROBLEMS, problem_response
 from agentsvc.health import readiness
@@ -87,3 +95,18 @@ def handler500(request):
     from django.views.defaults import server_error
 
     return server_error(request)
+
+
+class SchemaView(SpectacularAPIView):
+    """GET /api/v1/schema: YAML by default; JSON to `Accept: application/json` (or
+    `application/vnd.oai.openapi+json`) and to `?format=json`. The API's own negotiation answers
+    JSON whatever is asked, which would answer YAML here: this view negotiates for real."""
+
+    content_negotiation_class = DefaultContentNegotiation
+    # `?format=json` picks the first JSON renderer: plain application/json.
+    renderer_classes = [
+        OpenApiYamlRenderer,
+        OpenApiYamlRenderer2,
+        OpenApiJsonRenderer2,
+        OpenApiJsonRenderer,
+    ]

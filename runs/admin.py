@@ -102,6 +102,7 @@ class RunAdmin(admin.ModelAdmin):
                     ("created_at", "started_at", "finished_at", "duration"),
                     ("attempt", "worker", "heartbeat_at", "last_seen_at"),
                     ("cancel_requested_at", "cancel_reason"),
+                    "rerun_of",
                 )
             },
         ),
@@ -190,19 +191,8 @@ class RunAdmin(admin.ModelAdmin):
                     request, f"{run.id}: its API key is gone or revoked.", messages.ERROR
                 )
                 continue
-            webhook = (
-                {"url": run.webhook_url, "secret": run.webhook_secret, "events": run.webhook_events}
-                if run.webhook_url
-                else None
-            )
             try:
-                new = services.run_create(
-                    api_key=run.api_key,
-                    chain=run.chain,
-                    run_input=run.input,
-                    metadata=run.metadata,
-                    webhook=webhook,
-                )
+                new = services.run_rerun(api_key=run.api_key, run=run)
             except ApplicationError as e:
                 self.message_user(request, f"{run.id}: {e.detail}", messages.ERROR)
                 continue
@@ -226,10 +216,12 @@ def _flatten(fields) -> list[str]:
 
 def chain_definition(chain: Chain) -> dict:
     """A version as the definition it was published from (the form's starting point)."""
+    output = {"output_schema": chain.output_schema} if chain.output_schema is not None else {}
     return {
         "name": chain.name,
         "description": chain.description,
         "input_schema": chain.input_schema,
+        **output,
         "timeout_s": chain.timeout_s,
         "estimated_duration_s": chain.estimated_duration_s,
         "agents": [

@@ -28,12 +28,21 @@ from agentsvc.serializers import (
     StrictSerializer,
 )
 from runs import selectors, services
+from runs.events import event_filter_parse
 from runs.models import TERMINAL_STATUSES, RunStatus
 from runs.presenters import chain_dict, event_dict, run_dict, run_handle
-from runs.schemas import ChainOut, ChainPage, RunHandle, RunOut, RunPage, StreamTicketOut
+from runs.schemas import (
+    ChainOut,
+    ChainPage,
+    RunBatchOut,
+    RunHandle,
+    RunOut,
+    RunPage,
+    StreamTicketOut,
+)
 from runs.seen import run_seen
 from runs.tickets import stream_ticket_create
-from runs.timefmt import iso
+from runs.timefmt import after_ms, iso
 from webhooks.serializers import RunWebhookInput
 
 MAX_LIMIT = 100
@@ -64,6 +73,21 @@ def _int_param(request, name: str, default: int, lo: int, hi: int) -> int:
             errors=[{"field": name, "message": f"Must be an integer from {lo} to {hi}."}],
         )
     return value
+
+
+def rfc3339(raw: str, field: str) -> datetime:
+    """An RFC 3339 timestamp with a zone, or a 400 naming `field`."""
+    try:
+        value = datetime.fromisoformat(raw)
+        if value.tzinfo is None:
+            raise ValueError
+        return value
+    except ValueError:
+        raise ApplicationError(
+            "validation_error",
+            f"Invalid {field}.",
+            errors=[{"field": field, "message": "Must be an RFC 3339 timestamp with a time zone."}],
+        ) from None
 
 
 def _page(results: list, request, next_cursor: str | None) -> dict:
@@ -138,23 +162,59 @@ class RunCreateInput(StrictSerializer):
     idempotency_key = idempotency_key_field()
 
 
+class RunRerunInput(StrictSerializer):
+    """What a rerun may change; anything left out is the original run's."""
+
+    input = JSONObjectField(required=False, help_text="Default: the original run's input.")
+    metadata = MetadataField(
+        required=False,
+        validators=[_validate_metadata],
+        help_text="Default: the original run's metadata.",
+    )
+    webhook = RunWebhookInput(
+        required=False,
+        allow_null=True,
+        help_text="Default: the original run's webhook (its secret too); null for none.",
+    )
+    idempotency_key = idempotency_key_field()
+
+
+MAX_BATCH = 100
+
+
+class RunBatchItemInput(StrictSerializer):
+    input = JSONObjectField(required=False, default=dict)
+    metadata = MetadataField(required=False, default=dict, validators=[_validate_metadata])
+    webhook = RunWebhookInput(required=False, allow_null=True)
+
+
+class RunBatchInput(StrictSerializer):
+    items = RunBatchItemInput(many=True, allow_empty=False, max_length=MAX_BATCH)
+    version = StrictIntegerField(required=False, min_value=1, max_value=2**31 - 1)
+    idempotency_key = idempotency_key_field()
+
+
 class RunInvokeInput(RunCreateInput):
     wait_s = StrictFloatField(required=False, min_value=0)
+
+
+def _chain_or_404(name: str, version: int | None):
+    try:
+        return selectors.chain_get(name=name, version=version)
+    except Http404:
+        detail = (
+            f"Chain {echo(name)!r} has no version {version}."
+            if version is not None
+            else f"No chain named {echo(name)!r}."
+        )
+        raise ApplicationError("not_found", detail) from None
 
 
 def _start_run(view, request, name: str, serializer_class=RunCreateInput):
     body = serializer_class(data=request.data)
     body.is_valid(raise_exception=True)
     data = body.validated_data
-    try:
-        chain = selectors.chain_get(name=name, version=data.get("version"))
-    except Http404:
-        detail = (
-            f"Chain {echo(name)!r} has no version {data['version']}."
-            if "version" in data
-            else f"No chain named {echo(name)!r}."
-        )
-        raise ApplicationError("not_found", detail) from None
+    chain = _chain_or_404(name, data.get("version"))
     run = services.run_create(
         api_key=request.auth,
         chain=chain,
@@ -217,6 +277,40 @@ class RunInvokeApi(IdempotentMixin, APIView):
         return _accepted(run)
 
 
+class RunBatchCreateApi(IdempotentMixin, APIView):
+    @extend_schema(
+        operation_id="runs_create_batch",
+        summary="Start up to 100 runs of one chain at once (all or nothing)",
+        description="Every item is checked first: one invalid item is a 400 naming it "
+        "(`items[3].input.topic`) and no run is created. Limits count every run: a batch over "
+        "the runs-per-minute, token or active-run limit is refused whole (429, or 422 "
+        "`run_too_large` when it exceeds the whole token budget). More than 100 items: 400.",
+        request=RunBatchInput,
+        parameters=[IDEMPOTENCY_KEY],
+        responses={202: RunBatchOut, **problems(404, 409, 422)},
+    )
+    def post(self, request, name: str):
+        body = RunBatchInput(data=request.data)
+        body.is_valid(raise_exception=True)
+        data = body.validated_data
+        chain = _chain_or_404(name, data.get("version"))
+        runs = services.run_create_batch(
+            api_key=request.auth,
+            chain=chain,
+            items=[
+                services.NewRun(item["input"], item["metadata"], item.get("webhook"))
+                for item in data["items"]
+            ],
+            idempotency=self.idempotency,
+            answer=_batch_answer,
+        )
+        return Response(_batch_answer(runs), status=status.HTTP_202_ACCEPTED)
+
+
+def _batch_answer(runs) -> dict:
+    return {"results": [run_handle(run) for run in runs]}
+
+
 LIMIT = OpenApiParameter(
     "limit", {"type": "integer", "minimum": 1, "maximum": MAX_LIMIT}, description="Page size."
 )
@@ -264,7 +358,12 @@ class RunListApi(APIView):
         parameters=[
             OpenApiParameter("status", str, description="Comma-separated statuses."),
             OpenApiParameter("chain", str, description="A chain name."),
-            OpenApiParameter("created_after", str, description="RFC 3339 timestamp with zone."),
+            OpenApiParameter(
+                "created_after",
+                str,
+                description="RFC 3339 timestamp with zone. Runs whose `created_at`, as shown "
+                "(to the millisecond), is later: a run's own `created_at` excludes that run.",
+            ),
             LIMIT,
             CURSOR,
         ],
@@ -291,21 +390,12 @@ class RunListApi(APIView):
                 )
         created_after = None
         if params.get("created_after"):
+            # Shown to the millisecond, stored to the microsecond: "after" the millisecond named.
+            created_after = rfc3339(params["created_after"], "created_after")
             try:
-                created_after = datetime.fromisoformat(params["created_after"])
-                if created_after.tzinfo is None:
-                    raise ValueError
-            except ValueError:
-                raise ApplicationError(
-                    "validation_error",
-                    "Invalid created_after.",
-                    errors=[
-                        {
-                            "field": "created_after",
-                            "message": "Must be an RFC 3339 timestamp with a time zone.",
-                        }
-                    ],
-                ) from None
+                created_after = after_ms(created_after)
+            except OverflowError:  # 9999-12-31T23:59:59.999Z: nothing can be later
+                return Response(_page([], request, None))
         chain = params.get("chain") or None
         if chain is not None and not selectors.chain_exists(name=chain):
             raise ApplicationError(
@@ -357,6 +447,32 @@ class RunCancelApi(IdempotentMixin, APIView):
         return Response(run_dict(run), status=code)
 
 
+class RunRerunApi(IdempotentMixin, APIView):
+    @extend_schema(
+        operation_id="runs_rerun",
+        summary="Start a new run of the same chain version, input and metadata",
+        description="The new run carries `rerun_of`. The body may replace `input`, `metadata` "
+        "and `webhook`. Limits apply as on create.",
+        request=RunRerunInput,
+        parameters=[IDEMPOTENCY_KEY],
+        responses={202: RunHandle, **problems(404, 409, 422)},
+    )
+    def post(self, request, run_id):
+        original = selectors.run_get(owner=request.user, run_id=run_id)
+        body = RunRerunInput(data=request.data)
+        body.is_valid(raise_exception=True)
+        data = body.validated_data
+        run = services.run_rerun(
+            api_key=request.auth,
+            run=original,
+            run_input=data.get("input"),
+            metadata=data.get("metadata"),
+            webhook=data.get("webhook", services.UNSET),
+            idempotency=self.idempotency,
+        )
+        return _accepted(run)
+
+
 class StrictUUIDField(serializers.UUIDField):
     """A UUID string only (DRF also reads an integer as a UUID)."""
 
@@ -398,16 +514,23 @@ class RunEventsApi(APIView):
     documented with the stream in agentsvc.openapi)."""
 
     def get(self, request, run_id):
-        _check_query(request, {"after", "limit"})
+        _check_query(request, {"after", "limit", "events"})
+        try:
+            types = event_filter_parse(request.query_params.get("events"))
+        except ValueError as e:
+            raise ApplicationError(
+                "validation_error",
+                "Invalid events.",
+                errors=[{"field": "events", "message": str(e)}],
+            ) from None
         run = selectors.run_get(owner=request.user, run_id=run_id)
         run_seen(run_id=run.id, status=run.status, last_seen_at=run.last_seen_at)
         after = _int_param(request, "after", 0, 0, 2**31 - 1)
-        events = selectors.run_events_after(
-            run=run, after=after, limit=_int_param(request, "limit", 100, 1, 1000)
-        )
-        return Response(
-            {
-                "results": [event_dict(e) for e in events],
-                "next_after": events[-1].seq if events else after,
-            }
-        )
+        limit = _int_param(request, "limit", 100, 1, 1000)
+        events = selectors.run_events_after(run=run, after=after, limit=limit, types=types)
+        next_after = events[-1].seq if events else after
+        if types is not None and len(events) < limit:
+            # Every event up to the run's last_seq (read before the page) was looked at: the
+            # next page starts there, not back at the last one shown.
+            next_after = max(next_after, run.last_seq)
+        return Response({"results": [event_dict(e) for e in events], "next_after": next_after})

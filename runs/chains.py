@@ -33,6 +33,7 @@ CHAIN_FIELDS = {
     "name",
     "description",
     "input_schema",
+    "output_schema",
     "timeout_s",
     "estimated_duration_s",
     "agents",
@@ -64,6 +65,18 @@ def chain_definition_normalize(raw: dict) -> dict:
         raise ChainDefinitionError(
             f"{name}: input_schema is not valid JSON Schema: {e.message}"
         ) from None
+    output_schema = raw.get("output_schema")
+    if output_schema is not None:
+        if not isinstance(output_schema, dict) or output_schema.get("type") != "object":
+            raise ChainDefinitionError(
+                f"{name}: output_schema must be a JSON Schema of an object (type: object)"
+            )
+        try:
+            Draft202012Validator.check_schema(output_schema)
+        except SchemaError as e:
+            raise ChainDefinitionError(
+                f"{name}: output_schema is not valid JSON Schema: {e.message}"
+            ) from None
     timeout_s = raw.get("timeout_s", 120)
     if not isinstance(timeout_s, int) or not 1 <= timeout_s <= settings.RUN_TIMEOUT_MAX_S:
         raise ChainDefinitionError(
@@ -119,7 +132,7 @@ def chain_definition_normalize(raw: dict) -> dict:
     estimated = raw.get("estimated_duration_s", min(30, timeout_s))
     if not isinstance(estimated, int) or estimated < 0:
         raise ChainDefinitionError(f"{name}: estimated_duration_s must be a non-negative integer")
-    return {
+    normalized = {
         "name": name,
         "description": str(raw.get("description", "")),
         "input_schema": schema,
@@ -127,6 +140,9 @@ def chain_definition_normalize(raw: dict) -> dict:
         "estimated_duration_s": estimated,
         "agents": normalized_agents,
     }
+    if output_schema is not None:  # only then: the hash of every other chain stays as it was
+        normalized["output_schema"] = output_schema
+    return normalized
 
 
 @transaction.atomic
@@ -146,6 +162,7 @@ def chain_publish(*, definition: dict) -> tuple[Chain, bool]:
         version=(latest.version + 1) if latest else 1,
         description=d["description"],
         input_schema=d["input_schema"],
+        output_schema=d.get("output_schema"),
         timeout_s=d["timeout_s"],
         estimated_duration_s=d["estimated_duration_s"],
         definition_hash=digest,
@@ -229,3 +246,37 @@ def agent_messages(
         )
     messages.append({"role": "user", "content": _template(agent.prompt_template).render(context)})
     return messages
+
+
+@lru_cache(maxsize=512)
+def _output_validator(schema_json: str) -> Draft202012Validator:
+    return Draft202012Validator(json.loads(schema_json), format_checker=FormatChecker())
+
+
+def output_parse(*, schema: dict, text: str) -> Any:
+    """The JSON value of a structured output; ValueError with the reason a run fails with
+    (`output_invalid`) when the text is not JSON or does not match the schema."""
+    try:
+        value = json.loads(text)
+    except ValueError as e:
+        raise ValueError(f"The model's output is not valid JSON: {e}") from None
+    error = next(iter(_output_validator(canonical_json(schema)).iter_errors(value)), None)
+    if error is not None:
+        where = "".join(f"[{p}]" if isinstance(p, int) else f".{p}" for p in error.absolute_path)
+        raise ValueError(
+            f"The model's output does not match the output schema at output{where}: "
+            f"{_error_message(error)}"
+        )
+    return value
+
+
+def output_response_format(*, chain_name: str, schema: dict) -> dict:
+    """The OpenAI chat completions `response_format` asking for JSON matching `schema`."""
+    return {
+        "type": "json_schema",
+        "json_schema": {
+            "name": re.sub(r"[^A-Za-z0-9_-]", "_", chain_name)[:64],
+            "schema": schema,
+            "strict": True,
+        },
+    }

@@ -31,6 +31,7 @@ class Claimed:
     input: Any
     timeout_s: int
     started_at: datetime
+    output_schema: dict | None = None  # the chain's: its last agent answers JSON
 
 
 def claim_condition(*, worker: str, attempt: int) -> Expect:
@@ -86,6 +87,7 @@ def runs_claim(
                 "chain__timeout_s",
                 "chain__name",
                 "chain__version",
+                "chain__output_schema",
             )[:limit]
         )
         if not rows:
@@ -105,12 +107,14 @@ def runs_claim(
                 },
                 Expect(RunStatus.QUEUED),
             )
-            for run, _, chain_id, _, timeout_s, _, _ in rows
+            for run, _, chain_id, _, timeout_s, _, _, _ in rows
         ]
         written = events_write(appends=appends)
     claimed = [
-        Claimed(run, attempt, name, version, chain_agents(chain_id), run_input, timeout_s, now)
-        for run, attempt, chain_id, run_input, timeout_s, name, version in rows
+        Claimed(
+            run, attempt, name, version, chain_agents(chain_id), run_input, timeout_s, now, schema
+        )
+        for run, attempt, chain_id, run_input, timeout_s, name, version, schema in rows
         if written[run] is not None
     ]
     return claimed, len(ids) > len(rows)

@@ -21,7 +21,7 @@ from django.conf import settings
 
 from agentsvc.auth import raw_key_from_headers
 from agentsvc.db import db_async
-from runs.events import FEED_EVENTS
+from runs.events import FEED_EVENTS, event_filter_parse
 from runs.hub import get_hub
 from runs.models import RunEvent
 from runs.presenters import run_dict
@@ -114,7 +114,8 @@ class _StreamConsumer(AsyncWebsocketConsumer):
 
 
 class RunEventsConsumer(_StreamConsumer):
-    """/ws/v1/runs/{id}?after=N: frames {seq, event, data, ts}; 1000 after the terminal one."""
+    """/ws/v1/runs/{id}?after=N&events=a,b: frames {seq, event, data, ts}; 1000 after the run's
+    terminal event (sent or filtered out); 4400 for a bad `after` or an unknown event name."""
 
     async def connect(self) -> None:
         await self.accept()
@@ -128,14 +129,19 @@ class RunEventsConsumer(_StreamConsumer):
         if run is None:
             await self.close(CLOSE_NOT_FOUND)
             return
+        try:
+            events = event_filter_parse(self.query("events"))
+        except ValueError:
+            events = None
+            after = None
         if after is None:
             await self.close(CLOSE_BAD_REQUEST)
             return
         if await self._open(key_id):
-            self.task = asyncio.create_task(self._run_then_close(self._follow(run, after)))
+            self.task = asyncio.create_task(self._run_then_close(self._follow(run, after, events)))
 
-    async def _follow(self, run, after: int) -> None:
-        async for rows in follow_run(run, after, idle_s=settings.SSE_PING_S):
+    async def _follow(self, run, after: int, events: frozenset[str] | None) -> None:
+        async for rows in follow_run(run, after, idle_s=settings.SSE_PING_S, events=events):
             for row in rows or ():
                 await self.send(
                     json.dumps(

@@ -21,6 +21,19 @@ RUN_FAILED = "run.failed"
 RUN_CANCELLED = "run.cancelled"
 RUN_TIMED_OUT = "run.timed_out"
 
+# Every event a run's log may hold, in the order a run goes through them.
+EVENT_NAMES = (
+    RUN_QUEUED,
+    RUN_STARTED,
+    AGENT_STARTED,
+    AGENT_OUTPUT,
+    AGENT_COMPLETED,
+    RUN_COMPLETED,
+    RUN_FAILED,
+    RUN_CANCELLED,
+    RUN_TIMED_OUT,
+)
+
 # The events that end a run, in the order webhook filters list them, and the status each sets.
 TERMINAL_EVENTS = (RUN_COMPLETED, RUN_FAILED, RUN_CANCELLED, RUN_TIMED_OUT)
 STATUS_OF = {
@@ -31,6 +44,22 @@ STATUS_OF = {
 }
 # Events that change what the status feed shows (status or progress).
 FEED_EVENTS = frozenset({RUN_QUEUED, RUN_STARTED, AGENT_STARTED, AGENT_COMPLETED, *TERMINAL_EVENTS})
+
+
+def event_filter_parse(raw: str | None) -> frozenset[str] | None:
+    """`?events=agent.output,run.completed`: the names a reader wants, or None for every event.
+    Raises ValueError with the message a caller sees on a name that is not an event."""
+    if raw is None:
+        return None
+    names = [name.strip() for name in raw.split(",")]
+    if not any(names):
+        raise ValueError("Give one or more comma-separated event names.")
+    for name in names:
+        if name not in EVENT_NAMES:
+            shown = name if len(name) <= 64 else name[:64] + "…"
+            raise ValueError(f"{shown!r} is not an event; events are {', '.join(EVENT_NAMES)}.")
+    return frozenset(names)
+
 
 # Called inside the transaction that writes terminal events, once for all of them:
 # fn(ended=[(run_id, event, seq, at), ...]).

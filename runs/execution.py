@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, Any
 import httpx
 from django.conf import settings
 
-from runs.chains import agent_messages
+from runs.chains import agent_messages, output_parse, output_response_format
 from runs.claims import Claimed, claim_condition
 from runs.events import (
     AGENT_COMPLETED,
@@ -140,9 +140,16 @@ class Execution:
                 logger.exception("run %s: unexpected error", self.run_id)
                 await self._fail("internal_error", "The run failed on an unexpected server error.")
                 return
+            shown: Any = output
+            if self.claim.output_schema is not None:
+                try:
+                    shown = output_parse(schema=self.claim.output_schema, text=output)
+                except ValueError as e:
+                    await self._fail("output_invalid", str(e))
+                    return
             await self._finish(
                 RUN_COMPLETED,
-                {"output": output, "usage": self.usage(), "cost": str(self.cost)},
+                {"output": shown, "usage": self.usage(), "cost": str(self.cost)},
                 output=output,
             )
         except asyncio.CancelledError:
@@ -165,7 +172,8 @@ class Execution:
                 AGENT_STARTED, {"agent": agent.name, "index": index}, current_agent=agent.name
             )
             agent_started = time.monotonic()
-            text, usage = await self._stream_agent(agent, index, outputs, previous)
+            last = index == len(self.agents) - 1
+            text, usage = await self._stream_agent(agent, index, outputs, previous, last=last)
             self.input_tokens += usage.input_tokens
             self.output_tokens += usage.output_tokens
             self.cost += model_cost(agent.model, usage)
@@ -191,7 +199,7 @@ class Execution:
         return previous
 
     async def _stream_agent(
-        self, agent: Agent, index: int, outputs: dict[str, str], previous: str
+        self, agent: Agent, index: int, outputs: dict[str, str], previous: str, *, last: bool
     ) -> tuple[str, Usage]:
         provider = provider_for(agent.provider, agent.base_url)
         messages = agent_messages(
@@ -209,6 +217,11 @@ class Execution:
             max_tokens=agent.max_tokens,
             temperature=agent.temperature,
             deadline=self.deadline,
+            response_format=(
+                output_response_format(chain_name=self.claim.chain, schema=self.claim.output_schema)
+                if last and self.claim.output_schema is not None
+                else None
+            ),
         )
         try:
             async for item in stream:

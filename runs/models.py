@@ -16,6 +16,9 @@ class Chain(models.Model):
     version = models.PositiveIntegerField()
     description = models.TextField(blank=True)
     input_schema = models.JSONField(default=dict)
+    # JSON Schema of the run's output: the last agent is asked for JSON matching it (OpenAI
+    # `response_format` json_schema), and the run's output is the parsed value. Null: text.
+    output_schema = models.JSONField(null=True, blank=True)
     timeout_s = models.PositiveIntegerField(default=120)
     estimated_duration_s = models.PositiveIntegerField(default=30)
     published = models.BooleanField(default=True)
@@ -117,6 +120,12 @@ class Run(models.Model):
 
     # The last event number handed out; incremented under the row lock, so seq is gapless.
     last_seq = models.PositiveIntegerField(default=0)
+
+    # The run this one re-runs (POST /runs/{id}/rerun, the admin's Re-run), if any. Its index
+    # (Django's, on every foreign key) serves the SET NULL when retention deletes the original.
+    rerun_of = models.ForeignKey(
+        "self", null=True, blank=True, on_delete=models.SET_NULL, related_name="reruns"
+    )
 
     webhook_url = models.URLField(max_length=2000, blank=True)
     webhook_secret = models.CharField(max_length=200, blank=True)

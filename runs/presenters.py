@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from typing import Any
 
 from runs.availability import chain_available
@@ -30,6 +31,17 @@ def run_handle(run: Run) -> dict[str, Any]:
     }
 
 
+def run_output(run: Run) -> Any:
+    """The run's output as callers see it: text, or for a chain with an output_schema the JSON
+    value (stored as its JSON text in the same column)."""
+    if run.output is not None and run.chain.output_schema is not None:
+        try:
+            return json.loads(run.output)
+        except ValueError:  # not written by an execution that validated it
+            return run.output
+    return run.output
+
+
 def run_dict(run: Run) -> dict[str, Any]:
     duration_ms = None
     if run.started_at and run.finished_at:
@@ -40,7 +52,7 @@ def run_dict(run: Run) -> dict[str, Any]:
         "version": run.chain.version,
         "status": run.status,
         "input": run.input,
-        "output": run.output,
+        "output": run_output(run),
         "error": (
             {"code": run.error_code, "message": run.error_message} if run.error_code else None
         ),
@@ -64,6 +76,7 @@ def run_dict(run: Run) -> dict[str, Any]:
         "webhook": (
             {"url": run.webhook_url, "events": run.webhook_events} if run.webhook_url else None
         ),
+        "rerun_of": str(run.rerun_of_id) if run.rerun_of_id else None,
         **run_urls(run),
     }
 
@@ -81,6 +94,7 @@ def chain_dict(chain: Chain) -> dict[str, Any]:
             {"name": a.name, "provider": a.provider, "model": a.model} for a in chain.agents.all()
         ],
         "input_schema": chain.input_schema,
+        "output_schema": chain.output_schema,
         "timeout_s": chain.timeout_s,
         "estimated_duration_s": chain.estimated_duration_s,
         "available": chain_available(chain),

@@ -93,9 +93,11 @@ class OpenAICompatibleProvider:
         max_tokens: int,
         temperature: float,
         deadline: float,
+        response_format: dict | None = None,
     ) -> AsyncIterator[str | Usage]:
         """Yield text deltas, then one Usage. `deadline` is a time.monotonic() value; the caller
-        also bounds the whole stream by it, so a silent model cannot outlast the run."""
+        also bounds the whole stream by it, so a silent model cannot outlast the run.
+        `response_format` (structured output) goes into the request as given."""
         body = {
             "model": model,
             "messages": messages,
@@ -104,6 +106,8 @@ class OpenAICompatibleProvider:
             "stream": True,
             "stream_options": {"include_usage": True},
         }
+        if response_format is not None:
+            body["response_format"] = response_format
         url = self.base_url.rstrip("/") + "/chat/completions"
         attempt = 0
         yielded = False  # once text went out, a retry would repeat it: fail instead

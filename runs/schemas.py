@@ -2,9 +2,20 @@
 
 from __future__ import annotations
 
+from drf_spectacular.utils import extend_schema_field
 from rest_framework import serializers
 
 from runs.models import RunStatus
+
+
+@extend_schema_field({"type": ["string", "object", "null"]})
+class RunOutputField(serializers.JSONField):
+    """Text, or the JSON object of a chain with an output_schema; null until completed."""
+
+
+@extend_schema_field({"type": ["object", "null"], "additionalProperties": True})
+class OutputSchemaField(serializers.JSONField):
+    pass
 
 
 class AgentSummary(serializers.Serializer):
@@ -19,6 +30,9 @@ class ChainOut(serializers.Serializer):
     description = serializers.CharField()
     agents = AgentSummary(many=True)
     input_schema = serializers.JSONField()
+    output_schema = OutputSchemaField(
+        help_text="JSON Schema of a run's output, or null: the output is then text.",
+    )
     timeout_s = serializers.IntegerField()
     estimated_duration_s = serializers.IntegerField()
     available = serializers.BooleanField()
@@ -40,6 +54,10 @@ class RunHandle(serializers.Serializer):
     poll_url = serializers.CharField()
     events_url = serializers.CharField()
     ws_url = serializers.CharField()
+
+
+class RunBatchOut(serializers.Serializer):
+    results = RunHandle(many=True, help_text="One handle per item, in the items' order.")
 
 
 class RunError(serializers.Serializer):
@@ -70,7 +88,9 @@ class RunOut(serializers.Serializer):
     version = serializers.IntegerField()
     status = serializers.ChoiceField(RunStatus.choices)
     input = serializers.JSONField()
-    output = serializers.CharField(allow_null=True)
+    output = RunOutputField(
+        help_text="Text; for a chain with an output_schema, the JSON value matching it.",
+    )
     error = RunError(allow_null=True)
     progress = Progress()
     usage = UsageOut()
@@ -82,6 +102,9 @@ class RunOut(serializers.Serializer):
     cancel_requested = serializers.BooleanField()
     metadata = serializers.DictField()
     webhook = WebhookOut(allow_null=True)
+    rerun_of = serializers.UUIDField(
+        allow_null=True, help_text="The run this one re-runs (POST /runs/{id}/rerun)."
+    )
     poll_url = serializers.CharField()
     events_url = serializers.CharField()
     ws_url = serializers.CharField()

@@ -107,14 +107,15 @@ def run_list(
     cursor: str | None = None,
     limit: int = 20,
 ) -> tuple[list[Run], str | None]:
-    """A page of an owner's runs, newest first, and the cursor of the next page (or None)."""
+    """A page of an owner's runs, newest first, and the cursor of the next page (or None).
+    `created_after` is inclusive: the API passes the first instant after the millisecond asked."""
     runs: QuerySet[Run] = Run.objects.filter(owner=owner).select_related("chain")
     if status:
         runs = runs.filter(status__in=status)
     if chain:
         runs = runs.filter(chain__name=chain)
     if created_after:
-        runs = runs.filter(created_at__gt=created_after)
+        runs = runs.filter(created_at__gte=created_after)
     if cursor:
         created_at, run_id = decode_cursor(cursor, datetime.fromisoformat, UUID)
         runs = runs.filter(Q(created_at__lt=created_at) | Q(created_at=created_at, id__lt=run_id))
@@ -126,8 +127,14 @@ def run_list(
     return page, next_cursor
 
 
-def run_events_after(*, run: Run, after: int, limit: int = 100) -> list[RunEvent]:
-    return list(RunEvent.objects.filter(run=run, seq__gt=after).order_by("seq")[:limit])
+def run_events_after(
+    *, run: Run, after: int, limit: int = 100, types: frozenset[str] | None = None
+) -> list[RunEvent]:
+    """Events with seq > after, in order; with `types`, only those (runevent_run_seq_uniq)."""
+    events = RunEvent.objects.filter(run=run, seq__gt=after)
+    if types is not None:
+        events = events.filter(type__in=sorted(types))
+    return list(events.order_by("seq")[:limit])
 
 
 def chain_exists(*, name: str) -> bool:

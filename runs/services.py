@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import enum
 import json
 import logging
 import math
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import datetime
 from functools import partial
@@ -35,7 +37,7 @@ from runs.models import (
 from runs.seen import run_seen
 from runs.selectors import chain_agents
 from runs.timefmt import iso
-from runs.wakeup import wakeup_publish, wakeups_publish
+from runs.wakeup import wakeups_publish
 
 logger = logging.getLogger(__name__)
 
@@ -299,9 +301,9 @@ def queue_depth() -> int:
     return depth
 
 
-def queue_check() -> None:
-    """Backpressure: 503 `queue_full` while QUEUE_MAX runs wait."""
-    if queue_depth() >= settings.QUEUE_MAX:
+def queue_check(*, adding: int = 1) -> None:
+    """Backpressure: 503 `queue_full` when `adding` more runs would pass QUEUE_MAX waiting."""
+    if queue_depth() + adding > settings.QUEUE_MAX:
         rejection("queue_full")
         raise ApplicationError(
             "queue_full",
@@ -316,6 +318,22 @@ def token_reservation(*, chain: Chain, run_input: Any) -> int:
     return math.ceil(input_chars / 4) + sum(a.max_tokens for a in chain_agents(chain.pk))
 
 
+class Unset(enum.Enum):
+    UNSET = 0
+
+
+UNSET = Unset.UNSET  # "not given", where None means something
+
+
+@dataclass(frozen=True)
+class NewRun:
+    """One run to create: what a create body, a batch item or a rerun says."""
+
+    input: Any
+    metadata: dict
+    webhook: dict | None = None
+
+
 def run_create(
     *,
     api_key: ApiKey,
@@ -324,56 +342,147 @@ def run_create(
     metadata: dict,
     webhook: dict | None = None,
     idempotency: IdempotencyRecord | None = None,
+    rerun_of: Run | None = None,
 ) -> Run:
     """Admit and queue a run: limits first, then the run, its first event and the idempotency
     record in one transaction; the task is enqueued after commit."""
     chain_validate_input(chain=chain, data=run_input)
-    queue_check()
-    limits.runs_admit(key=api_key)
-    reserved = token_reservation(chain=chain, run_input=run_input)
-    window = limits.tokens_reserve(key=api_key, amount=reserved)
+    (run,) = _runs_admit_and_create(
+        api_key=api_key,
+        chain=chain,
+        new=[NewRun(run_input, metadata, webhook)],
+        idempotency=idempotency,
+        rerun_of=rerun_of,
+    )
+    return run
+
+
+def run_rerun(
+    *,
+    api_key: ApiKey,
+    run: Run,
+    run_input: Any = None,
+    metadata: dict | None = None,
+    webhook: dict | Unset | None = UNSET,
+    idempotency: IdempotencyRecord | None = None,
+) -> Run:
+    """A new run of the same chain version with the run's input, metadata and webhook (each
+    replaced when given; `webhook=None` drops it), recorded as a rerun of it."""
+    if webhook is UNSET:
+        webhook = (
+            {"url": run.webhook_url, "secret": run.webhook_secret, "events": run.webhook_events}
+            if run.webhook_url
+            else None
+        )
+    return run_create(
+        api_key=api_key,
+        chain=run.chain,
+        run_input=run.input if run_input is None else run_input,
+        metadata=run.metadata if metadata is None else metadata,
+        webhook=webhook,
+        idempotency=idempotency,
+        rerun_of=run,
+    )
+
+
+def run_create_batch(
+    *,
+    api_key: ApiKey,
+    chain: Chain,
+    items: list[NewRun],
+    idempotency: IdempotencyRecord | None = None,
+    answer: Callable[[list[Run]], dict] | None = None,
+) -> list[Run]:
+    """Create every run or none: each item's input is checked first (a 400 names the item:
+    `items[3].input.topic`), the limits count every run, and all of them are written in one
+    transaction. With `idempotency`, `answer(runs)` is stored as the replayed answer in that
+    same transaction, so a retry after a crash between commit and answer makes no second batch."""
+    errors: list[dict] = []
+    for i, item in enumerate(items):
+        try:
+            chain_validate_input(chain=chain, data=item.input)
+        except ApplicationError as e:
+            errors += [{**err, "field": f"items[{i}].{err['field']}"} for err in e.extra["errors"]]
+    if errors:
+        raise ApplicationError(
+            "validation_error",
+            f"Some items do not match the input schema of {chain.name}; no run was created.",
+            errors=errors,
+        )
+    return _runs_admit_and_create(
+        api_key=api_key, chain=chain, new=items, idempotency=idempotency, answer=answer
+    )
+
+
+def _runs_admit_and_create(
+    *,
+    api_key: ApiKey,
+    chain: Chain,
+    new: list[NewRun],
+    idempotency: IdempotencyRecord | None = None,
+    rerun_of: Run | None = None,
+    answer: Callable[[list[Run]], dict] | None = None,
+) -> list[Run]:
+    n = len(new)
+    queue_check(adding=n)
+    limits.runs_admit(key=api_key, count=n)
+    reserved = [token_reservation(chain=chain, run_input=item.input) for item in new]
+    what = "This run" if n == 1 else f"This batch of {n} runs"
+    window = limits.tokens_reserve(key=api_key, amount=sum(reserved), what=what)
+    agents_total = len(chain_agents(chain.pk))
     try:
         with transaction.atomic():
-            run = Run.objects.create(
-                owner_id=api_key.owner_id,
-                api_key=api_key,
-                chain=chain,
-                input=run_input,
-                metadata=metadata,
-                agents_total=len(chain_agents(chain.pk)),
-                last_seq=1,
-                tokens_reserved=reserved,
-                tokens_window=window,
-                webhook_url=(webhook or {}).get("url", ""),
-                webhook_secret=(webhook or {}).get("secret", ""),
-                webhook_events=(webhook or {}).get("events", []),
-            )
-            RunEvent.objects.create(
-                run=run,
-                seq=1,
-                type="run.queued",
-                created_at=run.created_at,
-                data={
-                    "chain": chain.name,
-                    "version": chain.version,
-                    "run_id": str(run.id),
-                    "seq": 1,
-                    "ts": iso(run.created_at),
-                },
+            runs = []
+            for item, tokens in zip(new, reserved, strict=True):
+                webhook = item.webhook or {}
+                run = Run.objects.create(
+                    owner_id=api_key.owner_id,
+                    api_key=api_key,
+                    chain=chain,
+                    input=item.input,
+                    metadata=item.metadata,
+                    agents_total=agents_total,
+                    last_seq=1,
+                    tokens_reserved=tokens,
+                    tokens_window=window,
+                    webhook_url=webhook.get("url", ""),
+                    webhook_secret=webhook.get("secret", ""),
+                    webhook_events=webhook.get("events", []),
+                    rerun_of=rerun_of,
+                )
+                runs.append(run)
+            RunEvent.objects.bulk_create(
+                [
+                    RunEvent(
+                        run=run,
+                        seq=1,
+                        type=RUN_QUEUED,
+                        created_at=run.created_at,
+                        data={
+                            "chain": chain.name,
+                            "version": chain.version,
+                            "run_id": str(run.id),
+                            "seq": 1,
+                            "ts": iso(run.created_at),
+                        },
+                    )
+                    for run in runs
+                ]
             )
             if idempotency is not None:
-                IdempotencyRecord.objects.filter(pk=idempotency.pk).update(run=run)
-            limits.active_runs_take(key=api_key)  # last: it locks the key's row until commit
-            # Executors claim it from the database; the wake-up only makes one look now.
-            transaction.on_commit(
-                lambda: wakeup_publish(
-                    run_id=run.id, owner_id=run.owner_id, seq=1, event=RUN_QUEUED
-                )
-            )
+                record = IdempotencyRecord.objects.filter(pk=idempotency.pk)
+                if answer is not None:  # a batch has no one run: its answer is kept now
+                    record.update(response_status=202, response_body=answer(runs))
+                else:
+                    record.update(run=runs[0])
+            limits.active_runs_take(key=api_key, count=n)  # last: it locks the key's row
+            # Executors claim them from the database; the wake-up only makes one look now.
+            wakeups = [(r.id, r.owner_id, 1, RUN_QUEUED, True) for r in runs]
+            transaction.on_commit(lambda: wakeups_publish(wakeups))
     except BaseException:
-        limits.tokens_settle(key_id=api_key.pk, window=window, reserved=reserved, used=0)
+        limits.tokens_settle(key_id=api_key.pk, window=window, reserved=sum(reserved), used=0)
         raise
-    return run
+    return runs
 
 
 def run_cancel(*, run: Run, reason: str) -> Run:

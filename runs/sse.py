@@ -37,6 +37,7 @@ from agentsvc.parsers import StrictJSONParser
 from agentsvc.serializers import StrictBooleanField
 from runs import selectors, services
 from runs.api import RunCreateInput, RunEventsApi
+from runs.events import event_filter_parse
 from runs.models import Run
 from runs.presenters import run_handle
 from runs.stream_limits import StreamLease, StreamLimitExceeded
@@ -114,13 +115,18 @@ async def _lease_or_problem(request: HttpRequest, key: ApiKey) -> StreamLease | 
 
 
 async def _stream(
-    run: Run, after: int, lease: StreamLease, *, cancel_on_disconnect: bool = False
+    run: Run,
+    after: int,
+    lease: StreamLease,
+    *,
+    cancel_on_disconnect: bool = False,
+    events: frozenset[str] | None = None,
 ) -> AsyncIterator[bytes]:
     """The body: a retry line at once, then frames, pings when idle, and the end after the
     terminal event. On disconnect Django cancels us: clean up, cancel the run if asked, re-raise."""
     try:
         yield f"retry: {settings.SSE_RETRY_MS}\n\n".encode()
-        async for rows in follow_run(run, after, idle_s=settings.SSE_PING_S):
+        async for rows in follow_run(run, after, idle_s=settings.SSE_PING_S, events=events):
             yield _frames(rows) if rows is not None else b": ping\n\n"
     except asyncio.CancelledError:
         if cancel_on_disconnect:
@@ -183,7 +189,7 @@ async def run_events(request: HttpRequest, run_id: UUID) -> HttpResponse:
         return _auth_problem(request, raw, ticket)
     if (limited := await _admit_or_problem(request, key)) is not None:
         return limited
-    unknown = sorted(set(request.GET) - {"after", "ticket"})
+    unknown = sorted(set(request.GET) - {"after", "ticket", "events"})
     if unknown:
         return problem_response(
             request,
@@ -191,6 +197,9 @@ async def run_events(request: HttpRequest, run_id: UUID) -> HttpResponse:
             "Unknown query parameters.",
             errors=[{"field": name, "message": "Unknown query parameter."} for name in unknown],
         )
+    events = _events_or_problem(request)
+    if isinstance(events, HttpResponse):
+        return events
     field = "Last-Event-ID" if "Last-Event-ID" in request.headers else "after"
     raw_after = request.headers.get("Last-Event-ID", request.GET.get("after"))
     after = parse_after(raw_after)
@@ -206,7 +215,20 @@ async def run_events(request: HttpRequest, run_id: UUID) -> HttpResponse:
     lease = await _lease_or_problem(request, key)
     if isinstance(lease, HttpResponse):
         return lease
-    return _sse_response(_stream(run, after, lease), run, lease)
+    return _sse_response(_stream(run, after, lease, events=events), run, lease)
+
+
+def _events_or_problem(request: HttpRequest) -> frozenset[str] | HttpResponse | None:
+    """`?events=` of a stream: the event names to send, None for all, or the 400."""
+    try:
+        return event_filter_parse(request.GET.get("events"))
+    except ValueError as e:
+        return problem_response(
+            request,
+            "validation_error",
+            "Invalid events.",
+            errors=[{"field": "events", "message": str(e)}],
+        )
 
 
 def _create_run(*, key: ApiKey, name: str, body: object, idempotency) -> tuple[Run, bool]:
@@ -273,6 +295,17 @@ async def chain_stream(request: HttpRequest, name: str) -> HttpResponse:
         return key
     if (limited := await _admit_or_problem(request, key)) is not None:
         return limited
+    unknown = sorted(set(request.GET) - {"events"})
+    if unknown:
+        return problem_response(
+            request,
+            "validation_error",
+            "Unknown query parameters.",
+            errors=[{"field": name, "message": "Unknown query parameter."} for name in unknown],
+        )
+    events = _events_or_problem(request)
+    if isinstance(events, HttpResponse):
+        return events
     if request.content_type != "application/json":
         return problem_response(
             request, "unsupported_media_type", "Send a JSON body (Content-Type: application/json)."
@@ -296,7 +329,8 @@ async def chain_stream(request: HttpRequest, name: str) -> HttpResponse:
     except BaseException:  # cancelled: the client left while the run was being created
         await asyncio.shield(lease.release())
         raise
-    response = _sse_response(_stream(run, 0, lease, cancel_on_disconnect=cancel), run, lease)
+    body_stream = _stream(run, 0, lease, cancel_on_disconnect=cancel, events=events)
+    response = _sse_response(body_stream, run, lease)
     if replayed:
         response["Idempotent-Replayed"] = "true"
     return response

@@ -92,11 +92,13 @@ async def _mark_seen(run: Run) -> None:
 
 
 async def follow_run(
-    run: Run, after: int, *, idle_s: float
+    run: Run, after: int, *, idle_s: float, events: frozenset[str] | None = None
 ) -> AsyncIterator[list[EventRow] | None]:
     """Batches of events with seq > after, in order, ending with the batch holding the terminal
     event; None when nothing happened for `idle_s` (time for a keep-alive).
 
+    With `events`, only events of those types are yielded, each with its own seq (so resuming
+    works as before); the stream still ends after the run's terminal event, shown or not.
     `run` as the caller read it: if it had ended by then, no event will follow its last_seq."""
     run_id = run.id
     async with get_hub().watch_run(str(run_id)) as waiter:
@@ -108,8 +110,10 @@ async def follow_run(
             rows = await events_after(run_id, after)
             if rows:
                 after = rows[-1].seq
-                last_sent = time.monotonic()
-                yield rows
+                shown = rows if events is None else [r for r in rows if r.event in events]
+                if shown:
+                    last_sent = time.monotonic()
+                    yield shown
                 if rows[-1].event in TERMINAL_EVENTS:
                     return
                 if len(rows) == BATCH:

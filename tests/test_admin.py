@@ -136,8 +136,9 @@ def test_rerun_starts_a_new_run_with_the_same_input_and_key(staff, alice, make_c
         chain.pk,
     )
     assert new.status == RunStatus.QUEUED and logged(original, str(new.id))
-    # It is alice's run, visible to her through the API.
-    assert alice.get(f"/api/v1/runs/{new.id}").status_code == 200
+    # It is alice's run, visible to her through the API, as a rerun of the original.
+    shown = alice.get(f"/api/v1/runs/{new.id}")
+    assert shown.status_code == 200 and shown.json()["rerun_of"] == str(original.id)
 
 
 def test_rerun_with_a_revoked_key_is_refused(staff, alice, make_chain):

@@ -57,11 +57,15 @@ def target(alice, make_chain):
 BODY_ROUTES = [
     ("post", "/api/v1/chains/demo/runs"),
     ("post", "/api/v1/chains/demo/invoke"),
+    ("post", "/api/v1/chains/demo/runs/batch"),
     ("post", "/api/v1/runs/{run}/cancel"),
+    ("post", "/api/v1/runs/{run}/rerun"),
     ("post", "/api/v1/runs/{run}/webhooks/resend"),
     ("post", "/api/v1/webhook-endpoints"),
     ("patch", "/api/v1/webhook-endpoints/{endpoint}"),
     ("post", "/api/v1/webhook-endpoints/{endpoint}/rotate-secret"),
+    ("post", "/api/v1/webhook-endpoints/{endpoint}/test"),
+    ("post", "/api/v1/webhook-endpoints/{endpoint}/recover"),
 ]
 
 BAD_BODIES = {
@@ -123,6 +127,13 @@ WRONG_TYPES = [
     ("patch", "/api/v1/webhook-endpoints/{endpoint}", {"enabled": "yes"}, "enabled"),
     ("patch", "/api/v1/webhook-endpoints/{endpoint}", {"description": 5}, "description"),
     ("patch", "/api/v1/webhook-endpoints/{endpoint}", {"events": "run.failed"}, "events"),
+    ("post", "/api/v1/chains/demo/runs/batch", {"items": {"input": {}}}, "items"),
+    ("post", "/api/v1/chains/demo/runs/batch", {"items": [[]]}, "items[0]"),
+    ("post", "/api/v1/chains/demo/runs/batch", {"items": [{"input": "x"}]}, "items[0]"),
+    ("post", "/api/v1/runs/{run}/rerun", {"input": []}, "input"),
+    ("post", "/api/v1/runs/{run}/rerun", {"webhook": "none"}, "webhook"),
+    ("post", "/api/v1/webhook-endpoints/{endpoint}/recover", {"since": 5}, "since"),
+    ("post", "/api/v1/webhook-endpoints/{endpoint}/recover", {"since": None}, "since"),
 ]
 
 
@@ -246,6 +257,12 @@ QUERIES = {
         {"limit": "0"},
         {"limit": "100000"},
         {"x": "y"},
+        {"events": "nope"},
+        {"events": ""},
+        {"events": ","},
+        {"events": "\x00"},
+        {"events": "run.completed," + "x" * 10_000},
+        {"events": "RUN.COMPLETED"},
     ],
     "/api/v1/runs/{run}/deliveries": [{"cursor": "garbage"}, {"limit": "-1"}],
     "/api/v1/runs/{run}": [{"anything": "x"}],

@@ -26,6 +26,7 @@ def test_list_shows_latest_version(alice, make_chain):
         "description",
         "agents",
         "input_schema",
+        "output_schema",
         "timeout_s",
         "estimated_duration_s",
         "available",

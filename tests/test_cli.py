@@ -111,3 +111,46 @@ def test_errors_and_usage(cli, make_chain):
     assert bad_json.returncode == 2 and "--input is not valid JSON" in bad_json.stderr
     assert cli("chains", url="http://127.0.0.1:9").returncode == 4
     assert Run.objects.count() == 0
+
+
+def test_batch_rerun_and_filtered_stream(cli, make_chain, tmp_path):
+    make_chain("demo", models=[fake(tokens=3)])
+    items = tmp_path / "items.jsonl"
+    items.write_text('{"topic": "a"}\n{"input": {"topic": "b"}, "metadata": {"n": 2}}\n')
+    batch = cli("batch", "demo", "--items", str(items))
+    assert batch.returncode == 0, batch.stderr
+    ids = batch.stdout.split()
+    assert [Run.objects.get(pk=i).input for i in ids] == [{"topic": "a"}, {"topic": "b"}]
+    bad = tmp_path / "bad.json"
+    bad.write_text('[{"topic": "a"}, {"topic": ""}]')
+    refused = cli("batch", "demo", "--items", str(bad))
+    assert refused.returncode == 3 and "items[1].input.topic" in refused.stderr
+    assert Run.objects.count() == 2
+    wait_until(lambda: Run.objects.get(pk=ids[1]).status == "completed", 30)
+    rerun = cli("runs", "rerun", ids[1], "--json")
+    assert rerun.returncode == 0, rerun.stderr
+    new = Run.objects.get(pk=json.loads(rerun.stdout)["run_id"])
+    assert (str(new.rerun_of_id), new.metadata) == (ids[1], {"n": 2})
+    streamed = cli(
+        "--json", "run", "demo", "--input", '{"topic": "x"}', "--stream", "--events", "agent.output"
+    )
+    assert streamed.returncode == 0, streamed.stderr
+    lines = [json.loads(line) for line in streamed.stdout.splitlines()]
+    assert lines and {e["event"] for e in lines} == {"agent.output"}
+
+
+def test_endpoints_test_and_recover(cli, receiver, alice):
+    from tests.webhook_support import hook_path
+    from webhooks.services import endpoint_create
+
+    path = hook_path()
+    endpoint = endpoint_create(owner=alice.key.owner, url=receiver.base_url + path, events=[])
+    sent = cli("endpoints", "test", str(endpoint.id))
+    assert sent.returncode == 0 and "sent webhook.test" in sent.stdout, sent.stderr
+    wait_until(lambda: receiver.requests_for(path), 30, message="the test event")
+    recovered = cli(
+        "endpoints", "recover", str(endpoint.id), "--since", "2000-01-01T00:00:00Z", "--json"
+    )
+    assert recovered.returncode == 0 and json.loads(recovered.stdout)["count"] == 0
+    naive = cli("endpoints", "recover", str(endpoint.id), "--since", "2000-01-01T00:00:00")
+    assert naive.returncode == 3 and "since" in naive.stderr

@@ -329,3 +329,61 @@ def test_in_progress_conflict_is_retried_until_the_first_answer(
     assert len(proxy.requests_with(f"idempotency-key: {key}")) >= 2
     assert Run.objects.count() == 1
     settle()
+
+
+def test_rerun_batch_filters_and_endpoint_tools(client, make_chain, receiver, alice):
+    make_chain("demo", models=[fake(tokens=3)])
+    handles = client.runs.create_batch("demo", [{"topic": "a"}, {"input": {"topic": "b"}}])
+    assert [client.runs.get(h["run_id"])["input"]["topic"] for h in handles] == ["a", "b"]
+    with pytest.raises(ValidationError) as refused:
+        client.runs.create_batch("demo", [{"topic": "ok"}, {"topic": ""}])
+    assert [e["field"] for e in refused.value.errors] == ["items[1].input.topic"]
+    first = client.runs.wait(handles[0]["run_id"], timeout=60)
+    again = client.runs.rerun(first["run_id"], metadata={"retry": True})
+    rerun = client.runs.wait(again["run_id"], timeout=60)
+    assert rerun["rerun_of"] == first["run_id"] and rerun["metadata"] == {"retry": True}
+    assert rerun["input"] == first["input"] and rerun["output"] == first["output"]
+    # Filtered: only the named events, each with its seq; the stream ends with the run even
+    # though its terminal event is not among them.
+    outputs = list(client.runs.stream(chain="demo", input={"topic": "c"}, events=["agent.output"]))
+    assert outputs and {e.type for e in outputs} == {"agent.output"}
+    run_id = outputs[0].run_id
+    assert client.runs.get(run_id)["status"] == "completed"
+    stored = list(client.runs.events(run_id, events=["agent.output", "run.completed"]))
+    assert [e.seq for e in stored[:-1]] == [e.seq for e in outputs]
+    assert stored[-1].type == "run.completed"
+    # Webhook endpoint tools.
+    path = hook_path()
+    endpoint = client.webhook_endpoints.create(receiver.base_url + path)
+    sent = client.webhook_endpoints.test(endpoint["id"])
+    wait_until(lambda: receiver.requests_for(path), 30, message="the test event")
+    payload = verify_webhook(
+        receiver.requests_for(path)[0].body,
+        receiver.requests_for(path)[0].headers,
+        endpoint["secret"],
+    )
+    assert payload["type"] == "webhook.test" and payload["id"] == sent["webhook_id"]
+    assert client.webhook_endpoints.recover(endpoint["id"], "2000-01-01T00:00:00Z") == {
+        "count": 0,
+        "delivery_ids": [],
+    }
+
+
+def test_async_rerun_batch_and_filters(live_server_url, worker, alice, make_chain):
+    make_chain("demo", models=[fake(tokens=2)])
+
+    async def scenario():
+        async with AsyncClient(live_server_url, alice.raw_key, backoff_base=0.05) as c:
+            handles = await c.runs.create_batch("demo", [{"topic": "a"}, {"topic": "b"}])
+            done = await c.runs.wait(handles[1]["run_id"], timeout=60)
+            again = await c.runs.rerun(done["run_id"], input={"topic": "z"})
+            rerun = await c.runs.wait(again["run_id"], timeout=60)
+            ends = [e async for e in c.runs.stream(again["run_id"], events=["run.completed"])]
+            return done, rerun, ends
+
+    try:
+        done, rerun, ends = asyncio.run(scenario())
+    finally:
+        settle()
+    assert rerun["rerun_of"] == done["run_id"] and rerun["input"] == {"topic": "z"}
+    assert [e.type for e in ends] == ["run.completed"]

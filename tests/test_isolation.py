@@ -16,6 +16,7 @@ from dataclasses import dataclass
 
 import httpx
 import pytest
+from django.db.models import Q
 from django.urls import URLResolver, get_resolver
 from drf_spectacular.generators import SchemaGenerator
 from websockets.sync.client import connect
@@ -48,6 +49,7 @@ class Owned:
 OWNED = [
     Owned("GET", "/api/v1/runs/{run_id}", "run", 200),
     Owned("POST", "/api/v1/runs/{run_id}/cancel", "run", 200, sample="queued"),
+    Owned("POST", "/api/v1/runs/{run_id}/rerun", "run", 202, body={}),
     Owned("GET", "/api/v1/runs/{run_id}/events", "run", 200),
     Owned("GET", "/api/v1/runs/{run_id}/events", "run", 200, accept="text/event-stream"),
     Owned("GET", "/api/v1/runs/{run_id}/deliveries", "run", 200),
@@ -61,6 +63,14 @@ OWNED = [
         body={"description": "x"},
     ),
     Owned("POST", "/api/v1/webhook-endpoints/{endpoint_id}/rotate-secret", "endpoint", 200),
+    Owned("POST", "/api/v1/webhook-endpoints/{endpoint_id}/test", "endpoint", 202),
+    Owned(
+        "POST",
+        "/api/v1/webhook-endpoints/{endpoint_id}/recover",
+        "endpoint",
+        202,
+        body={"since": "2000-01-01T00:00:00Z"},
+    ),
     Owned("DELETE", "/api/v1/webhook-endpoints/{endpoint_id}", "endpoint", 204),
     Owned("POST", "/api/v1/deliveries/{delivery_id}/resend", "delivery", 202),
     # The run's id in the body ("{id}"): no ticket for another owner's run.
@@ -82,6 +92,7 @@ RUN_LIST_QUERIES = [
 CREATES = {
     ("POST", "/api/v1/chains/{name}/runs"): {"input": {"topic": "tides"}},
     ("POST", "/api/v1/chains/{name}/invoke"): {"input": {"topic": "tides"}, "wait_s": 0},
+    ("POST", "/api/v1/chains/{name}/runs/batch"): {"items": [{"input": {"topic": "tides"}}]},
     ("POST", "/api/v1/chains/{name}/stream"): {
         "input": {"topic": "tides"},
         "cancel_on_disconnect": True,
@@ -193,11 +204,16 @@ def _state(owner_id: int) -> dict:
         "endpoints": list(
             WebhookEndpoint.objects.filter(owner_id=owner_id).order_by("id").values()
         ),
+        # Of her runs, and the tests sent to her endpoints.
         "deliveries": list(
-            WebhookDelivery.objects.filter(message__run__owner_id=owner_id).order_by("id").values()
+            WebhookDelivery.objects.filter(
+                Q(message__run__owner_id=owner_id) | Q(endpoint__owner_id=owner_id)
+            )
+            .order_by("id")
+            .values()
         ),
         "attempts": WebhookAttempt.objects.filter(
-            delivery__message__run__owner_id=owner_id
+            Q(delivery__message__run__owner_id=owner_id) | Q(delivery__endpoint__owner_id=owner_id)
         ).count(),
         "idempotency": IdempotencyRecord.objects.filter(owner_id=owner_id).count(),
     }
@@ -322,6 +338,7 @@ def test_idempotency_keys_are_per_owner(live_server_url, alice, bob, make_chain,
                         made[api.key.name] = (response.headers["X-Run-Id"], None)
                     else:
                         data = json.loads(response.read())
+                        data = data["results"][0] if "results" in data else data  # a batch
                         made[api.key.name] = (
                             data.get("run_id") or data.get("id") or data["ticket"],
                             data.get("secret"),
@@ -329,7 +346,7 @@ def test_idempotency_keys_are_per_owner(live_server_url, alice, bob, make_chain,
             (alice_id, alice_secret), (bob_id, bob_secret) = made["alice-key"], made["bob-key"]
             assert alice_id != bob_id, path
             assert alice_secret is None or alice_secret != bob_secret, path
-    assert Run.objects.filter(owner=bob.key.owner).count() == 3
+    assert Run.objects.filter(owner=bob.key.owner).count() == 4
     assert WebhookEndpoint.objects.filter(owner=bob.key.owner).count() == 1
 
 

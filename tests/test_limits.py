@@ -139,11 +139,13 @@ def test_run_larger_than_token_budget(alice, make_chain):
     reservation = token_reservation(chain=chain, run_input=BODY["input"])
     set_limits(alice, tokens_per_minute=reservation - 1)
     response = create(alice)
-    problem = assert_problem(response, 429, "token_budget_exceeded")
-    assert "never" in problem["detail"]
-    assert problem["violated-policies"] == ["tokens"]
-    assert response["Retry-After"] == "60"
+    # No retry can make it fit: not a 429, and nothing invites one.
+    problem = assert_problem(response, 422, "run_too_large")
+    assert "never" in problem["detail"] and str(reservation) in problem["detail"]
+    assert not response.has_header("Retry-After")
     assert not Run.objects.exists()
+    page = alice.client.get(problem["type"])
+    assert page.status_code == 200 and b"Run too large" in page.content
 
 
 def tokens_left(response) -> int:

@@ -277,3 +277,26 @@ def test_run_list_query_count_is_flat(alice, chain, django_assert_max_num_querie
         create(alice)
     with django_assert_max_num_queries(2):
         assert len(alice.get("/api/v1/runs").json()["results"]) == 10
+
+
+def test_created_after_a_runs_own_created_at_leaves_that_run_out(alice, chain):
+    """Timestamps are shown to the millisecond: a value copied from an answer is a boundary."""
+    first = create(alice)
+    second = create(alice)
+    run = Run.objects.get(pk=first["run_id"])
+    run.created_at = run.created_at.replace(microsecond=123456)
+    run.save(update_fields=["created_at"])
+    shown = alice.get(f"/api/v1/runs/{first['run_id']}").json()["created_at"]
+    assert shown.endswith(".123Z")
+
+    def ids(created_after):
+        response = alice.get("/api/v1/runs", {"created_after": created_after})
+        assert response.status_code == 200, response.content
+        return [r["run_id"] for r in response.json()["results"]]
+
+    assert first["run_id"] not in ids(shown)
+    assert ids(second["created_at"]) == []
+    # One millisecond earlier than shown, the run is after it.
+    earlier = shown.replace(".123Z", ".122Z")
+    assert first["run_id"] in ids(earlier)
+    assert ids("9999-12-31T23:59:59.999+00:00") == []

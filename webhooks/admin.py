@@ -15,7 +15,7 @@ from agentsvc.errors import ApplicationError
 from runs.admin import run_panel_register
 from runs.models import Run
 from webhooks import services
-from webhooks.models import DeliveryStatus, WebhookAttempt, WebhookDelivery, WebhookEndpoint
+from webhooks.models import WebhookAttempt, WebhookDelivery, WebhookEndpoint
 from webhooks.services.endpoints import endpoint_delete, endpoint_update
 
 
@@ -80,19 +80,11 @@ class WebhookEndpointAdmin(admin.ModelAdmin):
         since = form.cleaned_data.get("since") or until - timedelta(hours=24)
         sent = 0
         for endpoint in queryset:
-            failed = WebhookDelivery.objects.filter(
-                endpoint=endpoint,
-                status=DeliveryStatus.FAILED,
-                created_at__gte=since,
-                created_at__lte=until,
-            ).select_related("endpoint")
-            count = 0
-            for delivery in failed:
-                try:
-                    services.delivery_resend(delivery=delivery)
-                    count += 1
-                except ApplicationError as e:
-                    self.message_user(request, f"{delivery}: {e.detail}", messages.ERROR)
+            try:
+                count = len(services.endpoint_recover(endpoint=endpoint, since=since, until=until))
+            except ApplicationError as e:
+                self.message_user(request, f"{endpoint}: {e.detail}", messages.ERROR)
+                continue
             if count:
                 self.log_change(
                     request, endpoint, f"Resent {count} failed deliveries from {since} to {until}."

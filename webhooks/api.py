@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from datetime import timedelta
+
 from drf_spectacular.utils import extend_schema
 from rest_framework import status
 from rest_framework.response import Response
@@ -11,6 +13,7 @@ from agentsvc.idempotency import IdempotentMixin
 from agentsvc.openapi import IDEMPOTENCY_KEY, problems
 from runs import selectors as run_selectors
 from runs.api import CURSOR, LIMIT, MAX_LIMIT, _check_query, _int_param, _page
+from runs.timefmt import after_ms, floor_ms
 from webhooks import selectors, services
 from webhooks.presenters import delivery_dict, endpoint_dict
 from webhooks.schemas import (
@@ -19,9 +22,11 @@ from webhooks.schemas import (
     EndpointOut,
     EndpointPage,
     EndpointWithSecretOut,
+    RecoveredOut,
     ResentPage,
+    TestSentOut,
 )
-from webhooks.serializers import EndpointCreateInput, EndpointUpdateInput
+from webhooks.serializers import EndpointCreateInput, EndpointUpdateInput, RecoverInput
 
 
 class WebhookEndpointsApi(IdempotentMixin, APIView):
@@ -99,6 +104,57 @@ class WebhookEndpointRotateSecretApi(IdempotentMixin, APIView):
         endpoint = selectors.endpoint_get(owner=request.user, endpoint_id=endpoint_id)
         endpoint = services.endpoint_rotate_secret(endpoint=endpoint)
         return Response(endpoint_dict(endpoint, with_secret=True))
+
+
+class WebhookEndpointTestApi(IdempotentMixin, APIView):
+    @extend_schema(
+        operation_id="webhook_endpoints_test",
+        summary="Send a signed webhook.test event to the endpoint now",
+        description="A `webhook.test` message (`data`: `{endpoint_id, url}`), signed and "
+        "retried like any delivery, sent even while the endpoint is disabled. It belongs to no "
+        "run, so no run's deliveries list shows it.",
+        request=None,
+        parameters=[IDEMPOTENCY_KEY],
+        responses={202: TestSentOut, **problems(404, 409, 422)},
+    )
+    def post(self, request, endpoint_id):
+        endpoint = selectors.endpoint_get(owner=request.user, endpoint_id=endpoint_id)
+        delivery = services.endpoint_test(endpoint=endpoint)
+        return Response(
+            {"delivery_id": str(delivery.id), "webhook_id": delivery.message_id},
+            status=status.HTTP_202_ACCEPTED,
+        )
+
+
+class WebhookEndpointRecoverApi(IdempotentMixin, APIView):
+    @extend_schema(
+        operation_id="webhook_endpoints_recover",
+        summary="Resend every failed delivery of the endpoint since a time",
+        description="Failed deliveries created at or after `since` (and at or before `until`, "
+        "default now), compared at the millisecond that timestamps are shown with, are sent "
+        "again now: same webhook-id, new timestamp and signature.",
+        request=RecoverInput,
+        parameters=[IDEMPOTENCY_KEY],
+        responses={202: RecoveredOut, **problems(404, 409, 422)},
+    )
+    def post(self, request, endpoint_id):
+        endpoint = selectors.endpoint_get(owner=request.user, endpoint_id=endpoint_id)
+        body = RecoverInput(data=request.data)
+        body.is_valid(raise_exception=True)
+        data = body.validated_data
+        until = data.get("until")
+        try:
+            ids = services.endpoint_recover(
+                endpoint=endpoint,
+                since=floor_ms(data["since"]),
+                until=after_ms(until) - timedelta(microseconds=1) if until else None,
+            )
+        except OverflowError:  # until 9999-12-31T23:59:59.999Z
+            ids = services.endpoint_recover(endpoint=endpoint, since=floor_ms(data["since"]))
+        return Response(
+            {"count": len(ids), "delivery_ids": [str(i) for i in ids]},
+            status=status.HTTP_202_ACCEPTED,
+        )
 
 
 class RunDeliveriesApi(APIView):

@@ -44,11 +44,17 @@ class WebhookEndpoint(models.Model):
         return self.url
 
 
+WEBHOOK_TEST = "webhook.test"
+
+
 class WebhookMessage(models.Model):
-    """One terminal event of a run; its id is the `webhook-id` of every attempt and resend."""
+    """One terminal event of a run, or a `webhook.test` sent to one endpoint (no run, seq 0);
+    its id is the `webhook-id` of every attempt and resend."""
 
     id = models.CharField(primary_key=True, max_length=40, editable=False)
-    run = models.ForeignKey(Run, on_delete=models.CASCADE, related_name="webhook_messages")
+    run = models.ForeignKey(
+        Run, null=True, blank=True, on_delete=models.CASCADE, related_name="webhook_messages"
+    )
     event_type = models.CharField(max_length=32)
     seq = models.PositiveIntegerField()
     payload = models.JSONField()

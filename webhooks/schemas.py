@@ -5,7 +5,7 @@ from __future__ import annotations
 from rest_framework import serializers
 
 from runs.models import TERMINAL_EVENTS
-from webhooks.models import DeliveryStatus, Trigger
+from webhooks.models import WEBHOOK_TEST, DeliveryStatus, Trigger
 
 
 class EndpointOut(serializers.Serializer):
@@ -45,7 +45,9 @@ class DeliveryOut(serializers.Serializer):
     webhook_id = serializers.CharField()
     endpoint_id = serializers.UUIDField(allow_null=True)
     url = serializers.URLField()
-    event = serializers.ChoiceField(TERMINAL_EVENTS)
+    event = serializers.ChoiceField(
+        [*TERMINAL_EVENTS, WEBHOOK_TEST], help_text="webhook.test: a test of an endpoint."
+    )
     status = serializers.ChoiceField(DeliveryStatus.choices)
     attempts = AttemptOut(many=True)
     next_attempt_at = serializers.DateTimeField(allow_null=True)
@@ -65,3 +67,13 @@ class ResentOut(serializers.Serializer):
 
 class ResentPage(serializers.Serializer):
     results = ResentOut(many=True)
+
+
+class TestSentOut(serializers.Serializer):
+    delivery_id = serializers.UUIDField()
+    webhook_id = serializers.CharField(help_text="The `webhook-id` the receiver sees.")
+
+
+class RecoveredOut(serializers.Serializer):
+    count = serializers.IntegerField(help_text="How many failed deliveries are sent again.")
+    delivery_ids = serializers.ListField(child=serializers.UUIDField())

@@ -5,9 +5,15 @@ from __future__ import annotations
 import base64
 import binascii
 
+from django.core.validators import RegexValidator
 from rest_framework import serializers
 
-from agentsvc.serializers import StrictBooleanField, StrictCharField, StrictSerializer
+from agentsvc.serializers import (
+    RFC3339Field,
+    StrictBooleanField,
+    StrictCharField,
+    StrictSerializer,
+)
 from runs.models import TERMINAL_EVENTS
 from webhooks.ssrf import BlockedAddress, check_url
 
@@ -69,3 +75,15 @@ class EndpointUpdateInput(EndpointCreateInput):
     url = serializers.URLField(max_length=2000, validators=[validate_target_url], required=False)
     events = _events_field(required=False)
     enabled = StrictBooleanField(required=False)
+
+
+class RecoverInput(StrictSerializer):
+    since = RFC3339Field(help_text="RFC 3339 with a zone: failed deliveries created since then.")
+    until = RFC3339Field(required=False, help_text="Default: now.")
+    idempotency_key = StrictCharField(
+        required=False,
+        trim_whitespace=False,
+        validators=[
+            RegexValidator(r"^[\x20-\x7e]{1,255}$", "1 to 255 printable ASCII characters.")
+        ],
+    )

@@ -12,6 +12,11 @@ Behaviour is chosen per request by the model name, so parallel tests never share
   drop=1          close the connection after the first token, without [DONE]
   no_usage=1      do not report usage
   stamp=1         each token is the time it was sent (Unix ns), for latency benchmarks
+  json=1          answer a JSON object {"summary": <the words>, "words": <how many>} (in chunks of
+                  a few characters), as a model asked for a json_schema response_format would
+  json=bad        answer text that is not JSON (a truncated object)
+  json=wrong      answer valid JSON that does not match that object's schema
+The last request body of each model name is kept (`server.bodies`), to check what was asked.
 Run it: python -m tests.fakes.openai_server --port 8089
 """
 
@@ -62,6 +67,7 @@ class FakeModelServer(ThreadingHTTPServer):
         super().__init__(address, Handler)
         self.models = models or []
         self.requests: Counter[str] = Counter()
+        self.bodies: dict[str, dict] = {}
         self.lock = threading.Lock()
 
     @property
@@ -69,9 +75,11 @@ class FakeModelServer(ThreadingHTTPServer):
         host, port = self.server_address[:2]
         return f"http://{host}:{port}/v1"
 
-    def count(self, model: str) -> int:
+    def count(self, model: str, body: dict | None = None) -> int:
         with self.lock:
             self.requests[model] += 1
+            if body is not None:
+                self.bodies[model] = body
             return self.requests[model]
 
 
@@ -128,7 +136,7 @@ class Handler(BaseHTTPRequestHandler):
             self._json(400, {"error": {"message": "bad request"}})
             return
         opts = dict(parse_qsl(urlsplit(model).query))
-        n = self.server.count(model)
+        n = self.server.count(model, body)
         fail = opts.get("fail")
         if fail and n <= int(opts.get("fail_times", 10**9)):
             headers = {"Retry-After": opts["retry_after"]} if "retry_after" in opts else {}
@@ -140,6 +148,12 @@ class Handler(BaseHTTPRequestHandler):
             count = int(opts["tokens"])
             words = [(words + FILLER)[i % (len(words) + len(FILLER))] for i in range(count)]
         tokens = [w if i == 0 else " " + w for i, w in enumerate(words)]
+        if "json" in opts:
+            text = {
+                "1": json.dumps({"summary": " ".join(words), "words": len(words)}),
+                "wrong": json.dumps({"summary": len(words), "words": "many"}),
+            }.get(opts["json"], '{"summary": "' + " ".join(words))
+            tokens = [text[i : i + 8] for i in range(0, len(text), 8)]
         latency = float(opts.get("latency_ms", 0)) / 1000
         prompt_tokens = sum(len(m["content"].split()) for m in messages)
 

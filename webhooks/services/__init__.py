@@ -4,6 +4,8 @@ from webhooks.services.deliveries import (
     deliveries_claim_due,
     delivery_attempt,
     delivery_resend,
+    endpoint_recover,
+    endpoint_test,
     messages_create_for_events,
     run_webhooks_resend,
 )
@@ -21,7 +23,9 @@ __all__ = [
     "delivery_resend",
     "endpoint_create",
     "endpoint_delete",
+    "endpoint_recover",
     "endpoint_rotate_secret",
+    "endpoint_test",
     "endpoint_update",
     "messages_create_for_events",
     "run_webhooks_resend",

@@ -16,9 +16,11 @@ from django.utils import timezone
 
 from agentsvc.errors import ApplicationError
 from runs.models import TERMINAL_EVENTS, Run
+from runs.presenters import run_output
 from runs.timefmt import iso
 from webhooks import delivery as http
 from webhooks.models import (
+    WEBHOOK_TEST,
     DeliveryStatus,
     Trigger,
     WebhookDelivery,
@@ -68,7 +70,7 @@ def _payload(*, run: Run, event: str, seq: int, msg_id: str, now: datetime) -> d
             "chain": run.chain.name,
             "version": run.chain.version,
             "status": run.status,
-            "output": run.output,
+            "output": run_output(run),
             "error": (
                 {"code": run.error_code, "message": run.error_message} if run.error_code else None
             ),
@@ -350,3 +352,77 @@ def run_webhooks_resend(*, run: Run) -> list[WebhookDelivery]:
             except ApplicationError:
                 continue  # its URL is refused now; the others still go
     return list(message.deliveries.order_by("created_at"))
+
+
+# --- Endpoint tools: a test event, and recovery of failed deliveries --------------------------
+
+
+def _url_or_400(url: str) -> None:
+    try:
+        check_url(url)
+    except BlockedAddress as e:
+        raise ApplicationError(
+            "validation_error",
+            "The endpoint's URL is refused.",
+            errors=[{"field": "url", "message": str(e)}],
+        ) from None
+
+
+def endpoint_test(*, endpoint: WebhookEndpoint) -> WebhookDelivery:
+    """Send a signed `webhook.test` message to the endpoint now (whatever events it subscribes
+    to, and even while it is disabled: a manual attempt), retried like any delivery.
+
+    Its message has no run, so no run's deliveries list shows it."""
+    _url_or_400(endpoint.url)
+    now = timezone.now()
+    msg_id = WebhookMessage.new_id()
+    with transaction.atomic():
+        message = WebhookMessage.objects.create(
+            id=msg_id,
+            run=None,
+            event_type=WEBHOOK_TEST,
+            seq=0,
+            payload={
+                "type": WEBHOOK_TEST,
+                "id": msg_id,
+                "timestamp": iso(now),
+                "data": {"endpoint_id": str(endpoint.id), "url": endpoint.url},
+            },
+            created_at=now,
+        )
+        delivery = WebhookDelivery.objects.create(
+            message=message,
+            endpoint=endpoint,
+            url=endpoint.url,
+            next_attempt_at=now,
+            next_trigger=Trigger.MANUAL,
+        )
+        transaction.on_commit(deliveries_wake)
+    return delivery
+
+
+def endpoint_recover(
+    *, endpoint: WebhookEndpoint, since: datetime, until: datetime | None = None
+) -> list[UUID]:
+    """Resend now every failed delivery of the endpoint created in [since, until] (the same
+    webhook-ids, new timestamps and signatures); returns their ids, oldest first."""
+    _url_or_400(endpoint.url)
+    now = timezone.now()
+    with transaction.atomic():
+        failed = WebhookDelivery.objects.filter(
+            endpoint=endpoint, status=DeliveryStatus.FAILED, created_at__gte=since
+        )
+        if until is not None:
+            failed = failed.filter(created_at__lte=until)
+        ids = list(
+            failed.select_for_update().order_by("created_at", "id").values_list("id", flat=True)
+        )
+        WebhookDelivery.objects.filter(id__in=ids).update(
+            status=DeliveryStatus.PENDING,
+            next_attempt_at=now,
+            next_trigger=Trigger.MANUAL,
+            claim_token=None,
+        )
+        if ids:
+            transaction.on_commit(deliveries_wake)
+    return ids

@@ -7,11 +7,11 @@ import secrets as pysecrets
 from datetime import timedelta
 from typing import Any
 
-from django.db import transaction
+from django.db import IntegrityError, transaction
 from django.utils import timezone
 
 from agentsvc.models import Owner
-from webhooks.models import WebhookDelivery, WebhookEndpoint
+from webhooks.models import WebhookDelivery, WebhookEndpoint, WebhookMessage
 
 ROTATION_OVERLAP = timedelta(hours=24)
 
@@ -46,7 +46,6 @@ def endpoint_rotate_secret(*, endpoint: WebhookEndpoint) -> WebhookEndpoint:
     return endpoint
 
 
-@transaction.atomic
 def endpoint_delete(*, endpoint: WebhookEndpoint) -> None:
     """Delete the endpoint with its deliveries and their attempts.
 
@@ -54,6 +53,23 @@ def endpoint_delete(*, endpoint: WebhookEndpoint) -> None:
     the delivery and inserts the attempt; without the lock, one committed between the cascade's
     read of the attempts and its delete would be left behind, and the commit would fail on the
     attempt's foreign key. With it, the cascade waits for that worker and sees its attempt, and a
-    worker that comes later finds its delivery gone (its lease is lost)."""
+    worker that comes later finds its delivery gone (its lease is lost).
+
+    A run that ends meanwhile may still add a delivery to the endpoint (its fan-out read the
+    endpoint before): the delete then fails on that delivery's foreign key, and is tried again,
+    which sees it."""
+    for attempt in range(3):
+        try:
+            with transaction.atomic():
+                _endpoint_delete(endpoint)
+            return
+        except IntegrityError:
+            if attempt == 2:
+                raise
+
+
+def _endpoint_delete(endpoint: WebhookEndpoint) -> None:
     list(WebhookDelivery.objects.select_for_update().filter(endpoint=endpoint).values_list("pk"))
+    # Its test messages belong to no run: they go with it rather than linger without deliveries.
+    WebhookMessage.objects.filter(run__isnull=True, deliveries__endpoint=endpoint).delete()
     endpoint.delete()

@@ -23,6 +23,15 @@ class _Auto:
 AUTO: Any = _Auto()
 """A fresh uuid4 Idempotency-Key per logical call, reused across its retries."""
 
+
+class _Keep:
+    def __repr__(self) -> str:
+        return "KEEP"
+
+
+KEEP: Any = _Keep()
+"""For a rerun's `webhook`: keep the original run's (None drops it)."""
+
 TERMINAL_EVENTS = frozenset({"run.completed", "run.failed", "run.cancelled", "run.timed_out"})
 TERMINAL_STATUSES = frozenset({"completed", "failed", "cancelled", "timed_out"})
 SSE_HEADERS = {"Accept": "text/event-stream"}
@@ -130,6 +139,34 @@ def create_body(
         if value is not None:
             body[name] = value
     body.update({k: v for k, v in more.items() if v is not None})
+    return body
+
+
+def events_param(events: Iterable[str] | None) -> dict[str, str]:
+    """`?events=a,b` of an event filter (None: every event)."""
+    if events is None:
+        return {}
+    names = [events] if isinstance(events, str) else list(events)
+    return {"events": ",".join(names)}
+
+
+def rerun_body(input: dict | None, metadata: dict | None, webhook: Any) -> dict[str, Any]:
+    body: dict[str, Any] = {}
+    if input is not None:
+        body["input"] = input
+    if metadata is not None:
+        body["metadata"] = metadata
+    if webhook is not KEEP:
+        body["webhook"] = webhook
+    return body
+
+
+def batch_body(items: Iterable[dict], version: int | None) -> dict[str, Any]:
+    """Items are `{"input": ...}` (with `metadata`, `webhook`), or bare inputs."""
+    listed = [item if "input" in item else {"input": item} for item in items]
+    body: dict[str, Any] = {"items": listed}
+    if version is not None:
+        body["version"] = version
     return body
 
 

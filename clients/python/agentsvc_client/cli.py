@@ -37,6 +37,10 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--version", type=int)
     run.add_argument("--metadata", help="a JSON object stored with the run")
     run.add_argument("--stream", action="store_true", help="print tokens live until the end")
+    run.add_argument(
+        "--events",
+        help="with --stream: only these comma-separated event types (e.g. agent.output)",
+    )
     run.add_argument("--wait", action="store_true", help="show progress until the end")
     run.add_argument("--timeout", type=float, default=600, help="--wait gives up after (s)")
     run.add_argument("--json", action="store_true", default=argparse.SUPPRESS)
@@ -50,7 +54,32 @@ def _parser() -> argparse.ArgumentParser:
     for name in ("get", "cancel"):
         one = runs_sub.add_parser(name)
         one.add_argument("run_id")
+    rerun = runs_sub.add_parser("rerun", help="start a run again (same version, input, metadata)")
+    rerun.add_argument("run_id")
+    rerun.add_argument("--input", help="a JSON object instead of the original input")
+    rerun.add_argument("--metadata", help="a JSON object instead of the original metadata")
     for action in runs_sub.choices.values():
+        action.add_argument("--json", action="store_true", default=argparse.SUPPRESS)
+
+    batch = sub.add_parser("batch", help="start many runs of CHAIN at once, all or none")
+    batch.add_argument("chain")
+    batch.add_argument(
+        "--items",
+        required=True,
+        help='a file (or - for stdin): a JSON array, or JSON lines, of {"input": ...} or inputs',
+    )
+    batch.add_argument("--version", type=int)
+    batch.add_argument("--json", action="store_true", default=argparse.SUPPRESS)
+
+    endpoints = sub.add_parser("endpoints", help="test webhook endpoints, recover deliveries")
+    endpoints_sub = endpoints.add_subparsers(dest="action", required=True)
+    test = endpoints_sub.add_parser("test", help="send a signed webhook.test event now")
+    test.add_argument("endpoint_id")
+    recover = endpoints_sub.add_parser("recover", help="resend failed deliveries since a time")
+    recover.add_argument("endpoint_id")
+    recover.add_argument("--since", required=True, help="RFC 3339 with a zone")
+    recover.add_argument("--until", help="RFC 3339 with a zone (default: now)")
+    for action in endpoints_sub.choices.values():
         action.add_argument("--json", action="store_true", default=argparse.SUPPRESS)
 
     chains = sub.add_parser("chains", help="list the chains")
@@ -119,8 +148,13 @@ def _run(client: Client, args: argparse.Namespace) -> int:
     metadata = _json_arg(args.metadata, "--metadata")
     if args.stream:
         run_id, agent = None, None
+        events = args.events.split(",") if args.events else None
         for event in client.runs.stream(
-            chain=args.chain, input=run_input, version=args.version, metadata=metadata
+            chain=args.chain,
+            input=run_input,
+            version=args.version,
+            metadata=metadata,
+            events=events,
         ):
             run_id = event.run_id
             if args.json:
@@ -181,11 +215,67 @@ def _runs(client: Client, args: argparse.Namespace) -> int:
                 f"{run['run_id']:<36}  {run['chain']:<20}  {run['status']:<10}  {run['created_at']}"
             )
         return EXIT_OK
+    if args.action == "rerun":
+        handle = client.runs.rerun(
+            args.run_id,
+            input=_json_arg(args.input, "--input"),
+            metadata=_json_arg(args.metadata, "--metadata"),
+        )
+        if args.json:
+            _print_json(handle)
+        else:
+            print(handle["run_id"])
+        return EXIT_OK
     run = client.runs.get(args.run_id) if args.action == "get" else client.runs.cancel(args.run_id)
     if args.json:
         _print_json(run)
     else:
         print(_summary(run))
+    return EXIT_OK
+
+
+def _read_items(source: str) -> list:
+    try:
+        if source == "-":
+            text = sys.stdin.read()
+        else:
+            with open(source, encoding="utf-8") as f:
+                text = f.read()
+    except OSError as exc:
+        raise SystemExit(_usage(f"--items: {exc}"))  # noqa: B904
+    try:
+        if text.lstrip().startswith("["):
+            items = json.loads(text)
+        else:
+            items = [json.loads(line) for line in text.splitlines() if line.strip()]
+    except ValueError as exc:
+        raise SystemExit(_usage(f"--items is not valid JSON: {exc}"))  # noqa: B904
+    if not all(isinstance(item, dict) for item in items):
+        raise SystemExit(_usage("--items must hold JSON objects"))
+    return items
+
+
+def _batch(client: Client, args: argparse.Namespace) -> int:
+    handles = client.runs.create_batch(args.chain, _read_items(args.items), version=args.version)
+    if args.json:
+        _print_json(handles)
+    else:
+        for handle in handles:
+            print(handle["run_id"])
+    return EXIT_OK
+
+
+def _endpoints(client: Client, args: argparse.Namespace) -> int:
+    if args.action == "test":
+        answer = client.webhook_endpoints.test(args.endpoint_id)
+        text = f"sent webhook.test: delivery {answer['delivery_id']}"
+    else:
+        answer = client.webhook_endpoints.recover(args.endpoint_id, args.since, until=args.until)
+        text = f"{answer['count']} failed delivery(ies) sent again"
+    if args.json:
+        _print_json(answer)
+    else:
+        print(text)
     return EXIT_OK
 
 
@@ -210,7 +300,13 @@ def main(argv: list[str] | None = None) -> int:
         client = Client(args.url, args.api_key, max_attempts=4)
     except AgentsvcError as exc:
         return _usage(str(exc))
-    commands = {"run": _run, "runs": _runs, "chains": _chains}
+    commands = {
+        "run": _run,
+        "runs": _runs,
+        "batch": _batch,
+        "endpoints": _endpoints,
+        "chains": _chains,
+    }
     try:
         with client:
             return commands[args.command](client, args)

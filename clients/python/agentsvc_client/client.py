@@ -9,7 +9,14 @@ from typing import Any
 import httpx
 
 from agentsvc_client import _core
-from agentsvc_client._core import AUTO, SSE_HEADERS, TERMINAL_STATUSES, Event, SSEParser
+from agentsvc_client._core import (
+    AUTO,
+    KEEP,
+    SSE_HEADERS,
+    TERMINAL_STATUSES,
+    Event,
+    SSEParser,
+)
 from agentsvc_client.errors import APIConnectionError, WaitTimeout, error_from_response
 from agentsvc_client.errors import retry_after_of as _retry_after
 
@@ -164,6 +171,43 @@ class Runs:
             "POST", f"/api/v1/runs/{run_id}/cancel", idempotency_key=idempotency_key
         )
 
+    def rerun(
+        self,
+        run_id: str,
+        *,
+        input: dict | None = None,
+        metadata: dict | None = None,
+        webhook: Any = KEEP,
+        idempotency_key: Any = AUTO,
+    ) -> dict:
+        """Start the run again (202, the new run's handle): same chain version, input, metadata
+        and webhook, each replaced when given (`webhook=None` drops it). The new run's
+        `rerun_of` names this one."""
+        body = _core.rerun_body(input, metadata, webhook)
+        return self._c.call(
+            "POST", f"/api/v1/runs/{run_id}/rerun", json=body, idempotency_key=idempotency_key
+        )
+
+    def create_batch(
+        self,
+        chain: str,
+        items: list[dict],
+        *,
+        version: int | None = None,
+        idempotency_key: Any = AUTO,
+    ) -> list[dict]:
+        """Start up to 100 runs at once, all or none (a bad item raises ValidationError naming
+        it, `items[3].input.topic`): their handles, in the items' order. Items are
+        `{"input": ..., "metadata"?, "webhook"?}` or bare inputs."""
+        body = _core.batch_body(items, version)
+        answer = self._c.call(
+            "POST",
+            f"/api/v1/chains/{chain}/runs/batch",
+            json=body,
+            idempotency_key=idempotency_key,
+        )
+        return answer["results"]
+
     def stream_ticket(self, run_id: str | None = None, *, idempotency_key: Any = AUTO) -> dict:
         """`{ticket, expires_at}` for a browser: `?ticket=` opens this run's SSE stream and
         WebSocket (or, without run_id, the status feed) until it expires. Never put the key
@@ -178,11 +222,15 @@ class Runs:
             "POST", f"/api/v1/runs/{run_id}/webhooks/resend", idempotency_key=idempotency_key
         )
 
-    def events(self, run_id: str, *, after: int = 0) -> Iterator[Event]:
-        """The stored events so far, as JSON pages (no streaming)."""
+    def events(
+        self, run_id: str, *, after: int = 0, events: list[str] | None = None
+    ) -> Iterator[Event]:
+        """The stored events so far, as JSON pages (no streaming); `events` keeps only those
+        types (each keeps its seq)."""
         while True:
             path = f"/api/v1/runs/{run_id}/events"
-            page = self._c.call("GET", path, params={"after": after})
+            params = {"after": after, **_core.events_param(events)}
+            page = self._c.call("GET", path, params=params)
             for row in page["results"]:
                 yield Event(seq=row["seq"], type=row["event"], data=row["data"])
             if not page["results"] or page.get("next_after") in (None, after):
@@ -220,11 +268,13 @@ class Runs:
         metadata: dict | None = None,
         webhook: dict | None = None,
         after: int = 0,
+        events: list[str] | None = None,
         idempotency_key: Any = AUTO,
     ) -> Iterator[Event]:
         """A run's events, each once and in order, until its terminal event. Either follow a run
         (`run_id`) or start one (`chain`, `input`). A dropped connection is resumed with
-        Last-Event-ID; a dropped start is retried with the same Idempotency-Key."""
+        Last-Event-ID; a dropped start is retried with the same Idempotency-Key. `events` keeps
+        only those types; the stream still ends when the run does, terminal event shown or not."""
         if (run_id is None) == (chain is None):
             raise ValueError("pass either run_id or chain (with input)")
         start_headers = _core.request_headers("POST", idempotency_key, SSE_HEADERS)
@@ -234,11 +284,20 @@ class Runs:
         while True:
             if run_id is None:
                 ctx = self._c.open_stream(
-                    "POST", f"/api/v1/chains/{chain}/stream", json=body, headers=start_headers
+                    "POST",
+                    f"/api/v1/chains/{chain}/stream",
+                    json=body,
+                    headers=start_headers,
+                    params=_core.events_param(events),
                 )
             else:
                 headers = {**SSE_HEADERS, **({"Last-Event-ID": str(last)} if last else {})}
-                ctx = self._c.open_stream("GET", f"/api/v1/runs/{run_id}/events", headers=headers)
+                ctx = self._c.open_stream(
+                    "GET",
+                    f"/api/v1/runs/{run_id}/events",
+                    headers=headers,
+                    params=_core.events_param(events),
+                )
             delay = None
             try:
                 with ctx as response:
@@ -260,6 +319,12 @@ class Runs:
                             run_id = run_id or event.run_id
                             yield event
                             if event.is_terminal:
+                                return
+                        # The server ended a filtered stream: the run is over if its
+                        # terminal event was filtered out.
+                        if events is not None and run_id is not None:
+                            run = self._c.call("GET", f"/api/v1/runs/{run_id}")
+                            if run["status"] in TERMINAL_STATUSES:
                                 return
             except httpx.TransportError as exc:
                 if failures + 1 >= settings.max_attempts:
@@ -320,6 +385,32 @@ class WebhookEndpoints:
         return self._c.call(
             "POST",
             f"/api/v1/webhook-endpoints/{endpoint_id}/rotate-secret",
+            idempotency_key=idempotency_key,
+        )
+
+    def test(self, endpoint_id: str, *, idempotency_key: Any = AUTO) -> dict:
+        """Send a signed `webhook.test` event to the endpoint now: `{delivery_id, webhook_id}`."""
+        return self._c.call(
+            "POST",
+            f"/api/v1/webhook-endpoints/{endpoint_id}/test",
+            idempotency_key=idempotency_key,
+        )
+
+    def recover(
+        self,
+        endpoint_id: str,
+        since: str,
+        *,
+        until: str | None = None,
+        idempotency_key: Any = AUTO,
+    ) -> dict:
+        """Resend every failed delivery of the endpoint created since `since` (RFC 3339, with
+        a zone), up to `until`: `{count, delivery_ids}`."""
+        body = {"since": since, **({"until": until} if until is not None else {})}
+        return self._c.call(
+            "POST",
+            f"/api/v1/webhook-endpoints/{endpoint_id}/recover",
+            json=body,
             idempotency_key=idempotency_key,
         )
 
