@@ -226,6 +226,7 @@ class Executor:
         self.clients = [async_client(HTTP_POOL_SIZE) for _ in range(shards)]
         self.client_runs = [0] * shards
         self.wake = asyncio.Event()
+        self.cancel_wake = asyncio.Event()
         self.draining = False
         self.started_runs = 0
 
@@ -322,9 +323,14 @@ class Executor:
                 logger.warning("heartbeat failed (%s)", e)
 
     async def cancel_loop(self) -> None:
-        """Cancellation reaches a run within a tick, also while its model says nothing."""
+        """Cancellation reaches a run at once when the cancel's wake-up arrives, otherwise
+        within EXECUTOR_CANCEL_POLL_MS; also while its model says nothing."""
         while True:
-            await asyncio.sleep(settings.EXECUTOR_CANCEL_POLL_MS / 1000)
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(
+                    self.cancel_wake.wait(), settings.EXECUTOR_CANCEL_POLL_MS / 1000
+                )
+            self.cancel_wake.clear()
             if not self.runs:
                 continue
             try:
@@ -338,8 +344,8 @@ class Executor:
                     self._stop(execution, Stop("cancel", reason))
 
     async def wake_listener(self) -> None:
-        """Wake-ups for queued runs: the channel layer (Redis), or a datagram socket in the
-        embedded default. Either may drop one; the poll is the fallback."""
+        """Wake-ups for queued runs and cancellations: the channel layer (Redis), or a datagram
+        socket in the embedded default. Either may drop one; the polls are the fallback."""
         path = executor_socket_path()
         if path:
             await self._datagram_listener(path)
@@ -354,14 +360,17 @@ class Executor:
                 if joined is None or time.monotonic() - joined > 3600:  # membership expires
                     await layer.group_add(EXECUTORS_GROUP, channel)
                     joined = time.monotonic()
-                await layer.receive(channel)
-                self.wake.set()
+                message = await layer.receive(channel)
+                self._woken(message.get("type"))
             except asyncio.CancelledError:
                 raise
             except Exception as e:
                 logger.warning("wake-ups unavailable (%s); polling", e)
                 joined = None
                 await asyncio.sleep(settings.EXECUTOR_POLL_S)
+
+    def _woken(self, kind: str | None) -> None:
+        (self.cancel_wake if kind == "executor.cancel" else self.wake).set()
 
     async def _datagram_listener(self, path: str) -> None:
         with contextlib.suppress(FileNotFoundError):
@@ -372,8 +381,8 @@ class Executor:
         loop = asyncio.get_running_loop()
         try:
             while True:
-                await loop.sock_recv(sock, 64)
-                self.wake.set()
+                data = await loop.sock_recv(sock, 64)
+                self._woken("executor.cancel" if data == b"cancel" else "executor.wake")
         finally:
             sock.close()
             with contextlib.suppress(FileNotFoundError):

@@ -37,7 +37,7 @@ from runs.models import (
 from runs.seen import run_seen
 from runs.selectors import chain_agents
 from runs.timefmt import iso
-from runs.wakeup import wakeups_publish
+from runs.wakeup import executors_wake_for_cancel, wakeups_publish
 
 logger = logging.getLogger(__name__)
 
@@ -499,10 +499,10 @@ def run_cancel(*, run: Run, reason: str) -> Run:
         cancel_requested_at=now,
         cancel_reason=reason,
     )
-    if not cancelled:
-        Run.objects.filter(
-            pk=run.id, status=RunStatus.RUNNING, cancel_requested_at__isnull=True
-        ).update(cancel_requested_at=now, cancel_reason=reason)
+    if not cancelled and Run.objects.filter(
+        pk=run.id, status=RunStatus.RUNNING, cancel_requested_at__isnull=True
+    ).update(cancel_requested_at=now, cancel_reason=reason):
+        transaction.on_commit(executors_wake_for_cancel)
     run.refresh_from_db()
     if run.status in TERMINAL_STATUSES and run.status != RunStatus.CANCELLED:
         raise ApplicationError(

@@ -89,8 +89,9 @@ class _Publisher:
             timeout = min(self.TIMEOUT_S + 0.002 * len(messages), 2.0)
             await asyncio.wait_for(asyncio.gather(*sends), timeout)
         except Exception as e:
+            if time.monotonic() >= self._paused_until:  # one line per pause, not per send
+                logger.warning("stream wake-ups paused for %s s: %r", self.PAUSE_S, e)
             self._paused_until = time.monotonic() + self.PAUSE_S
-            logger.warning("stream wake-ups paused for %s s: %r", self.PAUSE_S, e)
         finally:
             with self._lock:
                 self._pending -= 1
@@ -176,6 +177,20 @@ def wakeups_publish(wakeups: list[Wakeup]) -> None:
         _publisher.publish(messages)
     except Exception:  # a wake-up must never break the write that caused it
         logger.exception("stream wake-up not scheduled")
+
+
+def executors_wake_for_cancel() -> None:
+    """A running run was asked to stop: its executor looks at once instead of at its next
+    cancellation poll. Called on commit; dropped like any wake-up, the poll is the fallback."""
+    if not settings.STREAM_WAKEUP_VIA_LAYER:
+        path = executor_socket_path()
+        if path:
+            _datagrams.send(path, b"cancel")
+        return
+    try:
+        _publisher.publish([(EXECUTORS_GROUP, {"type": "executor.cancel"})])
+    except Exception:
+        logger.exception("executor wake-up not scheduled")
 
 
 def wakeup_publish(*, run_id: UUID | str, owner_id: int | None, seq: int, event: str) -> None:

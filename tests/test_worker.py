@@ -191,3 +191,25 @@ def test_a_queued_run_starts_at_once_not_at_the_next_poll(alice, make_chain, exe
         20,
         message="the runs to end",
     )
+
+
+def test_a_cancel_reaches_its_executor_at_once_not_at_the_next_poll(alice, make_chain, executors):
+    """The cancel's wake-up makes the executor look at once; its poll (here 5 s) is only the
+    fallback. The model says nothing meanwhile: the run is stopped mid-wait."""
+    from runs.services import run_cancel, run_create
+
+    executors(EXECUTOR_CANCEL_POLL_MS="5000")
+    chain = make_chain("demo", models=[fake(hang=20, tokens=5)], timeout_s=60)
+    time.sleep(1)  # the executor's listener has joined its group
+    run = run_create(api_key=alice.key, chain=chain, run_input={"topic": "x"}, metadata={})
+    wait_until(
+        lambda: RunEvent.objects.filter(run=run, type="agent.started").exists(),
+        10,
+        message="the agent to start",
+    )
+    run_cancel(run=run, reason="api")
+    wait_until(
+        lambda: Run.objects.get(pk=run.id).status == RunStatus.CANCELLED, 10, 0.01, "cancelled"
+    )
+    run.refresh_from_db()
+    assert (run.finished_at - run.cancel_requested_at).total_seconds() < 2
