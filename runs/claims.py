@@ -31,6 +31,7 @@ class Claimed:
     input: Any
     timeout_s: int
     started_at: datetime
+    seq: int  # the run's last event once claimed (its run.started)
     output_schema: dict | None = None  # the chain's: its last agent answers JSON
 
 
@@ -112,12 +113,26 @@ def runs_claim(
         written = events_write(appends=appends)
     claimed = [
         Claimed(
-            run, attempt, name, version, chain_agents(chain_id), run_input, timeout_s, now, schema
+            run_id=run,
+            attempt=attempt,
+            chain=name,
+            version=version,
+            agents=chain_agents(chain_id),
+            input=run_input,
+            timeout_s=timeout_s,
+            started_at=now,
+            seq=written[run],
+            output_schema=schema,
         )
         for run, attempt, chain_id, run_input, timeout_s, name, version, schema in rows
         if written[run] is not None
     ]
     return claimed, len(ids) > len(rows)
+
+
+def runs_last_seq(*, run_ids: list[UUID]) -> dict[UUID, int]:
+    """Where the event logs of these runs stand (after a commit whose outcome is unknown)."""
+    return dict(Run.objects.filter(pk__in=run_ids).values_list("id", "last_seq"))
 
 
 def runs_cancel_requested(*, worker: str) -> list[tuple[UUID, int, str]]:

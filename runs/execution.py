@@ -61,6 +61,7 @@ class Execution:
         self.run_id = claim.run_id
         self.agents = claim.agents
         self.when = claim_condition(worker=executor.id, attempt=claim.attempt)
+        self.seq = claim.seq  # the last of its events known to be committed
         self.started = time.monotonic()
         elapsed = (executor.now() - claim.started_at).total_seconds()
         self.deadline = self.started - max(0.0, elapsed) + claim.timeout_s

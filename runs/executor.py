@@ -166,6 +166,8 @@ class EventWriter:
             batch, self.pending = self.pending, {}
             waiters, self.waiters = self.waiters, {}
             count, self.count = self.count, 0
+            # Where each run's log stands before this flush, and how many events it adds.
+            expected = {run_id: (e.seq, len(a.events)) for run_id, (e, a) in batch.items()}
             try:
                 async with self.lock:
                     written = await self.executor.db(
@@ -174,9 +176,11 @@ class EventWriter:
             except (OperationalError, InterfaceError) as e:
                 failures += 1
                 logger.warning("events not written (%s); retrying", e)
-                self._put_back(batch, waiters, count)
-                await asyncio.sleep(min(0.05 * 2**failures, 2.0))
-                continue
+                written = await self._committed_anyway(expected)
+                if written is None:
+                    self._put_back(batch, waiters, count)
+                    await asyncio.sleep(min(0.05 * 2**failures, 2.0))
+                    continue
             except Exception:
                 # Not the database being away: retrying would fail the same way. The batch's
                 # runs stop here, unwritten; their heartbeat stops too, so the keeper retries
@@ -190,12 +194,37 @@ class EventWriter:
                 seq = written[run_id]
                 if seq is None:
                     self.executor.lost(execution)
+                else:
+                    execution.seq = seq
                 future = waiters.pop(run_id, None)
                 if future is not None and not future.done():
                     future.set_result(seq)
             self.waiters.update(waiters)  # waiting on events added after this batch
             self.flushed.set()
             await asyncio.sleep(max(0.0, tick - (time.monotonic() - started)))
+
+    async def _committed_anyway(
+        self, expected: dict[UUID, tuple[int, int]]
+    ) -> dict[UUID, int | None] | None:
+        """A connection lost during the commit leaves its outcome unknown: writing the events
+        again would log them twice. Once the database answers, the runs' last seq tell: the
+        batch committed (each run's seq, or None for a run no longer where this flush left it),
+        or not (None: write it again). Only this executor appends to the runs it holds."""
+        delay = 0.1
+        while True:
+            try:
+                current = await self.executor.db(claims.runs_last_seq, run_ids=list(expected))
+                break
+            except (OperationalError, InterfaceError):
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 2.0)
+        if not any(current.get(run) == seq + n for run, (seq, n) in expected.items()):
+            return None
+        logger.warning("a flush whose commit seemed lost had committed; not written again")
+        return {
+            run: current[run] if current.get(run) == seq + n else None
+            for run, (seq, n) in expected.items()
+        }
 
     def _put_back(self, batch: dict, waiters: dict, count: int) -> None:
         """Failed events go first again, before anything added since."""
