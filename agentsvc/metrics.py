@@ -4,18 +4,29 @@ sees (rejections, open streams) is counted in that process."""
 
 from __future__ import annotations
 
-from prometheus_client import CollectorRegistry, Counter, generate_latest
+from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
 
 REGISTRY = CollectorRegistry()
 REJECTIONS = Counter(
     "agentsvc_rejections", "Requests refused by a limit, by reason", ["reason"], registry=REGISTRY
 )
+HTTP_DURATION = Histogram(
+    "agentsvc_http_request_duration_seconds",
+    "HTTP requests served by this process, by method, URL pattern and status",
+    ["method", "route", "status"],
+    buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60),
+    registry=REGISTRY,
+)
 DURATION_BUCKETS_S = (0.1, 0.5, 1, 2, 5, 10, 30, 60, 120, 300, 600)
 
 
 def rejection(reason: str) -> None:
     REJECTIONS.labels(reason=reason).inc()
+
+
+def http_request(*, method: str, route: str, status: int, seconds: float) -> None:
+    HTTP_DURATION.labels(method=method, route=route, status=str(status)).observe(seconds)
 
 
 class RunsCollector:

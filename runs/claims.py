@@ -31,6 +31,10 @@ class Claimed:
     input: Any
     timeout_s: int
     started_at: datetime
+    # For the run's log lines and its trace: its key's display prefix, and the traceparent of
+    # the request that created it ("" when unknown).
+    key_prefix: str = ""
+    trace_parent: str = ""
 
 
 def claim_condition(*, worker: str, attempt: int) -> Expect:
@@ -86,6 +90,8 @@ def runs_claim(
                 "chain__timeout_s",
                 "chain__name",
                 "chain__version",
+                "api_key__prefix",
+                "trace_parent",
             )[:limit]
         )
         if not rows:
@@ -105,12 +111,23 @@ def runs_claim(
                 },
                 Expect(RunStatus.QUEUED),
             )
-            for run, _, chain_id, _, timeout_s, _, _ in rows
+            for run, _, chain_id, _, timeout_s, *_ in rows
         ]
         written = events_write(appends=appends)
     claimed = [
-        Claimed(run, attempt, name, version, chain_agents(chain_id), run_input, timeout_s, now)
-        for run, attempt, chain_id, run_input, timeout_s, name, version in rows
+        Claimed(
+            run,
+            attempt,
+            name,
+            version,
+            chain_agents(chain_id),
+            run_input,
+            timeout_s,
+            now,
+            prefix or "",
+            parent,
+        )
+        for run, attempt, chain_id, run_input, timeout_s, name, version, prefix, parent in rows
         if written[run] is not None
     ]
     return claimed, len(ids) > len(rows)

@@ -122,6 +122,10 @@ class Run(models.Model):
     webhook_secret = models.CharField(max_length=200, blank=True)
     webhook_events = models.JSONField(default=list, blank=True)
 
+    # The W3C traceparent of the request that created the run (tracing on): its execution, model
+    # calls and webhook attempts are spans of that trace.
+    trace_parent = models.CharField(max_length=55, blank=True, default="")
+
     class Meta:
         indexes = [
             # GET /runs: an owner's runs newest first, keyset-paginated on (created_at, id).
@@ -202,3 +206,4 @@ class RunEvent(models.Model):
 
     def __str__(self) -> str:
         return f"{self.run_id}#{self.seq} {self.type}"
+

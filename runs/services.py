@@ -17,7 +17,7 @@ from django.db.models import F, Q, QuerySet
 from django.db.models.sql import UpdateQuery
 from django.utils import timezone
 
-from agentsvc import limits
+from agentsvc import limits, tracing
 from agentsvc.errors import ApplicationError
 from agentsvc.models import ApiKey, IdempotencyRecord
 from runs.chains import chain_validate_input
@@ -321,6 +321,7 @@ def run_create(
                 webhook_url=(webhook or {}).get("url", ""),
                 webhook_secret=(webhook or {}).get("secret", ""),
                 webhook_events=(webhook or {}).get("events", []),
+                trace_parent=tracing.traceparent(),
             )
             RunEvent.objects.create(
                 run=run,
