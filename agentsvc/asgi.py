@@ -9,7 +9,11 @@ os.environ.setdefault("DJANGO_SETTINGS_MODULE", "agentsvc.settings")
 # Django must be set up before the consumers (and their models) are imported.
 django.setup(set_prefix=False)
 
-from agentsvc.handlers import OneHopASGIHandler, StaticFilesHandler  # noqa: E402
+from agentsvc.handlers import (  # noqa: E402
+    OneHopASGIHandler,
+    RequestIdMiddleware,
+    StaticFilesHandler,
+)
 
 django_asgi_app = OneHopASGIHandler()
 
@@ -42,7 +46,9 @@ application = ProtocolTypeRouter(
     {
         # Static files (admin, API docs) are served in-process from the installed apps: few,
         # small, and no outside network or build step needed. Everything else goes to Django.
-        "http": StaticFilesHandler(django_asgi_app),
-        "websocket": BrowserOriginValidator(AuthMiddlewareStack(URLRouter(websocket_urlpatterns))),
+        "http": RequestIdMiddleware(StaticFilesHandler(django_asgi_app)),
+        "websocket": RequestIdMiddleware(
+            BrowserOriginValidator(AuthMiddlewareStack(URLRouter(websocket_urlpatterns)))
+        ),
     }
 )

@@ -18,6 +18,8 @@ from django.core.handlers.exception import response_for_exception
 from django.http import Http404
 from django.urls import Resolver404, get_resolver
 
+from agentsvc import logs
+
 
 class _SyncChain(BaseHandler):
     def __init__(self) -> None:
@@ -62,3 +64,36 @@ class StaticFilesHandler(ASGIStaticFilesHandler):
             return await sync_to_async(response_for_exception, thread_sensitive=False)(
                 request, Http404()
             )
+
+
+class RequestIdMiddleware:
+    """ASGI: the request id for the whole of an HTTP request or WebSocket connection.
+
+    Its task's log context carries it from the first line to the last (also Django's own
+    `django.request` lines written after the middleware chain, and the consumers' of a socket),
+    Django's RequestContextMiddleware takes it from `scope["request_id"]`, and every response
+    start (static files and crashes too) carries `X-Request-ID`. WebSocket accepts get the
+    header as well, for servers that send accept headers (daphne does not)."""
+
+    def __init__(self, app) -> None:
+        self.app = app
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] not in ("http", "websocket"):
+            return await self.app(scope, receive, send)
+        given = next((v for k, v in scope.get("headers", ()) if k == b"x-request-id"), None)
+        request_id = logs.request_id_from(given)
+        header = (b"x-request-id", request_id.encode())
+
+        async def send_with_id(message):
+            if message["type"] in ("http.response.start", "websocket.accept"):
+                headers = list(message.get("headers") or ())
+                if not any(name.lower() == b"x-request-id" for name, _ in headers):
+                    message = {**message, "headers": [*headers, header]}
+            await send(message)
+
+        tokens = logs.bind(request_id=request_id)
+        try:
+            return await self.app({**scope, "request_id": request_id}, receive, send_with_id)
+        finally:
+            logs.unbind(tokens)

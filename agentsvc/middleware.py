@@ -1,9 +1,17 @@
 from __future__ import annotations
 
+import logging
+import time
+
 from asgiref.sync import iscoroutinefunction, markcoroutinefunction
 from django.conf import settings
 from django.core.exceptions import RequestDataTooBig
+from django.urls import Resolver404, get_resolver
+from opentelemetry import context as otel_context
+from opentelemetry import trace
+from opentelemetry.trace import SpanKind, Status, StatusCode
 
+from agentsvc import logs, metrics, tracing
 from agentsvc.errors import exception_problem, problem_response
 from agentsvc.limits import ratelimit_headers
 
@@ -159,3 +167,116 @@ class ContentSecurityPolicyMiddleware:
                 response.setdefault("Content-Security-Policy", policy)
                 break
         return response
+
+
+# --- Request id, request span, latency ------------------------------------------------------
+
+# A line per request at DEBUG, by URL pattern (never the query string), with its request id.
+access = logging.getLogger("agentsvc.access")
+_METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"})
+
+
+def _route(request) -> str:
+    """The URL pattern that served the request (`api/v1/runs/<uuid:run_id>`), not its path: a
+    label with a bounded number of values. `unmatched` for paths no pattern knows."""
+    match = getattr(request, "resolver_match", None)
+    if match is None:  # answered before the view (a limit, a bad body): resolve it here
+        try:
+            match = get_resolver().resolve(request.path_info)
+        except Resolver404:
+            return "unmatched"
+    return match.route or "unmatched"
+
+
+class _Observed:
+    """One request's request id in the log context, its span, and its latency."""
+
+    def __init__(self, request) -> None:
+        scope = getattr(request, "scope", None) or {}
+        self.request = request
+        self.request_id = scope.get("request_id") or logs.request_id_from(
+            request.headers.get(logs.REQUEST_ID_HEADER)
+        )
+        request.request_id = self.request_id
+        self.tokens = logs.bind(request_id=self.request_id, run_id=None, key_prefix=None)
+        self.method = request.method if request.method in _METHODS else "OTHER"
+        self.span = None
+        self.attached = None
+        if tracing.enabled():
+            self.span = tracing.tracer().start_span(
+                self.method,
+                context=tracing.headers_context(request.headers),
+                kind=SpanKind.SERVER,
+                attributes={"http.request.method": self.method, "url.path": request.path},
+            )
+            self.attached = otel_context.attach(trace.set_span_in_context(self.span))
+        self.started = time.perf_counter()
+
+    def finish(self, response):
+        try:
+            response.setdefault(logs.REQUEST_ID_HEADER, self.request_id)
+            route = _route(self.request)
+            seconds = time.perf_counter() - self.started
+            metrics.http_request(
+                method=self.method, route=route, status=response.status_code, seconds=seconds
+            )
+            access.debug(
+                "%s %s %s %.1f ms",
+                self.method,
+                route,
+                response.status_code,
+                seconds * 1000,
+            )
+            if self.span is not None:
+                self.span.update_name(f"{self.method} {route}")
+                self.span.set_attribute("http.route", route)
+                self.span.set_attribute("http.response.status_code", response.status_code)
+                if response.status_code >= 500:
+                    self.span.set_status(Status(StatusCode.ERROR))
+        finally:
+            self.close()
+        return response
+
+    def close(self) -> None:
+        if self.span is not None:
+            self.span.end()
+            otel_context.detach(self.attached)
+            self.span = None
+        if self.tokens:
+            logs.unbind(self.tokens)
+            self.tokens = {}
+
+
+class RequestContextMiddleware:
+    """First in the chain: the request's id (the caller's X-Request-ID if valid, else a new
+    one) in every log line written while serving it and on its response, its span (tracing on),
+    and `agentsvc_http_request_duration_seconds` by method, route and status. For a stream the
+    duration is the time to its first byte."""
+
+    sync_capable = True
+    async_capable = True
+
+    def __init__(self, get_response):
+        self.get_response = get_response
+        if iscoroutinefunction(get_response):
+            markcoroutinefunction(self)
+
+    def __call__(self, request):
+        if iscoroutinefunction(self):
+            return self.__acall__(request)
+        observed = _Observed(request)
+        try:
+            response = self.get_response(request)
+        except BaseException:
+            observed.close()
+            raise
+        return observed.finish(response)
+
+    async def __acall__(self, request):
+        observed = _Observed(request)
+        try:
+            response = await self.get_response(request)
+        except BaseException:
+            observed.close()
+            raise
+        return observed.finish(response)

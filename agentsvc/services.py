@@ -6,6 +6,7 @@ from datetime import timedelta
 from django.db import transaction
 from django.utils import timezone
 
+from agentsvc import logs
 from agentsvc.models import DISPLAY_PREFIX_LEN, KEY_PREFIX, ApiKey, Owner, hash_key
 
 LAST_USED_RESOLUTION = timedelta(minutes=1)
@@ -41,6 +42,7 @@ def api_key_authenticate(*, raw: str) -> ApiKey | None:
             if not key.is_active:
                 return None
             _touch(key)
+            logs.bind(key_prefix=key.prefix)  # this request's or connection's log lines
             return key
     return None
 

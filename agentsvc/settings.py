@@ -75,6 +75,7 @@ INSTALLED_APPS = [
 ]
 
 MIDDLEWARE = [
+    "agentsvc.middleware.RequestContextMiddleware",
     "agentsvc.middleware.ApiProblemMiddleware",
     "django.middleware.security.SecurityMiddleware",
     "agentsvc.middleware.ContentSecurityPolicyMiddleware",
@@ -292,11 +293,29 @@ if LOG_LEVEL not in ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"):
     raise ImproperlyConfigured(
         f"LOG_LEVEL must be DEBUG, INFO, WARNING, ERROR or CRITICAL, got {LOG_LEVEL!r}"
     )
+# plain: one line of text per record; json: one JSON object per line, for log shippers. Both
+# carry request_id, run_id and key_prefix where known (agentsvc/logs.py).
+LOG_FORMAT = env_str("LOG_FORMAT", "plain").strip().lower()
+if LOG_FORMAT not in ("plain", "json"):
+    raise ImproperlyConfigured(f"LOG_FORMAT must be plain or json, got {LOG_FORMAT!r}")
 LOGGING = {
     "version": 1,
     "disable_existing_loggers": False,
-    "formatters": {"plain": {"format": "%(asctime)s %(levelname)s %(name)s %(message)s"}},
-    "handlers": {"console": {"class": "logging.StreamHandler", "formatter": "plain"}},
+    "filters": {"context": {"()": "agentsvc.logs.ContextFilter"}},
+    "formatters": {
+        "plain": {
+            "()": "agentsvc.logs.PlainFormatter",
+            "format": "%(asctime)s %(levelname)s %(name)s %(message)s",
+        },
+        "json": {"()": "agentsvc.logs.JsonFormatter"},
+    },
+    "handlers": {
+        "console": {
+            "class": "logging.StreamHandler",
+            "formatter": LOG_FORMAT,
+            "filters": ["context"],
+        }
+    },
     "root": {"handlers": ["console"], "level": LOG_LEVEL},
     "loggers": {
         "django.channels.server": {"level": "WARNING"},
@@ -326,6 +345,16 @@ RATELIMIT_USE_CACHE = "default"
 
 # --- Observability ----------------------------------------------------------------------------
 METRICS_TOKEN = env_str("METRICS_TOKEN")
+# Traces go to this OTLP/HTTP collector (e.g. http://otel-collector:4318); unset: no tracing.
+# The exporter itself reads the standard OTEL_EXPORTER_OTLP_* variables (headers, timeout).
+OTEL_EXPORTER_OTLP_ENDPOINT = env_str("OTEL_EXPORTER_OTLP_ENDPOINT").strip()
+OTEL_SERVICE_NAME = env_str("OTEL_SERVICE_NAME", "agentsvc").strip() or "agentsvc"
+if OTEL_EXPORTER_OTLP_ENDPOINT and not OTEL_EXPORTER_OTLP_ENDPOINT.startswith(
+    ("http://", "https://")
+):
+    raise ImproperlyConfigured(
+        f"OTEL_EXPORTER_OTLP_ENDPOINT must be an http(s) URL, got {OTEL_EXPORTER_OTLP_ENDPOINT!r}"
+    )
 # Who sees the `checks` of /readyz (everyone sees its status): a request with the metrics token,
 # or one made directly (no Forwarded / X-Forwarded-For) from these networks. Default: loopback,
 # unless METRICS_TOKEN is set, when the token is the only way (a proxy on the same machine

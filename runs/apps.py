@@ -6,12 +6,15 @@ class RunsConfig(AppConfig):
 
     def ready(self) -> None:
         from agentsvc import health, idempotency
+        from runs import events
         from runs.availability import models_readiness
         from runs.presenters import run_handle
         from runs.selectors import executors_alive
+        from runs.totals import run_totals_add
 
         health.check_register("executors", executors_alive, required=True)
         health.models_check_register(models_readiness)
         idempotency.abandoned_answer_register(
             lambda record: (run_handle(record.run), f"/api/v1/runs/{record.run_id}")
         )
+        events.on_terminal(run_totals_add)

@@ -33,6 +33,10 @@ class Claimed:
     started_at: datetime
     seq: int  # the run's last event once claimed (its run.started)
     output_schema: dict | None = None  # the chain's: its last agent answers JSON
+    # For the run's log lines and its trace: its key's display prefix, and the traceparent of
+    # the request that created it ("" when unknown).
+    key_prefix: str = ""
+    trace_parent: str = ""
 
 
 def claim_condition(*, worker: str, attempt: int) -> Expect:
@@ -89,6 +93,8 @@ def runs_claim(
                 "chain__name",
                 "chain__version",
                 "chain__output_schema",
+                "api_key__prefix",
+                "trace_parent",
             )[:limit]
         )
         if not rows:
@@ -108,7 +114,7 @@ def runs_claim(
                 },
                 Expect(RunStatus.QUEUED),
             )
-            for run, _, chain_id, _, timeout_s, _, _, _ in rows
+            for run, _, chain_id, _, timeout_s, *_ in rows
         ]
         written = events_write(appends=appends)
     claimed = [
@@ -123,8 +129,12 @@ def runs_claim(
             started_at=now,
             seq=written[run],
             output_schema=schema,
+            key_prefix=prefix or "",
+            trace_parent=parent,
         )
-        for run, attempt, chain_id, run_input, timeout_s, name, version, schema in rows
+        for run, attempt, chain_id, run_input, timeout_s, name, version, schema, prefix, parent in (
+            rows
+        )
         if written[run] is not None
     ]
     return claimed, len(ids) > len(rows)

@@ -13,7 +13,9 @@ from typing import TYPE_CHECKING, Any
 
 import httpx
 from django.conf import settings
+from opentelemetry.trace import NonRecordingSpan, Span, SpanKind, Status, StatusCode
 
+from agentsvc import tracing
 from runs.chains import agent_messages, output_parse, output_response_format
 from runs.claims import Claimed, claim_condition
 from runs.events import (
@@ -71,6 +73,7 @@ class Execution:
         self.stop: Stop | None = None
         self.task: asyncio.Task | None = None
         self.http: httpx.AsyncClient  # the executor's model connections this run uses
+        self.span: Span = NonRecordingSpan(None)  # the execution's span (tracing on)
 
     # --- Events ---------------------------------------------------------------------------
 
@@ -81,12 +84,26 @@ class Execution:
         if event in (RUN_COMPLETED, RUN_FAILED):
             data = {**data, "duration_ms": int((time.monotonic() - self.started) * 1000)}
         now = self.executor.now()
+        status = STATUS_OF[event]
+        self.span.set_attribute("agentsvc.run.status", status)
+        self.span.set_attribute("gen_ai.usage.input_tokens", self.input_tokens)
+        self.span.set_attribute("gen_ai.usage.output_tokens", self.output_tokens)
+        if event in (RUN_FAILED, RUN_TIMED_OUT):
+            self.span.set_status(Status(StatusCode.ERROR, fields.get("error_code", event)))
+        error = fields.get("error_code")
+        logger.debug(
+            "run %s%s, %s+%s tokens",
+            status,
+            f" ({error})" if error else "",
+            self.input_tokens,
+            self.output_tokens,
+        )
         await self.executor.writer.add_and_wait(
             self,
             event,
             data,
             {
-                "status": STATUS_OF[event],
+                "status": status,
                 "finished_at": now,
                 "current_agent": "",
                 "input_tokens": self.input_tokens,
@@ -114,7 +131,26 @@ class Execution:
     # --- The run --------------------------------------------------------------------------
 
     async def execute(self) -> None:
-        """The whole execution; every way out but `lost` writes the run's next state."""
+        """The whole execution, a span of the trace of the request that created the run."""
+        claim = self.claim
+        with tracing.tracer().start_as_current_span(
+            "run.execute",
+            context=tracing.parent_context(claim.trace_parent),
+            kind=SpanKind.CONSUMER,
+            attributes={
+                "agentsvc.run_id": str(self.run_id),
+                "agentsvc.chain": claim.chain,
+                "agentsvc.chain_version": claim.version,
+                "agentsvc.attempt": claim.attempt,
+            },
+            record_exception=False,
+            set_status_on_exception=False,
+        ) as span:
+            self.span = span
+            await self._execute()
+
+    async def _execute(self) -> None:
+        """Every way out but `lost` writes the run's next state."""
         try:
             try:
                 async with asyncio.timeout(self.deadline - time.monotonic()):
@@ -174,7 +210,21 @@ class Execution:
             )
             agent_started = time.monotonic()
             last = index == len(self.agents) - 1
-            text, usage = await self._stream_agent(agent, index, outputs, previous, last=last)
+            with tracing.tracer().start_as_current_span(
+                f"agent {agent.name}",
+                kind=SpanKind.CLIENT,
+                attributes={
+                    "agentsvc.chain": self.claim.chain,
+                    "agentsvc.chain_version": self.claim.version,
+                    "agentsvc.agent": agent.name,
+                    "agentsvc.agent_index": index,
+                    "gen_ai.system": agent.provider,
+                    "gen_ai.request.model": agent.model,
+                },
+            ) as span:
+                text, usage = await self._stream_agent(agent, index, outputs, previous, last=last)
+                span.set_attribute("gen_ai.usage.input_tokens", usage.input_tokens)
+                span.set_attribute("gen_ai.usage.output_tokens", usage.output_tokens)
             self.input_tokens += usage.input_tokens
             self.output_tokens += usage.output_tokens
             self.cost += model_cost(agent.model, usage)

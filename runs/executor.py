@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import contextvars
 import logging
 import os
 import signal
@@ -34,6 +35,7 @@ from django.conf import settings
 from django.db import InterfaceError, OperationalError, connection
 from django.utils import timezone
 
+from agentsvc import logs
 from runs import claims, keeper
 from runs.execution import Execution, Stop
 from runs.providers import async_client
@@ -70,7 +72,10 @@ class Db:
         if self.pool is None:
             return await sync_to_async(fn, thread_sensitive=True)(**kwargs)
         loop = asyncio.get_running_loop()
-        return await loop.run_in_executor(self.pool, partial(_call_and_release, fn, kwargs))
+        # run_in_executor does not copy the context (to_thread does): the run's log fields and
+        # span go along by hand.
+        call = partial(contextvars.copy_context().run, _call_and_release, fn, kwargs)
+        return await loop.run_in_executor(self.pool, call)
 
     def close(self) -> None:
         if self.pool is not None:
@@ -279,6 +284,8 @@ class Executor:
         return execution
 
     async def _execute(self, execution: Execution) -> None:
+        # In the run's own task (which copied the context at its creation): its lines only.
+        logs.bind(run_id=str(execution.run_id), key_prefix=execution.claim.key_prefix or None)
         shard = min(range(len(self.clients)), key=self.client_runs.__getitem__)
         self.client_runs[shard] += 1
         execution.http = self.clients[shard]

@@ -131,6 +131,10 @@ class Run(models.Model):
     webhook_secret = models.CharField(max_length=200, blank=True)
     webhook_events = models.JSONField(default=list, blank=True)
 
+    # The W3C traceparent of the request that created the run (tracing on): its execution, model
+    # calls and webhook attempts are spans of that trace.
+    trace_parent = models.CharField(max_length=55, blank=True, default="")
+
     class Meta:
         indexes = [
             # GET /runs: an owner's runs newest first, keyset-paginated on (created_at, id).
@@ -211,3 +215,29 @@ class RunEvent(models.Model):
 
     def __str__(self) -> str:
         return f"{self.run_id}#{self.seq} {self.type}"
+
+
+class RunTotal(models.Model):
+    """What /metrics counts of finished runs, by chain, status and duration bucket: added to in
+    the transaction of the runs' terminal events (runs/totals.py), never lowered. Retention
+    deletes runs, not these, so the counters built from them only go up."""
+
+    chain = models.CharField(max_length=100)
+    status = models.CharField(max_length=16)
+    # The upper bound of the duration bucket ("0.5", "+Inf"; "" for runs that never started),
+    # so a change of buckets leaves old rows readable.
+    le = models.CharField(max_length=16)
+    runs = models.BigIntegerField(default=0)
+    duration_s = models.FloatField(default=0)
+    input_tokens = models.BigIntegerField(default=0)
+    output_tokens = models.BigIntegerField(default=0)
+    cost = models.DecimalField(max_digits=20, decimal_places=6, default=0)
+
+    class Meta:
+        constraints = [
+            # The upsert's conflict target; /metrics reads the whole (small) table.
+            models.UniqueConstraint(fields=["chain", "status", "le"], name="runtotal_key_uniq"),
+        ]
+
+    def __str__(self) -> str:
+        return f"{self.chain} {self.status} le={self.le}: {self.runs}"

@@ -20,7 +20,7 @@ from django.db.models import F, Q, QuerySet
 from django.db.models.sql import UpdateQuery
 from django.utils import timezone
 
-from agentsvc import limits
+from agentsvc import limits, tracing
 from agentsvc.errors import ApplicationError
 from agentsvc.metrics import rejection
 from agentsvc.models import ApiKey, IdempotencyRecord
@@ -430,6 +430,7 @@ def _runs_admit_and_create(
     what = "This run" if n == 1 else f"This batch of {n} runs"
     window = limits.tokens_reserve(key=api_key, amount=sum(reserved), what=what)
     agents_total = len(chain_agents(chain.pk))
+    trace_parent = tracing.traceparent()
     try:
         with transaction.atomic():
             runs = []
@@ -449,6 +450,7 @@ def _runs_admit_and_create(
                     webhook_secret=webhook.get("secret", ""),
                     webhook_events=webhook.get("events", []),
                     rerun_of=rerun_of,
+                    trace_parent=trace_parent,
                 )
                 runs.append(run)
             RunEvent.objects.bulk_create(

@@ -16,6 +16,7 @@ from uuid import UUID
 from django.conf import settings
 from django.core import signing
 
+from agentsvc import logs
 from agentsvc.db import db_async
 from agentsvc.models import ApiKey
 from runs.models import Run
@@ -51,7 +52,10 @@ def stream_ticket_key(*, ticket: str, scope: UUID | str) -> ApiKey | None:
         return None
     if expires <= time.time() * 1000:
         return None
-    return ApiKey.objects.filter(pk=key_id, revoked_at__isnull=True).first()
+    key = ApiKey.objects.filter(pk=key_id, revoked_at__isnull=True).first()
+    if key is not None:
+        logs.bind(key_prefix=key.prefix)
+    return key
 
 
 def ticket_and_run(ticket: str, run_id: UUID) -> tuple[ApiKey | None, Run | None]:

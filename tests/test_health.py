@@ -178,7 +178,7 @@ def test_metrics_follow_runs(alice, make_chain):
     after = client.get("/metrics")
     assert after["Content-Type"].startswith("text/plain")
     text = after.content.decode()
-    cancelled = 'agentsvc_runs_total{status="cancelled"}'
+    cancelled = 'agentsvc_runs_finished_total{chain="demo",status="cancelled"}'
     assert metric(text, cancelled) == metric(before, cancelled) + 1
     rejected = 'agentsvc_rejections_total{reason="rate_limited"}'
     assert metric(text, rejected) == metric(before, rejected) + 1

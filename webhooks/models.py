@@ -169,3 +169,14 @@ class WebhookAttempt(models.Model):
 
     def __str__(self) -> str:
         return f"{self.delivery_id} #{self.number}"
+
+
+class AttemptTotal(models.Model):
+    """Attempts by outcome for /metrics, added to as each attempt is recorded and never lowered
+    (retention deletes attempts, not these)."""
+
+    outcome = models.CharField(max_length=16, unique=True)  # the upsert's conflict target
+    attempts = models.BigIntegerField(default=0)
+
+    def __str__(self) -> str:
+        return f"{self.outcome}: {self.attempts}"

@@ -10,8 +10,10 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import contextvars
 import logging
 from concurrent.futures import ThreadPoolExecutor
+from functools import partial
 from typing import Any
 
 from django.conf import settings
@@ -49,7 +51,9 @@ async def deliveries_pump(executor: Any) -> None:
                     logger.warning("deliveries not claimed (%s)", e)
                     ids, token = [], None
                 for delivery_id in ids:
-                    future = loop.run_in_executor(pool, _attempt, delivery_id, token)
+                    # A fresh context each: a pool thread's own would keep the last run's fields.
+                    attempt = partial(contextvars.Context().run, _attempt, delivery_id, token)
+                    future = loop.run_in_executor(pool, attempt)
                     in_flight.add(future)
                     future.add_done_callback(lambda f: (in_flight.discard(f), wake.set()))
                 full = len(ids) == free

@@ -1,4 +1,5 @@
-"""Recording an attempt: the delivery's new state and the attempt row, atomically.
+"""Recording an attempt: the delivery's new state, the attempt row and the metrics' total of
+its outcome, atomically.
 
 On PostgreSQL this is one statement (a data-modifying CTE): one round trip and one commit on the
 hot path instead of four round trips (BEGIN, UPDATE, INSERT, COMMIT). Elsewhere, the ORM.
@@ -13,7 +14,8 @@ from uuid import UUID
 from django.db import connection, transaction
 from django.db.models import F
 
-from webhooks.models import WebhookAttempt, WebhookDelivery
+from agentsvc.metrics import attempt_outcome
+from webhooks.models import AttemptTotal, WebhookAttempt, WebhookDelivery
 
 _DELIVERY_FIELDS = (
     "url",
@@ -39,13 +41,18 @@ _ATTEMPT_FIELDS = (
 def _sql() -> str:
     delivery = WebhookDelivery._meta.db_table
     attempt = WebhookAttempt._meta.db_table
+    totals = AttemptTotal._meta.db_table
     sets = ", ".join(f"{name} = %s" for name in _DELIVERY_FIELDS)
     return (
         f"WITH d AS (UPDATE {delivery} SET {sets}, claim_token = NULL, "
         f"attempt_count = attempt_count + 1 WHERE id = %s AND claim_token = %s "
-        f"RETURNING id, attempt_count) "
-        f"INSERT INTO {attempt} (delivery_id, number, {', '.join(_ATTEMPT_FIELDS)}) "
-        f"SELECT id, attempt_count, {', '.join(['%s'] * len(_ATTEMPT_FIELDS))} FROM d"
+        f"RETURNING id, attempt_count), "
+        f"a AS (INSERT INTO {attempt} (delivery_id, number, {', '.join(_ATTEMPT_FIELDS)}) "
+        f"SELECT id, attempt_count, {', '.join(['%s'] * len(_ATTEMPT_FIELDS))} FROM d "
+        f"RETURNING 1) "
+        # The metrics' total of this outcome (one row: 1 when the attempt was recorded, else 0).
+        f"INSERT INTO {totals} (outcome, attempts) SELECT %s, 1 FROM a "
+        f"ON CONFLICT (outcome) DO UPDATE SET attempts = {totals}.attempts + 1"
     )
 
 
@@ -58,10 +65,12 @@ def attempt_record(
     can never produce the same number. Returns False when the lease was lost.
     """
     at: datetime = attempt["at"]
+    outcome = attempt_outcome(status_code=attempt["status_code"], error=attempt["error"])
     if connection.vendor == "postgresql":
         params = [delivery[name] for name in _DELIVERY_FIELDS]
         params += [delivery_id, claim]
         params += [at] + [attempt[name] for name in _ATTEMPT_FIELDS[1:]]
+        params.append(outcome)
         with connection.cursor() as cursor:
             cursor.execute(_sql(), params)
             return cursor.rowcount == 1
@@ -71,4 +80,6 @@ def attempt_record(
             return False
         number = WebhookDelivery.objects.values_list("attempt_count", flat=True).get(pk=delivery_id)
         WebhookAttempt.objects.create(delivery_id=delivery_id, number=number, **attempt)
+        total, _ = AttemptTotal.objects.get_or_create(outcome=outcome)
+        AttemptTotal.objects.filter(pk=total.pk).update(attempts=F("attempts") + 1)
     return True

@@ -8,12 +8,15 @@ import uuid
 from collections.abc import Callable
 from datetime import datetime, timedelta
 from typing import Any
+from urllib.parse import urlsplit
 from uuid import UUID
 
 from django.conf import settings
 from django.db import connection, transaction
 from django.utils import timezone
+from opentelemetry.trace import Span, SpanKind, Status, StatusCode
 
+from agentsvc import logs, tracing
 from agentsvc.errors import ApplicationError
 from runs.models import TERMINAL_EVENTS, Run
 from runs.presenters import run_output
@@ -207,6 +210,26 @@ def delivery_attempt(*, delivery_id: UUID | str, token: UUID | str | None = None
     delivery = WebhookDelivery.objects.select_related("message__run", "endpoint").get(
         pk=delivery_id
     )
+    run = delivery.message.run
+    # The run's log lines, and a span in the trace of the request that created it.
+    with (
+        logs.log_context(run_id=str(run.id), key_prefix=None),
+        tracing.tracer().start_as_current_span(
+            "webhook.attempt",
+            context=tracing.parent_context(run.trace_parent),
+            kind=SpanKind.CLIENT,
+            attributes={
+                "agentsvc.run_id": str(run.id),
+                "agentsvc.webhook.id": delivery.message.id,
+                "agentsvc.webhook.event": delivery.message.event_type,
+                "agentsvc.webhook.attempt": delivery.attempt_count + 1,
+            },
+        ) as span,
+    ):
+        return _delivery_send(delivery=delivery, claim=claim, span=span)
+
+
+def _delivery_send(*, delivery: WebhookDelivery, claim: UUID, span: Span) -> bool:
     now = timezone.now()
     trigger = delivery.next_trigger
     endpoint = delivery.endpoint
@@ -217,6 +240,7 @@ def delivery_attempt(*, delivery_id: UUID | str, token: UUID | str | None = None
             claim_token=None,
             last_error="endpoint_disabled",
         )
+        span.set_attribute("agentsvc.webhook.skipped", "endpoint_disabled")
         return True
     message = delivery.message
     # An endpoint's retries follow it when its URL is changed.
@@ -229,6 +253,11 @@ def delivery_attempt(*, delivery_id: UUID | str, token: UUID | str | None = None
         body=http.body_bytes(message.payload),
         secrets=_secrets(delivery, now),
     )
+    span.set_attribute("server.address", urlsplit(url).hostname or "")
+    if outcome.status_code is not None:
+        span.set_attribute("http.response.status_code", outcome.status_code)
+    if not outcome.ok:
+        span.set_status(Status(StatusCode.ERROR, outcome.error.partition(":")[0]))
     auto_attempts = delivery.auto_attempt_count + (trigger == Trigger.AUTO)
     status, next_at = DeliveryStatus.PENDING, None
     if outcome.ok:
@@ -263,6 +292,13 @@ def delivery_attempt(*, delivery_id: UUID | str, token: UUID | str | None = None
     if not recorded:
         logger.warning("delivery %s: lease lost during the attempt", delivery.pk)
         return False
+    logger.debug(
+        "delivery %s: attempt %s of message %s: %s",
+        delivery.pk,
+        delivery.attempt_count + 1,
+        message.id,
+        outcome.status_code or outcome.error.partition(":")[0],
+    )
     if endpoint is not None:
         _endpoint_after(endpoint, outcome, now)
     return True
