@@ -12,7 +12,7 @@ from django.core.cache import caches
 from django.db import connection
 from django.db.migrations.executor import MigrationExecutor
 
-# Checks whose failure makes the service not ready (API.md section 9); models are added below.
+# Checks whose failure makes the service not ready (docs/api.md section 9); models are added below.
 REQUIRED = ["database", "migrations", "broker", "workers"]
 # Checks that feature apps add at start-up (name -> fn returning a detail, raising when not ok).
 _checks: dict[str, Callable[[], str]] = {}

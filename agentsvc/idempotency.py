@@ -201,7 +201,7 @@ class _Replay(Exception):
 
 
 class IdempotentMixin:
-    """For POST views: the first answer to a key is kept and replayed (API.md section 8)."""
+    """For POST views: the first answer to a key is kept and replayed (docs/api.md section 8)."""
 
     idempotency: IdempotencyRecord | None = None
 

@@ -1,4 +1,4 @@
-"""Per-key limits (API.md section 7): requests and runs per minute, tokens per minute, active
+"""Per-key limits (docs/api.md section 7): requests and runs per minute, tokens per minute, active
 runs; and the global queue bound. Request and run counters live in the cache (Redis in
 production, so every web process shares them); the token ledger lives in the database.
 """

@@ -1,4 +1,4 @@
-"""Settings, all from environment variables (see README "Configuration").
+"""Settings, all from environment variables (see docs/configuration.md).
 
 Unset, they give the embedded default: SQLite, the django-q2 ORM broker, in-process cache and
 channel layer. DATABASE_URL and REDIS_URL switch to PostgreSQL and Redis.

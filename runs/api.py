@@ -1,4 +1,4 @@
-"""The runs and chains API (API.md sections 3 and 4): one view per operation."""
+"""The runs and chains API (docs/api.md sections 3 and 4): one view per operation."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""WebSocket streams (API.md section 5): one run's events, and the status feed.
+"""WebSocket streams (docs/api.md section 5): one run's events, and the status feed.
 
 The socket is accepted, then closed with 4401 / 4404 / 4429 before any frame when the caller may
 not have it (browsers only see close codes after an accept). The caller is a key from the

@@ -1,4 +1,4 @@
-"""WebSocket routes (API.md section 5)."""
+"""WebSocket routes (docs/api.md section 5)."""
 
 from __future__ import annotations
 

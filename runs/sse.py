@@ -1,4 +1,4 @@
-"""Server-sent events (API.md section 5): plain async views over async generators.
+"""Server-sent events (docs/api.md section 5): plain async views over async generators.
 
 `GET /api/v1/runs/{id}/events` answers the JSON page (the DRF view) unless the caller accepts
 `text/event-stream`; `POST /api/v1/chains/{name}/stream` creates a run and streams it. Every error

@@ -1,5 +1,5 @@
 """Stream tickets: short-lived credentials for browsers, which can set no header on a WebSocket
-or an EventSource (API.md section 1).
+or an EventSource (docs/api.md section 1).
 
 A ticket is stateless: the key's id, what it opens (one run, or the key's status feed) and
 when it expires, signed with SECRET_KEY under a salt of its own. Checking it reads the key

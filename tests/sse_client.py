@@ -1,4 +1,4 @@
-"""A small SSE reader over httpx for tests and the benchmark (the wire format of API.md 5)."""
+"""A small SSE reader over httpx for tests and the benchmark (the wire format of docs/api.md 5)."""
 
 from __future__ import annotations
 

@@ -1,5 +1,6 @@
-"""Faults injected into real processes: the invariants of DESIGN.md, at a scale that says
-something, with the figures printed as one `FAULT name: ...` line per test.
+"""Faults injected into real processes: the invariants of docs/reliability.md (no run lost, none
+executed twice, none stuck), at a scale that says something, with the figures printed as one
+`FAULT name: ...` line per test.
 
 Every test runs executors of its own (the `executors` fixture; the suite's shared one is stopped
 for it), which claim queued runs from the database and recover the runs of a lost peer by

@@ -1,6 +1,6 @@
 """Tenant isolation, as a table: every route that takes the id of an owned object, every list,
 every create (idempotency keys are per owner) and both streams, exercised by bob against alice's
-objects over a real server. API.md: another owner's object answers 404, exactly like a missing
+objects over a real server. docs/api.md: another owner's object answers 404, exactly like a missing
 one, and nothing of it changes.
 
 The tables are checked against the URL conf and the OpenAPI document, so a new route fails

@@ -1,4 +1,4 @@
-"""Stream tickets (API.md section 1): what a browser uses instead of a key in the URL.
+"""Stream tickets (docs/api.md section 1): what a browser uses instead of a key in the URL.
 
 `POST /api/v1/stream-tickets` mints one; `?ticket=` then opens that run's SSE stream and
 WebSocket (or, for a feed ticket, the status feed) until it expires, reconnects included, and

@@ -1,4 +1,4 @@
-"""The webhooks API (API.md section 6): one view per operation, owner-scoped."""
+"""The webhooks API (docs/api.md section 6): one view per operation, owner-scoped."""
 
 from __future__ import annotations
 

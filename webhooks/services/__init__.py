@@ -1,4 +1,4 @@
-"""Writes on webhooks (STYLE.md: services write, selectors read)."""
+"""Writes on webhooks (services write, selectors read)."""
 
 from webhooks.services.deliveries import (
     deliveries_claim_due,

@@ -39,7 +39,7 @@ SSE_HEADERS = {"Accept": "text/event-stream"}
 
 @dataclass(frozen=True)
 class Event:
-    """One run event (API.md section 5): `type` is e.g. "agent.output", `data` its members."""
+    """One run event (docs/api.md section 5): `type` is e.g. "agent.output", `data` its members."""
 
     seq: int
     type: str

@@ -1,4 +1,4 @@
-"""Typed errors carrying the problem+json fields of API.md section 2."""
+"""Typed errors carrying the problem+json fields of docs/api.md section 2."""
 
 from __future__ import annotations
 
