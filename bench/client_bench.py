@@ -71,7 +71,7 @@ def main() -> None:
         base = f"http://127.0.0.1:{web_port}"
         daphne = [PY, "-m", "daphne", "-b", "127.0.0.1", "-p", str(web_port)]
         with processes(
-            [PY, "-m", "tests.fakes.openai_server", "--port", str(model_port)],
+            [PY, "-m", "agentsvc.demo_model_server", "--port", str(model_port)],
             [*daphne, "agentsvc.asgi:application"],
             executor_command(),
             env=env,

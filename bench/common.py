@@ -261,11 +261,11 @@ def in_flight_stats(intervals: list[tuple[float, float]]) -> dict:
 
 
 def model_command(port: int) -> list[str]:
-    """The fake model server (tests/fakes/openai_server.py) with a listen backlog for a thousand
+    """The fake model server (agentsvc/demo_model_server.py) with a listen backlog for a thousand
     connections opened at once (the standard library's default is 5: the rest would wait for a
     SYN retransmit, a second or more, which is not the model's latency)."""
     code = (
-        "import sys; from tests.fakes.openai_server import FakeModelServer as S; "
+        "import sys; from agentsvc.demo_model_server import FakeModelServer as S; "
         "S.request_queue_size = 4096; S(('127.0.0.1', int(sys.argv[1]))).serve_forever()"
     )
     return [PY, "-c", code, str(port)]

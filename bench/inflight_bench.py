@@ -3,7 +3,7 @@
     .venv/bin/python bench/inflight_bench.py [--runs 1000] [--connections 16]
                                              [--levels 10,100,1000] [--waves 3] [--json PATH]
 
-The model is the fake OpenAI-compatible server (tests/fakes/openai_server.py) at `--latency-ms`
+The model is the fake OpenAI-compatible server (agentsvc/demo_model_server.py) at `--latency-ms`
 (100) a token; a run is a chain of `--agents` (2) agents of `--tokens` (10) tokens each, the
 second prompted with the first's output: about 2 s of model time. Production configuration
 (PostgreSQL + Redis), one daphne process, ONE executor (`manage.py executor`, through

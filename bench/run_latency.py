@@ -95,7 +95,7 @@ def measure(config: str, runs: int, chains: list[str]) -> dict[str, dict[str, li
         )
         base = f"http://127.0.0.1:{web_port}"
         with processes(
-            [PY, "-m", "tests.fakes.openai_server", "--port", str(model_port)],
+            [PY, "-m", "agentsvc.demo_model_server", "--port", str(model_port)],
             [
                 PY,
                 "-m",

@@ -324,7 +324,7 @@ def main() -> int:
         receiver = start_receiver()
         ports = [free_port() for _ in range(args.webs)]
         webs = [f"http://127.0.0.1:{p}" for p in ports]
-        commands = [[PY, "-m", "tests.fakes.openai_server", "--port", str(model_port)]]
+        commands = [[PY, "-m", "agentsvc.demo_model_server", "--port", str(model_port)]]
         commands += [
             [PY, "-m", "daphne", "-b", "127.0.0.1", "-p", str(p), "agentsvc.asgi:application"]
             for p in ports

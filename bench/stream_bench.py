@@ -85,13 +85,13 @@ django.setup()
 from django.core.management import call_command  # noqa: E402
 from websockets.asyncio.client import connect as ws_connect  # noqa: E402
 
+from agentsvc.demo_model_server import start_in_thread  # noqa: E402
 from agentsvc.services import api_key_create  # noqa: E402
 from runs.chains import chain_publish  # noqa: E402
 from runs.events import RUN_QUEUED  # noqa: E402
 from runs.models import Run, RunEvent, RunStatus  # noqa: E402
 from runs.timefmt import iso  # noqa: E402
 from runs.wakeup import wakeup_publish  # noqa: E402
-from tests.fakes.openai_server import start_in_thread  # noqa: E402
 
 HOST = "127.0.0.1"
 

@@ -57,7 +57,7 @@ def main() -> None:
         QUEUE_MAX="100000000",
         DJANGO_SETTINGS_MODULE="agentsvc.settings",
     )
-    from tests.fakes.openai_server import start_in_thread as model_in_thread
+    from agentsvc.demo_model_server import start_in_thread as model_in_thread
 
     model = model_in_thread()
     env["LOCAL_MODEL_URL"] = model.base_url

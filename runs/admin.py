@@ -16,11 +16,12 @@ from django import forms
 from django.contrib import admin, messages
 from django.core.paginator import Paginator
 from django.db import transaction
-from django.db.models import Count
+from django.db.models import Count, Q
 from django.urls import reverse
 from django.utils.html import format_html, format_html_join
 
 from agentsvc.errors import ApplicationError
+from agentsvc.models import DISPLAY_PREFIX_LEN, KEY_PREFIX, ApiKey
 from runs import services
 from runs.chains import ChainDefinitionError, chain_definition_normalize, chain_publish
 from runs.models import ACTIVE_STATUSES, Agent, Chain, Run, RunEvent
@@ -72,6 +73,7 @@ class RunAdmin(admin.ModelAdmin):
         "status",
         "chain",
         "owner",
+        "api_key",
         "created_at",
         "duration",
         "cost",
@@ -83,9 +85,9 @@ class RunAdmin(admin.ModelAdmin):
         "owner",
         "created_at",
     )
-    list_select_related = ("chain", "owner")
-    search_fields = ("id",)
-    search_help_text = "A run id (the full UUID)."
+    list_select_related = ("chain", "owner", "api_key")
+    search_fields = ("id",)  # shows the box; get_search_results does the search
+    search_help_text = "A run id (the full UUID), or an API key's prefix (ak_AbCdEfGh) or name."
     show_full_result_count = False
     paginator = CappedPaginator
     list_per_page = 50
@@ -122,14 +124,21 @@ class RunAdmin(admin.ModelAdmin):
         return runs
 
     def get_search_results(self, request, queryset, search_term):
-        """An exact id match (the primary key index), never a LIKE over every run."""
+        """Exact matches on indexed columns, never a LIKE over every run: a run id (the primary
+        key), else the runs of the API keys with that display prefix or name (the api_key
+        index)."""
         term = search_term.strip()
         if not term:
             return queryset, False
         try:
             return queryset.filter(pk=uuid.UUID(term)), False
         except ValueError:
-            return queryset.none(), False
+            pass
+        match = Q(name__iexact=term)
+        if prefix := _key_prefix(term):
+            match |= Q(prefix=prefix)
+        keys = ApiKey.objects.filter(match).values("pk")
+        return queryset.filter(api_key__in=keys), False
 
     def get_readonly_fields(self, request, obj=None):
         return [f for group in self.fieldsets for f in _flatten(group[1]["fields"])]
@@ -202,6 +211,13 @@ class RunAdmin(admin.ModelAdmin):
             self.message_user(
                 request, format_html('{} re-run as <a href="{}">{}</a>.', run.id, url, new.id)
             )
+
+
+def _key_prefix(term: str) -> str:
+    """The display prefix in what an operator pastes: `ak_AbCdEfGh…` as the admin shows it, the
+    prefix alone, or a whole key. "" when the term is too short to be one."""
+    term = term.removeprefix(KEY_PREFIX).rstrip("….")
+    return term[:DISPLAY_PREFIX_LEN] if len(term) >= DISPLAY_PREFIX_LEN else ""
 
 
 def _flatten(fields) -> list[str]:

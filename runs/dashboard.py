@@ -72,6 +72,14 @@ def state(request):
 
 
 @staff_member_required
+@require_GET
+def series(request):
+    """The charts' data (runs per minute by status, queue wait and age), re-read every few
+    seconds by the page."""
+    return JsonResponse(selectors.run_series(now=timezone.now()))
+
+
+@staff_member_required
 @require_POST
 def run_cancel(request, run_id: UUID):
     """Cancel a queued run, or ask a running one to stop; logged as the admin action is."""

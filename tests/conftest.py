@@ -17,9 +17,9 @@ import pytest
 from django.conf import settings
 from django.test import Client
 
+from agentsvc.demo_model_server import start_in_thread
 from agentsvc.services import api_key_create
 from runs.chains import chain_publish
-from tests.fakes.openai_server import start_in_thread
 
 ROOT = Path(__file__).resolve().parent.parent
 

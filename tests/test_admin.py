@@ -88,6 +88,42 @@ def test_run_list_filters_and_search(staff, alice, bob, make_chain):
     assert len(shown(created_at__gte="2000-01-01 00:00:00+00:00")) == 3
 
 
+def found(client: Client, path: str, **params) -> set:
+    """The primary keys of the changelist's rows."""
+    response = client.get(path, params)
+    assert response.status_code == 200
+    return {obj.pk for obj in response.context["cl"].result_list}
+
+
+def test_run_search_by_id_and_by_api_key_prefix_or_name(
+    staff, alice, bob, make_chain, django_assert_max_num_queries
+):
+    batch, batch_raw = api_key_create(owner_name="alice", name="nightly-batch")
+    chain = make_chain("demo")
+    a1, b1 = start(alice, chain), start(bob, chain)
+    a2 = run_create(api_key=batch, chain=chain, run_input={"topic": "x"}, metadata={})
+    a3 = run_create(api_key=batch, chain=chain, run_input={"topic": "y"}, metadata={})
+    run_execute(run_id=str(a3.id))
+
+    assert found(staff, RUNS, q=str(b1.id)) == {b1.pk}
+    assert found(staff, RUNS, q=f"  {str(a2.id).upper()} ") == {a2.pk}
+    # The key as the admin shows it, its prefix alone, the whole key, its name: only its runs,
+    # not the other runs of the same owner.
+    for term in (f"ak_{batch.prefix}…", batch.prefix, batch_raw, "nightly-batch", "NIGHTLY-batch"):
+        assert found(staff, RUNS, q=term) == {a2.pk, a3.pk}, term
+    assert found(staff, RUNS, q="alice-key") == {a1.pk}
+    assert found(staff, RUNS, q=f"ak_{batch.prefix}", status__exact="completed") == {a3.pk}
+    assert found(staff, RUNS, status__exact="queued") == {a1.pk, a2.pk, b1.pk}
+    for term in ("nightly", batch.prefix[:5], str(a1.id)[:8], "no such key"):
+        assert found(staff, RUNS, q=term) == set(), term
+    page = staff.get(RUNS, {"q": batch.prefix}).content.decode()
+    assert f"nightly-batch (ak_{batch.prefix}…)" in page  # the key column
+    with django_assert_max_num_queries(8):
+        assert staff.get(RUNS, {"q": batch.prefix}).status_code == 200
+    with django_assert_max_num_queries(8):
+        assert staff.get(RUNS, {"q": str(b1.id)}).status_code == 200
+
+
 def test_run_page_shows_event_log_and_deliveries(staff, alice, make_chain):
     chain = make_chain("demo", models=[fake(tokens=3)])
     hook = "https://hooks.example.com/in"
@@ -347,3 +383,35 @@ def test_delivery_changelist_query_count(
         assert staff.get("/admin/webhooks/webhookdelivery/").status_code == 200
     with django_assert_max_num_queries(8):
         assert staff.get(ENDPOINTS).status_code == 200
+
+
+def test_delivery_search_by_delivery_id_webhook_id_run_id_and_url(
+    staff, alice, make_chain, local_ok, django_assert_max_num_queries
+):
+    chain = make_chain("demo")
+    first, second = start(alice, chain), start(alice, chain)
+    hooks = [
+        WebhookEndpoint.objects.create(
+            owner=alice.key.owner, url=url, secret="s", events=["run.completed"]
+        )
+        for url in ("https://a.example.com/in", "https://b.example.com/other")
+    ]
+    # The first run's message goes to both endpoints, the second's to one.
+    d1 = _failed_delivery(first, hooks[0], timezone.now(), 10)
+    d2 = WebhookDelivery.objects.create(
+        message=d1.message, endpoint=hooks[1], url=hooks[1].url, status="failed"
+    )
+    d3 = _failed_delivery(second, hooks[0], timezone.now(), 10)
+    deliveries = "/admin/webhooks/webhookdelivery/"
+
+    assert found(staff, deliveries, q=str(d2.pk)) == {d2.pk}
+    assert found(staff, deliveries, q=d3.message_id) == {d3.pk}  # the webhook-id header
+    assert found(staff, deliveries, q=f" {d1.message_id} ") == {d1.pk, d2.pk}
+    assert found(staff, deliveries, q=str(second.id)) == {d3.pk}
+    assert found(staff, deliveries, q="b.example.com") == {d2.pk}
+    assert found(staff, deliveries, q="msg_" + "0" * 32) == set()
+    assert found(staff, deliveries, q=str(d1.pk)[:8]) == set()
+    with django_assert_max_num_queries(8):
+        assert staff.get(deliveries, {"q": d1.message_id}).status_code == 200
+    with django_assert_max_num_queries(8):
+        assert staff.get(deliveries, {"q": str(d2.pk)}).status_code == 200

@@ -4,6 +4,7 @@ and the page itself in headless Chromium against a real daphne and worker."""
 from __future__ import annotations
 
 import os
+import re
 from datetime import timedelta
 from pathlib import Path
 
@@ -15,10 +16,11 @@ from django.test import Client
 from django.utils import timezone
 
 from runs.models import Run, RunStatus
+from runs.selectors import run_series
 from runs.services import event_append, run_create
 from tests.conftest import ROOT, fake, free_port, process_env, start_web, wait_until
 
-PAGE, STATE = "/dashboard/", "/dashboard/state"
+PAGE, STATE, SERIES = "/dashboard/", "/dashboard/state", "/dashboard/series"
 
 
 def cancel_url(run) -> str:
@@ -69,7 +71,12 @@ def test_page_lists_every_owners_runs_newest_first(staff, alice, bob, make_chain
 def test_others_are_sent_to_the_admin_login(client, visitor, alice, make_chain):
     run = start(alice, make_chain("demo"))
     for who in (client, visitor):
-        for method, path in (("get", PAGE), ("get", STATE), ("post", cancel_url(run))):
+        for method, path in (
+            ("get", PAGE),
+            ("get", STATE),
+            ("get", SERIES),
+            ("post", cancel_url(run)),
+        ):
             response = getattr(who, method)(path)
             assert response.status_code == 302, (method, path)
             assert response["Location"].startswith("/admin/login/?next=")
@@ -111,6 +118,68 @@ def test_state_queries_do_not_grow_with_runs(staff, alice, make_chain, django_as
     # session, user, two counts, the runs with their chains and owners
     with django_assert_num_queries(5):
         assert len(staff.get(STATE).json()["runs"]) == 5
+
+
+def test_series_counts_runs_per_minute_and_queue_waits(alice, bob, make_chain):
+    chain = make_chain("demo")
+    runs = [start(api, chain) for api in (alice, alice, bob, alice, bob, alice)]
+    now = timezone.now()
+    ago = lambda **kw: now - timedelta(**kw)  # noqa: E731
+
+    def update(run, **fields):
+        Run.objects.filter(pk=run.pk).update(**fields)
+
+    # Two completed runs queued ten minutes ago that waited 3 and 8 s, one failed after 1 s,
+    # one cancelled while queued after 4 s, one still queued for 5 minutes, one from two hours
+    # ago (outside the chart).
+    t10, t3, t20 = ago(minutes=10), ago(minutes=3), ago(minutes=20)
+    update(runs[0], created_at=t10, started_at=t10 + timedelta(seconds=3), status="completed")
+    update(runs[1], created_at=t10, started_at=t10 + timedelta(seconds=8), status="completed")
+    update(runs[2], created_at=t3, started_at=t3 + timedelta(seconds=1), status="failed")
+    update(runs[3], created_at=t20, finished_at=t20 + timedelta(seconds=4), status="cancelled")
+    update(runs[4], created_at=ago(minutes=5))
+    update(runs[5], created_at=ago(hours=2), status="completed")
+
+    series = run_series(now=now)
+
+    def minute(t) -> int:  # the index of t's minute; the last is now's
+        floor = lambda d: d.replace(second=0, microsecond=0)  # noqa: E731
+        return 59 - int((floor(now) - floor(t)).total_seconds() // 60)
+
+    assert series["minutes"] == 60 and all(len(v) == 60 for v in series["runs"].values())
+    counts = {s: {i: n for i, n in enumerate(v) if n} for s, v in series["runs"].items()}
+    assert counts == {
+        "queued": {minute(ago(minutes=5)): 1},
+        "running": {},
+        "completed": {minute(t10): 2},
+        "failed": {minute(t3): 1},
+        "cancelled": {minute(t20): 1},
+        "timed_out": {},
+    }
+    waits = {i: w for i, w in enumerate(series["queue_wait_s"]) if w is not None}
+    assert waits == {
+        minute(t10): 8.0,
+        minute(t3): 1.0,
+        minute(t20): 4.0,
+        minute(ago(minutes=5)): 300.0,  # still waiting
+    }
+    assert series["queue_age_s"] == 300.0
+    assert series["start"].endswith(":00.000Z")
+
+
+def test_series_endpoint_queries_do_not_grow_with_runs(
+    staff, alice, make_chain, django_assert_num_queries
+):
+    chain = make_chain("demo")
+    for _ in range(5):
+        start(alice, chain)
+    staff.get(SERIES)
+    # session, user, the per-minute aggregate, the oldest queued run
+    with django_assert_num_queries(4):
+        series = staff.get(SERIES).json()
+    assert sum(series["runs"]["queued"]) == 5
+    assert series["queue_age_s"] >= 0
+    assert staff.get(PAGE).content.decode().count('class="chart"') == 2
 
 
 def test_cancel_needs_post_and_csrf_then_cancels_and_logs(staff, alice, make_chain):
@@ -312,6 +381,20 @@ def test_dashboard_in_a_browser(browser_setup, web, page):
     assert page.locator(".agent h3").all_text_contents() == ["agent0", "agent1"]
     assert streamed_text(page) == output_text(api, run_id)
     page.wait_for_function("() => document.getElementById('count-active').textContent === '0'")
+    # The charts: one completed run this minute, a point on a 60-minute line, and its queue wait.
+    completed = page.locator('#chart-runs svg path[data-series="completed"]')
+    completed.wait_for()
+    page.wait_for_function(
+        "() => document.querySelector('#chart-runs path[data-series=completed]')"
+        "?.dataset.total === '1'"
+    )
+    assert completed.get_attribute("data-points") == "60"
+    assert len(re.findall(r"[ML][\d.]+,[\d.]+", completed.get_attribute("d"))) == 60
+    assert page.locator("#chart-runs circle.s-completed").count() == 1
+    wait = page.locator('#chart-queue svg path[data-series="wait"]')
+    assert len(re.findall(r"[ML][\d.]+,[\d.]+", wait.get_attribute("d"))) == 60
+    assert page.locator("#chart-queue circle").count() >= 1
+    assert page.text_content("#queue-age") == "0 s"
 
     # Another one, cancelled from the page.
     other = api.start("demo")

@@ -6,6 +6,7 @@ import httpx
 import pytest
 from django.test import Client
 
+from agentsvc.demo_model_server import start_in_thread
 from tests.conftest import (
     ExecutorProcess,
     Proc,
@@ -15,7 +16,6 @@ from tests.conftest import (
     start_web,
     wait_until,
 )
-from tests.fakes.openai_server import start_in_thread
 
 
 def readyz(client=None):

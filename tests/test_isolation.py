@@ -116,6 +116,7 @@ NOT_TENANT = {
     "/admin/": "staff only (tests/test_admin.py, tests/test_security.py)",
     "/dashboard/": "staff only (tests/test_security.py)",
     "/dashboard/state": "staff only (tests/test_security.py)",
+    "/dashboard/series": "staff only (tests/test_security.py)",
     "/dashboard/runs/{run_id}/cancel": "staff only, with the CSRF token (tests/test_security.py)",
 }
 WEBSOCKETS = {

@@ -76,7 +76,7 @@ def test_keys_sharing_a_prefix_are_told_apart(alice, bob):
 # --- The admin: staff only, and CSRF on every write ---------------------------------------
 
 # Pages only staff may open. New consoles go here (one line each).
-STAFF_ONLY = ["/admin/", "/dashboard/", "/dashboard/state"]
+STAFF_ONLY = ["/admin/", "/dashboard/", "/dashboard/state", "/dashboard/series"]
 
 
 def _admin_pages(objects: dict) -> list[str]:

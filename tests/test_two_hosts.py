@@ -25,9 +25,9 @@ import httpx
 import pytest
 from django.conf import settings
 
+from agentsvc.demo_model_server import start_in_thread
 from runs.models import Run, RunEvent, RunStatus
 from tests.conftest import ROOT, fake, process_env, wait_until
-from tests.fakes.openai_server import start_in_thread
 from tests.sse_client import events
 
 pytestmark = [

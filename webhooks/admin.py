@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import uuid
 from datetime import timedelta
 
 from django import forms
 from django.contrib import admin, messages
 from django.contrib.admin.helpers import ActionForm
+from django.db.models import Q
 from django.urls import reverse
 from django.utils import timezone
 from django.utils.html import format_html, format_html_join
@@ -15,7 +17,12 @@ from agentsvc.errors import ApplicationError
 from runs.admin import run_panel_register
 from runs.models import Run
 from webhooks import services
-from webhooks.models import WebhookAttempt, WebhookDelivery, WebhookEndpoint
+from webhooks.models import (
+    WebhookAttempt,
+    WebhookDelivery,
+    WebhookEndpoint,
+    WebhookMessage,
+)
 from webhooks.services.endpoints import endpoint_delete, endpoint_update
 
 
@@ -119,13 +126,31 @@ class WebhookDeliveryAdmin(admin.ModelAdmin):
     list_filter = ("status",)
     list_select_related = ("message",)
     show_full_result_count = False
-    search_fields = ("message__id", "url", "message__run__id")
+    search_fields = ("url",)  # shows the box; get_search_results does the search
+    search_help_text = (
+        "A delivery id or a run id (UUID), a webhook-id (msg_…), or part of the target URL."
+    )
     readonly_fields = [f.name for f in WebhookDelivery._meta.fields]
     inlines = [WebhookAttemptInline]
     actions = ["resend"]
 
     def has_add_permission(self, request) -> bool:
         return False  # deliveries come from run events
+
+    def get_search_results(self, request, queryset, search_term):
+        """Ids match exactly, on their indexes: a webhook-id (the message, which is what a
+        receiver logs), a delivery id or a run id. Anything else is a substring of the URL."""
+        term = search_term.strip()
+        if not term:
+            return queryset, False
+        if term.startswith("msg_"):
+            return queryset.filter(message_id=term), False
+        try:
+            uid = uuid.UUID(term)
+        except ValueError:
+            return queryset.filter(url__icontains=term), False
+        of_run = WebhookMessage.objects.filter(run_id=uid).values("pk")
+        return queryset.filter(Q(pk=uid) | Q(message_id__in=of_run)), False
 
     @admin.action(description="Resend the selected deliveries")
     def resend(self, request, queryset) -> None:

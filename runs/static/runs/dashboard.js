@@ -1,6 +1,7 @@
 // The operators' dashboard: follows /ws/v1/runs (status feed) and /ws/v1/runs/{id} (a run's
-// events) with the page's staff session, re-reads /dashboard/state for the counters, and cancels
-// through /dashboard/runs/{id}/cancel. Plain JavaScript, no build step.
+// events) with the page's staff session, re-reads /dashboard/state for the counters, draws the
+// charts of /dashboard/series as SVG, and cancels through /dashboard/runs/{id}/cancel. Plain
+// JavaScript, no build step.
 "use strict";
 
 (() => {
@@ -145,6 +146,102 @@
   }
   setInterval(refresh, 30000); // "failed in the last hour" also changes with no event at all
 
+  // --- Charts from /dashboard/series: plain SVG, every 10 s and soon after a run ends -------
+  const SVG = "http://www.w3.org/2000/svg";
+  const WIDTH = 600;
+  const HEIGHT = 150;
+  const PAD = { left: 40, right: 8, top: 8, bottom: 18 };
+
+  function svg(name, attrs, text) {
+    const element = document.createElementNS(SVG, name);
+    for (const [key, value] of Object.entries(attrs)) element.setAttribute(key, value);
+    if (text !== undefined) element.textContent = text;
+    return element;
+  }
+
+  const round = (n) => (Math.round(n * 10) / 10).toString();
+
+  // lines: [{name, label, values, has}], one value a minute, oldest first (null: no data, drawn
+  // as 0); has(value) says which values are points worth a dot. A line without one is left out.
+  function drawChart(figure, lines, unit) {
+    const n = lines[0].values.length;
+    const top = Math.max(1, ...lines.flatMap((line) => line.values.map((v) => v || 0)));
+    const x = (i) => PAD.left + (i * (WIDTH - PAD.left - PAD.right)) / Math.max(1, n - 1);
+    const y = (v) => HEIGHT - PAD.bottom - ((v || 0) / top) * (HEIGHT - PAD.top - PAD.bottom);
+    const chart = svg("svg", { viewBox: `0 0 ${WIDTH} ${HEIGHT}`, role: "img" });
+    chart.append(
+      svg("line", { class: "axis", x1: PAD.left, x2: WIDTH - PAD.right, y1: y(0), y2: y(0) }),
+      svg("line", { class: "axis", x1: PAD.left, x2: PAD.left, y1: PAD.top, y2: y(0) }),
+      svg("text", { x: PAD.left - 4, y: PAD.top + 8, "text-anchor": "end" }, round(top)),
+      svg("text", { x: PAD.left - 4, y: y(0), "text-anchor": "end" }, "0"),
+      svg("text", { x: PAD.left, y: HEIGHT - 4 }, `-${n - 1} min`),
+      svg("text", { x: WIDTH - PAD.right, y: HEIGHT - 4, "text-anchor": "end" }, "now"),
+    );
+    const legend = figure.querySelector(".legend");
+    legend.textContent = "";
+    for (const line of lines) {
+      const total = line.values.reduce((sum, v) => sum + (v || 0), 0);
+      const item = document.createElement("li");
+      item.className = `s-${line.name}`;
+      item.textContent = line.label(total);
+      legend.append(item);
+      if (!line.values.some(line.has)) continue;
+      const d = line.values.map((v, i) => `${i ? "L" : "M"}${round(x(i))},${round(y(v))}`);
+      const path = svg("path", {
+        class: `line s-${line.name}`,
+        d: d.join(" "),
+        "data-series": line.name,
+        "data-points": n,
+        "data-total": round(total),
+      });
+      path.append(svg("title", {}, line.label(total)));
+      chart.append(path);
+      line.values.forEach((v, i) => {
+        if (!line.has(v)) return;
+        const at = { class: `s-${line.name}`, cx: round(x(i)), cy: round(y(v)), r: 2 };
+        const dot = svg("circle", at);
+        dot.append(svg("title", {}, `${line.name}: ${round(v)} ${unit}, ${n - 1 - i} min ago`));
+        chart.append(dot);
+      });
+    }
+    figure.querySelector(".plot").replaceChildren(chart);
+  }
+
+  let seriesTimer = null;
+  async function readSeries() {
+    clearTimeout(seriesTimer);
+    seriesTimer = setTimeout(readSeries, 10000);
+    try {
+      const response = await fetch(body.dataset.seriesUrl, { redirect: "manual" });
+      if (!response.ok) return; // the counters' read says why
+      const series = await response.json();
+      const runs = Object.entries(series.runs).map(([name, values]) => ({
+        name,
+        values,
+        label: (total) => `${name.replace("_", " ")} ${total}`,
+        has: (v) => v > 0,
+      }));
+      drawChart($("chart-runs"), runs, "runs");
+      const longest = Math.max(0, ...series.queue_wait_s.map((v) => v || 0));
+      const label = () => `longest ${round(longest)} s`;
+      const has = (v) => v !== null; // a minute with runs, even if none of them waited
+      const wait = { name: "wait", values: series.queue_wait_s, label, has };
+      drawChart($("chart-queue"), [wait], "s");
+      $("queue-age").textContent = `${round(series.queue_age_s)} s`;
+    } catch (error) {
+      // drawn again on the next read
+    }
+  }
+  let seriesSoon = null;
+  function refreshSeries() {
+    if (seriesSoon) return;
+    seriesSoon = setTimeout(() => {
+      seriesSoon = null;
+      readSeries();
+    }, 2000);
+  }
+  readSeries();
+
   // --- The status feed ------------------------------------------------------------------
   follow(() => `${wsBase}/ws/v1/runs`, {
     onOpen() {
@@ -156,6 +253,7 @@
       if (frame.event !== "run.status") return;
       show(frame.data);
       refresh();
+      refreshSeries();
     },
     onEnd(code, retrying) {
       $("feed-state").dataset.state = "down";

@@ -1,7 +1,9 @@
-"""A real OpenAI-compatible chat completions server for tests and the demo.
+"""The scripted model: a real OpenAI-compatible chat completions server with no weights.
 
-Behaviour is chosen per request by the model name, so parallel tests never share state:
-`fake?tokens=20&latency_ms=5` streams 20 tokens 5 ms apart. Parameters:
+`LOCAL_MODEL=demo make run` serves it (so it ships in the package, not in tests/), and the tests
+and benchmarks use it as their model provider. Behaviour is chosen per request by the model
+name, so parallel tests never share state: `fake?tokens=20&latency_ms=5` streams 20 tokens 5 ms
+apart. Parameters:
   tokens=N        completion length (default: echo the last user message, at most 64 words)
   latency_ms=MS   delay before each token
   fail=STATUS     answer STATUS (500, 503, 429, 401, ...) instead of streaming
@@ -17,7 +19,7 @@ Behaviour is chosen per request by the model name, so parallel tests never share
   json=bad        answer text that is not JSON (a truncated object)
   json=wrong      answer valid JSON that does not match that object's schema
 The last request body of each model name is kept (`server.bodies`), to check what was asked.
-Run it: python -m tests.fakes.openai_server --port 8089
+Run it: python -m agentsvc.demo_model_server --port 8089
 """
 
 from __future__ import annotations

@@ -1,0 +1,40 @@
+# The service's image: web (the default command), executor and worker all run from it.
+#   docker build -t agentsvc:latest .        (or podman build; not built by CI)
+# BASE: a Debian-based Python 3.11 with venv (python:3.11-slim, or Debian bookworm's python3
+# with python3-venv). llama.cpp and the SmolLM2 model are in the image, so `manage.py serve`
+# (the embedded default) runs in it too.
+ARG BASE=python:3.11-slim
+
+FROM ${BASE} AS builder
+RUN apt-get update \
+    && apt-get install -y --no-install-recommends build-essential \
+    && rm -rf /var/lib/apt/lists/*
+# llama.cpp for the CPU family, not for the build machine's CPU: the Makefile's flags and reason.
+ARG LLAMA_CMAKE_ARGS="-DGGML_NATIVE=OFF -DGGML_AVX=ON -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON"
+ENV PATH=/opt/venv/bin:$PATH PIP_NO_CACHE_DIR=1 PIP_DISABLE_PIP_VERSION_CHECK=1
+RUN python3 -m venv /opt/venv && pip install --upgrade pip
+WORKDIR /app
+# The dependencies (and the llama.cpp build) in a layer that only pyproject.toml changes.
+COPY pyproject.toml README.md ./
+RUN mkdir agentsvc runs webhooks \
+    && touch agentsvc/__init__.py runs/__init__.py webhooks/__init__.py \
+    && CMAKE_ARGS="$LLAMA_CMAKE_ARGS" CMAKE_BUILD_PARALLEL_LEVEL=$(nproc) pip install '.[local]' \
+    && pip uninstall -y agentsvc
+COPY . .
+# Editable: the code runs from /app, beside manage.py, templates/ and chains/.
+RUN pip install --no-deps -e . && python -m compileall -q agentsvc runs webhooks
+
+FROM ${BASE}
+# OpenMP, which the llama.cpp build links against.
+RUN apt-get update \
+    && apt-get install -y --no-install-recommends libgomp1 \
+    && rm -rf /var/lib/apt/lists/* \
+    && useradd --system --uid 10001 --no-create-home --shell /usr/sbin/nologin agentsvc \
+    && mkdir /data && chown agentsvc /data
+COPY --from=builder /opt/venv /opt/venv
+COPY --from=builder /app /app
+ENV PATH=/opt/venv/bin:$PATH PYTHONUNBUFFERED=1 DATA_DIR=/data
+USER agentsvc
+WORKDIR /app
+EXPOSE 8000
+CMD ["daphne", "-b", "0.0.0.0", "-p", "8000", "--proxy-headers", "agentsvc.asgi:application"]
