@@ -210,16 +210,17 @@ def delivery_attempt(*, delivery_id: UUID | str, token: UUID | str | None = None
     delivery = WebhookDelivery.objects.select_related("message__run", "endpoint").get(
         pk=delivery_id
     )
-    run = delivery.message.run
+    run = delivery.message.run  # None for an endpoint's test event
+    run_id = str(run.id) if run is not None else ""
     # The run's log lines, and a span in the trace of the request that created it.
     with (
-        logs.log_context(run_id=str(run.id), key_prefix=None),
+        logs.log_context(run_id=run_id or None, key_prefix=None),
         tracing.tracer().start_as_current_span(
             "webhook.attempt",
-            context=tracing.parent_context(run.trace_parent),
+            context=tracing.parent_context(run.trace_parent if run is not None else ""),
             kind=SpanKind.CLIENT,
             attributes={
-                "agentsvc.run_id": str(run.id),
+                "agentsvc.run_id": run_id,
                 "agentsvc.webhook.id": delivery.message.id,
                 "agentsvc.webhook.event": delivery.message.event_type,
                 "agentsvc.webhook.attempt": delivery.attempt_count + 1,
