@@ -1,7 +1,7 @@
 # make run   - the service on its embedded default (SQLite, no Redis), with a demo key and curl;
 #              LOCAL_MODEL=demo make run: the scripted model, no llama.cpp build
 # make test  - the test suite (needs PostgreSQL and Redis; see README)
-# make bench - the benchmark suite, one table (PostgreSQL, Redis, wrk; about 15 minutes)
+# make bench - the benchmark suite, one table (PostgreSQL, Redis, wrk; 7 to 15 minutes)
 PYTHON ?= $(shell command -v python3.11 || command -v python3)
 VENV := .venv
 BIN := $(VENV)/bin
