@@ -5,9 +5,10 @@ class RunsConfig(AppConfig):
     name = "runs"
 
     def ready(self) -> None:
-        from agentsvc import health, idempotency
+        from agentsvc import health, idempotency, metrics
         from runs import events
         from runs.availability import models_readiness
+        from runs.metrics import RunsCollector, StreamsCollector
         from runs.presenters import run_handle
         from runs.selectors import executors_alive
         from runs.totals import run_totals_add
@@ -18,3 +19,5 @@ class RunsConfig(AppConfig):
             lambda record: (run_handle(record.run), f"/api/v1/runs/{record.run_id}")
         )
         events.on_terminal(run_totals_add)
+        metrics.REGISTRY.register(RunsCollector())
+        metrics.REGISTRY.register(StreamsCollector())

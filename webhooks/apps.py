@@ -8,7 +8,9 @@ class WebhooksConfig(AppConfig):
     def ready(self) -> None:
         """Webhooks subscribe to runs: messages written with each terminal event, endpoints
         that keep their owners' runs watched, delivery inside the executor process."""
+        from agentsvc import metrics
         from runs import events, executor
+        from webhooks.metrics import WebhooksCollector
         from webhooks.pump import deliveries_pump
         from webhooks.selectors import owners_with_endpoints
         from webhooks.services import messages_create_for_events
@@ -16,3 +18,4 @@ class WebhooksConfig(AppConfig):
         events.on_terminal(messages_create_for_events)
         events.on_owners_watched(owners_with_endpoints)
         executor.service_register(deliveries_pump)
+        metrics.REGISTRY.register(WebhooksCollector())
