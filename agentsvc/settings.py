@@ -387,7 +387,7 @@ SPECTACULAR_SETTINGS = {
     },
     "POSTPROCESSING_HOOKS": [
         "drf_spectacular.hooks.postprocess_schema_enums",
-        "agentsvc.openapi.add_stream_operations",
+        "runs.openapi.add_stream_operations",
         "agentsvc.openapi.add_common_headers",
         "agentsvc.openapi.add_links",
     ],
