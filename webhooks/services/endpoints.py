@@ -58,18 +58,21 @@ def endpoint_delete(*, endpoint: WebhookEndpoint) -> None:
     A run that ends meanwhile may still add a delivery to the endpoint (its fan-out read the
     endpoint before): the delete then fails on that delivery's foreign key, and is tried again,
     which sees it."""
+    # By id: a failed attempt's delete has already cleared the instance's pk.
+    endpoint_id = endpoint.pk
     for attempt in range(3):
         try:
             with transaction.atomic():
-                _endpoint_delete(endpoint)
+                _endpoint_delete(endpoint_id)
             return
         except IntegrityError:
             if attempt == 2:
                 raise
 
 
-def _endpoint_delete(endpoint: WebhookEndpoint) -> None:
-    list(WebhookDelivery.objects.select_for_update().filter(endpoint=endpoint).values_list("pk"))
+def _endpoint_delete(endpoint_id) -> None:
+    deliveries = WebhookDelivery.objects.select_for_update().filter(endpoint_id=endpoint_id)
+    list(deliveries.values_list("pk"))
     # Its test messages belong to no run: they go with it rather than linger without deliveries.
-    WebhookMessage.objects.filter(run__isnull=True, deliveries__endpoint=endpoint).delete()
-    endpoint.delete()
+    WebhookMessage.objects.filter(run__isnull=True, deliveries__endpoint_id=endpoint_id).delete()
+    WebhookEndpoint.objects.filter(pk=endpoint_id).delete()
