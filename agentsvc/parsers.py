@@ -4,6 +4,7 @@ from typing import Any
 
 from rest_framework.exceptions import ParseError
 from rest_framework.parsers import JSONParser
+from rest_framework.utils import json
 
 MAX_DEPTH = 64
 
@@ -28,13 +29,21 @@ def _check(value: Any, depth: int = 0) -> None:
             _check(item, depth + 1)
 
 
+def strict_loads(raw: bytes) -> Any:
+    """A UTF-8 JSON body that the database can hold as it is (no NaN or Infinity either), or
+    ParseError."""
+    try:
+        data = json.loads(raw.decode("utf-8"), parse_constant=json.strict_constant)
+    except RecursionError:
+        raise ParseError(f"JSON nested deeper than {MAX_DEPTH} levels.") from None
+    except ValueError as exc:  # UnicodeDecodeError too
+        raise ParseError(f"JSON parse error - {exc}") from None
+    _check(data)
+    return data
+
+
 class StrictJSONParser(JSONParser):
     """JSON bodies that the database can hold as they are, or a 400."""
 
     def parse(self, stream, media_type=None, parser_context=None):
-        try:
-            data = super().parse(stream, media_type, parser_context)
-        except RecursionError:
-            raise ParseError(f"JSON nested deeper than {MAX_DEPTH} levels.") from None
-        _check(data)
-        return data
+        return strict_loads(stream.read() if stream is not None else b"")

@@ -48,8 +48,9 @@ from webhooks.serializers import RunWebhookInput
 MAX_LIMIT = 100
 
 
-def _check_query(request, allowed: set[str]) -> None:
-    unknown = sorted(set(request.query_params) - allowed)
+def check_query(params, allowed: set[str]) -> None:
+    """400 naming the query parameters not in `allowed` (the views and the streams)."""
+    unknown = sorted(set(params) - allowed)
     if unknown:
         raise ApplicationError(
             "validation_error",
@@ -198,40 +199,45 @@ class RunInvokeInput(RunCreateInput):
     wait_s = StrictFloatField(required=False, min_value=0)
 
 
+def chain_not_found(name: str, version: int | None) -> ApplicationError:
+    detail = (
+        f"Chain {echo(name)!r} has no version {version}."
+        if version is not None
+        else f"No chain named {echo(name)!r}."
+    )
+    return ApplicationError("not_found", detail)
+
+
 def _chain_or_404(name: str, version: int | None):
     try:
         return selectors.chain_get(name=name, version=version)
     except Http404:
-        detail = (
-            f"Chain {echo(name)!r} has no version {version}."
-            if version is not None
-            else f"No chain named {echo(name)!r}."
-        )
-        raise ApplicationError("not_found", detail) from None
+        raise chain_not_found(name, version) from None
 
 
-def _start_run(view, request, name: str, serializer_class=RunCreateInput):
-    body = serializer_class(data=request.data)
-    body.is_valid(raise_exception=True)
-    data = body.validated_data
+def start_run(*, key, body, name: str, idempotency=None, serializer_class=RunCreateInput):
+    """Create, invoke and the lane's create: validate the body, find the chain, start the run."""
+    valid = serializer_class(data=body)
+    valid.is_valid(raise_exception=True)
+    data = valid.validated_data
     chain = _chain_or_404(name, data.get("version"))
     run = services.run_create(
-        api_key=request.auth,
+        api_key=key,
         chain=chain,
         run_input=data["input"],
         metadata=data["metadata"],
         webhook=data.get("webhook"),
-        idempotency=view.idempotency,
+        idempotency=idempotency,
     )
     return run, data
 
 
+def accepted_headers(run) -> dict[str, str]:
+    return {"Location": f"/api/v1/runs/{run.id}"}
+
+
 def _accepted(run) -> Response:
-    return Response(
-        run_handle(run),
-        status=status.HTTP_202_ACCEPTED,
-        headers={"Location": f"/api/v1/runs/{run.id}"},
-    )
+    return Response(run_handle(run), status=status.HTTP_202_ACCEPTED, headers=accepted_headers(run))
 
 
 class RunCreateApi(IdempotentMixin, APIView):
@@ -243,7 +249,9 @@ class RunCreateApi(IdempotentMixin, APIView):
         responses={202: RunHandle, **problems(404, 409, 422)},
     )
     def post(self, request, name: str):
-        run, _ = _start_run(self, request, name)
+        run, _ = start_run(
+            key=request.auth, body=request.data, name=name, idempotency=self.idempotency
+        )
         return _accepted(run)
 
 
@@ -260,7 +268,13 @@ class RunInvokeApi(IdempotentMixin, APIView):
         },
     )
     def post(self, request, name: str):
-        run, data = _start_run(self, request, name, RunInvokeInput)
+        run, data = start_run(
+            key=request.auth,
+            body=request.data,
+            name=name,
+            idempotency=self.idempotency,
+            serializer_class=RunInvokeInput,
+        )
         wait_s = min(data.get("wait_s", settings.INVOKE_WAIT_DEFAULT_S), settings.INVOKE_WAIT_MAX_S)
         run = services.run_wait(run_id=run.id, timeout_s=wait_s)
         if run.status == RunStatus.FAILED:
@@ -324,7 +338,7 @@ class ChainListApi(APIView):
         responses={200: ChainPage, **problems()},
     )
     def get(self, request):
-        _check_query(request, {"limit", "cursor"})
+        check_query(request.query_params, {"limit", "cursor"})
         page, next_cursor = selectors.chain_page(
             cursor=request.query_params.get("cursor") or None,
             limit=_int_param(request, "limit", MAX_LIMIT, 1, MAX_LIMIT),
@@ -345,7 +359,7 @@ class ChainDetailApi(APIView):
         responses={200: ChainOut, **problems(404)},
     )
     def get(self, request, name: str):
-        _check_query(request, {"version"})
+        check_query(request.query_params, {"version"})
         version = None
         if "version" in request.query_params:
             version = _int_param(request, "version", 1, 1, 2**31 - 1)
@@ -370,7 +384,7 @@ class RunListApi(APIView):
         responses={200: RunPage, **problems()},
     )
     def get(self, request):
-        _check_query(request, {"status", "chain", "created_after", "limit", "cursor"})
+        check_query(request.query_params, {"status", "chain", "created_after", "limit", "cursor"})
         params = request.query_params
         statuses = None
         if params.get("status"):
@@ -422,11 +436,20 @@ def _poll_after(run) -> str:
 class RunDetailApi(APIView):
     @extend_schema(operation_id="runs_retrieve", responses={200: RunOut, **problems(404)})
     def get(self, request, run_id):
-        _check_query(request, set())
-        run = selectors.run_get(owner=request.user, run_id=run_id)
-        run_seen(run_id=run.id, status=run.status, last_seen_at=run.last_seen_at)
-        headers = {} if run.is_terminal else {"Retry-After": _poll_after(run)}
-        return Response(run_dict(run), headers=headers)
+        check_query(request.query_params, set())
+        data, headers = run_detail(owner=request.user, run_id=run_id)
+        return Response(data, headers=headers)
+
+
+def run_detail(*, owner, run_id) -> tuple[dict, dict[str, str]]:
+    run = selectors.run_get(owner=owner, run_id=run_id)
+    run_seen(run_id=run.id, status=run.status, last_seen_at=run.last_seen_at)
+    return detail_answer(run)
+
+
+def detail_answer(run) -> tuple[dict, dict[str, str]]:
+    """GET /runs/{id} (the DRF view and the lane): the run, and Retry-After while it goes."""
+    return run_dict(run), ({} if run.is_terminal else {"Retry-After": _poll_after(run)})
 
 
 class RunCancelApi(IdempotentMixin, APIView):
@@ -514,7 +537,7 @@ class RunEventsApi(APIView):
     documented with the stream in agentsvc.openapi)."""
 
     def get(self, request, run_id):
-        _check_query(request, {"after", "limit", "events"})
+        check_query(request.query_params, {"after", "limit", "events"})
         try:
             types = event_filter_parse(request.query_params.get("events"))
         except ValueError as e:

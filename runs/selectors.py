@@ -7,7 +7,6 @@ import binascii
 import re
 from collections.abc import Callable
 from datetime import datetime, timedelta
-from functools import lru_cache
 from typing import Any
 from uuid import UUID
 
@@ -51,21 +50,63 @@ def chain_latest_list() -> list[Chain]:
     return list(Chain.objects.filter(wanted).prefetch_related("agents").order_by("name"))
 
 
+CHAIN_LATEST_SQL = (
+    f"SELECT * FROM {Chain._meta.db_table} WHERE name = %s AND published "
+    "ORDER BY version DESC LIMIT 1"
+)
+CHAIN_VERSION_SQL = (
+    f"SELECT * FROM {Chain._meta.db_table} WHERE name = %s AND version = %s AND published"
+)
+
+
+def chain_query(name: str, version: int | None) -> tuple[str, list]:
+    if version is None:
+        return CHAIN_LATEST_SQL, [name]
+    return CHAIN_VERSION_SQL, [name, version]
+
+
 def chain_get(*, name: str, version: int | None = None) -> Chain:
-    chains = Chain.objects.filter(name=name, published=True)
-    chain = (
-        chains.filter(version=version) if version is not None else chains.order_by("-version")
-    ).first()
+    """A published version of a chain (the newest by default). Written out: every run start
+    reads it."""
+    sql, params = chain_query(name, version)
+    chains = Chain.objects.raw(sql, params)
+    chain = next(iter(chains), None)
     if chain is None:
         raise Http404
     return chain
 
 
-@lru_cache(maxsize=4096)
+_agents: dict[int, tuple[Agent, ...]] = {}
+
+
 def chain_agents(chain_id: int) -> tuple[Agent, ...]:
     """A version's agents in order, read once per process: a version never changes (its runs
     refer to it; the admin shows agents read-only and publishing makes a new version)."""
-    return tuple(Agent.objects.filter(chain_id=chain_id).order_by("position"))
+    agents = _agents.get(chain_id)
+    if agents is None:
+        if len(_agents) >= 4096:
+            _agents.clear()
+        agents = _agents[chain_id] = tuple(
+            Agent.objects.filter(chain_id=chain_id).order_by("position")
+        )
+    return agents
+
+
+def chain_agents_known(chain_id: int) -> bool:
+    """Whether chain_agents answers without a query (async callers skip a thread hop)."""
+    return chain_id in _agents
+
+
+_R, _C = f'"{Run._meta.db_table}"', f'"{Chain._meta.db_table}"'
+# A run with its chain (columns of the chain prefixed `chain__`): the status poll's one statement.
+RUN_WITH_CHAIN_SQL = (
+    "SELECT "
+    + ", ".join(f'{_R}."{f.column}"' for f in Run._meta.concrete_fields)
+    + ", "
+    + ", ".join(f'{_C}."{f.column}" AS "chain__{f.column}"' for f in Chain._meta.concrete_fields)
+    + f' FROM {_R} JOIN {_C} ON {_C}."id" = {_R}."chain_id" WHERE {_R}."id" = %s'
+    + f' AND {_R}."owner_id" = %s'
+)
 
 
 def run_get(*, owner: Owner, run_id: UUID) -> Run:

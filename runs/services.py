@@ -10,12 +10,13 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import datetime
-from functools import partial
+from functools import lru_cache, partial
 from typing import Any
 from uuid import UUID
 
+import psycopg
 from django.conf import settings
-from django.db import connections, transaction
+from django.db import connection, connections, transaction
 from django.db.models import F, Q, QuerySet
 from django.db.models.sql import UpdateQuery
 from django.utils import timezone
@@ -23,7 +24,7 @@ from django.utils import timezone
 from agentsvc import limits, tracing
 from agentsvc.errors import ApplicationError
 from agentsvc.metrics import rejection
-from agentsvc.models import ApiKey, IdempotencyRecord
+from agentsvc.models import ApiKey, IdempotencyRecord, TokenWindow
 from runs.chains import chain_validate_input
 from runs.events import FEED_EVENTS, RUN_QUEUED, TERMINAL_EVENTS, terminal_hooks_call
 from runs.models import (
@@ -291,14 +292,23 @@ def _tokens_settle(ended: list[tuple]) -> None:
 _queue_depth: tuple[float, int] = (0.0, 0)
 
 
+QUEUED_COUNT_SQL = f"SELECT count(*) FROM {Run._meta.db_table} WHERE status = 'queued'"
+
+
+def queue_depth_stale() -> bool:
+    return time.monotonic() - _queue_depth[0] >= settings.QUEUE_DEPTH_CACHE_S
+
+
+def queue_depth_set(depth: int) -> None:
+    global _queue_depth
+    _queue_depth = (time.monotonic(), depth)
+
+
 def queue_depth() -> int:
     """Queued runs, counted at most once per QUEUE_DEPTH_CACHE_S per process."""
-    global _queue_depth
-    at, depth = _queue_depth
-    if time.monotonic() - at >= settings.QUEUE_DEPTH_CACHE_S:
-        depth = Run.objects.filter(status=RunStatus.QUEUED).count()
-        _queue_depth = (time.monotonic(), depth)
-    return depth
+    if queue_depth_stale():
+        queue_depth_set(Run.objects.filter(status=RunStatus.QUEUED).count())
+    return _queue_depth[1]
 
 
 def queue_check(*, adding: int = 1) -> None:
@@ -423,68 +433,228 @@ def _runs_admit_and_create(
     rerun_of: Run | None = None,
     answer: Callable[[list[Run]], dict] | None = None,
 ) -> list[Run]:
+    """Admit and write the runs: the queue bound, the key's runs-per-minute (Redis), then its
+    token budget, its active-run slots, the runs, their first events and the idempotency record,
+    all or nothing (on PostgreSQL one statement, elsewhere one transaction). Executors are woken
+    on commit."""
+    queue_check(adding=len(new))
+    limits.runs_admit(key=api_key, count=len(new))
+    starts = runs_build(
+        api_key=api_key,
+        chain=chain,
+        new=new,
+        idempotency=idempotency,
+        rerun_of=rerun_of,
+        answer=answer,
+    )
+    if connection.vendor == "postgresql":
+        sql, params = runs_statement(starts)
+        connection.ensure_connection()
+        with connection.wrap_database_errors, psycopg.Cursor(connection.connection) as cursor:
+            cursor.execute(sql, params)
+            used, written = cursor.fetchone()
+        if written != len(starts.runs):
+            runs_refused(starts, used)
+    else:
+        _runs_write(starts)
+    wakeups = runs_wakeups(starts)
+    transaction.on_commit(lambda: wakeups_publish(wakeups))
+    return starts.runs
+
+
+@dataclass
+class Starts:
+    """Runs about to start, built before any write: what every writer needs."""
+
+    key: ApiKey
+    runs: list[Run]
+    events: list[RunEvent]
+    window: int
+    tokens: int
+    what: str  # the request, as answers name it ("This run", "This batch of 20 runs")
+    idempotency: IdempotencyRecord | None
+    record: dict[str, Any]  # the idempotency record's fields to set with them
+
+
+def runs_build(
+    *,
+    api_key: ApiKey,
+    chain: Chain,
+    new: list[NewRun],
+    idempotency: IdempotencyRecord | None = None,
+    rerun_of: Run | None = None,
+    answer: Callable[[list[Run]], dict] | None = None,
+) -> Starts:
+    """The runs and their first events, in memory (422 `run_too_large` first): no query."""
     n = len(new)
-    queue_check(adding=n)
-    limits.runs_admit(key=api_key, count=n)
     reserved = [token_reservation(chain=chain, run_input=item.input) for item in new]
     what = "This run" if n == 1 else f"This batch of {n} runs"
-    window = limits.tokens_reserve(key=api_key, amount=sum(reserved), what=what)
+    limits.tokens_fit(key=api_key, amount=sum(reserved), what=what)
+    window = limits.token_window()
     agents_total = len(chain_agents(chain.pk))
     trace_parent = tracing.traceparent()
+    now = timezone.now()
+    runs = []
+    for item, tokens in zip(new, reserved, strict=True):
+        webhook = item.webhook or {}
+        runs.append(
+            Run(
+                owner_id=api_key.owner_id,
+                api_key=api_key,
+                chain=chain,
+                input=item.input,
+                metadata=item.metadata,
+                agents_total=agents_total,
+                last_seq=1,
+                tokens_reserved=tokens,
+                tokens_window=window,
+                webhook_url=webhook.get("url", ""),
+                webhook_secret=webhook.get("secret", ""),
+                webhook_events=webhook.get("events", []),
+                rerun_of=rerun_of,
+                trace_parent=trace_parent,
+                created_at=now,
+            )
+        )
+    events = [
+        RunEvent(
+            run=run,
+            seq=1,
+            type=RUN_QUEUED,
+            created_at=now,
+            data={
+                "chain": chain.name,
+                "version": chain.version,
+                "run_id": str(run.id),
+                "seq": 1,
+                "ts": iso(now),
+            },
+        )
+        for run in runs
+    ]
+    record: dict[str, Any] = {}
+    if idempotency is not None:
+        # A batch has no one run: its answer is kept now, so a retry after a crash between
+        # commit and answer makes no second batch.
+        record = (
+            {"response_status": 202, "response_body": answer(runs)}
+            if answer is not None
+            else {"run": runs[0]}
+        )
+    return Starts(api_key, runs, events, window, sum(reserved), what, idempotency, record)
+
+
+def runs_wakeups(starts: Starts) -> list:
+    # Executors claim them from the database; the wake-up only makes one look now.
+    return [(r.id, r.owner_id, 1, RUN_QUEUED, True) for r in starts.runs]
+
+
+def _runs_write(starts: Starts) -> None:
+    """The runs in one transaction, step by step (SQLite, the embedded default)."""
+    key, tokens = starts.key, starts.tokens
+    window = limits.tokens_reserve(key=key, amount=tokens, what=starts.what)
+    for run in starts.runs:
+        run.tokens_window = window
     try:
         with transaction.atomic():
-            runs = []
-            for item, tokens in zip(new, reserved, strict=True):
-                webhook = item.webhook or {}
-                run = Run.objects.create(
-                    owner_id=api_key.owner_id,
-                    api_key=api_key,
-                    chain=chain,
-                    input=item.input,
-                    metadata=item.metadata,
-                    agents_total=agents_total,
-                    last_seq=1,
-                    tokens_reserved=tokens,
-                    tokens_window=window,
-                    webhook_url=webhook.get("url", ""),
-                    webhook_secret=webhook.get("secret", ""),
-                    webhook_events=webhook.get("events", []),
-                    rerun_of=rerun_of,
-                    trace_parent=trace_parent,
-                )
-                runs.append(run)
-            RunEvent.objects.bulk_create(
-                [
-                    RunEvent(
-                        run=run,
-                        seq=1,
-                        type=RUN_QUEUED,
-                        created_at=run.created_at,
-                        data={
-                            "chain": chain.name,
-                            "version": chain.version,
-                            "run_id": str(run.id),
-                            "seq": 1,
-                            "ts": iso(run.created_at),
-                        },
-                    )
-                    for run in runs
-                ]
-            )
-            if idempotency is not None:
-                record = IdempotencyRecord.objects.filter(pk=idempotency.pk)
-                if answer is not None:  # a batch has no one run: its answer is kept now
-                    record.update(response_status=202, response_body=answer(runs))
-                else:
-                    record.update(run=runs[0])
-            limits.active_runs_take(key=api_key, count=n)  # last: it locks the key's row
-            # Executors claim them from the database; the wake-up only makes one look now.
-            wakeups = [(r.id, r.owner_id, 1, RUN_QUEUED, True) for r in runs]
-            transaction.on_commit(lambda: wakeups_publish(wakeups))
+            Run.objects.bulk_create(starts.runs)
+            RunEvent.objects.bulk_create(starts.events)
+            if starts.idempotency is not None:
+                IdempotencyRecord.objects.filter(pk=starts.idempotency.pk).update(**starts.record)
+            limits.active_runs_take(key=key, count=len(starts.runs))  # last: locks the key's row
     except BaseException:
-        limits.tokens_settle(key_id=api_key.pk, window=window, reserved=sum(reserved), used=0)
+        limits.tokens_settle(key_id=key.pk, window=window, reserved=tokens, used=0)
         raise
-    return runs
+
+
+def _values(fields: list, rows: int) -> str:
+    """`(VALUES (...), ...) AS v(columns)`, each value cast to its column's type (a VALUES list
+    does not take its types from the table)."""
+    qn = connection.ops.quote_name
+    row = "(" + ", ".join(f"%s::{f.cast_db_type(connection)}" for f in fields) + ")"
+    return f"(VALUES {', '.join([row] * rows)}) AS v({', '.join(qn(f.column) for f in fields)})"
+
+
+_RUN_FIELDS = list(Run._meta.concrete_fields)
+_EVENT_FIELDS = [f for f in RunEvent._meta.concrete_fields if not f.primary_key]
+
+
+@lru_cache(maxsize=64)
+def _runs_write_sql(n: int, record_fields: tuple[str, ...]) -> str:
+    """The statement for `n` runs (and the idempotency record's fields to set), built once."""
+    qn = connection.ops.quote_name
+    tokens_table = qn(TokenWindow._meta.db_table)
+    record_sql = "SELECT 1"
+    if record_fields:
+        fields = [IdempotencyRecord._meta.get_field(name) for name in record_fields]
+        sets = ", ".join(f"{qn(f.column)} = %s::{f.cast_db_type(connection)}" for f in fields)
+        record_sql = (
+            f"UPDATE {qn(IdempotencyRecord._meta.db_table)} SET {sets} "
+            "WHERE id = %s AND EXISTS (SELECT 1 FROM new)"
+        )
+    return f"""
+    WITH tok AS (
+        INSERT INTO {tokens_table} (api_key_id, "window", used) VALUES (%s, %s, %s)
+        ON CONFLICT (api_key_id, "window") DO UPDATE
+            SET used = {tokens_table}.used + EXCLUDED.used
+            WHERE {tokens_table}.used + EXCLUDED.used <= %s
+        RETURNING used
+    ), slot AS (
+        UPDATE {qn(ApiKey._meta.db_table)} SET active_runs = active_runs + %s
+        WHERE id = %s AND active_runs <= %s AND EXISTS (SELECT 1 FROM tok)
+        RETURNING active_runs
+    ), new AS (
+        INSERT INTO {qn(Run._meta.db_table)} ({", ".join(qn(f.column) for f in _RUN_FIELDS)})
+        SELECT * FROM {_values(_RUN_FIELDS, n)} WHERE EXISTS (SELECT 1 FROM slot)
+        RETURNING id
+    ), ev AS (
+        INSERT INTO {qn(RunEvent._meta.db_table)} ({", ".join(qn(f.column) for f in _EVENT_FIELDS)})
+        SELECT * FROM {_values(_EVENT_FIELDS, n)} WHERE EXISTS (SELECT 1 FROM new)
+    ), record AS ({record_sql})
+    SELECT (SELECT used FROM tok), (SELECT count(*) FROM new)
+    """
+
+
+def runs_statement(starts: Starts, db=connection) -> tuple[str, list]:
+    """PostgreSQL: the start as one statement, one round trip; it returns (tokens used, runs
+    written). Each step runs only if the one before it did: the token reservation (its window's
+    row upserted), the key's active-run slots (the conditional UPDATE waits for a concurrent
+    start and re-checks, so the limit holds exactly), the runs, their events, the idempotency
+    record. Bound on the server: the values travel apart from the text."""
+    key, n = starts.key, len(starts.runs)
+    q = limits.quotas(key)
+    params = [key.pk, starts.window, starts.tokens, q.tokens, n, key.pk, q.active_runs - n]
+    params += [
+        f.get_db_prep_save(getattr(run, f.attname), db) for run in starts.runs for f in _RUN_FIELDS
+    ]
+    params += [
+        f.get_db_prep_save(getattr(e, f.attname), db) for e in starts.events for f in _EVENT_FIELDS
+    ]
+    if starts.record:
+        fields = [IdempotencyRecord._meta.get_field(name) for name in starts.record]
+        params += [
+            f.get_db_prep_save(value.pk if f.is_relation else value, db)
+            for f, value in zip(fields, starts.record.values(), strict=True)
+        ] + [starts.idempotency.pk]
+    return _runs_write_sql(n, tuple(starts.record)), params
+
+
+def runs_refused(starts: Starts, used: int | None) -> None:
+    """The statement wrote nothing: 429 for the token budget or the active runs. The one
+    partial outcome, tokens reserved and no slot free, is refunded first."""
+    key, window = starts.key, starts.window
+    if used is None:
+        used = (
+            TokenWindow.objects.filter(api_key_id=key.pk, window=window)
+            .values_list("used", flat=True)
+            .first()
+        )
+        raise limits.tokens_refused(
+            key=key, amount=starts.tokens, what=starts.what, used=used or 0, window=window
+        )
+    limits.tokens_settle(key_id=key.pk, window=window, reserved=starts.tokens, used=0)
+    active = ApiKey.objects.values_list("active_runs", flat=True).get(pk=key.pk)
+    raise limits.active_runs_refused(key=key, active=active, count=len(starts.runs))
 
 
 def run_cancel(*, run: Run, reason: str) -> Run:

@@ -9,21 +9,20 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import io
 import logging
 from collections.abc import AsyncIterator
 from uuid import UUID
 
 from asgiref.sync import sync_to_async
 from django.conf import settings
-from django.http import Http404, HttpRequest, HttpResponse, StreamingHttpResponse
+from django.http import HttpRequest, HttpResponse, StreamingHttpResponse
 from django.views.decorators.csrf import csrf_exempt
 from rest_framework.exceptions import ParseError, ValidationError
 
 from agentsvc import limits
 from agentsvc.auth import raw_key_from_headers
 from agentsvc.db import db_async
-from agentsvc.errors import ApplicationError, echo, exception_problem, problem_response
+from agentsvc.errors import ApplicationError, exception_problem, problem_response
 from agentsvc.idempotency import (
     HEADER,
     fingerprint,
@@ -33,10 +32,10 @@ from agentsvc.idempotency import (
     request_key,
 )
 from agentsvc.models import ApiKey
-from agentsvc.parsers import StrictJSONParser
+from agentsvc.parsers import strict_loads
 from agentsvc.serializers import StrictBooleanField
-from runs import selectors, services
-from runs.api import RunCreateInput, RunEventsApi
+from runs import services
+from runs.api import RunCreateInput, RunEventsApi, check_query, start_run
 from runs.events import event_filter_parse
 from runs.models import Run
 from runs.presenters import run_handle
@@ -189,14 +188,10 @@ async def run_events(request: HttpRequest, run_id: UUID) -> HttpResponse:
         return _auth_problem(request, raw, ticket)
     if (limited := await _admit_or_problem(request, key)) is not None:
         return limited
-    unknown = sorted(set(request.GET) - {"after", "ticket", "events"})
-    if unknown:
-        return problem_response(
-            request,
-            "validation_error",
-            "Unknown query parameters.",
-            errors=[{"field": name, "message": "Unknown query parameter."} for name in unknown],
-        )
+    try:
+        check_query(request.GET, {"after", "ticket", "events"})
+    except ApplicationError as e:
+        return exception_problem(request, e)
     events = _events_or_problem(request)
     if isinstance(events, HttpResponse):
         return events
@@ -231,31 +226,6 @@ def _events_or_problem(request: HttpRequest) -> frozenset[str] | HttpResponse | 
         )
 
 
-def _create_run(*, key: ApiKey, name: str, body: object, idempotency) -> tuple[Run, bool]:
-    """Validate like the create view, then create the run through the one service."""
-    data_in = RunStreamInput(data=body)
-    data_in.is_valid(raise_exception=True)
-    data = data_in.validated_data
-    try:
-        chain = selectors.chain_get(name=name, version=data.get("version"))
-    except Http404:
-        detail = (
-            f"Chain {echo(name)!r} has no version {data['version']}."
-            if "version" in data
-            else f"No chain named {echo(name)!r}."
-        )
-        raise ApplicationError("not_found", detail) from None
-    run = services.run_create(
-        api_key=key,
-        chain=chain,
-        run_input=data["input"],
-        metadata=data["metadata"],
-        webhook=data.get("webhook"),
-        idempotency=idempotency,
-    )
-    return run, data["cancel_on_disconnect"]
-
-
 def _start_or_replay(
     *, key: ApiKey, name: str, body: dict, path: str, headers
 ) -> tuple[Run, bool, bool]:
@@ -275,7 +245,10 @@ def _start_or_replay(
             run = Run.objects.select_related("chain").get(pk=replay.data["run_id"])
             return run, bool(body.get("cancel_on_disconnect")), True
     try:
-        run, cancel = _create_run(key=key, name=name, body=body, idempotency=record)
+        run, data = start_run(
+            key=key, body=body, name=name, idempotency=record, serializer_class=RunStreamInput
+        )
+        cancel = data["cancel_on_disconnect"]
     except BaseException:
         if record is not None:
             idempotency_forget(record=record)
@@ -295,14 +268,10 @@ async def chain_stream(request: HttpRequest, name: str) -> HttpResponse:
         return key
     if (limited := await _admit_or_problem(request, key)) is not None:
         return limited
-    unknown = sorted(set(request.GET) - {"events"})
-    if unknown:
-        return problem_response(
-            request,
-            "validation_error",
-            "Unknown query parameters.",
-            errors=[{"field": name, "message": "Unknown query parameter."} for name in unknown],
-        )
+    try:
+        check_query(request.GET, {"events"})
+    except ApplicationError as e:
+        return exception_problem(request, e)
     events = _events_or_problem(request)
     if isinstance(events, HttpResponse):
         return events
@@ -311,7 +280,7 @@ async def chain_stream(request: HttpRequest, name: str) -> HttpResponse:
             request, "unsupported_media_type", "Send a JSON body (Content-Type: application/json)."
         )
     try:
-        body = StrictJSONParser().parse(io.BytesIO(request.body or b"{}"))
+        body = strict_loads(request.body or b"{}")
     except ParseError as e:
         return exception_problem(request, e)
     if not isinstance(body, dict):

@@ -12,7 +12,7 @@ from rest_framework.views import APIView
 from agentsvc.idempotency import IdempotentMixin
 from agentsvc.openapi import IDEMPOTENCY_KEY, problems
 from runs import selectors as run_selectors
-from runs.api import CURSOR, LIMIT, MAX_LIMIT, _check_query, _int_param, _page
+from runs.api import CURSOR, LIMIT, MAX_LIMIT, _int_param, _page, check_query
 from runs.timefmt import after_ms, floor_ms
 from webhooks import selectors, services
 from webhooks.presenters import delivery_dict, endpoint_dict
@@ -38,7 +38,7 @@ class WebhookEndpointsApi(IdempotentMixin, APIView):
         responses={200: EndpointPage, **problems()},
     )
     def get(self, request):
-        _check_query(request, {"limit", "cursor"})
+        check_query(request.query_params, {"limit", "cursor"})
         endpoints, next_cursor = selectors.endpoint_list(
             owner=request.user,
             cursor=request.query_params.get("cursor") or None,
@@ -70,7 +70,7 @@ class WebhookEndpointApi(APIView):
         operation_id="webhook_endpoints_retrieve", responses={200: EndpointOut, **problems(404)}
     )
     def get(self, request, endpoint_id):
-        _check_query(request, set())
+        check_query(request.query_params, set())
         endpoint = selectors.endpoint_get(owner=request.user, endpoint_id=endpoint_id)
         return Response(endpoint_dict(endpoint))
 
@@ -164,7 +164,7 @@ class RunDeliveriesApi(APIView):
         responses={200: DeliveryPage, **problems(404)},
     )
     def get(self, request, run_id):
-        _check_query(request, {"limit", "cursor"})
+        check_query(request.query_params, {"limit", "cursor"})
         run = run_selectors.run_get(owner=request.user, run_id=run_id)
         deliveries, next_cursor = selectors.run_deliveries(
             run=run,
