@@ -22,6 +22,12 @@ HTTP_DURATION = Histogram(
     buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60),
     registry=REGISTRY,
 )
+LANE_CALLS = Counter(
+    "agentsvc_lane_calls",
+    "Calls on a fast-lane route: answered on the lane, or declined and answered by Django",
+    ["route", "outcome"],
+    registry=REGISTRY,
+)
 ATTEMPT_OUTCOMES = ("succeeded", "http_error", "error", "blocked")
 
 
@@ -31,6 +37,10 @@ def rejection(reason: str) -> None:
 
 def http_request(*, method: str, route: str, status: int, seconds: float) -> None:
     HTTP_DURATION.labels(method=method, route=route, status=str(status)).observe(seconds)
+
+
+def lane_call(*, route: str, answered: bool) -> None:
+    LANE_CALLS.labels(route=route, outcome="answered" if answered else "declined").inc()
 
 
 def metrics_text() -> bytes:

@@ -6,7 +6,7 @@ class RunsConfig(AppConfig):
 
     def ready(self) -> None:
         from agentsvc import health, idempotency, metrics
-        from runs import events
+        from runs import events, lane
         from runs.availability import models_readiness
         from runs.metrics import RunsCollector, StreamsCollector
         from runs.presenters import run_handle
@@ -21,3 +21,4 @@ class RunsConfig(AppConfig):
         events.on_terminal(run_totals_add)
         metrics.REGISTRY.register(RunsCollector())
         metrics.REGISTRY.register(StreamsCollector())
+        lane.register()

@@ -1,0 +1,380 @@
+"""The fast lane: the hottest API calls answered at the ASGI layer, on the event loop.
+
+A run create or a status poll through Django costs a request object, a middleware chain, a
+thread started and joined for the request, two signals, DRF's view machinery and the thread hops
+of sync database calls: about 3 ms of CPU before the call's own work, which caps a web process
+near 300 answers a second. A route of the lane (registered by the app that owns it) is served
+here instead by an async handler that shares its steps with the DRF view of the same operation
+(the key lookup, the per-key limits, validation, the statement, the presenter) and answers the
+same bytes. Its queries go through a psycopg async pool of its own and its counters through an
+asyncio Redis client, so a waiting call holds no thread.
+
+Anything off the plain path falls through to Django before a step with an effect: a query
+string, an Idempotency-Key, a body that is not a JSON object, credentials that do not
+authenticate, tracing on, HTTPS redirects, or the embedded default (SQLite, no Redis), where
+the lane is off. Once the lane has counted the request against the key's limit, it answers every
+outcome itself, through the same problem+json mapping as Django's views.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import re
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import redis.asyncio
+from django.conf import settings
+from django.core.cache import caches
+from django.db import connections
+from django.http.request import split_domain_port, validate_host
+from psycopg_pool import AsyncConnectionPool
+from rest_framework.renderers import JSONRenderer
+
+from agentsvc import limits, metrics, tracing
+from agentsvc.auth import raw_key_from_headers
+from agentsvc.errors import exception_problem
+from agentsvc.models import ApiKey
+from agentsvc.parsers import ParseError, strict_loads
+from agentsvc.services import KEY_QUERY, key_matching, key_prefix, touch_due
+
+access = logging.getLogger("agentsvc.access")
+
+
+class Headers(dict):
+    """Request headers by lower-case name, read with any case (as Django's `request.headers`)."""
+
+    def get(self, name: str, default: Any = None) -> Any:
+        return super().get(name.lower(), default)
+
+    def __getitem__(self, name: str) -> Any:
+        return super().__getitem__(name.lower())
+
+    def __contains__(self, name: object) -> bool:
+        return isinstance(name, str) and super().__contains__(name.lower())
+
+
+@dataclass
+class Call:
+    """One request on a lane route, as its handler sees it."""
+
+    method: str
+    path: str
+    headers: Headers
+    body: bytes
+    kwargs: dict[str, str]
+    # Set by limits.admitted: the answer's RateLimit headers.
+    ratelimit_state: Any = None
+    conn: Any = None  # the call's connection, once it has one
+
+    def json_object(self) -> dict | None:
+        """The body as a JSON object, when it is sent as one (Content-Type application/json in
+        UTF-8) and the strict parser takes it; None otherwise."""
+        media, _, params = self.headers.get("content-type", "").partition(";")
+        if media.strip().lower() != "application/json":
+            return None
+        if params and params.strip().lower().replace(" ", "") not in ("charset=utf-8", ""):
+            return None
+        try:
+            data = strict_loads(self.body)
+        except ParseError:
+            return None
+        return data if isinstance(data, dict) else None
+
+    async def fetch(self, sql: str, params: list) -> tuple[list[str], list[tuple]]:
+        """Run one statement: (column names, rows). A call takes one connection from the lane's
+        pool at its first statement and keeps it to its end."""
+        try:
+            if self.conn is None:
+                self.conn = await (await _pool()).getconn()
+            cursor = await self.conn.execute(sql, params)
+            if cursor.description is None:
+                return [], []
+            return [c.name for c in cursor.description], await cursor.fetchall()
+        except Exception as exc:
+            with db().wrap_database_errors:  # psycopg's errors as Django's (503, 409...)
+                raise exc from None
+
+    async def key(self) -> ApiKey | None:
+        """The caller's active key (api_key_authenticate's lookup); None when the credentials
+        do not authenticate."""
+        raw = raw_key_from_headers(self.headers)
+        prefix = key_prefix(raw) if raw else None
+        if prefix is None:
+            return None
+        names, rows = await self.fetch(KEY_QUERY, [prefix])
+        key = key_matching(raw, [instance(ApiKey, names, row) for row in rows])
+        if key is not None and touch_due(key):
+            await self.fetch(
+                f'UPDATE "{ApiKey._meta.db_table}" SET last_used_at = %s WHERE id = %s',
+                [key.last_used_at, key.pk],
+            )
+        return key
+
+    async def admit(self, key: ApiKey, *, runs: int = 0) -> None:
+        """Count the request (and `runs` run starts) in one round trip; 429 when over."""
+        counters = limits.admission(key, runs=runs)
+        limits.admitted(self, key, await limits.counts_async(_redis(), key, counters), runs=runs)
+
+
+@dataclass
+class Answer:
+    status: int
+    data: Any
+    headers: dict[str, str] = field(default_factory=dict)
+
+
+# await handler(call, **kwargs); None: Django answers
+Handler = Callable[..., Awaitable[Answer | None]]
+
+
+@dataclass(frozen=True)
+class Route:
+    method: str
+    pattern: re.Pattern
+    label: str  # the Django URL pattern: the route label of metrics and access lines
+    allow: str  # the Allow header of the DRF view
+    handler: Handler
+
+
+_routes: list[Route] = []
+
+
+def route(method: str, pattern: str, label: str, allow: str, handler: Handler) -> None:
+    """Serve `method` on paths matching `pattern` (named groups become keyword arguments)."""
+    _routes.append(Route(method, re.compile(pattern), label, allow, handler))
+
+
+def _security_headers() -> list[tuple[bytes, bytes]]:
+    """What Django's SecurityMiddleware and XFrameOptionsMiddleware add to an API answer."""
+    pairs = []
+    if settings.SECURE_CONTENT_TYPE_NOSNIFF:
+        pairs.append(("X-Content-Type-Options", "nosniff"))
+    if settings.SECURE_REFERRER_POLICY:
+        pairs.append(("Referrer-Policy", settings.SECURE_REFERRER_POLICY))
+    if settings.SECURE_CROSS_ORIGIN_OPENER_POLICY:
+        pairs.append(("Cross-Origin-Opener-Policy", settings.SECURE_CROSS_ORIGIN_OPENER_POLICY))
+    pairs.append(("X-Frame-Options", getattr(settings, "X_FRAME_OPTIONS", "DENY").upper()))
+    return [(k.encode(), v.encode()) for k, v in pairs]
+
+
+def _hsts() -> tuple[bytes, bytes] | None:
+    if not settings.SECURE_HSTS_SECONDS:
+        return None
+    value = f"max-age={settings.SECURE_HSTS_SECONDS}"
+    if settings.SECURE_HSTS_INCLUDE_SUBDOMAINS:
+        value += "; includeSubDomains"
+    if settings.SECURE_HSTS_PRELOAD:
+        value += "; preload"
+    return (b"strict-transport-security", value.encode())
+
+
+def _host_allowed(headers: Headers, scope: dict) -> bool:
+    """Django's Host check (CommonMiddleware); a forwarded host is left to Django."""
+    if "x-forwarded-host" in headers:
+        return False
+    host = headers.get("host")
+    if host is None:
+        server = scope.get("server")
+        return server is not None and validate_host(str(server[0]), settings.ALLOWED_HOSTS)
+    domain, _port = split_domain_port(host)
+    allowed = settings.ALLOWED_HOSTS
+    if settings.DEBUG and not allowed:
+        allowed = [".localhost", "127.0.0.1", "[::1]"]
+    return bool(domain) and validate_host(domain, allowed)
+
+
+# --- The lane's own connections: a psycopg async pool and an asyncio Redis client per loop ----
+
+_pools: dict[asyncio.AbstractEventLoop, AsyncConnectionPool] = {}
+_redises: dict[asyncio.AbstractEventLoop, Any] = {}
+
+
+def enabled() -> bool:
+    from agentsvc.cache import RedisCache
+
+    return db().vendor == "postgresql" and isinstance(caches["default"], RedisCache)
+
+
+async def _pool() -> AsyncConnectionPool:
+    loop = asyncio.get_running_loop()
+    pool = _pools.get(loop)
+    if pool is None:
+        # Django's own connection parameters (and its adapters: JSON as text, times in UTC),
+        # autocommit, and the same bound as its pool.
+        params = connections["default"].get_connection_params()
+        params.pop("cursor_factory", None)
+        pool = _pools[loop] = AsyncConnectionPool(
+            kwargs={**params, "autocommit": True},
+            min_size=1,
+            max_size=settings.DB_POOL_MAX,
+            timeout=settings.DATABASES["default"]["OPTIONS"]["pool"]["timeout"],
+            open=False,
+        )
+        await pool.open()
+    return pool
+
+
+def _redis():
+    loop = asyncio.get_running_loop()
+    client = _redises.get(loop)
+    if client is None:
+        client = _redises[loop] = redis.asyncio.Redis.from_url(settings.REDIS_URL)
+    return client
+
+
+_wrapper = None
+
+
+def db():
+    """A Django database wrapper for what needs no connection: quoting, adapting values for
+    the driver (`get_db_prep_save`), decoding them (`from_db_value`), mapping errors. Looked up
+    once: `django.db.connection` is a context-local proxy, dear on a hot path."""
+    global _wrapper
+    if _wrapper is None:
+        _wrapper = connections["default"]
+    return _wrapper
+
+
+def instance(model, names: list[str], row: tuple, prefix: str = ""):
+    """A model instance from a row of `SELECT *` (or of columns named `prefix` + column), as
+    the ORM builds it: JSON columns (text from Django's adapters) decoded."""
+    values = dict(zip(names, row, strict=True))
+    fields = model._meta.concrete_fields
+    obj = model.from_db(
+        "default",
+        [f.attname for f in fields],
+        [_from_db(f, values[prefix + f.column]) for f in fields],
+    )
+    for name, value in values.items():
+        if not prefix and "__" not in name and name not in obj.__dict__:
+            setattr(obj, name, value)  # extra columns (owner_name)
+    return obj
+
+
+def _from_db(field, value):
+    if value is not None and hasattr(field, "from_db_value"):
+        return field.from_db_value(value, None, db())
+    return value
+
+
+async def _serve(handler: Handler, call: Call) -> Answer | None:
+    try:
+        return await handler(call, **call.kwargs)
+    except Exception as exc:
+        response = exception_problem(call, exc)
+        return Answer(
+            response.status_code,
+            response.content,
+            {k: v for k, v in response.items() if k.lower() != "content-length"},
+        )
+    finally:
+        if call.conn is not None:
+            await (await _pool()).putconn(call.conn)
+
+
+class Lane:
+    """ASGI: lane routes first, everything else (and everything a handler declines) to `app`."""
+
+    def __init__(self, app) -> None:
+        self.app = app
+        self.enabled: bool | None = None
+        self.security = None
+        self.renderer = JSONRenderer()
+
+    def _match(self, scope: dict) -> tuple[Route, dict[str, str]] | None:
+        if scope["type"] != "http" or scope.get("query_string") or tracing.enabled():
+            return None
+        if self.enabled is None:
+            self.enabled = enabled()
+        if not self.enabled:
+            return None
+        if settings.SECURE_SSL_REDIRECT and scope.get("scheme") != "https":
+            return None
+        for candidate in _routes:
+            if candidate.method == scope["method"]:
+                match = candidate.pattern.fullmatch(scope["path"])
+                if match:
+                    return candidate, match.groupdict()
+        return None
+
+    async def __call__(self, scope, receive, send):
+        matched = self._match(scope)
+        if matched is None:
+            return await self.app(scope, receive, send)
+        found, kwargs = matched
+        headers = Headers(
+            (k.decode("latin-1").lower(), v.decode("latin-1")) for k, v in scope["headers"]
+        )
+        messages, body = [], b""
+        if scope["method"] == "POST":
+            messages, body = await _read_body(receive)
+        started = time.perf_counter()
+        answer = None
+        if body is not None and "idempotency-key" not in headers and _host_allowed(headers, scope):
+            call = Call(scope["method"], scope["path"], headers, body, kwargs)
+            answer = await _serve(found.handler, call)
+        metrics.lane_call(route=found.label, answered=answer is not None)
+        if answer is None:
+            return await self.app(scope, _replay(messages, receive), send)
+        await self._send(scope, send, found, call, answer)
+        seconds = time.perf_counter() - started
+        metrics.http_request(
+            method=call.method, route=found.label, status=answer.status, seconds=seconds
+        )
+        access.debug("%s %s %s %.1f ms", call.method, found.label, answer.status, seconds * 1000)
+
+    async def _send(self, scope, send, found: Route, call: Call, answer: Answer) -> None:
+        if isinstance(answer.data, bytes):  # a problem, already rendered
+            content = answer.data
+            names = {k.lower() for k in answer.headers}
+            extra = [] if "content-type" in names else [(b"content-type", b"application/json")]
+        else:
+            content = self.renderer.render(answer.data)
+            extra = [(b"content-type", b"application/json")]
+        out = [*extra, *((k.encode(), str(v).encode()) for k, v in answer.headers.items())]
+        out.append((b"allow", found.allow.encode()))
+        if self.security is None:
+            self.security = _security_headers()
+        out += self.security
+        if scope.get("scheme") == "https" and (hsts := _hsts()) is not None:
+            out.append(hsts)
+        if call.ratelimit_state is not None:
+            out += [
+                (k.encode(), v.encode())
+                for k, v in limits.ratelimit_headers(call.ratelimit_state).items()
+            ]
+        out.append((b"content-length", str(len(content)).encode()))
+        await send({"type": "http.response.start", "status": answer.status, "headers": out})
+        await send({"type": "http.response.body", "body": content})
+
+
+async def _read_body(receive) -> tuple[list[dict], bytes | None]:
+    """The request's body messages and the body; None for the body when it is over
+    MAX_REQUEST_BYTES (Django answers 413) or the client left."""
+    messages, size = [], 0
+    while True:
+        message = await receive()
+        messages.append(message)
+        if message["type"] != "http.request":
+            return messages, None
+        size += len(message.get("body", b""))
+        if size > settings.MAX_REQUEST_BYTES:
+            return messages, None
+        if not message.get("more_body"):
+            return messages, b"".join(m.get("body", b"") for m in messages)
+
+
+def _replay(messages: list[dict], receive):
+    """A `receive` that hands Django the body messages the lane already read, then the rest."""
+    pending = list(messages)
+
+    async def replayed():
+        if pending:
+            return pending.pop(0)
+        return await receive()
+
+    return replayed

@@ -1,0 +1,103 @@
+"""The runs API's hottest calls on the fast lane (agentsvc/lane.py): starting a run and reading
+one. Each handler takes the steps of its DRF view, through the same functions and statements,
+with the queries awaited on the lane's pool, and answers the same. It returns None (Django
+answers) before counting the request when the call is not a plain one.
+"""
+
+from __future__ import annotations
+
+from uuid import UUID
+
+from asgiref.sync import sync_to_async
+from django.http import Http404
+from rest_framework.exceptions import ValidationError
+
+from agentsvc import lane
+from agentsvc.errors import ApplicationError
+from agentsvc.idempotency import BODY_FIELD
+from runs import selectors, services
+from runs.api import RunCreateInput, accepted_headers, chain_not_found, detail_answer
+from runs.chains import chain_validate_input
+from runs.models import ACTIVE_STATUSES, Chain, Run
+from runs.presenters import run_handle
+from runs.seen import run_seen, seen_due
+from runs.wakeup import wakeups_publish
+
+UUID_PATTERN = r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}"
+
+
+async def runs_create(call: lane.Call, name: str) -> lane.Answer | None:
+    """POST /api/v1/chains/{name}/runs (RunCreateApi): four round trips, the key, the counters,
+    the chain and the start (run, event, token reservation, active-run slot)."""
+    body = call.json_object()
+    if body is None or BODY_FIELD in body:
+        return None
+    key = await call.key()
+    if key is None:
+        return None
+    try:
+        valid = RunCreateInput(data=body)
+        valid.is_valid(raise_exception=True)
+        data = valid.validated_data
+        names, rows = await call.fetch(*selectors.chain_query(name, data.get("version")))
+        if not rows:
+            raise chain_not_found(name, data.get("version"))
+        chain = lane.instance(Chain, names, rows[0])
+        chain_validate_input(chain=chain, data=data["input"])
+        if services.queue_depth_stale():
+            _, ((depth,),) = await call.fetch(services.QUEUED_COUNT_SQL, [])
+            services.queue_depth_set(depth)
+        services.queue_check(adding=1)
+    except (ApplicationError, ValidationError):
+        await call.admit(key)  # refused before its run start: still a request
+        raise
+    await call.admit(key, runs=1)
+    if not selectors.chain_agents_known(chain.pk):
+        await sync_to_async(selectors.chain_agents)(chain.pk)  # once per version and process
+    starts = services.runs_build(
+        api_key=key,
+        chain=chain,
+        new=[services.NewRun(data["input"], data["metadata"], data.get("webhook"))],
+    )
+    _, ((used, written),) = await call.fetch(*services.runs_statement(starts, lane.db()))
+    if written != len(starts.runs):
+        await sync_to_async(services.runs_refused)(starts, used)
+    wakeups_publish(services.runs_wakeups(starts))
+    (run,) = starts.runs
+    return lane.Answer(202, run_handle(run), accepted_headers(run))
+
+
+async def runs_retrieve(call: lane.Call, run_id: str) -> lane.Answer | None:
+    """GET /api/v1/runs/{id} (RunDetailApi): the key, the counter, the run with its chain."""
+    key = await call.key()
+    if key is None:
+        return None
+    await call.admit(key)
+    names, rows = await call.fetch(selectors.RUN_WITH_CHAIN_SQL, [UUID(run_id), key.owner_id])
+    if not rows:
+        raise Http404
+    run = lane.instance(Run, names, rows[0])
+    run.chain = lane.instance(Chain, names, rows[0], prefix="chain__")
+    if run.status in ACTIVE_STATUSES and seen_due(run.id):
+        await sync_to_async(run_seen)(
+            run_id=run.id, status=run.status, last_seen_at=run.last_seen_at
+        )
+    data, headers = detail_answer(run)
+    return lane.Answer(200, data, headers)
+
+
+def register() -> None:
+    lane.route(
+        "POST",
+        r"/api/v1/chains/(?P<name>[-a-zA-Z0-9_]+)/runs",
+        "api/v1/chains/<slug:name>/runs",
+        "POST, OPTIONS",
+        runs_create,
+    )
+    lane.route(
+        "GET",
+        rf"/api/v1/runs/(?P<run_id>{UUID_PATTERN})",
+        "api/v1/runs/<uuid:run_id>",
+        "GET, HEAD, OPTIONS",
+        runs_retrieve,
+    )

@@ -1,0 +1,179 @@
+"""The fast lane (agentsvc/lane.py): run creates and status polls answered at the ASGI layer.
+
+Each answer is checked against the DRF view's answer to the same call (Django's test client),
+the lane's use is read from the live server's own counter (agentsvc_lane_calls_total), and the
+limits it enforces are driven with real parallel requests."""
+
+from __future__ import annotations
+
+import re
+from concurrent.futures import ThreadPoolExecutor
+
+import httpx
+import pytest
+
+from agentsvc.models import ApiKey, TokenWindow
+from runs.models import Run, RunEvent
+
+pytestmark = [pytest.mark.django_db(transaction=True), pytest.mark.slow]
+
+CREATE = "/api/v1/chains/demo/runs"
+CREATE_ROUTE = "api/v1/chains/<slug:name>/runs"
+GET_ROUTE = "api/v1/runs/<uuid:run_id>"
+# Answer headers both paths send (daphne's Server and the request id aside).
+HEADERS = (
+    "content-type",
+    "allow",
+    "retry-after",
+    "x-content-type-options",
+    "referrer-policy",
+    "cross-origin-opener-policy",
+    "x-frame-options",
+    "ratelimit-policy",
+    "www-authenticate",
+)
+VARYING = ("run_id", "created_at", "poll_url", "events_url", "ws_url", "instance")
+
+
+def lane_calls(http: httpx.Client, route: str, outcome: str) -> float:
+    text = http.get("/metrics").text
+    m = re.search(
+        rf'^agentsvc_lane_calls_total\{{outcome="{outcome}",route="{re.escape(route)}"\}} (\S+)$',
+        text,
+        re.M,
+    )
+    return float(m.group(1)) if m else 0.0
+
+
+def same(wire: httpx.Response, django, *, varying=VARYING) -> None:
+    """The lane's answer and the DRF view's: status, headers, body (ids and times aside)."""
+    assert wire.status_code == django.status_code, (wire.text, django.content)
+    for name in HEADERS:
+        assert (name in wire.headers) == django.has_header(name), name
+        if name != "retry-after" and name in wire.headers:
+            assert wire.headers[name] == django[name], name
+    a, b = wire.json(), django.json()
+    for body in (a, b):
+        for name in varying:
+            body.pop(name, None)
+    assert a == b
+
+
+@pytest.fixture
+def http(live_server_url, alice):
+    with httpx.Client(
+        base_url=live_server_url,
+        headers={"Authorization": f"Bearer {alice.raw_key}"},
+        timeout=30,
+    ) as client:
+        yield client
+
+
+def test_create_and_poll_answer_as_the_views_do(http, alice, bob, make_chain):
+    make_chain("demo", schema={"type": "object", "required": ["topic"]})
+    answered = lane_calls(http, CREATE_ROUTE, "answered")
+    body = {"input": {"topic": "x"}, "metadata": {"team": "a"}}
+
+    wire = http.post(CREATE, json=body)
+    same(wire, alice.post(CREATE, body))
+    run = Run.objects.get(pk=wire.json()["run_id"])
+    assert wire.headers["location"] == f"/api/v1/runs/{run.id}"
+    assert run.metadata == {"team": "a"} and run.input == {"topic": "x"}
+    assert list(RunEvent.objects.filter(run=run).values_list("seq", "type")) == [(1, "run.queued")]
+    assert ApiKey.objects.get(pk=alice.key.pk).active_runs == 2
+    assert "ratelimit" in wire.headers and wire.headers["x-request-id"]
+
+    # Refusals after the request is counted: the lane answers them, as the view does.
+    for bad in (
+        {"input": {}},  # not the chain's input schema
+        {"input": {"topic": "x"}, "surprise": 1},  # unknown field
+        {"input": {"topic": "x"}, "version": 9},  # no such version
+        {"input": {"topic": "x"}, "metadata": {"k": {"nested": 1}}},  # not a flat value
+        {"input": {"topic": "x"}, "webhook": {"url": "http://10.0.0.1/hook"}},  # SSRF guard
+    ):
+        same(http.post(CREATE, json=bad), alice.post(CREATE, bad))
+    same(
+        http.post("/api/v1/chains/nope/runs", json=body),
+        alice.post("/api/v1/chains/nope/runs", body),
+    )
+    assert lane_calls(http, CREATE_ROUTE, "answered") == answered + 7
+
+    polled = lane_calls(http, GET_ROUTE, "answered")
+    path = f"/api/v1/runs/{run.id}"
+    wire = http.get(path)
+    same(wire, alice.get(path), varying=("created_at", "instance"))
+    assert wire.json()["run_id"] == str(run.id) and wire.headers["retry-after"] in ("2", "5")
+    # Another owner's run does not exist for bob, on the lane as in the view.
+    other = http.get(path, headers={"Authorization": f"Bearer {bob.raw_key}"})
+    same(other, bob.get(path))
+    assert other.status_code == 404
+    assert lane_calls(http, GET_ROUTE, "answered") == polled + 2
+
+
+def test_calls_off_the_plain_path_are_answered_by_django(http, alice, make_chain):
+    make_chain("demo", schema={"type": "object"})
+    declined = lane_calls(http, CREATE_ROUTE, "declined")
+    body = {"input": {}}
+
+    first = http.post(CREATE, json=body, headers={"Idempotency-Key": "k1"})
+    again = http.post(CREATE, json=body, headers={"Idempotency-Key": "k1"})
+    assert first.status_code == again.status_code == 202
+    assert again.headers["idempotent-replayed"] == "true"
+    assert again.json()["run_id"] == first.json()["run_id"]
+    assert Run.objects.count() == 1
+
+    unknown_key = http.post(CREATE, json=body, headers={"Authorization": "Bearer ak_" + "x" * 40})
+    assert unknown_key.status_code == 401
+    assert unknown_key.headers["www-authenticate"] == 'Bearer realm="api"'
+    assert (
+        http.post(CREATE, content=b"{oops", headers={"Content-Type": "application/json"}).json()[
+            "errors"
+        ][0]["field"]
+        == "body"
+    )
+    assert http.post(f"{CREATE}?x=1", json=body).status_code == 202  # the view ignores queries
+    assert (
+        http.post(CREATE, content=b"{}", headers={"Content-Type": "text/plain"}).status_code == 415
+    )
+    # Declined: both idempotent calls, the unknown key, the broken JSON, the text body (a call
+    # with a query string is not a lane call at all).
+    assert lane_calls(http, CREATE_ROUTE, "declined") == declined + 5
+    assert Run.objects.count() == 2
+
+    # A key revoked a moment ago is refused at once.
+    ApiKey.objects.filter(pk=alice.key.pk).update(revoked_at="2020-01-01T00:00:00Z")
+    assert http.post(CREATE, json=body).status_code == 401
+    assert http.get(f"/api/v1/runs/{first.json()['run_id']}").status_code == 401
+
+
+def test_active_run_limit_holds_under_parallel_creates(http, alice, make_chain):
+    """16 creates at once against 3 free slots: exactly 3 runs, and the refused ones reserve
+    no tokens (the one statement's partial outcome is refunded)."""
+    make_chain("demo", schema={"type": "object"})
+    ApiKey.objects.filter(pk=alice.key.pk).update(max_active_runs=3)
+    with ThreadPoolExecutor(16) as pool:
+        answers = list(pool.map(lambda _: http.post(CREATE, json={"input": {}}), range(16)))
+    statuses = sorted(a.status_code for a in answers)
+    assert statuses == [202] * 3 + [429] * 13
+    refused = next(a for a in answers if a.status_code == 429)
+    assert refused.json()["code"] == "concurrency_limit" and refused.headers["retry-after"]
+    assert Run.objects.count() == 3
+    assert ApiKey.objects.get(pk=alice.key.pk).active_runs == 3
+    reserved = sum(Run.objects.values_list("tokens_reserved", flat=True))
+    assert sum(TokenWindow.objects.values_list("used", flat=True)) == reserved
+
+
+def test_request_and_token_limits_on_the_lane(http, alice, make_chain):
+    make_chain("demo", schema={"type": "object"})
+    ApiKey.objects.filter(pk=alice.key.pk).update(requests_per_minute=3)
+    assert [http.post(CREATE, json={"input": {}}).status_code for _ in range(3)] == [202] * 3
+    limited = http.post(CREATE, json={"input": {}})
+    assert limited.status_code == 429 and limited.json()["code"] == "rate_limited"
+    assert int(limited.headers["retry-after"]) >= 1
+    assert http.get(f"/api/v1/runs/{Run.objects.first().id}").status_code == 429
+    assert Run.objects.count() == 3
+
+    ApiKey.objects.filter(pk=alice.key.pk).update(requests_per_minute=None, tokens_per_minute=1)
+    too_large = http.post(CREATE, json={"input": {}})
+    assert too_large.status_code == 422 and too_large.json()["code"] == "run_too_large"
+    assert Run.objects.count() == 3
