@@ -6,6 +6,9 @@ in the same run on the same server (daphne, one process each):
   seed-fastapi   the seed article's pattern: in-memory dict + BackgroundTasks (0.5 s agent)
   agentsvc       POST /api/v1/chains/bench/runs, PostgreSQL + Redis, no idempotency key
   agentsvc+key   the same with a fresh Idempotency-Key on every request
+  agentsvc x2    the create on `manage.py web --processes 2` (two daphne processes, one port)
+  get-run        GET /api/v1/runs/{id} against the durable app's GET /runs/{id} (one SELECT)
+  cpu            CPU time of the agentsvc process per create, one connection
 
     .venv/bin/python bench/create_throughput.py [--duration 20] [--burst 60] [--connections 64]
 
@@ -16,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import re
 import shutil
 import statistics
@@ -24,6 +28,8 @@ import sys
 import tempfile
 import uuid
 from pathlib import Path
+
+import httpx
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from bench.common import (
@@ -91,6 +97,12 @@ def wrk(
     }
 
 
+def cpu_seconds(pid: int) -> float:
+    """User and system CPU time of a process so far (Linux /proc)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 def measure(duration: int, burst: int, connections: int) -> dict:
     """Each reference for `duration` seconds; agentsvc for `burst` seconds in 10 s windows (its
     p99 is the worst window's, and `p99_spread` the worst over the best: 1.0 is flat)."""
@@ -117,27 +129,42 @@ def measure(duration: int, burst: int, connections: int) -> dict:
             "--max-active-runs",
             "100000000",
         )
-        ports = {name: free_port() for name in ("hello", "durable", "seed", "agentsvc")}
+        ports = {
+            name: free_port() for name in ("hello", "durable", "seed", "agentsvc", "agentsvc2")
+        }
         daphne = [PY, "-m", "daphne", "-b", "127.0.0.1", "-p"]
         with processes(
             [*daphne, str(ports["hello"]), "bench.refs.hello:app"],
             [*daphne, str(ports["durable"]), "bench.refs.durable_accept:app"],
             [*daphne, str(ports["seed"]), "bench.refs.seed_fastapi:app"],
             [*daphne, str(ports["agentsvc"]), "agentsvc.asgi:application"],
+            [PY, "manage.py", "web", "--processes", "2", "--port", str(ports["agentsvc2"])],
             env=ref_env,
             log_dir=tmp_path,
-        ):
+        ) as procs:
             for name, port in ports.items():
-                wait_http(
-                    f"http://127.0.0.1:{port}/healthz"
-                    if name == "agentsvc"
-                    else f"http://127.0.0.1:{port}/"
-                )
+                try:
+                    wait_http(
+                        f"http://127.0.0.1:{port}/healthz"
+                        if name.startswith("agentsvc")
+                        else f"http://127.0.0.1:{port}/"
+                    )
+                except RuntimeError:
+                    for log in sorted(tmp_path.glob("proc*.log")):
+                        print(log.name, log.read_text()[-2000:], file=sys.stderr)
+                    raise
             url = "http://127.0.0.1:{}".format
             runs_path = "/api/v1/chains/bench/runs"
             paths = {"hello": "/", "durable": "/", "seed": "/agent/tasks", "agentsvc": runs_path}
+            paths["agentsvc2"] = runs_path
             for name, path in paths.items():  # warm-up: connections, pools, first imports
                 wrk(url(ports[name]), path, BODY, 2, connections, key)
+            run_id = httpx.post(
+                url(ports["agentsvc"]) + runs_path,
+                content=BODY,
+                headers={"Authorization": f"Bearer {key}", "Content-Type": "application/json"},
+            ).json()["run_id"]
+            ref_id = httpx.post(url(ports["durable"]) + "/", content=BODY).json()["run_id"]
             c, d = connections, duration
             results = {
                 "hello": wrk(url(ports["hello"]), "/", BODY, d, c),
@@ -159,6 +186,16 @@ def measure(duration: int, burst: int, connections: int) -> dict:
             results["agentsvc+key"] = wrk(
                 url(ports["agentsvc"]), runs_path, BODY, d, c, key, uuid.uuid4().hex[:8]
             )
+            results["agentsvc x2"] = wrk(url(ports["agentsvc2"]), runs_path, BODY, d, c, key)
+            results["get-run durable"] = wrk(url(ports["durable"]), f"/runs/{ref_id}", "", d, c)
+            results["get-run agentsvc"] = wrk(
+                url(ports["agentsvc"]), f"/api/v1/runs/{run_id}", "", d, c, key
+            )
+            agentsvc_pid = procs[3].pid
+            before = cpu_seconds(agentsvc_pid)
+            one = wrk(url(ports["agentsvc"]), runs_path, BODY, d, 1, key)
+            one["cpu_ms"] = (cpu_seconds(agentsvc_pid) - before) * 1000 / (one["rps"] * d)
+            results["agentsvc c1"] = one
     results["config"] = {"duration_s": duration, "burst_s": burst, "connections": connections}
     return results
 
@@ -181,14 +218,15 @@ def main() -> None:
         f"{args.burst} s of agentsvc, one daphne process per server"
     )
     print(
-        f"{'server':<14} {'req/s':>8} {'p50 ms':>8} {'p99 ms':>8} {'errors':>7} {'vs durable':>10}"
+        f"{'server':<17} {'req/s':>8} {'p50 ms':>8} {'p99 ms':>8} {'errors':>7} {'vs durable':>10}"
     )
     for name, r in results.items():
         if name == "config":
             continue
         print(
-            f"{name:<14} {r['rps']:8.0f} {r['p50']:8.1f} {r['p99']:8.1f} {r['errors']:7d} "
+            f"{name:<17} {r['rps']:8.0f} {r['p50']:8.1f} {r['p99']:8.1f} {r['errors']:7d} "
             f"{r['rps'] / base:9.2f}x"
+            + (f"  {r['cpu_ms']:.2f} ms CPU each" if "cpu_ms" in r else "")
         )
 
 

@@ -1,5 +1,6 @@
 """The floor for a durable accept: validate the body, INSERT the run and its queue entry in one
-transaction, answer 202. Nothing else. A plain ASGI app over a psycopg async pool.
+transaction, answer 202. Nothing else. A plain ASGI app over a psycopg async pool. `GET
+/runs/{id}` is the floor for a status read: one SELECT by primary key.
 
 Run: REF_DATABASE_URL=postgres://... daphne bench.refs.durable_accept:app
 """
@@ -57,6 +58,34 @@ async def _send(send, status: int, payload: dict) -> None:
     await send({"type": "http.response.body", "body": body})
 
 
+async def _status(send, raw_id: str) -> None:
+    """The status GET: one indexed SELECT by primary key."""
+    try:
+        run_id = uuid.UUID(raw_id)
+    except ValueError:
+        await _send(send, 404, {"error": "not found"})
+        return
+    async with (await _pool()).connection() as conn:
+        cursor = await conn.execute(
+            "SELECT status, input, created_at FROM ref_run WHERE id = %s", (run_id,)
+        )
+        row = await cursor.fetchone()
+    if row is None:
+        await _send(send, 404, {"error": "not found"})
+        return
+    status, run_input, created_at = row
+    await _send(
+        send,
+        200,
+        {
+            "run_id": str(run_id),
+            "status": status,
+            "input": run_input,
+            "created_at": created_at.isoformat(),
+        },
+    )
+
+
 async def app(scope, receive, send):
     if scope["type"] == "lifespan":
         while True:
@@ -67,6 +96,9 @@ async def app(scope, receive, send):
                 await send({"type": "lifespan.shutdown.complete"})
                 return
     if scope["type"] != "http":
+        return
+    if scope["method"] == "GET" and scope["path"].startswith("/runs/"):
+        await _status(send, scope["path"].removeprefix("/runs/"))
         return
     try:
         data = json.loads(await _body(receive))
