@@ -110,8 +110,11 @@ def _counts(key: ApiKey, counters: list[Counter]) -> list[tuple[int, float]]:
 
 async def counts_async(redis, key: ApiKey, counters: list[Counter]) -> list[tuple[int, float]]:
     """_counts on an asyncio Redis client (the fast lane's)."""
+    script = _scripts.get(id(redis))
+    if script is None:
+        script = _scripts[id(redis)] = redis.register_script(_COUNT_SCRIPT)
     names, args, window_end = _redis_call(key, counters)
-    counted = await redis.eval(_COUNT_SCRIPT, len(names), *names, *args)
+    counted = await script(keys=names, args=args)
     left = window_end - time.time()
     return [(int(c), left) for c in counted]
 
