@@ -10,10 +10,11 @@ same bytes. Its queries go through a psycopg async pool of its own and its count
 asyncio Redis client, so a waiting call holds no thread.
 
 Anything off the plain path falls through to Django before a step with an effect: a query
-string, an Idempotency-Key, a body that is not a JSON object, credentials that do not
-authenticate, tracing on, HTTPS redirects, or the embedded default (SQLite, no Redis), where
-the lane is off. Once the lane has counted the request against the key's limit, it answers every
-outcome itself, through the same problem+json mapping as Django's views.
+string the route does not read, an Idempotency-Key, a body that is not a JSON object,
+credentials that do not authenticate, tracing on, HTTPS redirects, or the embedded default
+(SQLite, no Redis), where the lane is off. Once the lane has counted the request against the
+key's limit, it answers every outcome itself, through the same problem+json mapping as Django's
+views.
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
+from urllib.parse import parse_qsl
 
 import redis.asyncio
 from django.conf import settings
@@ -66,6 +68,7 @@ class Call:
     headers: Headers
     body: bytes
     kwargs: dict[str, str]
+    query: dict[str, str]
     # Set by limits.admitted: the answer's RateLimit headers.
     ratelimit_state: Any = None
     conn: Any = None  # the call's connection, once it has one
@@ -138,14 +141,26 @@ class Route:
     label: str  # the Django URL pattern: the route label of metrics and access lines
     allow: str  # the Allow header of the DRF view
     handler: Handler
+    query: bool  # whether the handler reads a query string (else a call with one is declined)
 
 
 _routes: list[Route] = []
 
 
-def route(method: str, pattern: str, label: str, allow: str, handler: Handler) -> None:
+def route(
+    method: str, pattern: str, label: str, allow: str, handler: Handler, *, query: bool = False
+) -> None:
     """Serve `method` on paths matching `pattern` (named groups become keyword arguments)."""
-    _routes.append(Route(method, re.compile(pattern), label, allow, handler))
+    _routes.append(Route(method, re.compile(pattern), label, allow, handler, query))
+
+
+def _query(raw: bytes) -> dict[str, str] | None:
+    """The query string as Django's QueryDict.get sees it (the last value of a name); None for
+    what Django's middleware answers itself (a key in the URL, a NUL)."""
+    pairs = parse_qsl(raw.decode("latin-1"), keep_blank_values=True)
+    if any(name == "api_key" or "\x00" in name + value for name, value in pairs):
+        return None
+    return dict(pairs)
 
 
 def _security_headers() -> list[tuple[bytes, bytes]]:
@@ -261,7 +276,7 @@ def _from_db(field, value):
     return value
 
 
-async def _serve(handler: Handler, call: Call) -> Answer | None:
+async def _answer(handler: Handler, call: Call) -> Answer | None:
     try:
         return await handler(call, **call.kwargs)
     except Exception as exc:
@@ -286,7 +301,7 @@ class Lane:
         self.renderer = JSONRenderer()
 
     def _match(self, scope: dict) -> tuple[Route, dict[str, str]] | None:
-        if scope["type"] != "http" or scope.get("query_string") or tracing.enabled():
+        if scope["type"] != "http" or tracing.enabled():
             return None
         if self.enabled is None:
             self.enabled = enabled()
@@ -297,7 +312,7 @@ class Lane:
         for candidate in _routes:
             if candidate.method == scope["method"]:
                 match = candidate.pattern.fullmatch(scope["path"])
-                if match:
+                if match and (candidate.query or not scope.get("query_string")):
                     return candidate, match.groupdict()
         return None
 
@@ -306,6 +321,29 @@ class Lane:
         if matched is None:
             return await self.app(scope, receive, send)
         found, kwargs = matched
+        sent = False
+
+        async def send_once(message):
+            nonlocal sent
+            sent = True
+            await send(message)
+
+        try:
+            await self._serve(scope, receive, send_once, found, kwargs)
+        except Exception as exc:  # the lane's own bug: problem+json, as Django would answer
+            if sent:
+                raise
+            response = exception_problem(Call("", scope["path"], Headers(), b"", {}, {}), exc)
+            await send_once(
+                {
+                    "type": "http.response.start",
+                    "status": response.status_code,
+                    "headers": [(k.encode(), v.encode()) for k, v in response.items()],
+                }
+            )
+            await send_once({"type": "http.response.body", "body": response.content})
+
+    async def _serve(self, scope, receive, send, found: Route, kwargs: dict[str, str]) -> None:
         headers = Headers(
             (k.decode("latin-1").lower(), v.decode("latin-1")) for k, v in scope["headers"]
         )
@@ -314,9 +352,15 @@ class Lane:
             messages, body = await _read_body(receive)
         started = time.perf_counter()
         answer = None
-        if body is not None and "idempotency-key" not in headers and _host_allowed(headers, scope):
-            call = Call(scope["method"], scope["path"], headers, body, kwargs)
-            answer = await _serve(found.handler, call)
+        query = _query(scope.get("query_string", b""))
+        if (
+            body is not None
+            and query is not None
+            and "idempotency-key" not in headers
+            and _host_allowed(headers, scope)
+        ):
+            call = Call(scope["method"], scope["path"], headers, body, kwargs, query)
+            answer = await _answer(found.handler, call)
         metrics.lane_call(route=found.label, answered=answer is not None)
         if answer is None:
             return await self.app(scope, _replay(messages, receive), send)

@@ -60,7 +60,12 @@ def check_query(params, allowed: set[str]) -> None:
 
 
 def _int_param(request, name: str, default: int, lo: int, hi: int) -> int:
-    raw = request.query_params.get(name)
+    return int_param(request.query_params, name, default, lo, hi)
+
+
+def int_param(params, name: str, default: int, lo: int, hi: int) -> int:
+    """The integer query parameter `name` from lo to hi, `default` when absent; else 400."""
+    raw = params.get(name)
     if raw is None:
         return default
     try:
@@ -537,23 +542,35 @@ class RunEventsApi(APIView):
     documented with the stream in agentsvc.openapi)."""
 
     def get(self, request, run_id):
-        check_query(request.query_params, {"after", "limit", "events"})
-        try:
-            types = event_filter_parse(request.query_params.get("events"))
-        except ValueError as e:
-            raise ApplicationError(
-                "validation_error",
-                "Invalid events.",
-                errors=[{"field": "events", "message": str(e)}],
-            ) from None
+        types = events_filter(request.query_params)
         run = selectors.run_get(owner=request.user, run_id=run_id)
         run_seen(run_id=run.id, status=run.status, last_seen_at=run.last_seen_at)
-        after = _int_param(request, "after", 0, 0, 2**31 - 1)
-        limit = _int_param(request, "limit", 100, 1, 1000)
+        after, limit = events_window(request.query_params)
         events = selectors.run_events_after(run=run, after=after, limit=limit, types=types)
-        next_after = events[-1].seq if events else after
-        if types is not None and len(events) < limit:
-            # Every event up to the run's last_seq (read before the page) was looked at: the
-            # next page starts there, not back at the last one shown.
-            next_after = max(next_after, run.last_seq)
-        return Response({"results": [event_dict(e) for e in events], "next_after": next_after})
+        return Response(events_answer(run, events, after=after, limit=limit, types=types))
+
+
+def events_filter(params) -> frozenset[str] | None:
+    """The events page (the DRF view and the lane): the query's names, then `events`."""
+    check_query(params, {"after", "limit", "events"})
+    try:
+        return event_filter_parse(params.get("events"))
+    except ValueError as e:
+        raise ApplicationError(
+            "validation_error",
+            "Invalid events.",
+            errors=[{"field": "events", "message": str(e)}],
+        ) from None
+
+
+def events_window(params) -> tuple[int, int]:
+    return int_param(params, "after", 0, 0, 2**31 - 1), int_param(params, "limit", 100, 1, 1000)
+
+
+def events_answer(run, events, *, after: int, limit: int, types) -> dict:
+    next_after = events[-1].seq if events else after
+    if types is not None and len(events) < limit:
+        # Every event up to the run's last_seq (read before the page) was looked at: the
+        # next page starts there, not back at the last one shown.
+        next_after = max(next_after, run.last_seq)
+    return {"results": [event_dict(e) for e in events], "next_after": next_after}

@@ -1,7 +1,7 @@
-"""The runs API's hottest calls on the fast lane (agentsvc/lane.py): starting a run and reading
-one. Each handler takes the steps of its DRF view, through the same functions and statements,
-with the queries awaited on the lane's pool, and answers the same. It returns None (Django
-answers) before counting the request when the call is not a plain one.
+"""The runs API's hottest calls on the fast lane (agentsvc/lane.py): starting a run, reading
+one and reading its events page. Each handler takes the steps of its DRF view, through the same
+functions and statements, with the queries awaited on the lane's pool, and answers the same. It
+returns None (Django answers) before counting the request when the call is not a plain one.
 """
 
 from __future__ import annotations
@@ -16,9 +16,17 @@ from agentsvc import lane
 from agentsvc.errors import ApplicationError
 from agentsvc.idempotency import BODY_FIELD
 from runs import selectors, services
-from runs.api import RunCreateInput, accepted_headers, chain_not_found, detail_answer
+from runs.api import (
+    RunCreateInput,
+    accepted_headers,
+    chain_not_found,
+    detail_answer,
+    events_answer,
+    events_filter,
+    events_window,
+)
 from runs.chains import chain_validate_input
-from runs.models import ACTIVE_STATUSES, Chain, Run
+from runs.models import ACTIVE_STATUSES, Chain, Run, RunEvent
 from runs.presenters import run_handle
 from runs.seen import run_seen, seen_due
 from runs.wakeup import wakeups_publish
@@ -67,12 +75,8 @@ async def runs_create(call: lane.Call, name: str) -> lane.Answer | None:
     return lane.Answer(202, run_handle(run), accepted_headers(run))
 
 
-async def runs_retrieve(call: lane.Call, run_id: str) -> lane.Answer | None:
-    """GET /api/v1/runs/{id} (RunDetailApi): the key, the counter, the run with its chain."""
-    key = await call.key()
-    if key is None:
-        return None
-    await call.admit(key)
+async def _run(call: lane.Call, key, run_id: str) -> Run:
+    """The caller's run with its chain, marked as watched (selectors.run_get and run_seen)."""
     names, rows = await call.fetch(selectors.RUN_WITH_CHAIN_SQL, [UUID(run_id), key.owner_id])
     if not rows:
         raise Http404
@@ -82,8 +86,34 @@ async def runs_retrieve(call: lane.Call, run_id: str) -> lane.Answer | None:
         await sync_to_async(run_seen)(
             run_id=run.id, status=run.status, last_seen_at=run.last_seen_at
         )
-    data, headers = detail_answer(run)
+    return run
+
+
+async def runs_retrieve(call: lane.Call, run_id: str) -> lane.Answer | None:
+    """GET /api/v1/runs/{id} (RunDetailApi): the key, the counter, the run with its chain."""
+    key = await call.key()
+    if key is None:
+        return None
+    await call.admit(key)
+    data, headers = detail_answer(await _run(call, key, run_id))
     return lane.Answer(200, data, headers)
+
+
+async def run_events_page(call: lane.Call, run_id: str) -> lane.Answer | None:
+    """GET /api/v1/runs/{id}/events as JSON (RunEventsApi); the stream (Accept:
+    text/event-stream) is Django's."""
+    if "text/event-stream" in call.headers.get("accept", ""):
+        return None
+    key = await call.key()
+    if key is None:
+        return None
+    await call.admit(key)
+    types = events_filter(call.query)
+    run = await _run(call, key, run_id)
+    after, limit = events_window(call.query)
+    names, rows = await call.fetch(*selectors.events_after_query(run.id, after, limit, types))
+    events = [lane.instance(RunEvent, names, row) for row in rows]
+    return lane.Answer(200, events_answer(run, events, after=after, limit=limit, types=types))
 
 
 def register() -> None:
@@ -100,4 +130,12 @@ def register() -> None:
         "api/v1/runs/<uuid:run_id>",
         "GET, HEAD, OPTIONS",
         runs_retrieve,
+    )
+    lane.route(
+        "GET",
+        rf"/api/v1/runs/(?P<run_id>{UUID_PATTERN})/events",
+        "api/v1/runs/<uuid:run_id>/events",
+        "GET, HEAD, OPTIONS",
+        run_events_page,
+        query=True,
     )

@@ -182,6 +182,21 @@ def run_list(
     return page, next_cursor
 
 
+_E = f'"{RunEvent._meta.db_table}"'
+# run_events_after written out (the events page on the fast lane): all events, or some types.
+EVENTS_AFTER_SQL = f'SELECT * FROM {_E} WHERE "run_id" = %s AND "seq" > %s ORDER BY "seq" LIMIT %s'
+EVENTS_AFTER_TYPES_SQL = (
+    f'SELECT * FROM {_E} WHERE "run_id" = %s AND "seq" > %s AND "type" = ANY(%s) '
+    'ORDER BY "seq" LIMIT %s'
+)
+
+
+def events_after_query(run_id, after: int, limit: int, types) -> tuple[str, list]:
+    if types is None:
+        return EVENTS_AFTER_SQL, [run_id, after, limit]
+    return EVENTS_AFTER_TYPES_SQL, [run_id, after, sorted(types), limit]
+
+
 def run_events_after(
     *, run: Run, after: int, limit: int = 100, types: frozenset[str] | None = None
 ) -> list[RunEvent]:

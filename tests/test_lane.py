@@ -1,4 +1,5 @@
-"""The fast lane (agentsvc/lane.py): run creates and status polls answered at the ASGI layer.
+"""The fast lane (agentsvc/lane.py): run creates, status polls and events pages answered at the
+ASGI layer.
 
 Each answer is checked against the DRF view's answer to the same call (Django's test client),
 the lane's use is read from the live server's own counter (agentsvc_lane_calls_total), and the
@@ -14,12 +15,14 @@ import pytest
 
 from agentsvc.models import ApiKey, TokenWindow
 from runs.models import Run, RunEvent
+from runs.services import event_append
 
 pytestmark = [pytest.mark.django_db(transaction=True), pytest.mark.slow]
 
 CREATE = "/api/v1/chains/demo/runs"
 CREATE_ROUTE = "api/v1/chains/<slug:name>/runs"
 GET_ROUTE = "api/v1/runs/<uuid:run_id>"
+EVENTS_ROUTE = "api/v1/runs/<uuid:run_id>/events"
 # Answer headers both paths send (daphne's Server and the request id aside).
 HEADERS = (
     "content-type",
@@ -177,3 +180,23 @@ def test_request_and_token_limits_on_the_lane(http, alice, make_chain):
     too_large = http.post(CREATE, json={"input": {}})
     assert too_large.status_code == 422 and too_large.json()["code"] == "run_too_large"
     assert Run.objects.count() == 3
+
+
+def test_events_page_answers_as_the_view_does(http, alice, bob, make_chain):
+    make_chain("demo", schema={"type": "object"})
+    run_id = http.post(CREATE, json={"input": {}}).json()["run_id"]
+    event_append(run_id=run_id, event="agent.started", data={"agent": "a"})
+    event_append(run_id=run_id, event="agent.token", data={"text": "hé"})
+    path = f"/api/v1/runs/{run_id}/events"
+    answered = lane_calls(http, EVENTS_ROUTE, "answered")
+    for query in ("", "?after=1&limit=1", "?events=agent.token", "?limit=0", "?after=x", "?x=1"):
+        wire = http.get(path + query)
+        same(wire, alice.get(path + query), varying=("instance",))
+    assert http.get(path).json()["next_after"] == 3
+    same(http.get(path, headers={"Authorization": f"Bearer {bob.raw_key}"}), bob.get(path))
+    assert lane_calls(http, EVENTS_ROUTE, "answered") == answered + 8
+    # The stream of the same URL is Django's.
+    declined = lane_calls(http, EVENTS_ROUTE, "declined")
+    with http.stream("GET", path, headers={"Accept": "text/event-stream"}) as stream:
+        assert stream.headers["content-type"].startswith("text/event-stream")
+    assert lane_calls(http, EVENTS_ROUTE, "declined") == declined + 1
