@@ -43,80 +43,80 @@ class _Publisher:
     """Publishes from one background thread per process, on its own long-lived event loop.
 
     The channel layer keeps a Redis connection pool per event loop: one loop means one pool,
-    whichever thread (a request's, a worker's) asks. Callers hand the messages over and go on.
-    Wake-ups gather for LINGER_S (and while a batch is being sent), and one already waiting is
-    not queued twice: under load, the runs queued in the same few milliseconds wake the
-    executors, and each owner's feed, once.
-    At most MAX_PENDING wait, beyond that wake-ups are dropped, so a slow Redis builds no
-    queue. A send taking over TIMEOUT_S, or failing, pauses publishing for PAUSE_S: readers
+    whichever thread (a request's, a worker's) asks. Callers hand the messages over and go on;
+    at most MAX_PENDING are in flight, beyond that wake-ups are dropped, so a slow Redis builds
+    no queue. A send taking over TIMEOUT_S, or failing, pauses publishing for PAUSE_S: readers
     then rely on the database re-check.
+
+    A run's wake-up goes at once. The others only say "look again" (an owner's feed, the staff
+    feed, the executors): they gather for LINGER_S and each goes once, so the runs queued in the
+    same few milliseconds wake the executors once, not once per run.
     """
 
     TIMEOUT_S = 0.25
     PAUSE_S = 5.0
     MAX_PENDING = 1000
-    LINGER_S = 0.002  # a batch gathers this long: a few ms on a wake-up, far fewer sends
+    LINGER_S = 0.002
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
         self._pid: int | None = None
         self._layer: Any = None
         self._loop: asyncio.AbstractEventLoop | None = None
-        self._pending: dict[tuple, tuple[str, dict]] = {}
-        self._sending = False
+        self._pending = 0
+        self._signals: dict[str, dict] = {}  # group -> message, waiting out the linger
         self._paused_until = 0.0
 
     def _start(self) -> asyncio.AbstractEventLoop:
         if self._pid != os.getpid():  # first use, or a forked child: a thread and pool of its own
             self._layer = channel_layers.make_backend(DEFAULT_CHANNEL_LAYER)
             self._loop = asyncio.new_event_loop()
-            self._pending = {}
-            self._sending = False
+            self._pending = 0
+            self._signals = {}
             threading.Thread(
                 target=self._loop.run_forever, name="wakeup-publisher", daemon=True
             ).start()
             self._pid = os.getpid()
         return self._loop
 
-    @staticmethod
-    def _identity(group: str, message: dict) -> tuple:
-        # The staff feed only needs to look again: one wake whichever owner's run moved.
-        if group == FEED_ALL_GROUP:
-            return (group,)
-        return (group, *sorted(message.items()))
-
     def publish(self, messages: list[tuple[str, dict]]) -> None:
         if time.monotonic() < self._paused_until:
             return
+        runs = [m for m in messages if m[1]["type"] == "run.wake"]
         with self._lock:
             loop = self._start()
+            lingering = bool(self._signals)
             for group, message in messages:
-                if len(self._pending) >= self.MAX_PENDING:
-                    break
-                self._pending.setdefault(self._identity(group, message), (group, message))
-            if self._sending:
+                if message["type"] != "run.wake":
+                    self._signals[group] = message
+            if self._signals and not lingering:
+                loop.call_soon_threadsafe(loop.call_later, self.LINGER_S, self._signals_due)
+            if not runs or self._pending >= self.MAX_PENDING:
                 return
-            self._sending = True
-        asyncio.run_coroutine_threadsafe(self._send(), loop)
+            self._pending += 1
+        asyncio.run_coroutine_threadsafe(self._send(runs), loop)
 
-    async def _send(self) -> None:
-        while True:
-            await asyncio.sleep(self.LINGER_S)
+    def _signals_due(self) -> None:  # on the publisher's loop
+        with self._lock:
+            signals, self._signals = list(self._signals.items()), {}
+            if self._pending >= self.MAX_PENDING:
+                return
+            self._pending += 1
+        self._loop.create_task(self._send(signals))
+
+    async def _send(self, messages: list[tuple[str, dict]]) -> None:
+        try:
+            sends = (self._layer.group_send(group, msg) for group, msg in messages)
+            # A group commit hands over hundreds at once: a little more time for those.
+            timeout = min(self.TIMEOUT_S + 0.002 * len(messages), 2.0)
+            await asyncio.wait_for(asyncio.gather(*sends), timeout)
+        except Exception as e:
+            if time.monotonic() >= self._paused_until:  # one line per pause, not per send
+                logger.warning("stream wake-ups paused for %s s: %r", self.PAUSE_S, e)
+            self._paused_until = time.monotonic() + self.PAUSE_S
+        finally:
             with self._lock:
-                messages = list(self._pending.values())
-                self._pending = {}
-                if not messages:
-                    self._sending = False
-                    return
-            try:
-                sends = (self._layer.group_send(group, msg) for group, msg in messages)
-                # A group commit hands over hundreds at once: a little more time for those.
-                timeout = min(self.TIMEOUT_S + 0.002 * len(messages), 2.0)
-                await asyncio.wait_for(asyncio.gather(*sends), timeout)
-            except Exception as e:
-                if time.monotonic() >= self._paused_until:  # one line per pause, not per send
-                    logger.warning("stream wake-ups paused for %s s: %r", self.PAUSE_S, e)
-                self._paused_until = time.monotonic() + self.PAUSE_S
+                self._pending -= 1
 
 
 _publisher = _Publisher()
