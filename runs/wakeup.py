@@ -183,9 +183,9 @@ def wakeups_publish(wakeups: list[Wakeup]) -> None:
         return
     messages = []
     owners: set[int] = set()
-    for run_id, owner_id, seq, _, feed in wakeups:
+    for run_id, owner_id, seq, event, feed in wakeups:
         run = str(run_id)
-        if seq > 1:  # nobody can be reading a run before its creation is answered
+        if not (seq == 1 and event == RUN_QUEUED):  # nobody reads a run before it is answered
             messages.append((run_group(run), {"type": "run.wake", "run": run, "seq": seq}))
         if feed and owner_id is not None:
             owners.add(owner_id)
