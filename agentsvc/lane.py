@@ -59,6 +59,9 @@ class Headers(dict):
         return isinstance(name, str) and super().__contains__(name.lower())
 
 
+_columns: dict[str, list[str]] = {}  # statement -> its column names
+
+
 @dataclass
 class Call:
     """One request on a lane route, as its handler sees it."""
@@ -94,9 +97,13 @@ class Call:
             if self.conn is None:
                 self.conn = await (await _pool()).getconn()
             cursor = await self.conn.execute(sql, params)
-            if cursor.description is None:
+            result = cursor.pgresult
+            if result is None or not result.nfields:
                 return [], []
-            return [c.name for c in cursor.description], await cursor.fetchall()
+            names = _columns.get(sql)
+            if names is None:  # a statement's columns never change: read them once
+                names = _columns[sql] = [c.name for c in cursor.description]
+            return names, await cursor.fetchall()
         except Exception as exc:
             with db().wrap_database_errors:  # psycopg's errors as Django's (503, 409...)
                 raise exc from None

@@ -17,9 +17,9 @@ from agentsvc.errors import ApplicationError
 from agentsvc.idempotency import BODY_FIELD
 from runs import selectors, services
 from runs.api import (
-    RunCreateInput,
     accepted_headers,
     chain_not_found,
+    create_body,
     detail_answer,
     events_answer,
     events_filter,
@@ -44,9 +44,7 @@ async def runs_create(call: lane.Call, name: str) -> lane.Answer | None:
     if key is None:
         return None
     try:
-        valid = RunCreateInput(data=body)
-        valid.is_valid(raise_exception=True)
-        data = valid.validated_data
+        data = create_body(body)
         names, rows = await call.fetch(*selectors.chain_query(name, data.get("version")))
         if not rows:
             raise chain_not_found(name, data.get("version"))
