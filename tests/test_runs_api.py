@@ -300,3 +300,42 @@ def test_created_after_a_runs_own_created_at_leaves_that_run_out(alice, chain):
     earlier = shown.replace(".123Z", ".122Z")
     assert first["run_id"] in ids(earlier)
     assert ids("9999-12-31T23:59:59.999+00:00") == []
+
+
+@pytest.mark.parametrize(
+    "body",
+    [
+        {},
+        {"input": {"topic": "x", "n": [1, {"a": None}]}},
+        {"input": {}, "metadata": {"k": "v", "n": 1.5, "b": True, "z": None}},
+    ],
+)
+def test_a_plain_create_body_validates_as_the_serializer_does(body):
+    from runs.api import RunCreateInput, create_body
+
+    serializer = RunCreateInput(data=body)
+    serializer.is_valid(raise_exception=True)
+    assert create_body(body) == dict(serializer.validated_data)
+
+
+@pytest.mark.parametrize(
+    "body",
+    [
+        {"input": None},
+        {"input": []},
+        {"metadata": {"k": "x" * 501}},
+        {"metadata": {"k" * 41: 1}},
+        {"metadata": {"k": {"nested": 1}}},
+        {"input": {}, "extra": 1},
+    ],
+)
+def test_a_bad_create_body_gets_the_serializers_errors(body):
+    from rest_framework.exceptions import ValidationError
+
+    from runs.api import RunCreateInput, create_body
+
+    serializer = RunCreateInput(data=body)
+    assert not serializer.is_valid()
+    with pytest.raises(ValidationError) as raised:
+        create_body(body)
+    assert raised.value.detail == serializer.errors
