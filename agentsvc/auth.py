@@ -1,8 +1,28 @@
 from __future__ import annotations
 
+from typing import Any
+
 from rest_framework import authentication, exceptions
 
 from agentsvc.services import api_key_authenticate
+
+
+class Headers(dict):
+    """Request headers by lower-case name, read with any case (as Django's `request.headers`):
+    what `raw_key_from_headers` reads on paths outside Django's request (ASGI scopes)."""
+
+    @classmethod
+    def from_scope(cls, scope: dict) -> Headers:
+        return cls((k.decode("latin-1").lower(), v.decode("latin-1")) for k, v in scope["headers"])
+
+    def get(self, name: str, default: Any = None) -> Any:
+        return super().get(name.lower(), default)
+
+    def __getitem__(self, name: str) -> Any:
+        return super().__getitem__(name.lower())
+
+    def __contains__(self, name: object) -> bool:
+        return isinstance(name, str) and super().__contains__(name.lower())
 
 
 def raw_key_from_headers(headers) -> str | None:

@@ -37,26 +37,13 @@ from psycopg_pool import AsyncConnectionPool
 from rest_framework.renderers import JSONRenderer
 
 from agentsvc import limits, metrics, tracing
-from agentsvc.auth import raw_key_from_headers
+from agentsvc.auth import Headers, raw_key_from_headers
 from agentsvc.errors import exception_problem
 from agentsvc.models import ApiKey
 from agentsvc.parsers import ParseError, strict_loads
 from agentsvc.services import KEY_QUERY, key_matching, key_prefix, touch_due
 
 access = logging.getLogger("agentsvc.access")
-
-
-class Headers(dict):
-    """Request headers by lower-case name, read with any case (as Django's `request.headers`)."""
-
-    def get(self, name: str, default: Any = None) -> Any:
-        return super().get(name.lower(), default)
-
-    def __getitem__(self, name: str) -> Any:
-        return super().__getitem__(name.lower())
-
-    def __contains__(self, name: object) -> bool:
-        return isinstance(name, str) and super().__contains__(name.lower())
 
 
 _columns: dict[str, list[str]] = {}  # statement -> its column names
@@ -351,9 +338,7 @@ class Lane:
             await send_once({"type": "http.response.body", "body": response.content})
 
     async def _serve(self, scope, receive, send, found: Route, kwargs: dict[str, str]) -> None:
-        headers = Headers(
-            (k.decode("latin-1").lower(), v.decode("latin-1")) for k, v in scope["headers"]
-        )
+        headers = Headers.from_scope(scope)
         messages, body = [], b""
         if scope["method"] == "POST":
             messages, body = await _read_body(receive)

@@ -59,10 +59,6 @@ def check_query(params, allowed: set[str]) -> None:
         )
 
 
-def _int_param(request, name: str, default: int, lo: int, hi: int) -> int:
-    return int_param(request.query_params, name, default, lo, hi)
-
-
 def int_param(params, name: str, default: int, lo: int, hi: int) -> int:
     """The integer query parameter `name` from lo to hi, `default` when absent; else 400."""
     raw = params.get(name)
@@ -366,7 +362,7 @@ class ChainListApi(APIView):
         check_query(request.query_params, {"limit", "cursor"})
         page, next_cursor = selectors.chain_page(
             cursor=request.query_params.get("cursor") or None,
-            limit=_int_param(request, "limit", MAX_LIMIT, 1, MAX_LIMIT),
+            limit=int_param(request.query_params, "limit", MAX_LIMIT, 1, MAX_LIMIT),
         )
         return Response(_page([chain_dict(c) for c in page], request, next_cursor))
 
@@ -387,7 +383,7 @@ class ChainDetailApi(APIView):
         check_query(request.query_params, {"version"})
         version = None
         if "version" in request.query_params:
-            version = _int_param(request, "version", 1, 1, 2**31 - 1)
+            version = int_param(request.query_params, "version", 1, 1, 2**31 - 1)
         return Response(chain_dict(selectors.chain_get(name=name, version=version)))
 
 
@@ -448,7 +444,7 @@ class RunListApi(APIView):
             chain=chain,
             created_after=created_after,
             cursor=params.get("cursor") or None,
-            limit=_int_param(request, "limit", 20, 1, MAX_LIMIT),
+            limit=int_param(request.query_params, "limit", 20, 1, MAX_LIMIT),
         )
         return Response(_page([run_dict(r) for r in runs], request, next_cursor))
 

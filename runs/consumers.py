@@ -13,13 +13,12 @@ import asyncio
 import contextlib
 import json
 import time
-from typing import Any
 from urllib.parse import parse_qs
 
 from channels.generic.websocket import AsyncWebsocketConsumer
 from django.conf import settings
 
-from agentsvc.auth import raw_key_from_headers
+from agentsvc.auth import Headers, raw_key_from_headers
 from agentsvc.db import db_async
 from runs.events import FEED_EVENTS, event_filter_parse
 from runs.hub import get_hub
@@ -44,19 +43,6 @@ _STATUS_OF = {
 }
 
 
-class _Headers:
-    """Scope headers with the case-insensitive `get` that `raw_key_from_headers` expects."""
-
-    def __init__(self, scope: dict) -> None:
-        self._h = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope["headers"]}
-
-    def get(self, name: str, default: Any = None) -> Any:
-        return self._h.get(name.lower(), default)
-
-    def __contains__(self, name: str) -> bool:
-        return name.lower() in self._h
-
-
 class _StreamConsumer(AsyncWebsocketConsumer):
     """Authentication, the lease and the background task shared by both sockets."""
 
@@ -74,7 +60,7 @@ class _StreamConsumer(AsyncWebsocketConsumer):
         open: this run's id, or FEED."""
         if self.query("api_key") is not None:
             return False, None, None
-        raw = raw_key_from_headers(_Headers(self.scope))
+        raw = raw_key_from_headers(Headers.from_scope(self.scope))
         ticket = self.query("ticket")
         if raw or ticket is not None:
             key = await (authenticate(raw) if raw else ticket_authenticate(ticket, scope))

@@ -12,7 +12,7 @@ from rest_framework.views import APIView
 from agentsvc.idempotency import IdempotentMixin
 from agentsvc.openapi import IDEMPOTENCY_KEY, problems
 from runs import selectors as run_selectors
-from runs.api import CURSOR, LIMIT, MAX_LIMIT, _int_param, _page, check_query
+from runs.api import CURSOR, LIMIT, MAX_LIMIT, _page, check_query, int_param
 from runs.timefmt import after_ms, floor_ms
 from webhooks import selectors, services
 from webhooks.presenters import delivery_dict, endpoint_dict
@@ -42,7 +42,7 @@ class WebhookEndpointsApi(IdempotentMixin, APIView):
         endpoints, next_cursor = selectors.endpoint_list(
             owner=request.user,
             cursor=request.query_params.get("cursor") or None,
-            limit=_int_param(request, "limit", 20, 1, MAX_LIMIT),
+            limit=int_param(request.query_params, "limit", 20, 1, MAX_LIMIT),
         )
         return Response(_page([endpoint_dict(e) for e in endpoints], request, next_cursor))
 
@@ -169,7 +169,7 @@ class RunDeliveriesApi(APIView):
         deliveries, next_cursor = selectors.run_deliveries(
             run=run,
             cursor=request.query_params.get("cursor") or None,
-            limit=_int_param(request, "limit", 20, 1, MAX_LIMIT),
+            limit=int_param(request.query_params, "limit", 20, 1, MAX_LIMIT),
         )
         return Response(_page([delivery_dict(d) for d in deliveries], request, next_cursor))
 
