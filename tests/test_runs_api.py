@@ -284,7 +284,8 @@ def test_created_after_a_runs_own_created_at_leaves_that_run_out(alice, chain):
     first = create(alice)
     second = create(alice)
     run = Run.objects.get(pk=first["run_id"])
-    run.created_at = run.created_at.replace(microsecond=123456)
+    # A second earlier, so it stays before the second run whatever their microseconds.
+    run.created_at = (run.created_at - timedelta(seconds=1)).replace(microsecond=123456)
     run.save(update_fields=["created_at"])
     shown = alice.get(f"/api/v1/runs/{first['run_id']}").json()["created_at"]
     assert shown.endswith(".123Z")
