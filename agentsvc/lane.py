@@ -47,6 +47,7 @@ access = logging.getLogger("agentsvc.access")
 
 
 _columns: dict[str, list[str]] = {}  # statement -> its column names
+Row = tuple[list[str], tuple] | None  # (column names, values) of one row
 
 
 @dataclass
@@ -95,21 +96,27 @@ class Call:
             with db().wrap_database_errors:  # psycopg's errors as Django's (503, 409...)
                 raise exc from None
 
-    async def key(self) -> ApiKey | None:
-        """The caller's active key (api_key_authenticate's lookup); None when the credentials
-        do not authenticate."""
+    async def key(self, query: tuple[str, list] | None = None) -> tuple[ApiKey | None, Row]:
+        """The caller's active key (api_key_authenticate's lookup) and its row; None when the
+        credentials do not authenticate. `query` is a key_query with joins and their
+        parameters: what the call reads besides comes back in the same round trip."""
+        sql, params = query or (KEY_QUERY, [])
         raw = raw_key_from_headers(self.headers)
         prefix = key_prefix(raw) if raw else None
         if prefix is None:
-            return None
-        names, rows = await self.fetch(KEY_QUERY, [prefix])
-        key = key_matching(raw, [instance(ApiKey, names, row) for row in rows])
-        if key is not None and touch_due(key):
+            return None, None
+        names, rows = await self.fetch(sql, [*params, prefix])
+        candidates = [instance(ApiKey, names, row) for row in rows]
+        key = key_matching(raw, candidates)
+        if key is None:
+            return None, None
+        row = next(row for candidate, row in zip(candidates, rows, strict=True) if candidate is key)
+        if touch_due(key):
             await self.fetch(
                 f'UPDATE "{ApiKey._meta.db_table}" SET last_used_at = %s WHERE id = %s',
                 [key.last_used_at, key.pk],
             )
-        return key
+        return key, (names, row)
 
     async def admit(self, key: ApiKey, *, runs: int = 0) -> None:
         """Count the request (and `runs` run starts) in one round trip; 429 when over."""
@@ -262,6 +269,16 @@ def instance(model, names: list[str], row: tuple, prefix: str = ""):
         if not prefix and "__" not in name and name not in obj.__dict__:
             setattr(obj, name, value)  # extra columns (owner_name)
     return obj
+
+
+def joined(row: Row, model, alias: str):
+    """The `alias`-prefixed instance of `model` in a key row (key_query's joins), or None when
+    the join found no row."""
+    names, values = row
+    prefix = f"{alias}__"
+    if values[names.index(prefix + model._meta.pk.column)] is None:
+        return None
+    return instance(model, names, values, prefix)
 
 
 def _from_db(field, value):

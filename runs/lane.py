@@ -15,6 +15,7 @@ from rest_framework.exceptions import ValidationError
 from agentsvc import lane
 from agentsvc.errors import ApplicationError
 from agentsvc.idempotency import BODY_FIELD
+from agentsvc.models import ApiKey
 from runs import selectors, services
 from runs.api import (
     accepted_headers,
@@ -35,20 +36,25 @@ UUID_PATTERN = r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}"
 
 
 async def runs_create(call: lane.Call, name: str) -> lane.Answer | None:
-    """POST /api/v1/chains/{name}/runs (RunCreateApi): four round trips, the key, the counters,
-    the chain and the start (run, event, token reservation, active-run slot)."""
+    """POST /api/v1/chains/{name}/runs (RunCreateApi): three round trips, the key with the
+    chain, the counters and the start (run, event, token reservation, active-run slot)."""
     body = call.json_object()
     if body is None or BODY_FIELD in body:
         return None
-    key = await call.key()
+    try:
+        data, invalid = create_body(body), None
+    except ValidationError as exc:  # answered once the key authenticates
+        data, invalid = {}, exc
+    version = data.get("version")
+    key, row = await call.key(selectors.key_chain_query(name, version))
     if key is None:
         return None
     try:
-        data = create_body(body)
-        names, rows = await call.fetch(*selectors.chain_query(name, data.get("version")))
-        if not rows:
-            raise chain_not_found(name, data.get("version"))
-        chain = lane.instance(Chain, names, rows[0])
+        if invalid is not None:
+            raise invalid
+        chain = lane.joined(row, Chain, "chain")
+        if chain is None:
+            raise chain_not_found(name, version)
         chain_validate_input(chain=chain, data=data["input"])
         if services.queue_depth_stale():
             _, ((depth,),) = await call.fetch(services.QUEUED_COUNT_SQL, [])
@@ -73,13 +79,21 @@ async def runs_create(call: lane.Call, name: str) -> lane.Answer | None:
     return lane.Answer(202, run_handle(run), accepted_headers(run))
 
 
-async def _run(call: lane.Call, key, run_id: str) -> Run:
-    """The caller's run with its chain, marked as watched (selectors.run_get and run_seen)."""
-    names, rows = await call.fetch(selectors.RUN_WITH_CHAIN_SQL, [UUID(run_id), key.owner_id])
-    if not rows:
+async def _key_and_run(call: lane.Call, run_id: str) -> tuple[ApiKey | None, Run | None]:
+    """The caller's key and run, with its chain, in one statement (selectors.run_get). The run
+    is marked as watched (run_seen) once the request is admitted."""
+    key, row = await call.key((selectors.KEY_RUN_SQL, [UUID(run_id)]))
+    if key is None:
+        return None, None
+    run = lane.joined(row, Run, "run")
+    if run is not None:
+        run.chain = lane.joined(row, Chain, "chain")
+    return key, run
+
+
+async def _seen(run: Run | None) -> Run:
+    if run is None:
         raise Http404
-    run = lane.instance(Run, names, rows[0])
-    run.chain = lane.instance(Chain, names, rows[0], prefix="chain__")
     if run.status in ACTIVE_STATUSES and seen_due(run.id):
         await sync_to_async(run_seen)(
             run_id=run.id, status=run.status, last_seen_at=run.last_seen_at
@@ -88,12 +102,12 @@ async def _run(call: lane.Call, key, run_id: str) -> Run:
 
 
 async def runs_retrieve(call: lane.Call, run_id: str) -> lane.Answer | None:
-    """GET /api/v1/runs/{id} (RunDetailApi): the key, the counter, the run with its chain."""
-    key = await call.key()
+    """GET /api/v1/runs/{id} (RunDetailApi): the key with the run and its chain, the counter."""
+    key, run = await _key_and_run(call, run_id)
     if key is None:
         return None
     await call.admit(key)
-    data, headers = detail_answer(await _run(call, key, run_id))
+    data, headers = detail_answer(await _seen(run))
     return lane.Answer(200, data, headers)
 
 
@@ -102,12 +116,12 @@ async def run_events_page(call: lane.Call, run_id: str) -> lane.Answer | None:
     text/event-stream) is Django's."""
     if "text/event-stream" in call.headers.get("accept", ""):
         return None
-    key = await call.key()
+    key, run = await _key_and_run(call, run_id)
     if key is None:
         return None
     await call.admit(key)
     types = events_filter(call.query)
-    run = await _run(call, key, run_id)
+    run = await _seen(run)
     after, limit = events_window(call.query)
     names, rows = await call.fetch(*selectors.events_after_query(run.id, after, limit, types))
     events = [lane.instance(RunEvent, names, row) for row in rows]

@@ -29,7 +29,8 @@ from django.http import Http404
 from django.utils import timezone
 
 from agentsvc.errors import ApplicationError
-from agentsvc.models import Owner
+from agentsvc.models import ApiKey, Owner
+from agentsvc.services import key_query
 from runs.models import ACTIVE_STATUSES, Agent, Chain, Executor, Run, RunEvent, RunStatus
 from runs.timefmt import iso
 
@@ -98,15 +99,37 @@ def chain_agents_known(chain_id: int) -> bool:
 
 
 _R, _C = f'"{Run._meta.db_table}"', f'"{Chain._meta.db_table}"'
-# A run with its chain (columns of the chain prefixed `chain__`): the status poll's one statement.
-RUN_WITH_CHAIN_SQL = (
-    "SELECT "
-    + ", ".join(f'{_R}."{f.column}"' for f in Run._meta.concrete_fields)
-    + ", "
-    + ", ".join(f'{_C}."{f.column}" AS "chain__{f.column}"' for f in Chain._meta.concrete_fields)
-    + f' FROM {_R} JOIN {_C} ON {_C}."id" = {_R}."chain_id" WHERE {_R}."id" = %s'
-    + f' AND {_R}."owner_id" = %s'
+_K = f'"{ApiKey._meta.db_table}"'
+
+
+def _aliased(model, alias: str) -> str:
+    return "".join(
+        f', "{alias}"."{f.column}" AS "{alias}__{f.column}"' for f in model._meta.concrete_fields
+    )
+
+
+# The fast lane's hot paths read the caller's key and what the call needs in one statement
+# (agentsvc.services.key_query): the columns of a joined row are prefixed with its alias
+# (`chain__`, `run__`) and NULL when there is no such row.
+KEY_CHAIN_LATEST_SQL = key_query(
+    _aliased(Chain, "chain"), f' LEFT JOIN ({CHAIN_LATEST_SQL}) AS "chain" ON true'
 )
+KEY_CHAIN_VERSION_SQL = key_query(
+    _aliased(Chain, "chain"), f' LEFT JOIN ({CHAIN_VERSION_SQL}) AS "chain" ON true'
+)
+# A run of the key's owner, with its chain: the status poll's one statement.
+KEY_RUN_SQL = key_query(
+    _aliased(Run, "run") + _aliased(Chain, "chain"),
+    f' LEFT JOIN {_R} AS "run" ON "run"."id" = %s AND "run"."owner_id" = {_K}."owner_id"'
+    f' LEFT JOIN {_C} AS "chain" ON "chain"."id" = "run"."chain_id"',
+)
+
+
+def key_chain_query(name: str, version: int | None) -> tuple[str, list]:
+    """The key with the chain version a run start asks for (chain_query)."""
+    if version is None:
+        return KEY_CHAIN_LATEST_SQL, [name]
+    return KEY_CHAIN_VERSION_SQL, [name, version]
 
 
 def run_get(*, owner: Owner, run_id: UUID) -> Run:

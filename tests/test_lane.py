@@ -8,6 +8,7 @@ limits it enforces are driven with real parallel requests."""
 from __future__ import annotations
 
 import re
+import uuid
 from concurrent.futures import ThreadPoolExecutor
 
 import httpx
@@ -83,7 +84,9 @@ def test_create_and_poll_answer_as_the_views_do(http, alice, bob, make_chain):
     assert wire.headers["location"] == f"/api/v1/runs/{run.id}"
     assert run.metadata == {"team": "a"} and run.input == {"topic": "x"}
     assert list(RunEvent.objects.filter(run=run).values_list("seq", "type")) == [(1, "run.queued")]
-    assert ApiKey.objects.get(pk=alice.key.pk).active_runs == 2
+    pinned = {"input": {"topic": "x"}, "version": 1}
+    same(http.post(CREATE, json=pinned), alice.post(CREATE, pinned))
+    assert ApiKey.objects.get(pk=alice.key.pk).active_runs == 4
     assert "ratelimit" in wire.headers and wire.headers["x-request-id"]
 
     # Refusals after the request is counted: the lane answers them, as the view does.
@@ -99,7 +102,7 @@ def test_create_and_poll_answer_as_the_views_do(http, alice, bob, make_chain):
         http.post("/api/v1/chains/nope/runs", json=body),
         alice.post("/api/v1/chains/nope/runs", body),
     )
-    assert lane_calls(http, CREATE_ROUTE, "answered") == answered + 7
+    assert lane_calls(http, CREATE_ROUTE, "answered") == answered + 8
 
     polled = lane_calls(http, GET_ROUTE, "answered")
     path = f"/api/v1/runs/{run.id}"
@@ -110,7 +113,9 @@ def test_create_and_poll_answer_as_the_views_do(http, alice, bob, make_chain):
     other = http.get(path, headers={"Authorization": f"Bearer {bob.raw_key}"})
     same(other, bob.get(path))
     assert other.status_code == 404
-    assert lane_calls(http, GET_ROUTE, "answered") == polled + 2
+    unknown = f"/api/v1/runs/{uuid.uuid4()}"
+    same(http.get(unknown), alice.get(unknown))
+    assert lane_calls(http, GET_ROUTE, "answered") == polled + 3
 
 
 def test_calls_off_the_plain_path_are_answered_by_django(http, alice, make_chain):
