@@ -13,10 +13,12 @@ from agentsvc.handlers import (  # noqa: E402
     OneHopASGIHandler,
     RequestIdMiddleware,
     StaticFilesHandler,
+    daphne_raw_bodies,
 )
 from agentsvc.lane import Lane  # noqa: E402
 
 django_asgi_app = OneHopASGIHandler()
+daphne_raw_bodies()
 
 from channels.auth import AuthMiddlewareStack  # noqa: E402
 from channels.routing import ProtocolTypeRouter, URLRouter  # noqa: E402
