@@ -80,21 +80,20 @@ class Call:
 
     async def fetch(self, sql: str, params: list) -> tuple[list[str], list[tuple]]:
         """Run one statement: (column names, rows). A call takes one connection from the lane's
-        pool at its first statement and keeps it to its end."""
+        pool at its first statement and keeps it until its end or `release`."""
         try:
             if self.conn is None:
                 self.conn = await (await _pool()).getconn()
-            cursor = await self.conn.execute(sql, params)
-            result = cursor.pgresult
-            if result is None or not result.nfields:
-                return [], []
-            names = _columns.get(sql)
-            if names is None:  # a statement's columns never change: read them once
-                names = _columns[sql] = [c.name for c in cursor.description]
-            return names, await cursor.fetchall()
         except Exception as exc:
-            with db().wrap_database_errors:  # psycopg's errors as Django's (503, 409...)
+            with db().wrap_database_errors:
                 raise exc from None
+        return await _execute(self.conn, sql, params)
+
+    async def release(self) -> None:
+        """Give the call's connection back to the pool now."""
+        if self.conn is not None:
+            conn, self.conn = self.conn, None
+            await (await _pool()).putconn(conn)
 
     async def key(self, query: tuple[str, list] | None = None) -> tuple[ApiKey | None, Row]:
         """The caller's active key (api_key_authenticate's lookup) and its row; None when the
@@ -234,6 +233,31 @@ async def _pool() -> AsyncConnectionPool:
     return pool
 
 
+async def _execute(conn, sql: str, params: list) -> tuple[list[str], list[tuple]]:
+    try:
+        cursor = await conn.execute(sql, params)
+        result = cursor.pgresult
+        if result is None or not result.nfields:
+            return [], []
+        names = _columns.get(sql)
+        if names is None:  # a statement's columns never change: read them once
+            names = _columns[sql] = [c.name for c in cursor.description]
+        return names, await cursor.fetchall()
+    except Exception as exc:
+        with db().wrap_database_errors:  # psycopg's errors as Django's (503, 409...)
+            raise exc from None
+
+
+async def fetch(sql: str, params: list) -> tuple[list[str], list[tuple]]:
+    """One statement on a connection of the lane's pool taken for it alone."""
+    try:
+        async with (await _pool()).connection() as conn:
+            return await _execute(conn, sql, params)
+    except Exception as exc:
+        with db().wrap_database_errors:
+            raise exc from None
+
+
 def _redis():
     loop = asyncio.get_running_loop()
     client = _redises.get(loop)
@@ -298,8 +322,7 @@ async def _answer(handler: Handler, call: Call) -> Answer | None:
             {k: v for k, v in response.items() if k.lower() != "content-length"},
         )
     finally:
-        if call.conn is not None:
-            await (await _pool()).putconn(call.conn)
+        await call.release()
 
 
 class Lane:

@@ -28,6 +28,13 @@ LANE_CALLS = Counter(
     ["route", "outcome"],
     registry=REGISTRY,
 )
+LANE_STARTS = Counter(
+    "agentsvc_lane_run_starts",
+    "Run starts the fast lane wrote: alone, or grouped with others of the same key in one "
+    "statement",
+    ["statement"],
+    registry=REGISTRY,
+)
 ATTEMPT_OUTCOMES = ("succeeded", "http_error", "error", "blocked")
 
 
@@ -41,6 +48,10 @@ def http_request(*, method: str, route: str, status: int, seconds: float) -> Non
 
 def lane_call(*, route: str, answered: bool) -> None:
     LANE_CALLS.labels(route=route, outcome="answered" if answered else "declined").inc()
+
+
+def lane_starts(*, count: int) -> None:
+    LANE_STARTS.labels(statement="grouped" if count > 1 else "alone").inc(count)
 
 
 def metrics_text() -> bytes:

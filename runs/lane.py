@@ -6,13 +6,15 @@ returns None (Django answers) before counting the request when the call is not a
 
 from __future__ import annotations
 
+import asyncio
+import dataclasses
 from uuid import UUID
 
 from asgiref.sync import sync_to_async
 from django.http import Http404
 from rest_framework.exceptions import ValidationError
 
-from agentsvc import lane
+from agentsvc import lane, limits, metrics
 from agentsvc.errors import ApplicationError
 from agentsvc.idempotency import BODY_FIELD
 from agentsvc.models import ApiKey
@@ -71,12 +73,96 @@ async def runs_create(call: lane.Call, name: str) -> lane.Answer | None:
         chain=chain,
         new=[services.NewRun(data["input"], data["metadata"], data.get("webhook"))],
     )
-    _, ((used, written),) = await call.fetch(*services.runs_statement(starts, lane.db()))
+    await call.release()  # the start waits on a connection of its own
+    used, written = await _starts.write(starts)
     if written != len(starts.runs):
         await sync_to_async(services.runs_refused)(starts, used)
     wakeups_publish(services.runs_wakeups(starts))
     (run,) = starts.runs
     return lane.Answer(202, run_handle(run), accepted_headers(run))
+
+
+class _GroupStarts:
+    """Group commit for run starts. While one key's start statement is out, that key's next
+    starts wait, then go together as one statement (one round trip, one commit, one lock of the
+    key's row) on a connection of the lane's pool. The statement is all or nothing: a group it
+    refuses (the key's token budget or active runs cannot take all of it) is retried start by
+    start, so each limit still admits exactly what fits. A caller that leaves while waiting is
+    left out of its group."""
+
+    MAX = 32  # starts per statement (each size is a statement of its own, prepared once)
+
+    def __init__(self) -> None:
+        # (key, token window): the starts waiting while that group's statement is out
+        self._waiting: dict[tuple[int, int], list[tuple[services.Starts, asyncio.Future]]] = {}
+        self._busy: set[tuple[int, int]] = set()
+        self._tasks: set[asyncio.Task] = set()
+
+    async def write(self, starts: services.Starts) -> tuple[int | None, int]:
+        """(tokens used, runs written) for `starts`, as runs_statement's statement returns them."""
+        group = (starts.key.pk, starts.window)
+        future = asyncio.get_running_loop().create_future()
+        self._waiting.setdefault(group, []).append((starts, future))
+        if group not in self._busy:
+            self._busy.add(group)
+            self._next(group)
+        outcome = await future
+        if outcome is _ALONE:
+            return await self._statement(starts)
+        return outcome
+
+    def _next(self, group: tuple[int, int]) -> None:
+        waiting = [w for w in self._waiting.pop(group, []) if not w[1].done()]
+        if not waiting:
+            self._busy.discard(group)
+            return
+        if len(waiting) > self.MAX:
+            self._waiting[group] = waiting[self.MAX :]
+        task = asyncio.ensure_future(self._flush(group, waiting[: self.MAX]))
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _flush(self, group: tuple[int, int], batch: list) -> None:
+        try:
+            merged = batch[0][0]
+            if len(batch) > 1:
+                merged = dataclasses.replace(
+                    merged,
+                    runs=[run for starts, _ in batch for run in starts.runs],
+                    events=[event for starts, _ in batch for event in starts.events],
+                    tokens=sum(starts.tokens for starts, _ in batch),
+                )
+            try:
+                used, written = await self._statement(merged)
+            except Exception as exc:
+                for _, future in batch:
+                    if not future.done():
+                        future.set_exception(exc)
+                return
+            if written == len(merged.runs):
+                metrics.lane_starts(count=len(batch))
+            elif len(batch) > 1 and used is not None:  # the group's tokens, reserved: refund
+                await sync_to_async(limits.tokens_settle)(
+                    key_id=merged.key.pk, window=merged.window, reserved=merged.tokens, used=0
+                )
+            for starts, future in batch:
+                if future.done():
+                    continue
+                if written == len(merged.runs):
+                    future.set_result((used, len(starts.runs)))
+                else:  # refused: alone, the same answer; in a group, each tries alone
+                    future.set_result((used, written) if len(batch) == 1 else _ALONE)
+        finally:
+            self._next(group)
+
+    @staticmethod
+    async def _statement(starts: services.Starts) -> tuple[int | None, int]:
+        _, ((used, written),) = await lane.fetch(*services.runs_statement(starts, lane.db()))
+        return used, written
+
+
+_ALONE = object()
+_starts = _GroupStarts()
 
 
 async def _key_and_run(call: lane.Call, run_id: str) -> tuple[ApiKey | None, Run | None]:

@@ -49,6 +49,13 @@ def lane_calls(http: httpx.Client, route: str, outcome: str) -> float:
     return float(m.group(1)) if m else 0.0
 
 
+def lane_starts(http: httpx.Client, statement: str) -> float:
+    text = http.get("/metrics").text
+    pattern = rf'^agentsvc_lane_run_starts_total\{{statement="{statement}"\}} (\S+)$'
+    m = re.search(pattern, text, re.M)
+    return float(m.group(1)) if m else 0.0
+
+
 def same(wire: httpx.Response, django, *, varying=VARYING) -> None:
     """The lane's answer and the DRF view's: status, headers, body (ids and times aside)."""
     assert wire.status_code == django.status_code, (wire.text, django.content)
@@ -169,6 +176,28 @@ def test_active_run_limit_holds_under_parallel_creates(http, alice, make_chain):
     assert ApiKey.objects.get(pk=alice.key.pk).active_runs == 3
     reserved = sum(Run.objects.values_list("tokens_reserved", flat=True))
     assert sum(TokenWindow.objects.values_list("used", flat=True)) == reserved
+
+
+def test_parallel_starts_of_one_key_go_in_groups(http, alice, make_chain):
+    """Creates of one key that arrive while its start statement is out go together in one
+    statement: every run is written once with its first event, its slot and its tokens."""
+    make_chain("demo", schema={"type": "object"})
+    ApiKey.objects.filter(pk=alice.key.pk).update(max_active_runs=100)
+    grouped, alone = lane_starts(http, "grouped"), lane_starts(http, "alone")
+    with ThreadPoolExecutor(32) as pool:
+        answers = list(pool.map(lambda i: http.post(CREATE, json={"input": {"n": i}}), range(32)))
+    assert [a.status_code for a in answers] == [202] * 32
+    ids = {a.json()["run_id"] for a in answers}
+    assert set(map(str, Run.objects.values_list("id", flat=True))) == ids
+    assert sorted(r.input["n"] for r in Run.objects.all()) == list(range(32))
+    assert RunEvent.objects.filter(seq=1, type="run.queued").count() == 32
+    assert RunEvent.objects.count() == 32
+    assert ApiKey.objects.get(pk=alice.key.pk).active_runs == 32
+    reserved = sum(Run.objects.values_list("tokens_reserved", flat=True))
+    assert sum(TokenWindow.objects.values_list("used", flat=True)) == reserved
+    grouped = lane_starts(http, "grouped") - grouped
+    alone = lane_starts(http, "alone") - alone
+    assert grouped + alone == 32 and grouped >= 2
 
 
 def test_request_and_token_limits_on_the_lane(http, alice, make_chain):
