@@ -134,17 +134,17 @@ class _GroupStarts:
                 )
             try:
                 used, written = await self._statement(merged)
+                if written == len(merged.runs):
+                    metrics.lane_starts(count=len(batch))
+                elif len(batch) > 1 and used is not None:  # the group's tokens, reserved: refund
+                    await sync_to_async(limits.tokens_settle)(
+                        key_id=merged.key.pk, window=merged.window, reserved=merged.tokens, used=0
+                    )
             except Exception as exc:
                 for _, future in batch:
                     if not future.done():
                         future.set_exception(exc)
                 return
-            if written == len(merged.runs):
-                metrics.lane_starts(count=len(batch))
-            elif len(batch) > 1 and used is not None:  # the group's tokens, reserved: refund
-                await sync_to_async(limits.tokens_settle)(
-                    key_id=merged.key.pk, window=merged.window, reserved=merged.tokens, used=0
-                )
             for starts, future in batch:
                 if future.done():
                     continue
