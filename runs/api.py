@@ -569,6 +569,11 @@ class RunEventsApi(APIView):
 def events_filter(params) -> frozenset[str] | None:
     """The events page (the DRF view and the lane): the query's names, then `events`."""
     check_query(params, {"after", "limit", "events"})
+    return events_param(params)
+
+
+def events_param(params) -> frozenset[str] | None:
+    """`?events=` (the events page and the streams): the event names to keep, None for all."""
     try:
         return event_filter_parse(params.get("events"))
     except ValueError as e:

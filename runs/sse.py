@@ -35,8 +35,7 @@ from agentsvc.models import ApiKey
 from agentsvc.parsers import strict_loads
 from agentsvc.serializers import StrictBooleanField
 from runs import services
-from runs.api import RunCreateInput, RunEventsApi, check_query, start_run
-from runs.events import event_filter_parse
+from runs.api import RunCreateInput, RunEventsApi, check_query, events_param, start_run
 from runs.models import Run
 from runs.presenters import run_handle
 from runs.stream_limits import StreamLease, StreamLimitExceeded
@@ -190,11 +189,9 @@ async def run_events(request: HttpRequest, run_id: UUID) -> HttpResponse:
         return limited
     try:
         check_query(request.GET, {"after", "ticket", "events"})
+        events = events_param(request.GET)
     except ApplicationError as e:
         return exception_problem(request, e)
-    events = _events_or_problem(request)
-    if isinstance(events, HttpResponse):
-        return events
     field = "Last-Event-ID" if "Last-Event-ID" in request.headers else "after"
     raw_after = request.headers.get("Last-Event-ID", request.GET.get("after"))
     after = parse_after(raw_after)
@@ -211,19 +208,6 @@ async def run_events(request: HttpRequest, run_id: UUID) -> HttpResponse:
     if isinstance(lease, HttpResponse):
         return lease
     return _sse_response(_stream(run, after, lease, events=events), run, lease)
-
-
-def _events_or_problem(request: HttpRequest) -> frozenset[str] | HttpResponse | None:
-    """`?events=` of a stream: the event names to send, None for all, or the 400."""
-    try:
-        return event_filter_parse(request.GET.get("events"))
-    except ValueError as e:
-        return problem_response(
-            request,
-            "validation_error",
-            "Invalid events.",
-            errors=[{"field": "events", "message": str(e)}],
-        )
 
 
 def _start_or_replay(
@@ -270,11 +254,9 @@ async def chain_stream(request: HttpRequest, name: str) -> HttpResponse:
         return limited
     try:
         check_query(request.GET, {"events"})
+        events = events_param(request.GET)
     except ApplicationError as e:
         return exception_problem(request, e)
-    events = _events_or_problem(request)
-    if isinstance(events, HttpResponse):
-        return events
     if request.content_type != "application/json":
         return problem_response(
             request, "unsupported_media_type", "Send a JSON body (Content-Type: application/json)."
