@@ -57,7 +57,7 @@ def main() -> None:
     django.setup()
     from django.core.management import call_command
 
-    from runs import executor as module
+    from runs.execution import executor as module
 
     executors: list = []
     init = module.Executor.__init__

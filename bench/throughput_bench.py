@@ -75,7 +75,7 @@ def main() -> None:
 
     from agentsvc.services import api_key_create
     from runs.chains import chain_publish
-    from runs.executor import run_execute
+    from runs.execution.executor import run_execute
     from runs.models import Run, RunStatus
     from runs.services import run_create
 

@@ -7,8 +7,8 @@ from typing import Any
 
 from django.conf import settings
 
+from runs.execution.providers import provider_for
 from runs.models import Chain
-from runs.providers import provider_for
 from runs.selectors import chain_latest_list
 
 _cache: dict[tuple[str, str, str], tuple[float, bool, str, float]] = {}

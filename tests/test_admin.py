@@ -16,7 +16,7 @@ from django.utils import timezone
 
 from agentsvc.models import ApiKey
 from agentsvc.services import api_key_create
-from runs.executor import run_execute
+from runs.execution.executor import run_execute
 from runs.models import Chain, Run, RunStatus
 from runs.services import run_create
 from tests.conftest import Api, fake

@@ -8,7 +8,7 @@ from decimal import Decimal
 import httpx
 import pytest
 
-from runs.executor import run_execute
+from runs.execution.executor import run_execute
 from runs.models import Run, RunEvent, RunStatus
 from runs.services import run_create
 from tests.conftest import fake, free_port

@@ -12,7 +12,7 @@ from django.utils import timezone
 
 from agentsvc.models import TokenWindow
 from runs import keeper
-from runs.executor import run_execute
+from runs.execution.executor import run_execute
 from runs.models import Run, RunEvent, RunStatus
 from runs.services import event_append, run_create
 from tests.conftest import fake

@@ -6,7 +6,7 @@ import http_sf
 import pytest
 
 from agentsvc.models import ApiKey
-from runs.executor import run_execute
+from runs.execution.executor import run_execute
 from runs.models import Run
 from runs.services import token_reservation
 from tests.conftest import fake

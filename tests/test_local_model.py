@@ -11,7 +11,7 @@ from llama_cpp import Llama
 
 from agentsvc.local_model import model_command, smollm2_path
 from runs.chains import chain_publish
-from runs.executor import run_execute
+from runs.execution.executor import run_execute
 from runs.models import Run, RunEvent, RunStatus
 from runs.services import run_create
 from tests.conftest import Proc, free_port, wait_until

@@ -16,7 +16,7 @@ from asgiref.sync import async_to_sync, sync_to_async
 from django.test import Client
 
 from agentsvc import logs
-from runs.executor import Db
+from runs.execution.executor import Db
 from tests.conftest import ExecutorProcess, fake, process_env, start_web, wait_until
 from tests.test_security import _settings_in_a_child
 
@@ -197,7 +197,7 @@ def test_json_logs_of_a_web_and_an_executor_process(alice, make_chain, tmp_path)
         ]
         assert access and access[0]["key_prefix"] == prefix, (request_id, web_lines[-20:])
     run_lines = [line for line in executor_lines if line.get("run_id") == run_id]
-    assert any(line["logger"] == "runs.execution" for line in run_lines), executor_lines[-20:]
+    assert any(line["logger"] == "runs.execution.run" for line in run_lines), executor_lines[-20:]
     assert all(line["key_prefix"] == prefix for line in run_lines)
     for text in (web.output(), executor.output()):
         assert alice.raw_key not in text

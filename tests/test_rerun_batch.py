@@ -7,7 +7,7 @@ import httpx
 import pytest
 
 from agentsvc.models import ApiKey
-from runs.executor import run_execute
+from runs.execution.executor import run_execute
 from runs.models import Run, RunEvent, RunStatus
 from runs.services import token_reservation
 from tests.conftest import fake, wait_until

@@ -7,7 +7,7 @@ from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanE
 from opentelemetry.trace import SpanKind
 
 from agentsvc import tracing
-from runs.executor import run_execute
+from runs.execution.executor import run_execute
 from runs.models import Run
 from tests.conftest import fake
 from tests.webhook_support import SECRET, deliver_all, hook_path

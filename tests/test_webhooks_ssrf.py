@@ -9,7 +9,7 @@ import socket
 
 import pytest
 
-from runs.executor import run_execute
+from runs.execution.executor import run_execute
 from tests.fakes.tls import make_certificates
 from tests.fakes.webhook_receiver import start_in_thread
 from tests.webhook_support import SECRET, deliver_all, finished_run, hook_path

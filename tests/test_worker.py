@@ -132,7 +132,7 @@ def test_cancel_while_running(http, make_chain, fake_model):
 CONTENDER = """
 import time, django
 django.setup()
-from runs.executor import run_execute
+from runs.execution.executor import run_execute
 time.sleep(max(0, {at} - time.time()))
 run_execute(run_id="{run_id}")
 """

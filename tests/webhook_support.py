@@ -9,7 +9,7 @@ import uuid
 import pytest
 from django.utils import timezone
 
-from runs.executor import run_execute
+from runs.execution.executor import run_execute
 from runs.models import Run
 from runs.services import run_create
 from tests.conftest import fake

@@ -9,7 +9,8 @@ class WebhooksConfig(AppConfig):
         """Webhooks subscribe to runs: messages written with each terminal event, endpoints
         that keep their owners' runs watched, delivery inside the executor process."""
         from agentsvc import metrics
-        from runs import events, executor
+        from runs import events
+        from runs.execution import executor
         from webhooks.metrics import WebhooksCollector
         from webhooks.pump import deliveries_pump
         from webhooks.selectors import owners_with_endpoints

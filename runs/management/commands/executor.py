@@ -1,11 +1,11 @@
-"""`python manage.py executor`: the process that runs the chains (runs/executor.py)."""
+"""`python manage.py executor`: the process that runs the chains (runs/execution/executor.py)."""
 
 from __future__ import annotations
 
 from django.conf import settings
 from django.core.management.base import BaseCommand
 
-from runs.executor import executor_main
+from runs.execution.executor import executor_main
 
 
 class Command(BaseCommand):

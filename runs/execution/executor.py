@@ -36,9 +36,10 @@ from django.db import InterfaceError, OperationalError, connection
 from django.utils import timezone
 
 from agentsvc import logs
-from runs import claims, keeper
-from runs.execution import Execution, Stop
-from runs.providers import async_client
+from runs import keeper
+from runs.execution import claims
+from runs.execution.providers import async_client
+from runs.execution.run import Execution, Stop
 from runs.services import Append, events_write
 from runs.wakeup import EXECUTORS_GROUP, executor_socket_path
 

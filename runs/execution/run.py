@@ -17,7 +17,6 @@ from opentelemetry.trace import NonRecordingSpan, Span, SpanKind, Status, Status
 
 from agentsvc import tracing
 from runs.chains import agent_messages, output_parse, output_response_format
-from runs.claims import Claimed, claim_condition
 from runs.events import (
     AGENT_COMPLETED,
     AGENT_OUTPUT,
@@ -28,12 +27,13 @@ from runs.events import (
     RUN_TIMED_OUT,
     STATUS_OF,
 )
+from runs.execution.claims import Claimed, claim_condition
+from runs.execution.providers import DeadlineExceeded, ProviderError, Usage, provider_for
 from runs.models import Agent
-from runs.providers import DeadlineExceeded, ProviderError, Usage, provider_for
 from runs.services import Append
 
 if TYPE_CHECKING:
-    from runs.executor import Executor
+    from runs.execution.executor import Executor
 
 logger = logging.getLogger(__name__)
 
