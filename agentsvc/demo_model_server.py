@@ -18,6 +18,11 @@ apart. Parameters:
                   a few characters), as a model asked for a json_schema response_format would
   json=bad        answer text that is not JSON (a truncated object)
   json=wrong      answer valid JSON that does not match that object's schema
+  tools=N         when the request offers tools: call them for N rounds (a round per assistant
+                  message with tool calls already in the conversation), then answer text that
+                  echoes the last tool result; arguments are made from each tool's schema
+                  (strings: the first word of the prompt, integers 2, numbers 1.5, booleans true)
+  parallel=K      tool calls per round (default 1), the offered tools taken in turn
 The last request body of each model name is kept (`server.bodies`), to check what was asked.
 Run it: python -m agentsvc.demo_model_server --port 8089
 """
@@ -145,7 +150,12 @@ class Handler(BaseHTTPRequestHandler):
             self._json(int(fail), {"error": {"message": f"fake failure {fail}"}}, headers)
             return
         user = next((m["content"] for m in reversed(messages) if m["role"] == "user"), "")
-        words = user.split()[:64] or ["ok"]
+        rounds = sum(1 for m in messages if m["role"] == "assistant" and m.get("tool_calls"))
+        if body.get("tools") and rounds < int(opts.get("tools", 0)):
+            self._tool_calls(body, model, opts, user, rounds, latency_ms=opts.get("latency_ms"))
+            return
+        last = next((m for m in reversed(messages) if m["role"] in ("user", "tool")), None)
+        words = str((last or {}).get("content") or "").split()[:64] or ["ok"]
         if "tokens" in opts:
             count = int(opts["tokens"])
             words = [(words + FILLER)[i % (len(words) + len(FILLER))] for i in range(count)]
@@ -157,12 +167,9 @@ class Handler(BaseHTTPRequestHandler):
             }.get(opts["json"], '{"summary": "' + " ".join(words))
             tokens = [text[i : i + 8] for i in range(0, len(text), 8)]
         latency = float(opts.get("latency_ms", 0)) / 1000
-        prompt_tokens = sum(len(m["content"].split()) for m in messages)
+        prompt_tokens = _prompt_tokens(messages)
 
-        self.send_response(200)
-        self.send_header("Content-Type", "text/event-stream")
-        self.send_header("Transfer-Encoding", "chunked")
-        self.end_headers()
+        self._stream_start()
         try:
             for i, token in enumerate(tokens):
                 if latency:
@@ -217,6 +224,90 @@ class Handler(BaseHTTPRequestHandler):
             self.wfile.write(b"0\r\n\r\n")
         except (BrokenPipeError, ConnectionResetError):
             pass
+
+    def _stream_start(self) -> None:
+        self.send_response(200)
+        self.send_header("Content-Type", "text/event-stream")
+        self.send_header("Transfer-Encoding", "chunked")
+        self.end_headers()
+
+    def _tool_calls(
+        self, body: dict, model: str, opts: dict, user: str, rounds: int, latency_ms: str | None
+    ) -> None:
+        """One round of tool calls, streamed as OpenAI does: the name first, the arguments in
+        pieces, then finish_reason tool_calls and the usage."""
+        tools = [t["function"] for t in body["tools"] if t.get("type") == "function"]
+        word = (user.split() or ["x"])[0]
+        samples = {"string": word, "integer": 2, "number": 1.5, "boolean": True}
+        calls = []
+        for k in range(int(opts.get("parallel", 1))):
+            tool = tools[(rounds * int(opts.get("parallel", 1)) + k) % len(tools)]
+            props = (tool.get("parameters") or {}).get("properties") or {}
+            args = {name: samples.get(p.get("type")) for name, p in props.items()}
+            calls.append((f"call_{rounds}_{k}", tool["name"], json.dumps(args)))
+        self._stream_start()
+        try:
+            if latency_ms:
+                time.sleep(float(latency_ms) / 1000)
+            for k, (call_id, name, args) in enumerate(calls):
+                half = len(args) // 2
+                for piece in (
+                    {
+                        "index": k,
+                        "id": call_id,
+                        "type": "function",
+                        "function": {"name": name, "arguments": args[:half]},
+                    },
+                    {"index": k, "function": {"arguments": args[half:]}},
+                ):
+                    self._chunk(
+                        json.dumps(
+                            {
+                                "id": "chatcmpl-fake",
+                                "object": "chat.completion.chunk",
+                                "model": model,
+                                "choices": [
+                                    {
+                                        "index": 0,
+                                        "delta": {"tool_calls": [piece]},
+                                        "finish_reason": None,
+                                    }
+                                ],
+                            }
+                        )
+                    )
+            self._chunk(
+                json.dumps(
+                    {
+                        "id": "chatcmpl-fake",
+                        "model": model,
+                        "choices": [{"index": 0, "delta": {}, "finish_reason": "tool_calls"}],
+                    }
+                )
+            )
+            prompt_tokens = _prompt_tokens(body["messages"])
+            completion = sum(len(args.split()) + 1 for _, _, args in calls)
+            self._chunk(
+                json.dumps(
+                    {
+                        "id": "chatcmpl-fake",
+                        "choices": [],
+                        "usage": {
+                            "prompt_tokens": prompt_tokens,
+                            "completion_tokens": completion,
+                            "total_tokens": prompt_tokens + completion,
+                        },
+                    }
+                )
+            )
+            self._chunk("[DONE]")
+            self.wfile.write(b"0\r\n\r\n")
+        except (BrokenPipeError, ConnectionResetError):
+            pass
+
+
+def _prompt_tokens(messages: list[dict]) -> int:
+    return sum(len(str(m.get("content") or "").split()) for m in messages)
 
 
 def start_in_thread(

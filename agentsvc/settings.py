@@ -259,6 +259,10 @@ EXECUTOR_CLAIM_BATCH = env_int("EXECUTOR_CLAIM_BATCH", 100, minimum=1)
 EXECUTOR_CLAIM_INTERVAL_MS = env_int("EXECUTOR_CLAIM_INTERVAL_MS", 5, minimum=0)
 # How often an executor looks for cancellations of its runs.
 EXECUTOR_CANCEL_POLL_MS = env_int("EXECUTOR_CANCEL_POLL_MS", 100, minimum=10)
+# Sync tools run on this many threads per executor (a tool that blocks holds one, not the loop).
+TOOL_THREADS = env_int("TOOL_THREADS", 32, minimum=1)
+# A tool's output is cut to this many characters before the model reads it.
+TOOL_OUTPUT_MAX_CHARS = env_int("TOOL_OUTPUT_MAX_CHARS", 20_000, minimum=100)
 # On SIGTERM: runs in flight get this long to finish, then go back to the queue.
 WORKER_DRAIN_S = env_float("WORKER_DRAIN_S", 20, minimum=0)
 

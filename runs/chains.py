@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import inspect
 import json
 import re
 from functools import lru_cache
@@ -15,7 +16,8 @@ from jsonschema import Draft202012Validator, FormatChecker
 from jsonschema.exceptions import SchemaError
 
 from agentsvc.errors import ECHO_CHARS, ApplicationError
-from runs.models import Agent, Chain
+from runs.execution.tools import module_source_hash, object_load, tool_describe
+from runs.models import Agent, Chain, ChainKind
 
 _templates = Engine(autoescape=False, debug=False)
 _NAME_RE = re.compile(r"^[a-z0-9][a-z0-9_-]{0,99}$")
@@ -28,6 +30,9 @@ AGENT_FIELDS = {
     "max_tokens",
     "temperature",
     "base_url",
+    "tools",
+    "max_tool_rounds",
+    "tool_timeout_s",
 }
 CHAIN_FIELDS = {
     "name",
@@ -37,7 +42,12 @@ CHAIN_FIELDS = {
     "timeout_s",
     "estimated_duration_s",
     "agents",
+    "entrypoint",
+    "provider",
+    "model",
+    "max_tokens",
 }
+CODE_CHAIN_FIELDS = {"entrypoint", "provider", "model", "max_tokens"}
 
 
 class ChainDefinitionError(ValueError):
@@ -82,9 +92,101 @@ def chain_definition_normalize(raw: dict) -> dict:
         raise ChainDefinitionError(
             f"{name}: timeout_s must be an integer from 1 to {settings.RUN_TIMEOUT_MAX_S}"
         )
-    agents = raw.get("agents")
+    estimated = raw.get("estimated_duration_s", min(30, timeout_s))
+    if not isinstance(estimated, int) or estimated < 0:
+        raise ChainDefinitionError(f"{name}: estimated_duration_s must be a non-negative integer")
+    normalized = {
+        "name": name,
+        "description": str(raw.get("description", "")),
+        "input_schema": schema,
+        "timeout_s": timeout_s,
+        "estimated_duration_s": estimated,
+    }
+    if "entrypoint" in raw:
+        if "agents" in raw:
+            raise ChainDefinitionError(f"{name}: give either agents or entrypoint, not both")
+        normalized.update(_code_chain(name, raw))
+    else:
+        extra = sorted(CODE_CHAIN_FIELDS & set(raw))
+        if extra:
+            raise ChainDefinitionError(f"{name}: {extra} apply to entrypoint chains only")
+        normalized["agents"] = _agents_normalize(name, raw.get("agents"))
+    if output_schema is not None:  # only then: the hash of every other chain stays as it was
+        normalized["output_schema"] = output_schema
+    return normalized
+
+
+def entrypoint_kind(obj: Any) -> str:
+    """What an entrypoint is: an async function, a compiled LangGraph graph or an OpenAI Agents
+    SDK Agent (the frameworks only if installed); ValueError with what was found otherwise."""
+    if inspect.iscoroutinefunction(obj):
+        params = [
+            p
+            for p in inspect.signature(obj).parameters.values()
+            if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)
+        ]
+        if len(params) != 2:
+            raise ValueError("an async function entrypoint takes two arguments: (ctx, input)")
+        return ChainKind.FUNCTION
+    try:
+        from langgraph.graph import StateGraph
+        from langgraph.pregel import Pregel
+    except ImportError:
+        pass
+    else:
+        if isinstance(obj, Pregel):
+            return ChainKind.LANGGRAPH
+        if isinstance(obj, StateGraph):
+            raise ValueError("a StateGraph must be compiled: name the result of .compile()")
+    try:
+        from agents import Agent as SdkAgent
+    except ImportError:
+        pass
+    else:
+        if isinstance(obj, SdkAgent):
+            return ChainKind.OPENAI_AGENTS
+    if inspect.isfunction(obj):
+        raise ValueError("a function entrypoint must be async: async def chain(ctx, input)")
+    raise ValueError(
+        f"found a {type(obj).__name__}: an entrypoint is an async function (ctx, input), a "
+        "compiled LangGraph graph (pip install langgraph) or an OpenAI Agents SDK Agent "
+        "(pip install openai-agents)"
+    )
+
+
+def _code_chain(name: str, raw: dict) -> dict:
+    """The fields of an entrypoint chain: importing it here is what tells its kind, so a module
+    that does not import, a missing attribute or an object of no known kind fails publishing."""
+    path = raw["entrypoint"]
+    try:
+        kind = entrypoint_kind(object_load(path))
+        source_hash = module_source_hash(path)
+    except (ImportError, AttributeError, ValueError) as e:
+        raise ChainDefinitionError(f"{name}: entrypoint {path!r}: {e}") from None
+    provider = raw.get("provider", "local")
+    if provider not in settings.PROVIDERS:
+        raise ChainDefinitionError(
+            f"{name}: unknown provider {provider!r} (configured: {sorted(settings.PROVIDERS)})"
+        )
+    model = raw.get("model", "")
+    if not isinstance(model, str):
+        raise ChainDefinitionError(f"{name}: model must be a string")
+    max_tokens = raw.get("max_tokens", 4096)
+    if not isinstance(max_tokens, int) or not 1 <= max_tokens <= 10_000_000:
+        raise ChainDefinitionError(f"{name}: max_tokens must be an integer from 1 to 10000000")
+    return {
+        "entrypoint": path,
+        "kind": str(kind),
+        "source_hash": source_hash,
+        "provider": provider,
+        "model": model,
+        "max_tokens": max_tokens,
+    }
+
+
+def _agents_normalize(name: str, agents: Any) -> list[dict]:
     if not isinstance(agents, list) or not agents:
-        raise ChainDefinitionError(f"{name}: agents must be a non-empty list")
+        raise ChainDefinitionError(f"{name}: give agents (a non-empty list) or an entrypoint")
     normalized_agents = []
     for i, agent in enumerate(agents):
         if not isinstance(agent, dict):
@@ -115,34 +217,49 @@ def chain_definition_normalize(raw: dict) -> dict:
             raise ChainDefinitionError(f"{name}: agent {agent['name']}: bad max_tokens")
         if not isinstance(temperature, int | float) or not 0 <= temperature <= 2:
             raise ChainDefinitionError(f"{name}: agent {agent['name']}: bad temperature")
-        normalized_agents.append(
-            {
-                "name": agent["name"],
-                "provider": agent["provider"],
-                "model": agent["model"],
-                "system_prompt": agent.get("system_prompt", ""),
-                "prompt": agent["prompt"],
-                "max_tokens": max_tokens,
-                "temperature": float(temperature),
-                "base_url": agent.get("base_url", ""),
-            }
-        )
+        normalized_agent = {
+            "name": agent["name"],
+            "provider": agent["provider"],
+            "model": agent["model"],
+            "system_prompt": agent.get("system_prompt", ""),
+            "prompt": agent["prompt"],
+            "max_tokens": max_tokens,
+            "temperature": float(temperature),
+            "base_url": agent.get("base_url", ""),
+        }
+        if "tools" in agent:  # only then: the hash of a chain without tools stays as it was
+            normalized_agent.update(_tools_normalize(f"{name}: agent {agent['name']}", agent))
+        elif {"max_tool_rounds", "tool_timeout_s"} & set(agent):
+            raise ChainDefinitionError(
+                f"{name}: agent {agent['name']}: max_tool_rounds and tool_timeout_s need tools"
+            )
+        normalized_agents.append(normalized_agent)
     if len({a["name"] for a in normalized_agents}) != len(normalized_agents):
         raise ChainDefinitionError(f"{name}: agent names must be unique")
-    estimated = raw.get("estimated_duration_s", min(30, timeout_s))
-    if not isinstance(estimated, int) or estimated < 0:
-        raise ChainDefinitionError(f"{name}: estimated_duration_s must be a non-negative integer")
-    normalized = {
-        "name": name,
-        "description": str(raw.get("description", "")),
-        "input_schema": schema,
-        "timeout_s": timeout_s,
-        "estimated_duration_s": estimated,
-        "agents": normalized_agents,
-    }
-    if output_schema is not None:  # only then: the hash of every other chain stays as it was
-        normalized["output_schema"] = output_schema
-    return normalized
+    return normalized_agents
+
+
+def _tools_normalize(where: str, agent: dict) -> dict:
+    tools = agent["tools"]
+    if not isinstance(tools, list) or not tools:
+        raise ChainDefinitionError(f"{where}: tools must be a non-empty list")
+    described = []
+    for i, entry in enumerate(tools):
+        try:
+            tool = tool_describe(entry)
+            tool["source_hash"] = module_source_hash(tool["function"])
+        except ValueError as e:
+            raise ChainDefinitionError(f"{where}: tools[{i}]: {e}") from None
+        described.append(tool)
+    if len({t["name"] for t in described}) != len(described):
+        raise ChainDefinitionError(f"{where}: tool names must be unique")
+    rounds = agent.get("max_tool_rounds", 8)
+    if not isinstance(rounds, int) or not 1 <= rounds <= 100:
+        raise ChainDefinitionError(f"{where}: max_tool_rounds must be an integer from 1 to 100")
+    timeout = agent.get("tool_timeout_s", 30)
+    if not isinstance(timeout, int | float) or not 0 < timeout <= 3600:
+        raise ChainDefinitionError(f"{where}: tool_timeout_s must be a number of seconds to 3600")
+    return {"tools": described, "max_tool_rounds": rounds, "tool_timeout_s": float(timeout)}
 
 
 @transaction.atomic
@@ -163,6 +280,12 @@ def chain_publish(*, definition: dict) -> tuple[Chain, bool]:
         description=d["description"],
         input_schema=d["input_schema"],
         output_schema=d.get("output_schema"),
+        kind=d.get("kind", ChainKind.AGENTS),
+        entrypoint=d.get("entrypoint", ""),
+        source_hash=d.get("source_hash", ""),
+        provider=d.get("provider", ""),
+        model=d.get("model", ""),
+        max_tokens=d.get("max_tokens", 0),
         timeout_s=d["timeout_s"],
         estimated_duration_s=d["estimated_duration_s"],
         definition_hash=digest,
@@ -181,8 +304,11 @@ def chain_publish(*, definition: dict) -> tuple[Chain, bool]:
                 max_tokens=a["max_tokens"],
                 temperature=a["temperature"],
                 base_url=a["base_url"],
+                tools=a.get("tools", []),
+                max_tool_rounds=a.get("max_tool_rounds", 8),
+                tool_timeout_s=a.get("tool_timeout_s", 30),
             )
-            for i, a in enumerate(d["agents"])
+            for i, a in enumerate(d.get("agents", []))
         ]
     )
     return chain, True

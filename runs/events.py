@@ -15,7 +15,11 @@ RUN_QUEUED = "run.queued"
 RUN_STARTED = "run.started"
 AGENT_STARTED = "agent.started"
 AGENT_OUTPUT = "agent.output"
+AGENT_TOOL_CALL = "agent.tool_call"
+AGENT_TOOL_RESULT = "agent.tool_result"
 AGENT_COMPLETED = "agent.completed"
+RUN_PROGRESS = "run.progress"
+RUN_RESUMED = "run.resumed"
 RUN_COMPLETED = "run.completed"
 RUN_FAILED = "run.failed"
 RUN_CANCELLED = "run.cancelled"
@@ -27,7 +31,11 @@ EVENT_NAMES = (
     RUN_STARTED,
     AGENT_STARTED,
     AGENT_OUTPUT,
+    AGENT_TOOL_CALL,
+    AGENT_TOOL_RESULT,
     AGENT_COMPLETED,
+    RUN_PROGRESS,
+    RUN_RESUMED,
     RUN_COMPLETED,
     RUN_FAILED,
     RUN_CANCELLED,

@@ -91,7 +91,6 @@ def _requeue(run_id: UUID, attempt: int, when: Q, now: datetime) -> bool:
         worker="",
         attempt=attempt + 1,
         current_agent="",
-        agents_completed=0,
         deadline_at=None,
         heartbeat_at=now,
     )

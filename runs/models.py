@@ -9,10 +9,27 @@ from agentsvc.models import ApiKey, Owner
 from runs.events import TERMINAL_EVENTS  # noqa: F401 - re-exported for callers
 
 
+class ChainKind(models.TextChoices):
+    AGENTS = "agents"  # the file's `agents:`, run one after another
+    FUNCTION = "function"  # an async function (ctx, input) -> output
+    LANGGRAPH = "langgraph"  # a compiled LangGraph graph
+    OPENAI_AGENTS = "openai_agents"  # an OpenAI Agents SDK Agent
+
+
 class Chain(models.Model):
     """One version of a chain. Publishing a change adds a row with the next version."""
 
     name = models.SlugField(max_length=100)
+    kind = models.CharField(max_length=16, choices=ChainKind.choices, default=ChainKind.AGENTS)
+    # Code chains: `module:attr`, and the SHA-256 of the module's source when published (part
+    # of the definition's hash, so a changed module is a new version).
+    entrypoint = models.CharField(max_length=300, blank=True)
+    source_hash = models.CharField(max_length=64, blank=True)
+    # Code chains: the provider and model their agents use unless they name one, and the tokens
+    # a run reserves of its key's budget (a file chain reserves its agents' max_tokens).
+    provider = models.CharField(max_length=50, blank=True)
+    model = models.CharField(max_length=200, blank=True)
+    max_tokens = models.PositiveIntegerField(default=0)
     version = models.PositiveIntegerField()
     description = models.TextField(blank=True)
     input_schema = models.JSONField(default=dict)
@@ -51,6 +68,11 @@ class Agent(models.Model):
     temperature = models.FloatField(default=0.7)
     # Optional per-agent server; the API key still comes from the provider's environment variable.
     base_url = models.URLField(blank=True)
+    # Python callables the model may call: [{name, function: "module:attr", description,
+    # parameters: JSON Schema}], and the bounds of its tool loop.
+    tools = models.JSONField(default=list, blank=True)
+    max_tool_rounds = models.PositiveIntegerField(default=8)
+    tool_timeout_s = models.FloatField(default=30)
 
     class Meta:
         constraints = [
@@ -215,6 +237,33 @@ class RunEvent(models.Model):
 
     def __str__(self) -> str:
         return f"{self.run_id}#{self.seq} {self.type}"
+
+
+class RunStep(models.Model):
+    """A step of a run that finished: a model call, a tool call, an agent, a code chain's step
+    or a graph's super-step. Written in the transaction of the step's events, so a run resumed
+    by another execution starts at the first step that is not here, and every step's usage
+    counts once (the run's totals are the sum of its steps')."""
+
+    run = models.ForeignKey(Run, on_delete=models.CASCADE, related_name="steps")
+    # Where the step is in the run: "a0" (the first agent), "a0/m1" (its second model call),
+    # "a0/m1/t0" (that call's first tool call), "c2:draft" (a code chain's third step).
+    key = models.CharField(max_length=200)
+    attempt = models.PositiveSmallIntegerField()
+    data = models.JSONField()
+    input_tokens = models.PositiveIntegerField(default=0)
+    output_tokens = models.PositiveIntegerField(default=0)
+    cost = models.DecimalField(max_digits=14, decimal_places=6, default=0)
+    created_at = models.DateTimeField()
+
+    class Meta:
+        constraints = [
+            # A step finishes once; the constraint's index serves the resume's read by run.
+            models.UniqueConstraint(fields=["run", "key"], name="runstep_run_key_uniq"),
+        ]
+
+    def __str__(self) -> str:
+        return f"{self.run_id} {self.key}"
 
 
 class RunTotal(models.Model):

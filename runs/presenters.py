@@ -32,9 +32,10 @@ def run_handle(run: Run) -> dict[str, Any]:
 
 
 def run_output(run: Run) -> Any:
-    """The run's output as callers see it: text, or for a chain with an output_schema the JSON
-    value (stored as its JSON text in the same column)."""
-    if run.output is not None and run.chain.output_schema is not None:
+    """The run's output as callers see it: text, or for a chain with an output_schema and for a
+    code chain the JSON value (stored as its JSON text in the same column)."""
+    chain = run.chain
+    if run.output is not None and (chain.output_schema is not None or chain.entrypoint):
         try:
             return json.loads(run.output)
         except ValueError:  # not written by an execution that validated it

@@ -34,6 +34,7 @@ from runs.models import (
     Run,
     RunEvent,
     RunStatus,
+    RunStep,
 )
 from runs.seen import run_seen
 from runs.selectors import chain_agents
@@ -81,12 +82,14 @@ class Append:
     """Events of one run to write together, and what they change on the run's row.
 
     `events` are (type, data, at); a terminal event may only come last. With `when`, nothing of
-    this run is written unless its row matches (a conditional state transition)."""
+    this run is written unless its row matches (a conditional state transition). `steps` are
+    the run's finished steps (key, attempt, data, usage, cost, at), written with the events."""
 
     run_id: UUID
     events: list[tuple[str, dict[str, Any], datetime]]
     fields: dict[str, Any] = field(default_factory=dict)
     when: Q | Expect | None = None
+    steps: list[tuple] = field(default_factory=list)
 
 
 _RETURNING = (
@@ -191,6 +194,7 @@ def events_write(*, appends: list[Append]) -> dict[UUID, int | None]:
     ended: list[tuple] = []
     hooked: list[tuple[UUID, str, int, datetime]] = []
     released: dict[int, int] = {}
+    steps: list[RunStep] = []
     with transaction.atomic(savepoint=False):
         updated = _update_all(appends)
         for append in appends:
@@ -206,6 +210,19 @@ def events_write(*, appends: list[Append]) -> dict[UUID, int | None]:
                 seq = last_seq - n + 1 + i
                 data = {**data, "run_id": run, "seq": seq, "ts": iso(at)}
                 rows.append((append.run_id, seq, event, data, at))
+            steps += [
+                RunStep(
+                    run_id=append.run_id,
+                    key=key,
+                    attempt=attempt,
+                    data=data,
+                    input_tokens=usage.input_tokens,
+                    output_tokens=usage.output_tokens,
+                    cost=cost,
+                    created_at=at,
+                )
+                for key, attempt, data, usage, cost, at in append.steps
+            ]
             last_type, _, last_at = append.events[-1]
             feed = any(event in FEED_EVENTS for event, _, _ in append.events)
             wakeups.append((append.run_id, owner_id, last_seq, last_type, feed))
@@ -215,6 +232,8 @@ def events_write(*, appends: list[Append]) -> dict[UUID, int | None]:
                 if key_id is not None:
                     released[key_id] = released.get(key_id, 0) + 1
         _events_insert(rows)
+        if steps:
+            RunStep.objects.bulk_create(steps)
         if hooked:
             terminal_hooks_call(ended=hooked)
         for key_id in sorted(released):  # last, and in one order: they lock the keys' rows
@@ -323,9 +342,11 @@ def queue_check(*, adding: int = 1) -> None:
 
 
 def token_reservation(*, chain: Chain, run_input: Any) -> int:
-    """What a run reserves of its key's token budget: its input and every agent's max_tokens."""
+    """What a run reserves of its key's token budget: its input and every agent's max_tokens (a
+    code chain's own max_tokens)."""
     input_chars = len(json.dumps(run_input, separators=(",", ":"), ensure_ascii=False))
-    return math.ceil(input_chars / 4) + sum(a.max_tokens for a in chain_agents(chain.pk))
+    agents = sum(a.max_tokens for a in chain_agents(chain.pk))
+    return math.ceil(input_chars / 4) + agents + chain.max_tokens
 
 
 class Unset(enum.Enum):

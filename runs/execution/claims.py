@@ -3,8 +3,9 @@ and the hand-back of its runs when it stops. The database decides who runs what.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime, timedelta
+from decimal import Decimal
 from typing import Any
 from uuid import UUID
 
@@ -12,7 +13,7 @@ from django.db import connection, transaction
 from django.utils import timezone
 
 from runs.events import RUN_QUEUED, RUN_STARTED
-from runs.models import Agent, Executor, Run, RunStatus
+from runs.models import Agent, ChainKind, Executor, Run, RunStatus, RunStep
 from runs.selectors import chain_agents
 from runs.services import Append, Expect, events_write
 
@@ -33,6 +34,18 @@ class Claimed:
     started_at: datetime
     seq: int  # the run's last event once claimed (its run.started)
     output_schema: dict | None = None  # the chain's: its last agent answers JSON
+    # A code chain's kind and entrypoint, and the provider and model its agents default to.
+    kind: str = ChainKind.AGENTS
+    entrypoint: str = ""
+    provider: str = ""
+    model: str = ""
+    # What earlier executions of the run finished (key -> result), and their usage: a resumed
+    # run does none of them again. `resumed`: an earlier execution had started the run.
+    steps: dict[str, Any] = field(default_factory=dict)
+    resumed: bool = False
+    input_tokens: int = 0
+    output_tokens: int = 0
+    cost: Decimal = Decimal(0)
     # For the run's log lines and its trace: its key's display prefix, and the traceparent of
     # the request that created it ("" when unknown).
     key_prefix: str = ""
@@ -95,6 +108,11 @@ def runs_claim(
                 "chain__output_schema",
                 "api_key__prefix",
                 "trace_parent",
+                "started_at",
+                "chain__kind",
+                "chain__entrypoint",
+                "chain__provider",
+                "chain__model",
             )[:limit]
         )
         if not rows:
@@ -117,6 +135,7 @@ def runs_claim(
             for run, _, chain_id, _, timeout_s, *_ in rows
         ]
         written = events_write(appends=appends)
+        done = _steps_done([row[0] for row in rows if row[10] is not None])
     claimed = [
         Claimed(
             run_id=run,
@@ -131,13 +150,52 @@ def runs_claim(
             output_schema=schema,
             key_prefix=prefix or "",
             trace_parent=parent,
+            kind=kind,
+            entrypoint=entrypoint,
+            provider=provider,
+            model=model,
+            resumed=before is not None,
+            **done.get(run, {}),
         )
-        for run, attempt, chain_id, run_input, timeout_s, name, version, schema, prefix, parent in (
-            rows
-        )
+        for (
+            run,
+            attempt,
+            chain_id,
+            run_input,
+            timeout_s,
+            name,
+            version,
+            schema,
+            prefix,
+            parent,
+            before,
+            kind,
+            entrypoint,
+            provider,
+            model,
+        ) in rows
         if written[run] is not None
     ]
     return claimed, len(ids) > len(rows)
+
+
+def _steps_done(run_ids: list[UUID]) -> dict[UUID, dict[str, Any]]:
+    """The finished steps of runs an earlier execution had started, and their usage summed."""
+    done: dict[UUID, dict[str, Any]] = {}
+    if not run_ids:
+        return done
+    rows = RunStep.objects.filter(run_id__in=run_ids).values_list(
+        "run_id", "key", "data", "input_tokens", "output_tokens", "cost"
+    )
+    for run_id, key, data, input_tokens, output_tokens, cost in rows:
+        run = done.setdefault(
+            run_id, {"steps": {}, "input_tokens": 0, "output_tokens": 0, "cost": Decimal(0)}
+        )
+        run["steps"][key] = data
+        run["input_tokens"] += input_tokens
+        run["output_tokens"] += output_tokens
+        run["cost"] += cost
+    return done
 
 
 def runs_last_seq(*, run_ids: list[UUID]) -> dict[UUID, int]:
@@ -192,7 +250,7 @@ def executor_remove(*, worker: str) -> None:
 
 def hand_back(*, run_id: UUID, worker: str, attempt: int, chain: str, version: int) -> Append:
     """The write that gives a run back to the queue when its executor stops (SIGTERM): another
-    executor starts it again at once, from its first agent."""
+    executor starts it again at once, at its first step not finished."""
     now = timezone.now()
     return Append(
         run_id,
@@ -201,7 +259,6 @@ def hand_back(*, run_id: UUID, worker: str, attempt: int, chain: str, version: i
             "status": RunStatus.QUEUED,
             "worker": "",
             "current_agent": "",
-            "agents_completed": 0,
             "deadline_at": None,
             "heartbeat_at": now,
         },

@@ -112,7 +112,15 @@ class EventWriter:
         self.commits = 0
         self.events_written = 0
 
-    def add(self, execution: Execution, event: str, data: dict, fields: dict) -> None:
+    def add(
+        self,
+        execution: Execution,
+        event: str,
+        data: dict,
+        fields: dict,
+        step: tuple | None = None,
+    ) -> None:
+        """Queue an event of the run (and the fields it sets, and the step it finishes)."""
         now = self.executor.now()
         entry = self.pending.get(execution.run_id)
         if entry is None or entry[0] is not execution:
@@ -120,6 +128,8 @@ class EventWriter:
             entry = self.pending[execution.run_id]
         entry[1].events.append((event, data, now))
         entry[1].fields.update(fields)
+        if step is not None:
+            entry[1].steps.append((*step, now))
         self.count += 1
         self.work.set()
 
@@ -142,6 +152,7 @@ class EventWriter:
         if entry is not None and entry[0] is execution:
             entry[1].events.extend(append.events)
             entry[1].fields.update(append.fields)
+            entry[1].steps.extend(append.steps)
         else:
             self.pending[execution.run_id] = (execution, append)
         self.count += 1
@@ -238,6 +249,7 @@ class EventWriter:
             if run_id in batch and batch[run_id][0] is execution:
                 batch[run_id][1].events.extend(append.events)
                 batch[run_id][1].fields.update(append.fields)
+                batch[run_id][1].steps.extend(append.steps)
             else:
                 batch[run_id] = (execution, append)
         self.pending = batch

@@ -26,6 +26,14 @@ class Usage:
     output_tokens: int
 
 
+@dataclass(frozen=True)
+class ToolCalls:
+    """The tool calls a model answered with (OpenAI `tool_calls`, streamed in pieces): each
+    {"id", "name", "arguments"} with the arguments as the model wrote them (JSON text)."""
+
+    calls: tuple[dict[str, str], ...]
+
+
 class ProviderError(Exception):
     """A provider call failed; `code` becomes the run's error code."""
 
@@ -94,10 +102,12 @@ class OpenAICompatibleProvider:
         temperature: float,
         deadline: float,
         response_format: dict | None = None,
-    ) -> AsyncIterator[str | Usage]:
-        """Yield text deltas, then one Usage. `deadline` is a time.monotonic() value; the caller
-        also bounds the whole stream by it, so a silent model cannot outlast the run.
-        `response_format` (structured output) goes into the request as given."""
+        tools: list[dict] | None = None,
+    ) -> AsyncIterator[str | ToolCalls | Usage]:
+        """Yield text deltas, then the ToolCalls if the model made any, then one Usage.
+        `deadline` is a time.monotonic() value; the caller also bounds the whole stream by it,
+        so a silent model cannot outlast the run. `response_format` (structured output) and
+        `tools` (chat completions function tools) go into the request as given."""
         body = {
             "model": model,
             "messages": messages,
@@ -108,6 +118,8 @@ class OpenAICompatibleProvider:
         }
         if response_format is not None:
             body["response_format"] = response_format
+        if tools:
+            body["tools"] = tools
         url = self.base_url.rstrip("/") + "/chat/completions"
         attempt = 0
         yielded = False  # once text went out, a retry would repeat it: fail instead
@@ -183,10 +195,11 @@ class OpenAICompatibleProvider:
 
     async def _read(
         self, response: httpx.Response, messages: list[dict], deadline: float
-    ) -> AsyncIterator[str | Usage]:
+    ) -> AsyncIterator[str | ToolCalls | Usage]:
         usage: Usage | None = None
         chars_out = 0
         done = False
+        calls: dict[int, dict[str, str]] = {}  # by the index the stream gives each call
         async for line in response.aiter_lines():
             if time.monotonic() >= deadline:
                 raise DeadlineExceeded()
@@ -206,10 +219,20 @@ class OpenAICompatibleProvider:
                         int(chunk["usage"]["completion_tokens"]),
                     )
                 for choice in chunk.get("choices") or []:
-                    delta = (choice.get("delta") or {}).get("content")
-                    if delta:
-                        chars_out += len(delta)
-                        yield delta
+                    delta = choice.get("delta") or {}
+                    for piece in delta.get("tool_calls") or []:
+                        call = calls.setdefault(
+                            int(piece.get("index", len(calls))),
+                            {"id": "", "name": "", "arguments": ""},
+                        )
+                        function = piece.get("function") or {}
+                        call["id"] = piece.get("id") or call["id"]
+                        call["name"] += function.get("name") or ""
+                        call["arguments"] += function.get("arguments") or ""
+                    text = delta.get("content")
+                    if text:
+                        chars_out += len(text)
+                        yield text
             except (ValueError, KeyError, TypeError, AttributeError) as e:
                 raise ProviderError(
                     "invalid_provider_response",
@@ -219,9 +242,14 @@ class OpenAICompatibleProvider:
             raise ProviderError(
                 "invalid_provider_response", f"{self.name}: the stream ended before [DONE]"
             )
+        if calls:
+            for i, call in sorted(calls.items()):
+                call["id"] = call["id"] or f"call_{i}"
+                chars_out += len(call["name"]) + len(call["arguments"])
+            yield ToolCalls(tuple(call for _, call in sorted(calls.items())))
         if usage is None:
             # The server did not report usage: estimate at about 4 characters per token.
-            chars_in = sum(len(m.get("content", "")) for m in messages)
+            chars_in = sum(len(m.get("content") or "") for m in messages)
             usage = Usage(-(-chars_in // 4), -(-chars_out // 4))
         yield usage
 

@@ -1,10 +1,16 @@
-"""One run's execution inside an executor: its agents in order, each streaming from its model,
-output coalesced into `agent.output` events. A coroutine: it waits on the model, never holding
-a thread or a database connection; its events go to the executor's group commit."""
+"""One run's execution inside an executor: its agents in order (or its code chain), each
+streaming from its model, output coalesced into `agent.output` events, tool calls made between
+model calls. A coroutine: it waits on the model, never holding a thread or a database
+connection; its events go to the executor's group commit.
+
+Every finished step (a model call that asked for tools, a tool call, an agent) is recorded with
+its event (`RunStep`), so an execution of a run that an earlier one had started (its executor
+was lost, or handed it back) does each recorded step no more: it reads the result instead."""
 
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import time
 from dataclasses import dataclass
@@ -21,15 +27,25 @@ from runs.events import (
     AGENT_COMPLETED,
     AGENT_OUTPUT,
     AGENT_STARTED,
+    AGENT_TOOL_CALL,
+    AGENT_TOOL_RESULT,
     RUN_CANCELLED,
     RUN_COMPLETED,
     RUN_FAILED,
+    RUN_RESUMED,
     RUN_TIMED_OUT,
     STATUS_OF,
 )
 from runs.execution.claims import Claimed, claim_condition
-from runs.execution.providers import DeadlineExceeded, ProviderError, Usage, provider_for
-from runs.models import Agent
+from runs.execution.providers import (
+    DeadlineExceeded,
+    ProviderError,
+    ToolCalls,
+    Usage,
+    provider_for,
+)
+from runs.execution.tools import ToolError, tool_call, tools_openai
+from runs.models import Agent, ChainKind
 from runs.services import Append
 
 if TYPE_CHECKING:
@@ -67,9 +83,13 @@ class Execution:
         self.started = time.monotonic()
         elapsed = (executor.now() - claim.started_at).total_seconds()
         self.deadline = self.started - max(0.0, elapsed) + claim.timeout_s
-        self.input_tokens = 0
-        self.output_tokens = 0
-        self.cost = Decimal(0)
+        # What earlier executions of the run finished (a resume), and what they used: the run's
+        # usage is the sum of its steps'.
+        self.steps: dict[str, dict[str, Any]] = dict(claim.steps)
+        self.resuming = claim.resumed
+        self.input_tokens = claim.input_tokens
+        self.output_tokens = claim.output_tokens
+        self.cost = claim.cost
         self.stop: Stop | None = None
         self.task: asyncio.Task | None = None
         self.http: httpx.AsyncClient  # the executor's model connections this run uses
@@ -77,7 +97,7 @@ class Execution:
 
     # --- Events ---------------------------------------------------------------------------
 
-    def _emit(self, event: str, data: dict[str, Any], **fields: Any) -> None:
+    def emit(self, event: str, data: dict[str, Any], **fields: Any) -> None:
         self.executor.writer.add(self, event, data, fields)
 
     async def _finish(self, event: str, data: dict[str, Any], **fields: Any) -> None:
@@ -154,7 +174,7 @@ class Execution:
         try:
             try:
                 async with asyncio.timeout(self.deadline - time.monotonic()):
-                    output = await self._agents()
+                    output = await self._body()
             except asyncio.CancelledError:
                 if self.stop is None:
                     raise  # not ours to handle: the process is going down
@@ -170,7 +190,7 @@ class Execution:
                     error_message=f"The run exceeded {timeout_s} s.",
                 )
                 return
-            except ProviderError as e:
+            except (ProviderError, RunFailure) as e:
                 await self._fail(e.code, e.message)
                 return
             except Exception:
@@ -178,7 +198,14 @@ class Execution:
                 await self._fail("internal_error", "The run failed on an unexpected server error.")
                 return
             shown: Any = output
-            if self.claim.output_schema is not None:
+            if self.claim.kind != ChainKind.AGENTS:  # any JSON value, kept as its JSON text
+                try:
+                    output = json.dumps(output, ensure_ascii=False)
+                except (TypeError, ValueError) as e:
+                    await self._fail("output_invalid", f"The chain's output is not JSON: {e}")
+                    return
+                shown = json.loads(output)
+            elif self.claim.output_schema is not None:
                 try:
                     shown = output_parse(schema=self.claim.output_schema, text=output)
                 except ValueError as e:
@@ -201,64 +228,201 @@ class Execution:
             await self.executor.writer.hand_back(self)
         # lost: another execution or the keeper owns the run now; write nothing
 
-    async def _agents(self) -> str:
+    # --- Steps: what is done is not done again ----------------------------------------------
+
+    def step_record(
+        self,
+        key: str,
+        data: dict[str, Any],
+        event: str,
+        event_data: dict[str, Any],
+        *,
+        usage: Usage | None = None,
+        model: str = "",
+        **fields: Any,
+    ) -> None:
+        """Record a finished step with its event, in the same transaction: a later execution of
+        the run finds it in `steps` and does not do it again. Its usage counts here, once."""
+        cost = Decimal(0)
+        if usage is not None:
+            cost = model_cost(model, usage)
+            self.input_tokens += usage.input_tokens
+            self.output_tokens += usage.output_tokens
+            self.cost += cost
+            fields.update(
+                input_tokens=self.input_tokens, output_tokens=self.output_tokens, cost=self.cost
+            )
+        self.steps[key] = data
+        self.executor.writer.add(
+            self,
+            event,
+            event_data,
+            fields,
+            step=(key, self.claim.attempt, data, usage or Usage(0, 0), cost),
+        )
+
+    def resumed(self, index: int) -> None:
+        """Before the first step this execution does itself, on a run an earlier execution had
+        started: `run.resumed` tells readers that what followed the last finished step is void."""
+        if self.resuming:
+            self.resuming = False
+            self.emit(
+                RUN_RESUMED,
+                {"index": index, "attempt": self.claim.attempt, "steps": len(self.steps)},
+            )
+
+    async def _body(self) -> Any:
+        if self.claim.kind == ChainKind.AGENTS:
+            return await self._file_agents()
+        from runs.execution.code import code_chain_run  # the frameworks load only if used
+
+        return await code_chain_run(self)
+
+    async def _file_agents(self) -> str:
         outputs: dict[str, str] = {}
         previous = ""
         for index, agent in enumerate(self.agents):
-            self._emit(
-                AGENT_STARTED, {"agent": agent.name, "index": index}, current_agent=agent.name
-            )
-            agent_started = time.monotonic()
             last = index == len(self.agents) - 1
-            with tracing.tracer().start_as_current_span(
-                f"agent {agent.name}",
-                kind=SpanKind.CLIENT,
-                attributes={
-                    "agentsvc.chain": self.claim.chain,
-                    "agentsvc.chain_version": self.claim.version,
-                    "agentsvc.agent": agent.name,
-                    "agentsvc.agent_index": index,
-                    "gen_ai.system": agent.provider,
-                    "gen_ai.request.model": agent.model,
-                },
-            ) as span:
-                text, usage = await self._stream_agent(agent, index, outputs, previous, last=last)
-                span.set_attribute("gen_ai.usage.input_tokens", usage.input_tokens)
-                span.set_attribute("gen_ai.usage.output_tokens", usage.output_tokens)
-            self.input_tokens += usage.input_tokens
-            self.output_tokens += usage.output_tokens
-            self.cost += model_cost(agent.model, usage)
-            outputs[agent.name] = previous = text
-            self._emit(
-                AGENT_COMPLETED,
-                {
-                    "agent": agent.name,
-                    "index": index,
-                    "duration_ms": int((time.monotonic() - agent_started) * 1000),
-                    "usage": {
-                        "input_tokens": usage.input_tokens,
-                        "output_tokens": usage.output_tokens,
-                        "total_tokens": usage.input_tokens + usage.output_tokens,
-                    },
-                },
-                agents_completed=index + 1,
-                input_tokens=self.input_tokens,
-                output_tokens=self.output_tokens,
-                cost=self.cost,
+            key = f"a{index}"
+            if key not in self.steps:
+                messages = agent_messages(
+                    agent=agent, run_input=self.claim.input, outputs=outputs, previous=previous
+                )
+            else:
+                messages = []
+            response_format = (
+                output_response_format(chain_name=self.claim.chain, schema=self.claim.output_schema)
+                if last and self.claim.output_schema is not None
+                else None
             )
-            await self.executor.writer.backpressure()
+            text = await self.agent(
+                key=key,
+                index=index,
+                agent=agent,
+                messages=messages,
+                response_format=response_format,
+                agents_completed=index + 1,
+            )
+            outputs[agent.name] = previous = text
         return previous
 
-    async def _stream_agent(
-        self, agent: Agent, index: int, outputs: dict[str, str], previous: str, *, last: bool
-    ) -> tuple[str, Usage]:
-        provider = provider_for(agent.provider, agent.base_url)
-        messages = agent_messages(
-            agent=agent, run_input=self.claim.input, outputs=outputs, previous=previous
+    async def agent(
+        self,
+        *,
+        key: str,
+        index: int,
+        agent: Agent,
+        messages: list[dict[str, Any]],
+        response_format: dict | None = None,
+        **completed_fields: Any,
+    ) -> str:
+        """One agent to its answer: its model calls and their tool calls (the tool loop), each a
+        step. The agent's answer is a step too: a finished agent is never run again."""
+        done = self.steps.get(key)
+        if done is not None:
+            return done["output"]
+        self.resumed(index)
+        self.emit(AGENT_STARTED, {"agent": agent.name, "index": index}, current_agent=agent.name)
+        started = time.monotonic()
+        used_in = used_out = 0
+        final_usage = Usage(0, 0)  # the answer's call: recorded with the agent's own step
+        tools = tools_openai(agent.tools) if agent.tools else None
+        by_name = {tool["name"]: tool for tool in agent.tools}
+        messages = list(messages)
+        with tracing.tracer().start_as_current_span(
+            f"agent {agent.name}",
+            kind=SpanKind.CLIENT,
+            attributes={
+                "agentsvc.chain": self.claim.chain,
+                "agentsvc.chain_version": self.claim.version,
+                "agentsvc.agent": agent.name,
+                "agentsvc.agent_index": index,
+                "gen_ai.system": agent.provider,
+                "gen_ai.request.model": agent.model,
+            },
+        ) as span:
+            for r in range(agent.max_tool_rounds + 1):
+                round_key = f"{key}/m{r}"
+                call = self.steps.get(round_key)
+                if call is None:
+                    call, usage = await self._model_call(
+                        agent, index, messages, response_format, tools
+                    )
+                    if call["tool_calls"]:
+                        self._tool_round(round_key, agent, index, call, usage)
+                    else:
+                        final_usage = usage
+                used_in += call["usage"][0]
+                used_out += call["usage"][1]
+                if not call["tool_calls"]:
+                    break
+                if r == agent.max_tool_rounds:
+                    raise RunFailure(
+                        "tool_rounds_exceeded",
+                        f"{agent.name} asked for tools after {agent.max_tool_rounds} rounds of "
+                        "tool calls (max_tool_rounds).",
+                    )
+                messages.append(
+                    {
+                        "role": "assistant",
+                        "content": call["text"] or None,
+                        "tool_calls": [
+                            {
+                                "id": c["id"],
+                                "type": "function",
+                                "function": {"name": c["name"], "arguments": c["arguments"]},
+                            }
+                            for c in call["tool_calls"]
+                        ],
+                    }
+                )
+                results = await asyncio.gather(
+                    *(
+                        self._tool(f"{round_key}/t{j}", agent, index, by_name, c)
+                        for j, c in enumerate(call["tool_calls"])
+                    )
+                )
+                for c, result in zip(call["tool_calls"], results, strict=True):
+                    messages.append({"role": "tool", "tool_call_id": c["id"], "content": result})
+                await self.executor.writer.backpressure()
+            span.set_attribute("gen_ai.usage.input_tokens", used_in)
+            span.set_attribute("gen_ai.usage.output_tokens", used_out)
+        text = call["text"]
+        self.step_record(
+            key,
+            {"output": text},
+            AGENT_COMPLETED,
+            {
+                "agent": agent.name,
+                "index": index,
+                "duration_ms": int((time.monotonic() - started) * 1000),
+                "usage": {
+                    "input_tokens": used_in,
+                    "output_tokens": used_out,
+                    "total_tokens": used_in + used_out,
+                },
+            },
+            usage=final_usage,
+            model=agent.model,
+            **completed_fields,
         )
+        await self.executor.writer.backpressure()
+        return text
+
+    async def _model_call(
+        self,
+        agent: Agent,
+        index: int,
+        messages: list[dict[str, Any]],
+        response_format: dict | None,
+        tools: list[dict] | None,
+    ) -> tuple[dict[str, Any], Usage]:
+        """One model call, its text streamed as `agent.output`: what it answered, and its usage."""
+        provider = provider_for(agent.provider, agent.base_url)
         coalesce_s = settings.STREAM_COALESCE_MS / 1000
         parts: list[str] = []
         pending: list[str] = []
+        calls: tuple[dict[str, str], ...] = ()
         last_flush = time.monotonic()
         usage = Usage(0, 0)
         stream = provider.stream(
@@ -268,23 +432,23 @@ class Execution:
             max_tokens=agent.max_tokens,
             temperature=agent.temperature,
             deadline=self.deadline,
-            response_format=(
-                output_response_format(chain_name=self.claim.chain, schema=self.claim.output_schema)
-                if last and self.claim.output_schema is not None
-                else None
-            ),
+            response_format=response_format,
+            tools=tools,
         )
         try:
             async for item in stream:
                 if isinstance(item, Usage):
                     usage = item
                     continue
+                if isinstance(item, ToolCalls):
+                    calls = item.calls
+                    continue
                 parts.append(item)
                 pending.append(item)
                 now = time.monotonic()
                 if now - last_flush >= coalesce_s:
                     chunk = "".join(pending)
-                    self._emit(AGENT_OUTPUT, {"agent": agent.name, "index": index, "chunk": chunk})
+                    self.emit(AGENT_OUTPUT, {"agent": agent.name, "index": index, "chunk": chunk})
                     pending.clear()
                     last_flush = now
                     await self.executor.writer.backpressure()
@@ -292,8 +456,84 @@ class Execution:
             await stream.aclose()  # closes the HTTP response when we stop early
         if pending:
             chunk = "".join(pending)
-            self._emit(AGENT_OUTPUT, {"agent": agent.name, "index": index, "chunk": chunk})
-        return "".join(parts), usage
+            self.emit(AGENT_OUTPUT, {"agent": agent.name, "index": index, "chunk": chunk})
+        call = {
+            "text": "".join(parts),
+            "tool_calls": list(calls),
+            "usage": [usage.input_tokens, usage.output_tokens],
+        }
+        return call, usage
+
+    def _tool_round(
+        self, key: str, agent: Agent, index: int, call: dict[str, Any], usage: Usage
+    ) -> None:
+        """A model call that asked for tools, recorded with its `agent.tool_call` events."""
+        events = [
+            {
+                "agent": agent.name,
+                "index": index,
+                "call_id": c["id"],
+                "tool": c["name"],
+                "arguments": _arguments_shown(c["arguments"]),
+            }
+            for c in call["tool_calls"]
+        ]
+        self.step_record(key, call, AGENT_TOOL_CALL, events[0], usage=usage, model=agent.model)
+        for data in events[1:]:
+            self.emit(AGENT_TOOL_CALL, data)
+
+    async def _tool(
+        self, key: str, agent: Agent, index: int, by_name: dict[str, dict], call: dict[str, str]
+    ) -> str:
+        """One tool call, recorded with its `agent.tool_result`: its output, or the error the
+        model reads instead (a tool that raises, times out or does not exist)."""
+        done = self.steps.get(key)
+        if done is None:
+            tool = by_name.get(call["name"])
+            try:
+                if tool is None:
+                    raise ToolError("tool_unknown", f"There is no tool named {call['name']!r}.")
+                done = {
+                    "output": await tool_call(
+                        tool=tool, arguments=call["arguments"], timeout_s=agent.tool_timeout_s
+                    )
+                }
+            except ToolError as e:
+                done = {"error": {"code": e.code, "message": e.message}}
+            self.step_record(
+                key,
+                done,
+                AGENT_TOOL_RESULT,
+                {
+                    "agent": agent.name,
+                    "index": index,
+                    "call_id": call["id"],
+                    "tool": call["name"],
+                    **done,
+                },
+            )
+        if "error" in done:
+            return json.dumps({"error": done["error"]})
+        return done["output"]
 
     def append(self, events: list, fields: dict[str, Any]) -> Append:
         return Append(self.run_id, events, fields, self.when)
+
+
+class RunFailure(Exception):
+    """The run fails with this code and message (the chain went past one of its bounds)."""
+
+    def __init__(self, code: str, message: str) -> None:
+        super().__init__(message)
+        self.code = code
+        self.message = message
+
+
+def _arguments_shown(arguments: str) -> Any:
+    """A tool call's arguments in its event: the JSON object the model wrote, or its text when
+    it is not one (the tool's result then says why)."""
+    try:
+        value = json.loads(arguments or "{}")
+    except ValueError:
+        return arguments
+    return value if isinstance(value, dict) else arguments

@@ -1,0 +1,29 @@
+"""Code chains: async functions (ctx, input) -> output."""
+
+from __future__ import annotations
+
+from tests.chaincode.tools import lookup
+
+
+async def brief(ctx, input):
+    """Two agents and a step: research with a tool, then write."""
+    model = input.get("model", ctx.input.get("model"))
+    facts = await ctx.agent("researcher", f"Research {input['topic']}", model=model, tools=[lookup])
+    ctx.progress("researched", chars=len(facts))
+    words = await ctx.step("count", lambda text: len(text.split()), facts)
+    draft = await ctx.agent(
+        "writer", f"Write about {facts}", model=input.get("writer_model", model)
+    )
+    return {"draft": draft, "words": words}
+
+
+async def broken(ctx, input):
+    """A chain that raises."""
+    raise ValueError("the chain's own bug")
+
+
+def not_async(ctx, input):
+    return "sync"
+
+
+ANSWER = 42
