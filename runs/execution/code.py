@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import inspect
 import json
+import logging
 from collections.abc import Callable
 from functools import lru_cache
 from typing import TYPE_CHECKING, Any
@@ -21,11 +22,15 @@ from uuid import UUID
 from django.conf import settings
 
 from runs.events import RUN_PROGRESS
+from runs.execution.providers import DeadlineExceeded, ProviderError
+from runs.execution.run import ChainError, RunFailure
 from runs.execution.tools import object_load, tool_describe
 from runs.models import Agent, ChainKind
 
 if TYPE_CHECKING:
     from runs.execution.run import Execution
+
+logger = logging.getLogger(__name__)
 
 
 class RunContext:
@@ -149,7 +154,13 @@ async def code_chain_run(execution: Execution) -> Any:
     claim = execution.claim
     target = entrypoint_load(claim.entrypoint)
     if claim.kind == ChainKind.FUNCTION:
-        return await target(RunContext(execution), claim.input)
+        try:
+            return await target(RunContext(execution), claim.input)
+        except (ProviderError, DeadlineExceeded, RunFailure, ChainError):
+            raise
+        except Exception as e:
+            logger.info("run %s: the chain raised", execution.run_id, exc_info=True)
+            raise ChainError(f"{type(e).__name__}: {e}"[:1000]) from e
     if claim.kind == ChainKind.LANGGRAPH:
         from runs.execution.langgraph import graph_run
 

@@ -193,6 +193,9 @@ class Execution:
             except (ProviderError, RunFailure) as e:
                 await self._fail(e.code, e.message)
                 return
+            except ChainError as e:
+                await self._fail("chain_error", str(e))
+                return
             except Exception:
                 logger.exception("run %s: unexpected error", self.run_id)
                 await self._fail("internal_error", "The run failed on an unexpected server error.")
@@ -518,6 +521,10 @@ class Execution:
 
     def append(self, events: list, fields: dict[str, Any]) -> Append:
         return Append(self.run_id, events, fields, self.when)
+
+
+class ChainError(Exception):
+    """A code chain's own code raised: the run fails `chain_error` with what it raised."""
 
 
 class RunFailure(Exception):
