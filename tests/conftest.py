@@ -376,5 +376,18 @@ def executors(tmp_path):
         proc.kill()
 
 
+@pytest.fixture
+def fault_report(capsys):
+    """Prints the figures of a fault as one line, outside pytest's capture, so a run of the
+    suite shows them (before the asserts: a failing test shows them too)."""
+
+    def report(name: str, **figures) -> None:
+        line = f"FAULT {name}: " + " ".join(f"{k}={v}" for k, v in figures.items())
+        with capsys.disabled():
+            print(f"\n{line}", flush=True)
+
+    return report
+
+
 # --- Webhooks: the local receiver and the SSRF exemption for it ------------------------------
 from tests.webhook_support import local_ok, receiver  # noqa: E402, F401

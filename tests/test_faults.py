@@ -51,28 +51,15 @@ from webhooks.models import DeliveryStatus, WebhookAttempt, WebhookDelivery, Web
 pytestmark = [pytest.mark.django_db(transaction=True), pytest.mark.slow]
 
 
-@pytest.fixture
-def fault_report(capsys):
-    """Prints the figures of a fault as one line, outside pytest's capture, so a run of the
-    suite shows them (before the asserts: a failing test shows them too)."""
-
-    def report(name: str, **figures) -> None:
-        line = f"FAULT {name}: " + " ".join(f"{k}={v}" for k, v in figures.items())
-        with capsys.disabled():
-            print(f"\n{line}", flush=True)
-
-    return report
-
-
 # --- Counting -----------------------------------------------------------------------------------
 
 
 def execution_problems(run_id) -> list[str]:
     """What the event log of a run says against the invariants: seq 1..n without a gap, one
     terminal event and it is the last, and one execution at a time (after `run.started`, the
-    agents go 0, 1, ... until the end or a `run.queued`: recovered from a lost executor, or
-    handed back on SIGTERM; a completed run's output is exactly the chunks of its last
-    execution's last agent)."""
+    agents go 0, 1, ... from the agent a `run.resumed` names, until the end or a `run.queued`:
+    recovered from a lost executor, or handed back on SIGTERM; a completed run's output is
+    exactly the chunks of its last agent's last execution)."""
     rows = list(
         RunEvent.objects.filter(run_id=run_id).order_by("seq").values_list("seq", "type", "data")
     )
@@ -89,17 +76,22 @@ def execution_problems(run_id) -> list[str]:
         elif type_ == "run.started":
             if executing:
                 problems.append(f"#{seq} started while executing")
-            executing, agent, chunks = True, -1, {}
+            executing, agent = True, -1
+        elif type_ == "run.resumed":
+            if not executing or agent != -1:
+                problems.append(f"#{seq} resumed at {data['index']} in agent {agent}")
+            agent = data["index"] - 1
         elif type_ == "agent.started":
             if not executing or data["index"] != agent + 1:
                 problems.append(f"#{seq} agent {data['index']} after {agent}")
             agent = data["index"]
-        elif type_ in ("agent.output", "agent.completed"):
+            chunks[agent] = ""
+        elif type_ in ("agent.output", "agent.tool_call", "agent.tool_result", "agent.completed"):
             if not executing or data["index"] != agent:
                 problems.append(f"#{seq} {type_} of agent {data['index']} in {agent}")
             if type_ == "agent.output":
                 chunks[agent] = chunks.get(agent, "") + data["chunk"]
-        elif type_ == "run.completed" and data["output"] != chunks.get(agent, ""):
+        elif type_ == "run.completed" and data["output"] != chunks.get(max(chunks, default=0), ""):
             problems.append("output is not the last execution's")
     return problems
 
