@@ -233,27 +233,43 @@ def _flatten(fields) -> list[str]:
 def chain_definition(chain: Chain) -> dict:
     """A version as the definition it was published from (the form's starting point)."""
     output = {"output_schema": chain.output_schema} if chain.output_schema is not None else {}
-    return {
+    definition = {
         "name": chain.name,
         "description": chain.description,
         "input_schema": chain.input_schema,
         **output,
         "timeout_s": chain.timeout_s,
         "estimated_duration_s": chain.estimated_duration_s,
-        "agents": [
-            {
-                "name": a.name,
-                "provider": a.provider,
-                "model": a.model,
-                "system_prompt": a.system_prompt,
-                "prompt": a.prompt_template,
-                "max_tokens": a.max_tokens,
-                "temperature": a.temperature,
-                "base_url": a.base_url,
-            }
-            for a in chain.agents.order_by("position")
-        ],
     }
+    if chain.entrypoint:
+        return {
+            **definition,
+            "entrypoint": chain.entrypoint,
+            "provider": chain.provider,
+            "model": chain.model,
+            "max_tokens": chain.max_tokens,
+        }
+    agents = []
+    for a in chain.agents.order_by("position"):
+        agent = {
+            "name": a.name,
+            "provider": a.provider,
+            "model": a.model,
+            "system_prompt": a.system_prompt,
+            "prompt": a.prompt_template,
+            "max_tokens": a.max_tokens,
+            "temperature": a.temperature,
+            "base_url": a.base_url,
+        }
+        if a.tools:
+            agent["tools"] = [
+                {k: t[k] for k in ("function", "name", "description", "parameters")}
+                for t in a.tools
+            ]
+            agent["max_tool_rounds"] = a.max_tool_rounds
+            agent["tool_timeout_s"] = a.tool_timeout_s
+        agents.append(agent)
+    return {**definition, "agents": agents}
 
 
 class ChainDefinitionForm(forms.ModelForm):
@@ -289,8 +305,21 @@ class AgentInline(admin.TabularInline):
     model = Agent
     extra = 0
     can_delete = False
-    fields = ("position", "name", "provider", "model", "max_tokens", "temperature", "base_url")
+    fields = (
+        "position",
+        "name",
+        "provider",
+        "model",
+        "max_tokens",
+        "temperature",
+        "base_url",
+        "tool_names",
+    )
     readonly_fields = fields
+
+    @admin.display(description="tools")
+    def tool_names(self, agent: Agent) -> str:
+        return ", ".join(t["function"] for t in agent.tools) or "-"
 
     def has_add_permission(self, request, obj=None) -> bool:
         return False
@@ -302,14 +331,39 @@ class AgentInline(admin.TabularInline):
 @admin.register(Chain)
 class ChainAdmin(admin.ModelAdmin):
     form = ChainDefinitionForm
-    list_display = ("name", "version", "published", "agent_count", "timeout_s", "created_at")
+    list_display = (
+        "name",
+        "version",
+        "kind",
+        "published",
+        "agent_count",
+        "timeout_s",
+        "created_at",
+    )
     list_filter = ("published", "name")
     search_fields = ("name",)
     show_full_result_count = False
     inlines = (AgentInline,)
-    readonly_fields = ("version", "published", "created_at", "versions")
+    readonly_fields = (
+        "version",
+        "published",
+        "created_at",
+        "versions",
+        "kind",
+        "entrypoint",
+        "source_hash",
+    )
     fieldsets = (
-        (None, {"fields": (("version", "published", "created_at"), "versions")}),
+        (
+            None,
+            {
+                "fields": (
+                    ("version", "published", "created_at"),
+                    ("kind", "entrypoint", "source_hash"),
+                    "versions",
+                )
+            },
+        ),
         ("Publish a new version", {"fields": ("definition",)}),
     )
     add_fieldsets = ((None, {"fields": ("definition",)}),)

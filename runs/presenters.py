@@ -91,8 +91,17 @@ def chain_dict(chain: Chain) -> dict[str, Any]:
         "name": chain.name,
         "version": chain.version,
         "description": chain.description,
+        "kind": chain.kind,
+        "entrypoint": chain.entrypoint or None,
+        "source_hash": chain.source_hash or None,
         "agents": [
-            {"name": a.name, "provider": a.provider, "model": a.model} for a in chain.agents.all()
+            {
+                "name": a.name,
+                "provider": a.provider,
+                "model": a.model,
+                "tools": [t["name"] for t in a.tools],
+            }
+            for a in chain.agents.all()
         ],
         "input_schema": chain.input_schema,
         "output_schema": chain.output_schema,

@@ -5,7 +5,7 @@ from __future__ import annotations
 from drf_spectacular.utils import extend_schema_field
 from rest_framework import serializers
 
-from runs.models import RunStatus
+from runs.models import ChainKind, RunStatus
 
 
 @extend_schema_field({"type": ["string", "object", "null"]})
@@ -22,13 +22,28 @@ class AgentSummary(serializers.Serializer):
     name = serializers.CharField()
     provider = serializers.CharField()
     model = serializers.CharField()
+    tools = serializers.ListField(
+        child=serializers.CharField(), help_text="The names of the tools the agent may call."
+    )
 
 
 class ChainOut(serializers.Serializer):
     name = serializers.CharField()
     version = serializers.IntegerField()
     description = serializers.CharField()
-    agents = AgentSummary(many=True)
+    kind = serializers.ChoiceField(
+        choices=ChainKind.choices,
+        help_text="agents: the file's agents in order; function, langgraph, openai_agents: "
+        "the code at `entrypoint`.",
+    )
+    entrypoint = serializers.CharField(
+        allow_null=True, help_text="A code chain's `module:attr`; null for a file chain."
+    )
+    source_hash = serializers.CharField(
+        allow_null=True,
+        help_text="SHA-256 of the entrypoint module's source when this version was published.",
+    )
+    agents = AgentSummary(many=True, help_text="A file chain's agents; empty for a code chain.")
     input_schema = serializers.JSONField()
     output_schema = OutputSchemaField(
         help_text="JSON Schema of a run's output, or null: the output is then text.",

@@ -24,6 +24,9 @@ def test_list_shows_latest_version(alice, make_chain):
         "name",
         "version",
         "description",
+        "kind",
+        "entrypoint",
+        "source_hash",
         "agents",
         "input_schema",
         "output_schema",
@@ -33,6 +36,8 @@ def test_list_shows_latest_version(alice, make_chain):
         "created_at",
     }
     assert alpha["available"] is True
+    assert (alpha["kind"], alpha["entrypoint"], alpha["source_hash"]) == ("agents", None, None)
+    assert alpha["agents"][0]["tools"] == []
 
 
 def test_list_paginates(alice, make_chain):
