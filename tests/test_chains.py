@@ -132,3 +132,13 @@ def test_loadchains_reports_bad_file(db, tmp_path):
     path.write_text("chains: [{name: c}]\n")
     with pytest.raises(CommandError, match="agents"):
         call_command("loadchains", str(path))
+
+
+def test_the_code_chains_make_run_loads(db):
+    call_command("loadchains", "chains/demo.yaml")
+    call_command("loadchains", "chains/code.yaml")
+    clock = Chain.objects.get(name="world-clock").agents.get()
+    assert [t["name"] for t in clock.tools] == ["local_time"]
+    assert clock.tools[0]["parameters"]["properties"]["timezone"]["type"] == "string"
+    brief = Chain.objects.get(name="function-brief")
+    assert (brief.kind, brief.entrypoint) == ("function", "chains.examples.function_brief:brief")
