@@ -253,11 +253,12 @@ def exception_problem(request, exc: Exception) -> JsonResponse:
     if isinstance(exc, drf_exceptions.NotAcceptable):
         return problem_response(request, "not_acceptable", str(exc.detail))
     if isinstance(exc, drf_exceptions.ParseError):
+        field = getattr(exc, "field", "body")  # agentsvc.parsers.BodyError names where
         return problem_response(
             request,
             "validation_error",
-            "The body is not valid JSON.",
-            errors=[{"field": "body", "message": str(exc.detail)}],
+            "The body is not valid JSON." if field == "body" else "The body holds a refused value.",
+            errors=[{"field": field, "message": str(exc.detail)}],
         )
     if isinstance(exc, RequestDataTooBig):
         return problem_response(request, "payload_too_large")

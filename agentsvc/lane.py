@@ -40,7 +40,7 @@ from agentsvc import limits, metrics, tracing
 from agentsvc.auth import Headers, raw_key_from_headers
 from agentsvc.errors import exception_problem
 from agentsvc.models import ApiKey
-from agentsvc.parsers import ParseError, strict_loads
+from agentsvc.parsers import BodyError, strict_loads
 from agentsvc.services import KEY_QUERY, key_matching, key_prefix, touch_due
 
 access = logging.getLogger("agentsvc.access")
@@ -74,7 +74,7 @@ class Call:
             return None
         try:
             data = strict_loads(self.body)
-        except ParseError:
+        except BodyError:
             return None
         return data if isinstance(data, dict) else None
 

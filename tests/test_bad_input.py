@@ -79,6 +79,8 @@ BAD_BODIES = {
     "truncated": (b'{"input": {', "application/json", 400),
     "NaN": (b'{"input": {"n": NaN}}', "application/json", 400),
     "huge number": (b'{"input": {"n": 1' + b"0" * 5000 + b"}}", "application/json", 400),
+    "number beyond a double": (b'{"input": {"n": 1e999}}', "application/json", 400),
+    "a key twice": (b'{"input": {}, "input": {}}', "application/json", 400),
     "text/plain": (b"{}", "text/plain", 415),
     "form": (b"input=x", "application/x-www-form-urlencoded", 415),
     "multipart": (
@@ -461,6 +463,25 @@ def test_on_the_wire(live_server_url, alice, make_chain, path):
             ),
             415,
         )
+    # A number beyond a double (which parses to infinity, and PostgreSQL refuses) and a key
+    # sent twice (which readers would take differently): 400 naming the field, with an
+    # Idempotency-Key too (the fast lane takes create calls without one, Django those with).
+    for raw, field in (
+        (b'{"input": {"topic": "x", "n": 1e999}}', "input.n"),
+        (b'{"input": {"topic": "x"}, "metadata": {"n": -1e999}}', "metadata.n"),
+        (b'{"input": {"topic": "x"}, "input": {"topic": "y"}}', "input"),
+        (b'{"input": {"topic": "x", "topic": "y"}}', "input.topic"),
+    ):
+        for idempotency in (b"", b"Idempotency-Key: k-refused\r\n"):
+            response = send(
+                b"Content-Type: application/json\r\n"
+                + f"Content-Length: {len(raw)}\r\n".encode()
+                + idempotency,
+                raw,
+            )
+            body = assert_clean_4xx(response, 400)
+            assert body["code"] == "validation_error", body
+            assert body["errors"][0]["field"] == field, (raw, body)
     # Idempotency keys with bytes an HTTP client would not send. daphne itself answers a bare
     # CR or a NUL in a header with a bare 400 (RFC 9110): the application never sees those.
     for key in (b"abc\rdef", b"\xff\xfe", b"cl\xc3\xa9", b"\x00", b"a" * 300):
