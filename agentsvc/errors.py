@@ -29,6 +29,12 @@ PROBLEMS: dict[str, tuple[int, str, str]] = {
         "The request could not be understood, for example a Host header this server does not "
         "serve.",
     ),
+    "ambiguous_credentials": (
+        400,
+        "Ambiguous credentials",
+        "The request sent both `Authorization` and `X-API-Key`. Send the key in one of them: "
+        "the server does not pick one (WebSocket: close 4400).",
+    ),
     "not_found": (404, "Not found", "No such resource, or it belongs to another owner."),
     "validation_error": (
         400,
