@@ -570,28 +570,42 @@ CLIMBING_PATHS = [
 
 
 @pytest.mark.slow
-def test_static_paths_that_climb_out_are_404_without_a_traceback(tmp_path):
-    """A black-box probe got a 500 and a SuspiciousFileOperation traceback logged at ERROR per
-    request; the static handler runs outside the middleware chain, so nothing else caught it."""
+def test_paths_no_route_knows_are_404_without_a_traceback(tmp_path):
+    """A black-box probe got a 500 and a traceback logged at ERROR per request for static paths
+    that climb out (SuspiciousFileOperation: the static handler runs outside the middleware
+    chain, so nothing else caught it) and for WebSockets to paths no route knows (Channels'
+    `No route found for path`, a bare 500 from daphne), without a key. Now: 404 problem+json,
+    or for a WebSocket an accept and close 4404, and nothing logged above INFO."""
     log = tmp_path / "web.log"
     web, url = start_web(process_env(), log)
     host = f"Host: {urlsplit(url).netloc}\r\n".encode()
+
+    def get(path: str) -> httpx.Response:
+        head = f"GET {path} HTTP/1.1\r\n".encode() + host + b"Connection: close\r\n\r\n"
+        return _parse(_raw_request(url, head))
+
     try:
-        for path in CLIMBING_PATHS:
-            head = f"GET {path} HTTP/1.1\r\n".encode() + host + b"Connection: close\r\n\r\n"
-            response = _parse(_raw_request(url, head))
-            assert response.status_code == 404, (path, response.status_code)
+        for path in [*CLIMBING_PATHS, "/static/runs/nothing.js", "/static/"]:
+            response = get(path)
+            assert_clean_4xx(response, 404)
             assert b"SECRET_KEY" not in response.content and b"root:" not in response.content
         # The static files themselves are still served.
-        ok = _parse(
-            _raw_request(
-                url,
-                b"GET /static/runs/dashboard.js HTTP/1.1\r\n" + host + b"Connection: close\r\n\r\n",
-            )
-        )
+        ok = get("/static/runs/dashboard.js")
         assert ok.status_code == 200 and b"WebSocket" in ok.content
+        ws = url.replace("http://", "ws://")
+        for path in (
+            "/ws/nothing",
+            "/ws/v1/runs/notauuid",
+            f"/ws/v1/runs/{uuid.uuid4()}/extra",
+            "/ws/v1/runs/",
+            "/foo",
+            "/api/v1/runs",
+            "/",
+        ):
+            with connect(ws + path) as sock:
+                assert frames_until_close(sock) == ([], 4404), path
     finally:
         web.stop()
     output = web.output()
-    for leak in ("Traceback", "SuspiciousFileOperation", " ERROR "):
+    for leak in ("Traceback", "SuspiciousFileOperation", "No route found", " ERROR ", " WARNING "):
         assert leak not in output, output[-3000:]
