@@ -10,6 +10,7 @@ os.environ.setdefault("DJANGO_SETTINGS_MODULE", "agentsvc.settings")
 django.setup(set_prefix=False)
 
 from agentsvc.handlers import (  # noqa: E402
+    NoRouteConsumer,
     OneHopASGIHandler,
     RequestIdMiddleware,
     StaticFilesHandler,
@@ -23,6 +24,7 @@ daphne_raw_bodies()
 from channels.auth import AuthMiddlewareStack  # noqa: E402
 from channels.routing import ProtocolTypeRouter, URLRouter  # noqa: E402
 from channels.security.websocket import AllowedHostsOriginValidator  # noqa: E402
+from django.urls import re_path  # noqa: E402
 
 from runs.routing import websocket_urlpatterns  # noqa: E402
 
@@ -52,7 +54,12 @@ application = ProtocolTypeRouter(
         # needed. Everything else goes to Django.
         "http": RequestIdMiddleware(Lane(StaticFilesHandler(django_asgi_app))),
         "websocket": RequestIdMiddleware(
-            BrowserOriginValidator(AuthMiddlewareStack(URLRouter(websocket_urlpatterns)))
+            BrowserOriginValidator(
+                AuthMiddlewareStack(
+                    # Last, for every path the routes above do not match: close 4404.
+                    URLRouter([*websocket_urlpatterns, re_path(r"", NoRouteConsumer.as_asgi())])
+                )
+            )
         ),
     }
 )

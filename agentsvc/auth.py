@@ -4,6 +4,7 @@ from typing import Any
 
 from rest_framework import authentication, exceptions
 
+from agentsvc.errors import ApplicationError
 from agentsvc.services import api_key_authenticate
 
 
@@ -26,8 +27,15 @@ class Headers(dict):
 
 
 def raw_key_from_headers(headers) -> str | None:
-    """The key from `Authorization: Bearer <key>` or `X-API-Key: <key>`."""
+    """The key from `Authorization: Bearer <key>` or `X-API-Key: <key>`: the one reading of
+    credentials for every transport (DRF, the fast lane, SSE, WebSocket). Both headers at once
+    are refused (400 ambiguous_credentials) rather than one of them picked: a proxy or client
+    that adds its own key beside the caller's would otherwise act as whichever header wins."""
     auth = headers.get("Authorization", "")
+    if auth.strip() and headers.get("X-API-Key", "").strip():
+        raise ApplicationError(
+            "ambiguous_credentials", "Send the key in Authorization or in X-API-Key, not both."
+        )
     if auth:
         scheme, _, value = auth.partition(" ")
         if scheme.lower() == "bearer" and value.strip():

@@ -29,6 +29,12 @@ PROBLEMS: dict[str, tuple[int, str, str]] = {
         "The request could not be understood, for example a Host header this server does not "
         "serve.",
     ),
+    "ambiguous_credentials": (
+        400,
+        "Ambiguous credentials",
+        "The request sent both `Authorization` and `X-API-Key`. Send the key in one of them: "
+        "the server does not pick one (WebSocket: close 4400).",
+    ),
     "not_found": (404, "Not found", "No such resource, or it belongs to another owner."),
     "validation_error": (
         400,
@@ -253,11 +259,12 @@ def exception_problem(request, exc: Exception) -> JsonResponse:
     if isinstance(exc, drf_exceptions.NotAcceptable):
         return problem_response(request, "not_acceptable", str(exc.detail))
     if isinstance(exc, drf_exceptions.ParseError):
+        field = getattr(exc, "field", "body")  # agentsvc.parsers.BodyError names where
         return problem_response(
             request,
             "validation_error",
-            "The body is not valid JSON.",
-            errors=[{"field": "body", "message": str(exc.detail)}],
+            "The body is not valid JSON." if field == "body" else "The body holds a refused value.",
+            errors=[{"field": field, "message": str(exc.detail)}],
         )
     if isinstance(exc, RequestDataTooBig):
         return problem_response(request, "payload_too_large")

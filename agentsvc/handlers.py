@@ -10,15 +10,16 @@ under WSGI. Async views (the SSE streams) keep the async chain and run on the ev
 from __future__ import annotations
 
 from asgiref.sync import iscoroutinefunction, sync_to_async
+from channels.generic.websocket import AsyncWebsocketConsumer
 from django.contrib.staticfiles.handlers import ASGIStaticFilesHandler
 from django.core.exceptions import SuspiciousOperation
 from django.core.handlers.asgi import ASGIHandler
 from django.core.handlers.base import BaseHandler
-from django.core.handlers.exception import response_for_exception
 from django.http import Http404
 from django.urls import Resolver404, get_resolver
 
 from agentsvc import logs
+from agentsvc.errors import problem_response
 
 
 class _SyncChain(BaseHandler):
@@ -49,21 +50,31 @@ class OneHopASGIHandler(ASGIHandler):
 
 
 class StaticFilesHandler(ASGIStaticFilesHandler):
-    """The in-process static files, where a path that climbs out of them is a plain 404.
+    """The in-process static files, where a missing file or a path that climbs out of them is a
+    404 problem+json, as the API answers.
 
     For `/static/../agentsvc/settings.py` (or `%2e%2e`, `..%2f`, which the server decodes to the
     same path) the finders raise SuspiciousFileOperation. Django's static handler only catches
     Http404 and runs outside the middleware chain, so that was a 500 with a traceback logged at
-    ERROR on every such request.
+    ERROR on every such request; its Http404 was Django's HTML page.
     """
 
-    async def get_response_async(self, request):
+    def serve(self, request):
         try:
-            return await super().get_response_async(request)
-        except SuspiciousOperation:
-            return await sync_to_async(response_for_exception, thread_sensitive=False)(
-                request, Http404()
-            )
+            return super().serve(request)
+        except (Http404, SuspiciousOperation):
+            return problem_response(request, "not_found", "No such file.")
+
+
+class NoRouteConsumer(AsyncWebsocketConsumer):
+    """A WebSocket to a path no route knows: accepted, then closed with 4404, the close code of
+    a run that does not exist (browsers only see close codes after an accept). Channels'
+    URLRouter raises for such a path, which daphne answered with a bare 500 and an ERROR
+    traceback per request, for anyone, without a key."""
+
+    async def connect(self) -> None:
+        await self.accept()
+        await self.close(4404)
 
 
 class RequestIdMiddleware:

@@ -10,11 +10,12 @@ same bytes. Its queries go through a psycopg async pool of its own and its count
 asyncio Redis client, so a waiting call holds no thread.
 
 Anything off the plain path falls through to Django before a step with an effect: a query
-string the route does not read, an Idempotency-Key, a body that is not a JSON object,
-credentials that do not authenticate, tracing on, HTTPS redirects, or the embedded default
-(SQLite, no Redis), where the lane is off. Once the lane has counted the request against the
-key's limit, it answers every outcome itself, through the same problem+json mapping as Django's
-views.
+string the route does not read, an Idempotency-Key, a body that is not a JSON object (or that
+strict_loads refuses), credentials that do not authenticate, tracing on, HTTPS redirects, or the
+embedded default (SQLite, no Redis), where the lane is off. Both key headers at once are
+answered here, 400 ambiguous_credentials, as Django answers them. Once the lane has counted
+the request against the key's limit, it answers every outcome itself, through the same
+problem+json mapping as Django's views.
 """
 
 from __future__ import annotations
@@ -40,7 +41,7 @@ from agentsvc import limits, metrics, tracing
 from agentsvc.auth import Headers, raw_key_from_headers
 from agentsvc.errors import exception_problem
 from agentsvc.models import ApiKey
-from agentsvc.parsers import ParseError, strict_loads
+from agentsvc.parsers import BodyError, strict_loads
 from agentsvc.services import KEY_QUERY, key_matching, key_prefix, touch_due
 
 access = logging.getLogger("agentsvc.access")
@@ -74,7 +75,7 @@ class Call:
             return None
         try:
             data = strict_loads(self.body)
-        except ParseError:
+        except BodyError:
             return None
         return data if isinstance(data, dict) else None
 

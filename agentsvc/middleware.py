@@ -127,9 +127,9 @@ class ApiProblemMiddleware:
         return exception_problem(request, exception)
 
 
-# Pages for people (the admin and the dashboard): scripts only from this origin, never inline.
-# The admin's templates set inline `style` attributes, so its pages allow inline styles; the
-# dashboard needs none.
+# Pages for people (the admin, the dashboard and the API docs): scripts only from this origin,
+# never inline. The admin's templates set inline `style` attributes and Swagger UI sets styles
+# from its script, so those pages allow inline styles; the dashboard needs none.
 _CSP = (
     "default-src 'self'; script-src 'self'; style-src {style}; img-src 'self' data:; "
     "connect-src 'self'; object-src 'none'; base-uri 'self'; form-action 'self'; "
@@ -138,11 +138,12 @@ _CSP = (
 CSP_PAGES = {
     "/admin/": _CSP.format(style="'self' 'unsafe-inline'"),
     "/dashboard/": _CSP.format(style="'self'"),
+    "/api/docs": _CSP.format(style="'self' 'unsafe-inline'"),
 }
 
 
 class ContentSecurityPolicyMiddleware:
-    """Content-Security-Policy on the admin and dashboard pages (CSP_PAGES, by path prefix)."""
+    """Content-Security-Policy on the pages for people (CSP_PAGES, by path prefix)."""
 
     sync_capable = True
     async_capable = True

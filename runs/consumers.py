@@ -20,6 +20,7 @@ from django.conf import settings
 
 from agentsvc.auth import Headers, raw_key_from_headers
 from agentsvc.db import db_async
+from agentsvc.errors import ApplicationError
 from runs.events import FEED_EVENTS, event_filter_parse
 from runs.hub import get_hub
 from runs.models import RunEvent
@@ -55,20 +56,23 @@ class _StreamConsumer(AsyncWebsocketConsumer):
         ).get(name)
         return values[-1] if values else None
 
-    async def _viewer(self, scope: str) -> tuple[bool, int | None, int | None]:
-        """(allowed, owner_id or None for staff, key id or None); `scope` is what a ticket must
-        open: this run's id, or FEED."""
+    async def _viewer(self, scope: str) -> tuple[int | None, int | None, int | None]:
+        """(close code, or None when allowed; owner_id or None for staff; key id or None).
+        `scope` is what a ticket must open: this run's id, or FEED."""
         if self.query("api_key") is not None:
-            return False, None, None
-        raw = raw_key_from_headers(Headers.from_scope(self.scope))
+            return CLOSE_AUTH, None, None
+        try:
+            raw = raw_key_from_headers(Headers.from_scope(self.scope))
+        except ApplicationError:  # ambiguous_credentials
+            return CLOSE_BAD_REQUEST, None, None
         ticket = self.query("ticket")
         if raw or ticket is not None:
             key = await (authenticate(raw) if raw else ticket_authenticate(ticket, scope))
-            return (True, key.owner_id, key.pk) if key else (False, None, None)
+            return (None, key.owner_id, key.pk) if key else (CLOSE_AUTH, None, None)
         user = self.scope.get("user")
         if user is not None and user.is_authenticated and user.is_staff and user.is_active:
-            return True, None, None
-        return False, None, None
+            return None, None, None
+        return CLOSE_AUTH, None, None
 
     async def _open(self, key_id: int | None) -> bool:
         try:
@@ -106,9 +110,9 @@ class RunEventsConsumer(_StreamConsumer):
     async def connect(self) -> None:
         await self.accept()
         run_id = self.scope["url_route"]["kwargs"]["run_id"]
-        allowed, owner_id, key_id = await self._viewer(str(run_id))
-        if not allowed:
-            await self.close(CLOSE_AUTH)
+        refused, owner_id, key_id = await self._viewer(str(run_id))
+        if refused is not None:
+            await self.close(refused)
             return
         after = parse_after(self.query("after"))
         run = await visible_run(run_id, owner_id)
@@ -185,9 +189,9 @@ class RunFeedConsumer(_StreamConsumer):
 
     async def connect(self) -> None:
         await self.accept()
-        allowed, owner_id, key_id = await self._viewer(FEED)
-        if not allowed:
-            await self.close(CLOSE_AUTH)
+        refused, owner_id, key_id = await self._viewer(FEED)
+        if refused is not None:
+            await self.close(refused)
             return
         if await self._open(key_id):
             self.task = asyncio.create_task(self._run_then_close(self._follow(owner_id)))

@@ -78,7 +78,10 @@ def _auth_problem(request: HttpRequest, raw: str | None, ticket: str | None = No
 
 
 async def _key_or_problem(request: HttpRequest) -> ApiKey | HttpResponse:
-    raw = raw_key_from_headers(request.headers)
+    try:
+        raw = raw_key_from_headers(request.headers)
+    except ApplicationError as e:
+        return exception_problem(request, e)
     key = await authenticate(raw) if raw else None
     return key if key is not None else _auth_problem(request, raw)
 
@@ -175,7 +178,10 @@ async def run_events(request: HttpRequest, run_id: UUID) -> HttpResponse:
         return problem_response(request, "method_not_allowed", headers={"Allow": "GET"})
     # Key and run in one hop to a worker thread; the answers keep their order: 401, 400, 404.
     # Browsers, which cannot set a header on an EventSource, send a stream ticket instead.
-    raw = raw_key_from_headers(request.headers)
+    try:
+        raw = raw_key_from_headers(request.headers)
+    except ApplicationError as e:
+        return exception_problem(request, e)
     ticket = request.GET.get("ticket") if not raw else None
     if raw:
         key, run = await authenticate_and_find(raw, run_id)

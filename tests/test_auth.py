@@ -1,10 +1,17 @@
 from __future__ import annotations
 
+import httpx
+import pytest
 from django.core.management import call_command
+from websockets.sync.client import connect
 
 from agentsvc.models import ApiKey
 from agentsvc.services import api_key_revoke
+from runs.models import Run
+from runs.services import run_create
 from tests.conftest import Api
+from tests.test_ws import frames_until_close
+from webhooks.models import WebhookEndpoint
 
 
 def assert_problem(response, status: int, code: str) -> dict:
@@ -73,3 +80,39 @@ def test_infrastructure_endpoints_need_no_key(db):
     client = Api(None).client
     assert client.get("/healthz").json() == {"status": "ok"}
     assert client.get("/api/problems/not_found").status_code == 200
+
+
+@pytest.mark.django_db(transaction=True)
+@pytest.mark.slow
+def test_two_keys_at_once_are_400_on_every_transport(live_server_url, alice, bob, make_chain):
+    """A probe sent `Authorization: Bearer <alice>` with `X-API-Key: <bob>` and was served as
+    alice. Both headers at once are refused wherever a key is read: DRF's views, the fast
+    lane, the SSE views and the WebSocket (close 4400), with no side effect."""
+    chain = make_chain("demo", schema={"type": "object"})
+    run = run_create(api_key=alice.key, chain=chain, run_input={}, metadata={})
+    both = {"Authorization": f"Bearer {alice.raw_key}", "X-API-Key": bob.raw_key}
+    same_twice = {"Authorization": f"Bearer {alice.raw_key}", "X-API-Key": alice.raw_key}
+    sse = {"Accept": "text/event-stream"}
+    with httpx.Client(base_url=live_server_url, timeout=30) as http:
+        for headers in (both, same_twice):
+            for method, path, extra, body in (
+                ("GET", "/api/v1/runs", {}, None),  # DRF
+                ("POST", "/api/v1/webhook-endpoints", {}, {"url": "https://a.example/h"}),
+                ("POST", "/api/v1/chains/demo/runs", {}, {"input": {}}),  # the lane
+                ("GET", f"/api/v1/runs/{run.id}", {}, None),
+                ("GET", f"/api/v1/runs/{run.id}/events", {}, None),
+                ("GET", f"/api/v1/runs/{run.id}/events", sse, None),  # SSE
+                ("POST", "/api/v1/chains/demo/stream", {}, {"input": {}}),
+            ):
+                response = http.request(method, path, headers={**headers, **extra}, json=body)
+                assert response.status_code == 400, (path, response.text)
+                assert response.headers["content-type"] == "application/problem+json"
+                assert response.json()["code"] == "ambiguous_credentials", response.text
+        # Each header alone still works.
+        for alone in ({"Authorization": f"Bearer {bob.raw_key}"}, {"X-API-Key": bob.raw_key}):
+            assert http.get("/api/v1/runs", headers=alone).json()["results"] == []
+    ws = live_server_url.replace("http://", "ws://")
+    for path in (f"/ws/v1/runs/{run.id}", "/ws/v1/runs"):
+        with connect(ws + path, additional_headers=both) as sock:
+            assert frames_until_close(sock) == ([], 4400), path
+    assert Run.objects.count() == 1 and not WebhookEndpoint.objects.exists()

@@ -79,6 +79,8 @@ BAD_BODIES = {
     "truncated": (b'{"input": {', "application/json", 400),
     "NaN": (b'{"input": {"n": NaN}}', "application/json", 400),
     "huge number": (b'{"input": {"n": 1' + b"0" * 5000 + b"}}", "application/json", 400),
+    "number beyond a double": (b'{"input": {"n": 1e999}}', "application/json", 400),
+    "a key twice": (b'{"input": {}, "input": {}}', "application/json", 400),
     "text/plain": (b"{}", "text/plain", 415),
     "form": (b"input=x", "application/x-www-form-urlencoded", 415),
     "multipart": (
@@ -461,6 +463,25 @@ def test_on_the_wire(live_server_url, alice, make_chain, path):
             ),
             415,
         )
+    # A number beyond a double (which parses to infinity, and PostgreSQL refuses) and a key
+    # sent twice (which readers would take differently): 400 naming the field, with an
+    # Idempotency-Key too (the fast lane takes create calls without one, Django those with).
+    for raw, field in (
+        (b'{"input": {"topic": "x", "n": 1e999}}', "input.n"),
+        (b'{"input": {"topic": "x"}, "metadata": {"n": -1e999}}', "metadata.n"),
+        (b'{"input": {"topic": "x"}, "input": {"topic": "y"}}', "input"),
+        (b'{"input": {"topic": "x", "topic": "y"}}', "input.topic"),
+    ):
+        for idempotency in (b"", b"Idempotency-Key: k-refused\r\n"):
+            response = send(
+                b"Content-Type: application/json\r\n"
+                + f"Content-Length: {len(raw)}\r\n".encode()
+                + idempotency,
+                raw,
+            )
+            body = assert_clean_4xx(response, 400)
+            assert body["code"] == "validation_error", body
+            assert body["errors"][0]["field"] == field, (raw, body)
     # Idempotency keys with bytes an HTTP client would not send. daphne itself answers a bare
     # CR or a NUL in a header with a bare 400 (RFC 9110): the application never sees those.
     for key in (b"abc\rdef", b"\xff\xfe", b"cl\xc3\xa9", b"\x00", b"a" * 300):
@@ -549,28 +570,42 @@ CLIMBING_PATHS = [
 
 
 @pytest.mark.slow
-def test_static_paths_that_climb_out_are_404_without_a_traceback(tmp_path):
-    """A black-box probe got a 500 and a SuspiciousFileOperation traceback logged at ERROR per
-    request; the static handler runs outside the middleware chain, so nothing else caught it."""
+def test_paths_no_route_knows_are_404_without_a_traceback(tmp_path):
+    """A black-box probe got a 500 and a traceback logged at ERROR per request for static paths
+    that climb out (SuspiciousFileOperation: the static handler runs outside the middleware
+    chain, so nothing else caught it) and for WebSockets to paths no route knows (Channels'
+    `No route found for path`, a bare 500 from daphne), without a key. Now: 404 problem+json,
+    or for a WebSocket an accept and close 4404, and nothing logged above INFO."""
     log = tmp_path / "web.log"
     web, url = start_web(process_env(), log)
     host = f"Host: {urlsplit(url).netloc}\r\n".encode()
+
+    def get(path: str) -> httpx.Response:
+        head = f"GET {path} HTTP/1.1\r\n".encode() + host + b"Connection: close\r\n\r\n"
+        return _parse(_raw_request(url, head))
+
     try:
-        for path in CLIMBING_PATHS:
-            head = f"GET {path} HTTP/1.1\r\n".encode() + host + b"Connection: close\r\n\r\n"
-            response = _parse(_raw_request(url, head))
-            assert response.status_code == 404, (path, response.status_code)
+        for path in [*CLIMBING_PATHS, "/static/runs/nothing.js", "/static/"]:
+            response = get(path)
+            assert_clean_4xx(response, 404)
             assert b"SECRET_KEY" not in response.content and b"root:" not in response.content
         # The static files themselves are still served.
-        ok = _parse(
-            _raw_request(
-                url,
-                b"GET /static/runs/dashboard.js HTTP/1.1\r\n" + host + b"Connection: close\r\n\r\n",
-            )
-        )
+        ok = get("/static/runs/dashboard.js")
         assert ok.status_code == 200 and b"WebSocket" in ok.content
+        ws = url.replace("http://", "ws://")
+        for path in (
+            "/ws/nothing",
+            "/ws/v1/runs/notauuid",
+            f"/ws/v1/runs/{uuid.uuid4()}/extra",
+            "/ws/v1/runs/",
+            "/foo",
+            "/api/v1/runs",
+            "/",
+        ):
+            with connect(ws + path) as sock:
+                assert frames_until_close(sock) == ([], 4404), path
     finally:
         web.stop()
     output = web.output()
-    for leak in ("Traceback", "SuspiciousFileOperation", " ERROR "):
+    for leak in ("Traceback", "SuspiciousFileOperation", "No route found", " ERROR ", " WARNING "):
         assert leak not in output, output[-3000:]

@@ -34,18 +34,24 @@ def test_malformed_json_is_400(alice, make_chain, raw):
 
 
 @pytest.mark.parametrize(
-    "raw",
+    "raw, field",
     [
-        b'{"input": {"topic": "a\\u0000b"}}',
-        b'{"input": {"topic": "\\ud800"}}',
-        b'{"input": {"topic": "x", "deep": ' + b"[" * 5000 + b"]" * 5000 + b"}}",
-        b'{"input": {"topic": "x", "deep": ' + b"[" * 100 + b"]" * 100 + b"}}",
+        (b'{"input": {"topic": "a\\u0000b"}}', "input.topic"),
+        (b'{"input": {"topic": "\\ud800"}}', "input.topic"),
+        (b'{"input": {"topic": "x", "n": 1e999}}', "input.n"),  # infinity once parsed
+        (b'{"input": {"list": [1, -1E400]}}', "input.list[1]"),
+        (b'{"input": {}, "metadata": {"n": 1e999}}', "metadata.n"),
+        (b'{"input": {}, "input": {"topic": "x"}}', "input"),  # a key twice
+        (b'{"input": {"topic": "x", "topic": "y"}}', "input.topic"),
+        (b'{"input": {"topic": "x", "deep": ' + b"[" * 5000 + b"]" * 5000 + b"}}", "body"),
+        (b'{"input": {"topic": "x", "deep": ' + b"[" * 100 + b"]" * 100 + b"}}", "body"),
     ],
 )
-def test_unstorable_json_is_400(alice, make_chain, raw):
+def test_unstorable_json_is_400(alice, make_chain, raw, field):
+    """Refused where it is: the field is named (the body, for nesting too deep)."""
     make_chain("demo", schema={"type": "object"})
     body = assert_problem(alice.post("/api/v1/chains/demo/runs", raw=raw), 400, "validation_error")
-    assert body["errors"][0]["field"] == "body"
+    assert body["errors"][0]["field"] == field
 
 
 @pytest.mark.parametrize("raw", [b"[]", b'"text"', b"42", b"null"])

@@ -412,6 +412,31 @@ def test_admin_and_dashboard_pages_carry_a_content_security_policy(admin_objects
     assert "Content-Security-Policy" not in Client().get("/healthz")
 
 
+@pytest.mark.slow
+def test_the_api_docs_page_carries_a_content_security_policy(live_server_url):
+    """A probe found none on /api/docs (the admin and dashboard had one). Swagger UI's start-up
+    script is a file of its own, so the policy allows no inline script there either."""
+    with httpx.Client(base_url=live_server_url, timeout=30) as http:
+        page = http.get("/api/docs")
+        assert page.status_code == 200 and page.headers["content-type"].startswith("text/html")
+        policy = _directives(page.headers["content-security-policy"])
+        assert policy["default-src"] == policy["script-src"] == "'self'"
+        assert policy["connect-src"] == "'self'" and policy["frame-ancestors"] == "'none'"
+        html = page.text
+        assert not re.search(r"<script(?![^>]*\bsrc=)[^>]*>", html)
+        assert not re.search(r"\son[a-z]+=", html) and "javascript:" not in html
+        # Every script and style it loads is served from this origin, the start-up script too.
+        sources = re.findall(r'(?:src|href)="([^"]+)"', html)
+        assert any("script" in s for s in sources), sources
+        for source in sources:
+            assert source.startswith("/"), source
+            asset = http.get(source.replace("&amp;", "&"))
+            assert asset.status_code == 200, source
+        script = http.get("/api/docs?script=")
+        assert script.headers["content-type"].startswith("application/javascript")
+        assert "SwaggerUIBundle" in script.text and "/api/v1/schema" in script.text
+
+
 def _settings_in_a_child(**env: str) -> subprocess.CompletedProcess:
     """Start-up as a process would do it: settings read from this environment."""
     code = (

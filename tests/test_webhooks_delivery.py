@@ -79,11 +79,15 @@ def test_retries_after_failures_keep_the_same_id(alice, make_chain, receiver):
     assert len({r.headers["webhook-id"] for r in requests}) == 1
     for request in requests:
         verify(SECRET, request)
+    attempts = WebhookAttempt.objects.order_by("number")
+    assert [a.status_code for a in attempts] == [500, 500, 500, 200]
+    assert attempts[0].error == "http_500"
     [delivery] = alice.get(f"/api/v1/runs/{run.id}/deliveries").json()["results"]
     assert delivery["status"] == "succeeded"
-    assert [a["status_code"] for a in delivery["attempts"]] == [500, 500, 500, 200]
     assert [a["number"] for a in delivery["attempts"]] == [1, 2, 3, 4]
-    assert delivery["attempts"][0]["error"] == "http_500"
+    # The receiver is on loopback: the tenant sees one error class for its failures.
+    assert [a["status_code"] for a in delivery["attempts"]] == [None, None, None, 200]
+    assert delivery["attempts"][0]["error"] == "private_target_error"
 
 
 def test_delivery_fails_when_the_schedule_is_spent(alice, make_chain, receiver):
@@ -158,7 +162,8 @@ def test_410_disables_the_endpoint(alice, make_chain, receiver):
     assert len(receiver.requests_for(path)) == 1
     endpoint.refresh_from_db()
     assert not endpoint.enabled and "410" in endpoint.disabled_reason
-    assert endpoint.last_error == "gone"
+    assert WebhookAttempt.objects.get().error == "gone"
+    assert endpoint.last_error == "private_target_error"  # loopback: what the tenant sees
     [delivery] = alice.get(f"/api/v1/runs/{run.id}/deliveries").json()["results"]
     assert delivery["status"] == "failed"
     shown = alice.get(f"/api/v1/webhook-endpoints/{endpoint.id}").json()
@@ -174,10 +179,10 @@ def test_redirect_is_a_failure_and_not_followed(alice, make_chain, receiver):
     deliver_all()
     assert len(receiver.requests_for(path)) == 4
     assert receiver.requests_for("/ok") == []
+    first = WebhookAttempt.objects.get(number=1)
+    assert first.status_code == 302 and first.error.startswith("redirect_not_followed")
     [delivery] = alice.get(f"/api/v1/runs/{run.id}/deliveries").json()["results"]
-    assert delivery["status"] == "failed"
-    assert delivery["attempts"][0]["status_code"] == 302
-    assert delivery["attempts"][0]["error"].startswith("redirect_not_followed")
+    assert delivery["status"] == "failed" and len(delivery["attempts"]) == 4
 
 
 def test_retry_after_is_honoured(alice, make_chain, receiver):
@@ -202,7 +207,8 @@ def test_endpoint_failing_for_five_days_is_disabled(alice, make_chain, receiver)
     delivery_attempt(delivery_id=WebhookDelivery.objects.get().id)
     endpoint.refresh_from_db()
     assert not endpoint.enabled and endpoint.disabled_reason
-    assert endpoint.last_error == "http_500"
+    assert endpoint.last_error == "private_target_error"  # loopback: what the tenant sees
+    assert WebhookAttempt.objects.get().error == "http_500"
 
 
 def test_a_success_clears_the_endpoint_error(alice, make_chain, receiver):
@@ -211,7 +217,7 @@ def test_a_success_clears_the_endpoint_error(alice, make_chain, receiver):
     finished_run(alice, make_chain)
     delivery_attempt(delivery_id=WebhookDelivery.objects.get().id)
     endpoint.refresh_from_db()
-    assert endpoint.failing_since and endpoint.last_error == "http_500"
+    assert endpoint.failing_since and endpoint.last_error == "private_target_error"
     deliver_all()
     endpoint.refresh_from_db()
     assert endpoint.failing_since is None and endpoint.last_error == ""

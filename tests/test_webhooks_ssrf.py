@@ -7,9 +7,14 @@ from __future__ import annotations
 
 import socket
 
+import httpx
 import pytest
+from django.contrib.auth import get_user_model
+from django.test import Client
 
 from runs.execution.executor import run_execute
+from runs.models import Run
+from tests.conftest import free_port
 from tests.fakes.tls import make_certificates
 from tests.fakes.webhook_receiver import start_in_thread
 from tests.webhook_support import SECRET, deliver_all, finished_run, hook_path
@@ -299,6 +304,71 @@ def test_answers_of_private_targets_are_for_operators_only(alice, make_chain, re
     WebhookAttempt.objects.update(private_target=False)
     [shown] = alice.get(f"/api/v1/runs/{run.id}/deliveries").json()["results"][0]["attempts"]
     assert shown["response_excerpt"] == "received 1"
+
+
+@pytest.mark.django_db(transaction=True)
+@pytest.mark.slow
+def test_port_0_is_refused_at_registration(live_server_url, alice, make_chain):
+    """A probe registered `http://127.0.0.1:0/` (201, on a server that allows loopback, as the
+    test server does): read as port 80, it was retried for days. Refused, and at delivery."""
+    make_chain("demo")
+    headers = {"Authorization": f"Bearer {alice.raw_key}"}
+    with httpx.Client(base_url=live_server_url, headers=headers, timeout=30) as http:
+        for url in ("http://127.0.0.1:0/", f"http://{PUBLIC}:0/hook", "https://[::1]:00/"):
+            response = http.post(EP, json={"url": url})
+            assert response.status_code == 400, (url, response.text)
+            assert response.json()["errors"][0]["field"] == "url"
+            assert "port" in response.json()["errors"][0]["message"]
+            webhook = {"url": url, "secret": SECRET}
+            response = http.post("/api/v1/chains/demo/runs", json={"input": {}, "webhook": webhook})
+            assert response.status_code == 400, (url, response.text)
+            assert response.json()["errors"][0]["field"] == "webhook.url"
+        # Any other port is as before.
+        assert http.post(EP, json={"url": "http://127.0.0.1:1/"}).status_code == 201
+    assert WebhookEndpoint.objects.count() == 1 and not Run.objects.exists()
+
+
+@pytest.mark.django_db(transaction=True)
+@pytest.mark.slow
+def test_failures_of_private_targets_show_one_error_class(
+    live_server_url, alice, make_chain, receiver, local_ok
+):
+    """A probe told open from closed ports inside an allowed network by the delivery log
+    (`Connection refused` vs `http_400` vs `No route to host`). Tenants see one error class, and
+    no status code or duration, for any failure at a private target; the admin keeps the
+    detail."""
+    local_ok.WEBHOOK_RETRY_SCHEDULE_S = []  # one attempt each
+    targets = {
+        "refused": f"http://127.0.0.1:{free_port()}/hook",  # nothing listens
+        "http_400": receiver.base_url + hook_path(status=400),
+        "http_503": receiver.base_url + hook_path(status=503),
+        "redirect": receiver.base_url + hook_path(redirect=1),
+    }
+    for url in targets.values():
+        assert alice.post(EP, {"url": url}).status_code == 201
+    run = finished_run(alice, make_chain)
+    deliver_all()
+    details = set(WebhookAttempt.objects.values_list("error", flat=True))
+    assert len(details) == 4 and "http_400" in details, details  # the operators' detail
+    with httpx.Client(
+        base_url=live_server_url, headers={"Authorization": f"Bearer {alice.raw_key}"}, timeout=30
+    ) as http:
+        deliveries = http.get(f"/api/v1/runs/{run.id}/deliveries").json()["results"]
+        endpoints = http.get(EP).json()["results"]
+    assert {d["url"] for d in deliveries} == set(targets.values())
+    for delivery in deliveries:
+        [attempt] = delivery["attempts"]
+        assert delivery["status"] == "failed"
+        assert attempt["error"] == "private_target_error", attempt
+        assert attempt["status_code"] is None and attempt["duration_ms"] is None, attempt
+        assert attempt["response_excerpt"] == ""
+    assert [e["last_error"] for e in endpoints] == ["private_target_error"] * 4
+    # The admin shows what happened.
+    staff = Client()
+    staff.force_login(get_user_model().objects.create_superuser("ops", "o@example.com", "pw"))
+    delivery = WebhookDelivery.objects.get(url=targets["http_400"])
+    page = staff.get(f"/admin/webhooks/webhookdelivery/{delivery.id}/change/")
+    assert page.status_code == 200 and b"http_400" in page.content
 
 
 @pytest.mark.parametrize(

@@ -38,6 +38,21 @@ class Outcome:
     def ok(self) -> bool:
         return self.status_code is not None and 200 <= self.status_code < 300 and not self.error
 
+    @property
+    def tenant_error(self) -> str:
+        return tenant_error(self.error, private_target=self.private_target)
+
+
+# What a tenant is shown of any failed attempt to a private address the allow-list opened.
+PRIVATE_TARGET_ERROR = "private_target_error"
+
+
+def tenant_error(error: str, *, private_target: bool) -> str:
+    """The error a tenant may read. Inside an allowed private network every failure is one
+    class: `connection_error: ... refused`, `http_400` and `timeout` would tell the tenant which
+    internal ports are open. Operators read the attempt's own error in the admin."""
+    return PRIVATE_TARGET_ERROR if private_target and error else error
+
 
 def body_bytes(payload: dict) -> str:
     return json.dumps(payload, separators=(",", ":"), ensure_ascii=False)

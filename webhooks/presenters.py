@@ -5,7 +5,8 @@ from __future__ import annotations
 from typing import Any
 
 from runs.timefmt import iso
-from webhooks.models import WebhookDelivery, WebhookEndpoint
+from webhooks.delivery import tenant_error
+from webhooks.models import WebhookAttempt, WebhookDelivery, WebhookEndpoint
 
 
 def endpoint_dict(endpoint: WebhookEndpoint, *, with_secret: bool = False) -> dict[str, Any]:
@@ -34,19 +35,24 @@ def delivery_dict(delivery: WebhookDelivery) -> dict[str, Any]:
         "url": delivery.url,
         "event": delivery.message.event_type,
         "status": delivery.status,
-        "attempts": [
-            {
-                "number": a.number,
-                "at": iso(a.at),
-                "status_code": a.status_code,
-                "duration_ms": a.duration_ms,
-                "error": a.error or None,
-                # An internal service's answer stays with the operators (the admin shows it).
-                "response_excerpt": "" if a.private_target else a.response_excerpt,
-                "trigger": a.trigger,
-            }
-            for a in delivery.attempts.all()
-        ],
+        "attempts": [attempt_dict(a) for a in delivery.attempts.all()],
         "next_attempt_at": iso(delivery.next_attempt_at),
         "created_at": iso(delivery.created_at),
+    }
+
+
+def attempt_dict(attempt: WebhookAttempt) -> dict[str, Any]:
+    """An attempt as its tenant sees it. What an internal service answers stays with the
+    operators (the admin shows it): its excerpt always, and of a failure also its status code
+    and duration, and one error class instead of its error (webhooks.delivery.tenant_error), so
+    the log cannot be used to map which ports inside an allowed network are open."""
+    hidden = attempt.private_target and bool(attempt.error)
+    return {
+        "number": attempt.number,
+        "at": iso(attempt.at),
+        "status_code": None if hidden else attempt.status_code,
+        "duration_ms": None if hidden else attempt.duration_ms,
+        "error": tenant_error(attempt.error, private_target=attempt.private_target) or None,
+        "response_excerpt": "" if attempt.private_target else attempt.response_excerpt,
+        "trigger": attempt.trigger,
     }

@@ -180,6 +180,8 @@ def _split(url: str) -> tuple[str, str, int, str]:
         raise BlockedAddress("The URL has no host.")
     if parts.username or parts.password:
         raise BlockedAddress("The URL must not contain credentials.")
+    if port == 0:  # not a port anything listens on (and `port or default` would read it as 80)
+        raise BlockedAddress("The URL's port must be 1 to 65535.")
     path = parts.path or "/"
     if parts.query:
         path += f"?{parts.query}"

@@ -189,7 +189,7 @@ def _endpoint_after(endpoint: WebhookEndpoint, outcome: http.Outcome, now: datet
         if endpoint.failing_since or endpoint.last_error:
             endpoints.update(failing_since=None, last_error="")
         return
-    endpoints.update(last_error=outcome.error[:500])
+    endpoints.update(last_error=outcome.tenant_error[:500])  # the API shows it to the tenant
     endpoints.filter(failing_since__isnull=True).update(failing_since=now)
     if outcome.status_code == 410:
         endpoints.filter(enabled=True).update(
