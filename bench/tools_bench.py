@@ -8,11 +8,11 @@ Production configuration (PostgreSQL + Redis), the fake model server, ONE execut
 
 1. drain: `--runs` runs of a two-agent chain, the first agent with one tool (a sync function,
    bench/refs/tools.py): model call -> tool call -> model call, then the second agent; every
-   model call `--tokens` tokens at `--latency-ms`. The runs are queued in one transaction while
-   the executor waits, so they become claimable at once; drain is the commit to the last
-   `finished_at`, start latency `started_at - created_at`. Reference: the same calls (httpx
-   streaming from the same server, the same tool) as one `asyncio.gather` of `--runs` coroutines
-   in one process, no durability.
+   model call `--tokens` tokens at `--latency-ms`. The runs are queued 25 at a time, 250 a
+   second, while the executor runs; drain is the first queueing to the last `finished_at`, start
+   latency `started_at - created_at`. Reference: the same calls (httpx streaming from the same
+   server, in clients of 16 connections as the executor's, the same tool) as one
+   `asyncio.gather` of `--runs` coroutines in one process, no durability.
 2. round: on the zero-latency model, `--samples` runs one after another of an agent that makes
    `--rounds` tool rounds, and of the same agent making none: the per-round difference of their
    median durations (`finished_at - started_at`), against the same difference for the plain
@@ -81,7 +81,9 @@ def parse_args() -> argparse.Namespace:
 async def _complete(client: httpx.AsyncClient, url: str, body: dict) -> dict:
     """One streamed chat completion: its text and tool calls."""
     text, calls = [], {}
+    url = f"{url}/chat/completions"
     async with client.stream("POST", url, json={**body, "stream": True}) as response:
+        response.raise_for_status()
         async for line in response.aiter_lines():
             if not line.startswith("data:") or line.endswith("[DONE]"):
                 continue
@@ -242,7 +244,12 @@ def main() -> None:
         with processes(executor_command(), env=executor_env(env), log_dir=tmp / "x"):
             warm, _ = queue(none_chain, 5)
             wait_done(warm, 60)
-            ids, committed = queue(drain_chain, args.runs)
+            # Queued at a steady rate, 25 every 0.1 s (faster than the API creates them).
+            ids, committed = [], time.time()
+            for start in range(0, args.runs, 25):
+                due = committed + start / 250
+                time.sleep(max(0.0, due - time.time()))
+                ids += queue(drain_chain, min(25, args.runs - start))[0]
             wait_done(ids, 600)
             rows = list(
                 Run.objects.filter(pk__in=ids).values_list(

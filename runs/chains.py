@@ -16,6 +16,7 @@ from jsonschema import Draft202012Validator, FormatChecker
 from jsonschema.exceptions import SchemaError
 
 from agentsvc.errors import ECHO_CHARS, ApplicationError
+from agentsvc.parsers import BodyError, strict_loads
 from runs.execution.tools import module_source_hash, object_load, tool_describe
 from runs.models import Agent, Chain, ChainKind
 
@@ -383,9 +384,9 @@ def output_parse(*, schema: dict, text: str) -> Any:
     """The JSON value of a structured output; ValueError with the reason a run fails with
     (`output_invalid`) when the text is not JSON or does not match the schema."""
     try:
-        value = json.loads(text)
-    except ValueError as e:
-        raise ValueError(f"The model's output is not valid JSON: {e}") from None
+        value = strict_loads(text.encode())
+    except BodyError as e:  # not JSON, or JSON the database cannot hold (NaN, 1e999, NUL)
+        raise ValueError(f"The model's output is not valid JSON: {e.detail}") from None
     error = next(iter(_output_validator(canonical_json(schema)).iter_errors(value)), None)
     if error is not None:
         where = "".join(f"[{p}]" if isinstance(p, int) else f".{p}" for p in error.absolute_path)

@@ -122,3 +122,21 @@ def test_a_changed_module_is_a_new_version(db, tmp_path, monkeypatch):
     assert second.version == first.version + 1
     assert second.source_hash != first.source_hash
     assert json.dumps(second.entrypoint) == '"ownchain.flow:run"'
+
+
+@pytest.mark.parametrize(
+    ("entrypoint", "code", "message"),
+    [
+        ("not_storable", "output_invalid", "The chain's output is"),
+        ("step_not_storable", "chain_error", "step 'infinite' returned a value that is"),
+        ("nul_output", "output_invalid", "may not contain NUL"),
+        ("nul_progress", "chain_error", "progress is"),
+    ],
+)
+def test_values_the_database_cannot_hold_fail_the_run_clearly(
+    alice, local_fake, entrypoint, code, message
+):
+    chain = publish(f"tests.chaincode.functions:{entrypoint}", name=entrypoint.replace("_", "-"))
+    run = execute(run_create(api_key=alice.key, chain=chain, run_input={"topic": "x"}, metadata={}))
+    assert (run.status, run.error_code) == (RunStatus.FAILED, code)
+    assert message in run.error_message

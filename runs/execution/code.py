@@ -12,7 +12,6 @@ same arguments (it is deterministic), as with any durable-execution engine.
 from __future__ import annotations
 
 import inspect
-import json
 import logging
 from collections.abc import Callable
 from functools import lru_cache
@@ -23,7 +22,7 @@ from django.conf import settings
 
 from runs.events import RUN_PROGRESS
 from runs.execution.providers import DeadlineExceeded, ProviderError
-from runs.execution.run import ChainError, RunFailure
+from runs.execution.run import ChainError, RunFailure, storable
 from runs.execution.tools import object_load, tool_describe
 from runs.models import Agent, ChainKind
 
@@ -116,9 +115,9 @@ class RunContext:
         if inspect.isawaitable(value):
             value = await value
         try:
-            value = json.loads(json.dumps(value))
-        except (TypeError, ValueError) as e:
-            raise TypeError(f"step {name!r} returned a value that is not JSON: {e}") from None
+            value = storable(value)
+        except ValueError as e:
+            raise TypeError(f"step {name!r} returned a value that is {e}") from None
         execution.step_record(
             key, {"value": value}, RUN_PROGRESS, {"message": f"{name} finished", "step": name}
         )
@@ -127,8 +126,11 @@ class RunContext:
     def progress(self, message: str, **data: Any) -> None:
         """A `run.progress` event {message, data} (not repeated while a resumed run replays)."""
         if not self.replaying:
-            self._execution.emit(RUN_PROGRESS, {"message": str(message), "data": data})
-
+            try:
+                event = storable({"message": str(message), "data": data})
+            except ValueError as e:
+                raise TypeError(f"progress is {e}") from None
+            self._execution.emit(RUN_PROGRESS, event)
 
 @lru_cache(maxsize=256)
 def _described(path: str) -> dict[str, Any]:

@@ -22,6 +22,7 @@ from django.conf import settings
 from opentelemetry.trace import NonRecordingSpan, Span, SpanKind, Status, StatusCode
 
 from agentsvc import tracing
+from agentsvc.parsers import BodyError, strict_loads
 from runs.chains import agent_messages, output_parse, output_response_format
 from runs.events import (
     AGENT_COMPLETED,
@@ -203,11 +204,11 @@ class Execution:
             shown: Any = output
             if self.claim.kind != ChainKind.AGENTS:  # any JSON value, kept as its JSON text
                 try:
-                    output = json.dumps(output, ensure_ascii=False)
-                except (TypeError, ValueError) as e:
-                    await self._fail("output_invalid", f"The chain's output is not JSON: {e}")
+                    shown = storable(output)
+                except ValueError as e:
+                    await self._fail("output_invalid", f"The chain's output is {e}")
                     return
-                shown = json.loads(output)
+                output = json.dumps(shown, ensure_ascii=False)
             elif self.claim.output_schema is not None:
                 try:
                     shown = output_parse(schema=self.claim.output_schema, text=output)
@@ -446,6 +447,7 @@ class Execution:
                 if isinstance(item, ToolCalls):
                     calls = item.calls
                     continue
+                item = text_storable(item)
                 parts.append(item)
                 pending.append(item)
                 now = time.monotonic()
@@ -536,11 +538,30 @@ class RunFailure(Exception):
         self.message = message
 
 
+def storable(value: Any) -> Any:
+    """`value` as the database's JSON holds it (no NaN or infinity, no NUL, keys as text), or
+    ValueError saying what is not: events and steps are written as they are given, and one
+    value PostgreSQL refuses would fail the flush of every run in it."""
+    try:
+        text = json.dumps(value, ensure_ascii=False)
+    except (TypeError, ValueError) as e:
+        raise ValueError(f"not JSON: {e}") from None
+    try:
+        return strict_loads(text.encode())
+    except BodyError as e:
+        raise ValueError(str(e.detail)) from None
+
+
+def text_storable(text: str) -> str:
+    """Model or tool text without the one character a database text cannot hold (NUL)."""
+    return text.replace("\x00", "") if "\x00" in text else text
+
+
 def _arguments_shown(arguments: str) -> Any:
     """A tool call's arguments in its event: the JSON object the model wrote, or its text when
     it is not one (the tool's result then says why)."""
     try:
-        value = json.loads(arguments or "{}")
-    except ValueError:
-        return arguments
-    return value if isinstance(value, dict) else arguments
+        value = strict_loads(arguments.encode()) if arguments else {}
+    except BodyError:
+        return text_storable(arguments)
+    return value if isinstance(value, dict) else text_storable(arguments)

@@ -185,6 +185,7 @@ def output_text(value: Any) -> str:
             text = json.dumps(value, ensure_ascii=False, default=str)
         except (TypeError, ValueError):
             text = str(value)
+    text = text.replace("\x00", "")  # a database text cannot hold NUL
     limit = settings.TOOL_OUTPUT_MAX_CHARS
     if len(text) > limit:
         text = text[:limit] + f"… [cut: {len(text) - limit} more characters]"
@@ -224,5 +225,6 @@ async def tool_call(*, tool: dict, arguments: str, timeout_s: float) -> str:
     except asyncio.CancelledError:
         raise
     except Exception as e:
-        raise ToolError("tool_error", f"{type(e).__name__}: {e}"[:1000]) from None
+        message = f"{type(e).__name__}: {e}".replace("\x00", "")
+        raise ToolError("tool_error", message[:1000]) from None
     return output_text(value)

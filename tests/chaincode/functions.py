@@ -27,3 +27,22 @@ def not_async(ctx, input):
 
 
 ANSWER = 42
+
+
+async def not_storable(ctx, input):
+    """An output the database's JSON cannot hold."""
+    return {"ratio": float("nan")}
+
+
+async def step_not_storable(ctx, input):
+    return await ctx.step("infinite", lambda: float("inf"))
+
+
+async def nul_output(ctx, input):
+    """NUL in the output: a database text cannot hold it."""
+    return "x\x00y"
+
+
+async def nul_progress(ctx, input):
+    ctx.progress("a\x00b")
+    return "never"
