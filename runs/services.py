@@ -194,7 +194,7 @@ def events_write(*, appends: list[Append]) -> dict[UUID, int | None]:
     ended: list[tuple] = []
     hooked: list[tuple[UUID, str, int, datetime]] = []
     released: dict[int, int] = {}
-    steps: list[RunStep] = []
+    steps: list[tuple] = []
     with transaction.atomic(savepoint=False):
         updated = _update_all(appends)
         for append in appends:
@@ -211,15 +211,15 @@ def events_write(*, appends: list[Append]) -> dict[UUID, int | None]:
                 data = {**data, "run_id": run, "seq": seq, "ts": iso(at)}
                 rows.append((append.run_id, seq, event, data, at))
             steps += [
-                RunStep(
-                    run_id=append.run_id,
-                    key=key,
-                    attempt=attempt,
-                    data=data,
-                    input_tokens=usage.input_tokens,
-                    output_tokens=usage.output_tokens,
-                    cost=cost,
-                    created_at=at,
+                (
+                    append.run_id,
+                    key,
+                    attempt,
+                    data,
+                    usage.input_tokens,
+                    usage.output_tokens,
+                    cost,
+                    at,
                 )
                 for key, attempt, data, usage, cost, at in append.steps
             ]
@@ -231,9 +231,8 @@ def events_write(*, appends: list[Append]) -> dict[UUID, int | None]:
                 hooked.append((append.run_id, last_type, last_seq, last_at))
                 if key_id is not None:
                     released[key_id] = released.get(key_id, 0) + 1
-        _events_insert(rows)
-        if steps:
-            RunStep.objects.bulk_create(steps)
+        _rows_insert(RunEvent, _EVENT_COLUMNS, rows)
+        _rows_insert(RunStep, _STEP_COLUMNS, steps)
         if hooked:
             terminal_hooks_call(ended=hooked)
         for key_id in sorted(released):  # last, and in one order: they lock the keys' rows
@@ -246,26 +245,35 @@ def events_write(*, appends: list[Append]) -> dict[UUID, int | None]:
 
 
 _EVENT_COLUMNS = ("run", "seq", "type", "data", "created_at")
-_EVENT_BATCH = 1000  # rows per INSERT statement
+_STEP_COLUMNS = (
+    "run",
+    "key",
+    "attempt",
+    "data",
+    "input_tokens",
+    "output_tokens",
+    "cost",
+    "created_at",
+)
+_INSERT_BATCH = 1000  # rows per INSERT statement
 
 
-def _events_insert(rows: list[tuple[UUID, int, str, dict[str, Any], datetime]]) -> None:
-    """INSERT the events, a thousand rows a statement: the group commit writes hundreds at a
-    time, where model instances and bulk_create cost more than the database does."""
+def _rows_insert(model, columns: tuple[str, ...], rows: list[tuple]) -> None:
+    """INSERT the events (or steps), a thousand rows a statement: the group commit writes
+    hundreds at a time, where model instances and bulk_create cost more than the database does."""
     if not rows:
         return
-    db = connections[RunEvent.objects.db]
-    fields = [RunEvent._meta.get_field(name) for name in _EVENT_COLUMNS]
-    columns = ", ".join(db.ops.quote_name(f.column) for f in fields)
+    db = connections[model.objects.db]
+    fields = [model._meta.get_field(name) for name in columns]
+    names = ", ".join(db.ops.quote_name(f.column) for f in fields)
     prep = [partial(f.get_db_prep_save, connection=db) for f in fields]
     with db.cursor() as cursor:
-        for start in range(0, len(rows), _EVENT_BATCH):
-            batch = rows[start : start + _EVENT_BATCH]
+        for start in range(0, len(rows), _INSERT_BATCH):
+            batch = rows[start : start + _INSERT_BATCH]
             values = ", ".join(["(" + ", ".join(["%s"] * len(fields)) + ")"] * len(batch))
             params = [p(value) for row in batch for p, value in zip(prep, row, strict=True)]
             cursor.execute(
-                f"INSERT INTO {db.ops.quote_name(RunEvent._meta.db_table)} ({columns}) "
-                f"VALUES {values}",
+                f"INSERT INTO {db.ops.quote_name(model._meta.db_table)} ({names}) VALUES {values}",
                 params,
             )
 

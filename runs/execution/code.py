@@ -132,6 +132,7 @@ class RunContext:
                 raise TypeError(f"progress is {e}") from None
             self._execution.emit(RUN_PROGRESS, event)
 
+
 @lru_cache(maxsize=256)
 def _described(path: str) -> dict[str, Any]:
     return tool_describe(path)
