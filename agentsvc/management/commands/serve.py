@@ -60,7 +60,8 @@ class Command(BaseCommand):
                     "to use the server already there."
                 )
         call_command("migrate", interactive=False, verbosity=0)
-        call_command("loadchains", str(settings.BASE_DIR / "chains" / "demo.yaml"))
+        for name in ("demo.yaml", "code.yaml"):
+            call_command("loadchains", str(settings.BASE_DIR / "chains" / name))
         key = self._demo_key()
 
         python = sys.executable

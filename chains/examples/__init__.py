@@ -1,0 +1,1 @@
+"""Example code chains, one of each kind, loaded by `make run` from chains/code.yaml."""
