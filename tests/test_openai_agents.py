@@ -131,16 +131,23 @@ def test_a_function_tool(alice, local):
     assert requests_for(local, model) == 2
 
 
-def test_a_handoff_is_another_agent(alice, local):
-    """The triage agent hands off (the fake calls its first tool: transfer_to_researcher), the
-    researcher calls its tool, then answers."""
+@pytest.mark.parametrize(
+    "agent, name, handoff_tool",
+    [
+        ("triage", "triage-agent", "transfer_to_researcher"),
+        ("dispatcher", "dispatcher", "ask_the_researcher"),  # a handoff() object
+    ],
+)
+def test_a_handoff_is_another_agent(alice, local, agent, name, handoff_tool):
+    """The first agent hands off (the fake calls its first tool, the handoff), the researcher
+    calls its tool, then answers."""
     model = fake(tools=2)
-    run = execute(start(alice, sdk_chain("triage", model)))
+    run = execute(start(alice, sdk_chain(agent, model)))
     assert run.status == RunStatus.COMPLETED, run.error_message
     started = typed(run, "agent.started")
-    assert started == [{"agent": "triage-agent", "index": 0}, {"agent": "researcher", "index": 1}]
+    assert started == [{"agent": name, "index": 0}, {"agent": "researcher", "index": 1}]
     completed = typed(run, "agent.completed")
-    assert [(c["agent"], c["index"]) for c in completed] == [("triage-agent", 0), ("researcher", 1)]
+    assert [(c["agent"], c["index"]) for c in completed] == [(name, 0), ("researcher", 1)]
     # The handoff is no tool call of the run's; the researcher's tool is.
     assert [(c["agent"], c["tool"]) for c in typed(run, "agent.tool_call")] == [
         ("researcher", "lookup")
@@ -150,7 +157,9 @@ def test_a_handoff_is_another_agent(alice, local):
     # The researcher got the conversation and its own instructions.
     messages = local.bodies[model]["messages"]
     assert messages[0] == {"role": "system", "content": "You look things up."}
-    assert messages[2]["tool_calls"][0]["function"]["name"] == "transfer_to_researcher"
+    assert messages[2]["tool_calls"][0]["function"]["name"] == handoff_tool
+    # The researcher's tool ran through the run's wrapper (its result is a replayable step).
+    assert {k for k in steps(run) if k.startswith("sdk/t/lookup/")}
     # Each agent's usage is its own model calls'; together, the run's.
     assert sum(c["usage"]["input_tokens"] for c in completed) == run.input_tokens
     assert sum(c["usage"]["output_tokens"] for c in completed) == run.output_tokens
@@ -228,10 +237,30 @@ def test_a_guardrail_tripwire_fails_the_run(alice, local):
     assert events(run)[-1].type == "run.failed"
 
 
-def test_a_provider_refusal_is_the_runs_error(alice, local):
-    run = execute(start(alice, sdk_chain("writer", fake(fail=401))))
+@pytest.mark.parametrize(
+    "opts, code",
+    [
+        ({"fail": 401}, "provider_auth_failed"),
+        ({"fail": 429}, "provider_rate_limited"),
+        ({"fail": 500}, "provider_error"),
+        ({"malformed": 1, "tokens": 3}, "invalid_provider_response"),
+    ],
+)
+def test_provider_failures_are_the_runs_error(alice, local, settings, opts, code):
+    settings.PROVIDER_MAX_RETRIES = 0
+    run = execute(start(alice, sdk_chain("writer", fake(**opts))))
     assert run.status == RunStatus.FAILED
-    assert run.error_code == "provider_auth_failed"
+    assert run.error_code == code, run.error_message
+    assert run.error_message.startswith("local: ")
+
+
+def test_usage_a_server_does_not_report_is_estimated(alice, local):
+    run = execute(start(alice, sdk_chain("researcher", fake(tools=1, no_usage=1))))
+    assert run.status == RunStatus.COMPLETED, run.error_message
+    assert run.input_tokens > 0 and run.output_tokens > 0
+    recorded = steps(run)
+    assert sum(i for i, _ in recorded.values()) == run.input_tokens
+    assert sum(o for _, o in recorded.values()) == run.output_tokens
 
 
 def test_a_timeout_stops_a_silent_model(alice, local):

@@ -32,6 +32,7 @@ import logging
 import re
 import time
 from collections import Counter
+from collections.abc import AsyncIterator
 from typing import TYPE_CHECKING, Any
 
 import httpx
@@ -65,6 +66,7 @@ from agents.stream_events import (
 )
 from django.conf import settings
 from django.utils.text import slugify
+from openai.types.responses import ResponseCompletedEvent
 from pydantic_core import PydanticSerializationError, to_jsonable_python
 
 from agentsvc.chainkit import provider_conf
@@ -105,21 +107,54 @@ async def sdk_agent_run(execution: Execution, agent: Agent) -> Any:
             settings.PROVIDER_READ_TIMEOUT_S, connect=settings.PROVIDER_CONNECT_TIMEOUT_S
         ),
     )
-    return await _SdkRun(execution, _Models(client, claim.model)).run(agent)
+    return await _SdkRun(execution, _Models(client, claim.provider, claim.model)).run(agent)
 
 
 class _Models(ModelProvider):
     """The chain's provider as the SDK's model provider: an agent's `model` names the model,
     or the chain's `model` when the agent names none."""
 
-    def __init__(self, client: openai.AsyncOpenAI, default: str) -> None:
+    def __init__(self, client: openai.AsyncOpenAI, provider: str, default: str) -> None:
         self.client = client
+        self.provider = provider
         self.default = default
+        self.estimated = Usage(0, 0)  # of the calls whose server reported no usage
 
     def get_model(self, model_name: str | None) -> Model:
-        return OpenAIChatCompletionsModel(
-            model=model_name or self.default, openai_client=self.client
-        )
+        return _ChatModel(self, model_name or self.default)
+
+
+class _ChatModel(OpenAIChatCompletionsModel):
+    """The SDK's chat completions model, doing what file agents' provider does besides: a
+    stream chunk that is not JSON is the provider's error (not the chain's), and the usage of a
+    call whose server reported none is estimated (about 4 characters a token)."""
+
+    def __init__(self, models: _Models, model: str) -> None:
+        super().__init__(model=model, openai_client=models.client)
+        self.models = models
+
+    async def stream_response(  # type: ignore[override]
+        self, system_instructions: str | None, input: Any, *args: Any, **kwargs: Any
+    ) -> AsyncIterator[Any]:
+        stream = super().stream_response(system_instructions, input, *args, **kwargs)
+        try:
+            async for event in stream:
+                if isinstance(event, ResponseCompletedEvent) and event.response.usage is None:
+                    chars_in = len(system_instructions or "") + _chars(input)
+                    chars_out = _chars([item.model_dump() for item in event.response.output])
+                    estimated = self.models.estimated
+                    self.models.estimated = Usage(
+                        estimated.input_tokens - (-chars_in // 4),
+                        estimated.output_tokens - (-chars_out // 4),
+                    )
+                yield event
+        except ValueError as e:  # a chunk that does not parse (JSON, or the chunk's fields)
+            raise ProviderError(
+                "invalid_provider_response",
+                f"{self.models.provider}: malformed stream chunk ({e})"[:300],
+            ) from e
+        finally:
+            await stream.aclose()
 
 
 class _SdkRun:
@@ -400,7 +435,11 @@ class _SdkRun:
     def _used(self) -> Usage:
         assert self.result is not None
         usage = self.result.context_wrapper.usage
-        return Usage(usage.input_tokens, usage.output_tokens)
+        estimated = self.models.estimated
+        return Usage(
+            usage.input_tokens + estimated.input_tokens,
+            usage.output_tokens + estimated.output_tokens,
+        )
 
     def _step(self, key: str, data: dict, event: str, event_data: dict, **fields: Any) -> None:
         """Record a step with its event and what the SDK counted since the step before."""
@@ -488,6 +527,22 @@ def _input_text(value: Any) -> str:
         if isinstance(only, str):
             return only
     return json.dumps(value, ensure_ascii=False)
+
+
+def _chars(value: Any) -> int:
+    """The characters of the text in model input or output items (contents, tool arguments and
+    outputs, names), for an estimate of their tokens."""
+    if isinstance(value, str):
+        return len(value)
+    if isinstance(value, list):
+        return sum(_chars(v) for v in value)
+    if isinstance(value, dict):
+        return sum(
+            _chars(v)
+            for k, v in value.items()
+            if k in ("content", "text", "refusal", "arguments", "output", "name")
+        )
+    return 0
 
 
 def _get(raw: Any, name: str) -> Any:

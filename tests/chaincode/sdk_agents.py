@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import os
 
-from agents import Agent, GuardrailFunctionOutput, function_tool, input_guardrail
+from agents import Agent, GuardrailFunctionOutput, function_tool, handoff, input_guardrail
 from pydantic import BaseModel
 
 
@@ -35,6 +35,12 @@ triage = Agent(
     name="Triage Agent",
     instructions="Hand the question to the agent that can answer it.",
     handoffs=[researcher, writer],
+)
+# A handoff object (the SDK's `handoff()`): its target is known when it is invoked.
+dispatcher = Agent(
+    name="Dispatcher",
+    instructions="Hand the question on.",
+    handoffs=[handoff(researcher, tool_name_override="ask_the_researcher")],
 )
 failing = Agent(name="Failing", instructions="You use your tool.", tools=[explode])
 
