@@ -198,7 +198,6 @@ class _SdkRun:
                 model_settings=ModelSettings(include_usage=True),
                 tracing_disabled=True,
                 tool_error_formatter=self._tool_error,
-                workflow_name=self.execution.claim.chain,
             ),
         )
         self.result = result
@@ -298,14 +297,11 @@ class _SdkRun:
     def _tool_error(self, args: ToolErrorFormatterArgs) -> None:
         """A tool raised: the event says so; the model reads what the SDK gives by default."""
         if args.kind == "tool_exception" and args.error is not None:
-            code = (
-                "tool_arguments_invalid"
-                if isinstance(args.error, ModelBehaviorError)
-                else ("tool_error")
-            )
-            message = f"{type(args.error).__name__}: {args.error}"[:1000]
-            self.errors[args.call_id] = {"code": code, "message": message}
-        return None
+            invalid = isinstance(args.error, ModelBehaviorError)  # arguments that do not parse
+            self.errors[args.call_id] = {
+                "code": "tool_arguments_invalid" if invalid else "tool_error",
+                "message": f"{type(args.error).__name__}: {args.error}"[:1000],
+            }
 
     # --- The stream ------------------------------------------------------------------------
 
@@ -346,9 +342,8 @@ class _SdkRun:
             self.execution.resumed(0)  # a resumed run starts the agent over
         self.index += 1
         self.name = slugify(agent.name)[:100] or "agent"
-        self.model = (
-            agent.model if isinstance(agent.model, str) and agent.model else (self.models.default)
-        )
+        self.model = agent.model if isinstance(agent.model, str) else ""
+        self.model = self.model or self.models.default
         self.agent_started = time.monotonic()
         self.agent_usage = self._used()
         self.execution.emit(
@@ -467,7 +462,8 @@ class _SdkRun:
         provider = self.execution.claim.provider
         if isinstance(e, MaxTurnsExceeded):
             return RunFailure(
-                "agent_max_turns", f"{name} went past {DEFAULT_MAX_TURNS} turns ({e.message})."
+                "agent_max_turns",
+                f"{name} went past {DEFAULT_MAX_TURNS} turns (model calls) without a final output.",
             )
         if isinstance(e, InputGuardrailTripwireTriggered | OutputGuardrailTripwireTriggered):
             guardrail = e.guardrail_result.guardrail
