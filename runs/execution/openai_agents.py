@@ -78,7 +78,7 @@ from runs.events import (
     AGENT_TOOL_RESULT,
 )
 from runs.execution.providers import ProviderError, Usage
-from runs.execution.run import RunFailure, _arguments_shown
+from runs.execution.run import RunFailure, arguments_shown
 from runs.execution.tools import output_text
 
 if TYPE_CHECKING:
@@ -389,7 +389,7 @@ class _SdkRun:
             "index": self.index,
             "call_id": call_id,
             "tool": tool,
-            "arguments": _arguments_shown(_get(raw, "arguments")),
+            "arguments": arguments_shown(_get(raw, "arguments")),
         }
         if self.response_done:  # the response that asked for the tools is a step
             self.response_done = False

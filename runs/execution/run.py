@@ -479,7 +479,7 @@ class Execution:
                 "index": index,
                 "call_id": c["id"],
                 "tool": c["name"],
-                "arguments": _arguments_shown(c["arguments"]),
+                "arguments": arguments_shown(c["arguments"]),
             }
             for c in call["tool_calls"]
         ]
@@ -557,7 +557,7 @@ def text_storable(text: str) -> str:
     return text.replace("\x00", "") if "\x00" in text else text
 
 
-def _arguments_shown(arguments: str) -> Any:
+def arguments_shown(arguments: str) -> Any:
     """A tool call's arguments in its event: the JSON object the model wrote, or its text when
     it is not one (the tool's result then says why)."""
     try:
