@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from datetime import datetime
+from uuid import UUID
 
 from django.conf import settings
 from django.core.validators import RegexValidator
@@ -394,6 +395,11 @@ class RunListApi(APIView):
             OpenApiParameter("status", str, description="Comma-separated statuses."),
             OpenApiParameter("chain", str, description="A chain name."),
             OpenApiParameter(
+                "schedule",
+                {"type": "string", "format": "uuid"},
+                description="A schedule id: the runs its ticks started (also once it is deleted).",
+            ),
+            OpenApiParameter(
                 "created_after",
                 str,
                 description="RFC 3339 timestamp with zone. Runs whose `created_at`, as shown "
@@ -405,7 +411,10 @@ class RunListApi(APIView):
         responses={200: RunPage, **problems()},
     )
     def get(self, request):
-        check_query(request.query_params, {"status", "chain", "created_after", "limit", "cursor"})
+        check_query(
+            request.query_params,
+            {"status", "chain", "schedule", "created_after", "limit", "cursor"},
+        )
         params = request.query_params
         statuses = None
         if params.get("status"):
@@ -438,10 +447,21 @@ class RunListApi(APIView):
                 "Unknown chain.",
                 errors=[{"field": "chain", "message": f"No chain {echo(chain)!r}."}],
             )
+        schedule = None
+        if params.get("schedule"):
+            try:
+                schedule = UUID(params["schedule"])
+            except ValueError:
+                raise ApplicationError(
+                    "validation_error",
+                    "Invalid schedule.",
+                    errors=[{"field": "schedule", "message": "Must be a schedule id (a UUID)."}],
+                ) from None
         runs, next_cursor = selectors.run_list(
             owner=request.user,
             status=statuses,
             chain=chain,
+            schedule=schedule,
             created_after=created_after,
             cursor=params.get("cursor") or None,
             limit=int_param(request.query_params, "limit", 20, 1, MAX_LIMIT),
