@@ -26,15 +26,16 @@ class ScheduleAdmin(admin.ModelAdmin):
     list_select_related = ("owner",)
     search_fields = ("chain", "owner__name")
     show_full_result_count = False
-    # The webhook secret never shows in the admin.
+    # Read-only (pause, resume and delete are the actions); the webhook secret never shows.
     exclude = ("webhook_secret",)
+    readonly_fields = [f.name for f in Schedule._meta.fields if f.name != "webhook_secret"]
     actions = ("pause", "resume")
 
     def has_add_permission(self, request) -> bool:
         return False  # created through the API, with the key whose limits its runs count against
 
     def has_change_permission(self, request, obj=None) -> bool:
-        return False  # shown read-only; pause, resume and delete are the actions
+        return False  # read-only; pause, resume and delete are the actions
 
     def delete_model(self, request, obj) -> None:
         schedule_delete(schedule=obj)
