@@ -20,7 +20,8 @@ class TimingError(ValueError):
 
 @lru_cache(maxsize=1)
 def _zone_names() -> frozenset[str]:
-    return frozenset(available_timezones())
+    # "localtime" is this machine's own zone, not a name: a schedule must not move with it.
+    return frozenset(available_timezones()) - {"localtime"}
 
 
 def zone(name: str) -> ZoneInfo:
