@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from datetime import datetime
 from uuid import UUID
 
@@ -47,6 +48,7 @@ from runs.timefmt import after_ms, iso
 from webhooks.serializers import RunWebhookInput
 
 MAX_LIMIT = 100
+_UUID = re.compile(r"[0-9a-fA-F]{8}(?:-[0-9a-fA-F]{4}){3}-[0-9a-fA-F]{12}")
 
 
 def check_query(params, allowed: set[str]) -> None:
@@ -448,15 +450,14 @@ class RunListApi(APIView):
                 errors=[{"field": "chain", "message": f"No chain {echo(chain)!r}."}],
             )
         schedule = None
-        if params.get("schedule"):
-            try:
-                schedule = UUID(params["schedule"])
-            except ValueError:
+        if "schedule" in params:
+            if not _UUID.fullmatch(params["schedule"]):
                 raise ApplicationError(
                     "validation_error",
                     "Invalid schedule.",
                     errors=[{"field": "schedule", "message": "Must be a schedule id (a UUID)."}],
-                ) from None
+                )
+            schedule = UUID(params["schedule"])
         runs, next_cursor = selectors.run_list(
             owner=request.user,
             status=statuses,

@@ -264,7 +264,11 @@ def test_a_tick_starts_an_ordinary_run_that_lists_by_schedule(alice, make_chain)
         None,
         made["schedule_id"],
     }
-    assert fields(alice.get("/api/v1/runs", {"schedule": "not-a-uuid"})) == {"schedule"}
+    sid = made["schedule_id"]
+    for bad in ("not-a-uuid", "", sid.replace("-", ""), f"{{{sid}}}", f"urn:uuid:{sid}"):
+        assert fields(alice.get("/api/v1/runs", {"schedule": bad})) == {"schedule"}
+    upper = alice.get("/api/v1/runs", {"schedule": made["schedule_id"].upper()}).json()
+    assert [r["run_id"] for r in upper["results"]] == [str(run.id)]
 
     after = alice.get(f"/api/v1/schedules/{made['schedule_id']}").json()
     assert after["last_run_id"] == str(run.id)
