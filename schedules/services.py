@@ -119,7 +119,7 @@ def _tick_run(schedule: Schedule) -> UUID:
     key = schedule.api_key
     if key is None or not key.is_active:
         raise ApplicationError(
-            "authentication_failed", "The API key that created the schedule is revoked."
+            "authentication_failed", "The API key that created the schedule is revoked or deleted."
         )
     webhook = None
     if schedule.webhook_url:

@@ -22,8 +22,6 @@ from schedules.services import schedule_tick, schedules_fire_due
 from tests.conftest import Api, wait_until
 from tests.webhook_support import SECRET
 
-pytestmark = pytest.mark.usefixtures("fake_model")
-
 TOPIC = {"topic": "tides"}
 PRIVATE = "http://10.1.2.3/hook"
 
