@@ -16,13 +16,13 @@ RUN python3 -m venv /opt/venv && pip install --upgrade pip
 WORKDIR /app
 # The dependencies (and the llama.cpp build) in a layer that only pyproject.toml changes.
 COPY pyproject.toml README.md ./
-RUN mkdir agentsvc runs webhooks \
-    && touch agentsvc/__init__.py runs/__init__.py webhooks/__init__.py \
+RUN mkdir agentsvc runs webhooks schedules \
+    && touch agentsvc/__init__.py runs/__init__.py webhooks/__init__.py schedules/__init__.py \
     && CMAKE_ARGS="$LLAMA_CMAKE_ARGS" CMAKE_BUILD_PARALLEL_LEVEL=$(nproc) pip install '.[local]' \
     && pip uninstall -y agentsvc
 COPY . .
 # Editable: the code runs from /app, beside manage.py, templates/ and chains/.
-RUN pip install --no-deps -e . && python -m compileall -q agentsvc runs webhooks
+RUN pip install --no-deps -e . && python -m compileall -q agentsvc runs webhooks schedules
 
 FROM ${BASE}
 # OpenMP, which the llama.cpp build links against.

@@ -88,6 +88,11 @@ def add_common_headers(result, generator, request, public):
                         "schema": {"type": "string"},
                         "description": "The run: `/api/v1/runs/{id}`.",
                     }
+                if status == "201" and operation.get("operationId") == "schedules_create":
+                    headers["Location"] = {
+                        "schema": {"type": "string"},
+                        "description": "The schedule: `/api/v1/schedules/{id}`.",
+                    }
                 if status in ("409", "429", "503") or (status == "200" and "runs/{run_id}" in path):
                     headers["Retry-After"] = {
                         "schema": {"type": "integer"},
@@ -131,6 +136,14 @@ _LINKS = {
         "webhook_endpoints_update",
         "webhook_endpoints_rotate_secret",
         "webhook_endpoints_delete",
+    ),
+    ("schedules_create", "201"): _links(
+        "schedule_id",
+        "/schedule_id",
+        "schedules_retrieve",
+        "schedules_pause",
+        "schedules_resume",
+        "schedules_delete",
     ),
     ("runs_deliveries", "200"): _links("delivery_id", "/results/0/id", "deliveries_resend"),
     ("runs_webhooks_resend", "202"): _links("delivery_id", "/results/0/id", "deliveries_resend"),

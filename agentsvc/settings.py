@@ -72,6 +72,7 @@ INSTALLED_APPS = [
     "agentsvc",
     "runs",
     "webhooks",
+    "schedules",
 ]
 
 MIDDLEWARE = [
@@ -443,6 +444,12 @@ if REDIS_URL:
     # Wake-ups are tiny and fanned out per process, so a modest buffer per channel is plenty;
     # a message dropped at capacity only delays a reader until the next re-check.
     CHANNEL_LAYERS["default"]["CONFIG"].update({"capacity": 1000, "expiry": 30})
+# --- Scheduled runs -------------------------------------------------------------------------
+# Every executor's clock looks for due ticks this often (one indexed query); a tick starts its
+# run within about this long of its time.
+SCHEDULE_POLL_S = env_float("SCHEDULE_POLL_S", 1.0, minimum=0.05)
+# The shortest `interval_s` a schedule may have (a cron fires at most once a minute).
+SCHEDULE_MIN_INTERVAL_S = env_int("SCHEDULE_MIN_INTERVAL_S", 60, minimum=1)
 # --- Lifecycle keeper -------------------------------------------------------------------------
 # A schedule (every minute) ends or retries what nobody else will: runs whose worker died, runs
 # past their deadline, runs nobody is watching, and runs older than the retention window.

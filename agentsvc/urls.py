@@ -6,6 +6,7 @@ from agentsvc import views
 from runs import api as runs_api
 from runs import dashboard
 from runs import sse as runs_sse
+from schedules import api as schedules_api
 from webhooks import api as webhooks_api
 
 api_v1 = [
@@ -39,6 +40,11 @@ api_v1 = [
     path("runs/<uuid:run_id>/deliveries", webhooks_api.RunDeliveriesApi.as_view()),
     path("runs/<uuid:run_id>/webhooks/resend", webhooks_api.RunWebhooksResendApi.as_view()),
     path("deliveries/<uuid:delivery_id>/resend", webhooks_api.DeliveryResendApi.as_view()),
+    path("chains/<slug:name>/schedules", schedules_api.ScheduleCreateApi.as_view()),
+    path("schedules", schedules_api.ScheduleListApi.as_view()),
+    path("schedules/<uuid:schedule_id>", schedules_api.ScheduleDetailApi.as_view()),
+    path("schedules/<uuid:schedule_id>/pause", schedules_api.SchedulePauseApi.as_view()),
+    path("schedules/<uuid:schedule_id>/resume", schedules_api.ScheduleResumeApi.as_view()),
 ]
 
 urlpatterns = [

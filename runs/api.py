@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import re
 from datetime import datetime
+from uuid import UUID
 
 from django.conf import settings
 from django.core.validators import RegexValidator
@@ -46,6 +48,7 @@ from runs.timefmt import after_ms, iso
 from webhooks.serializers import RunWebhookInput
 
 MAX_LIMIT = 100
+_UUID = re.compile(r"[0-9a-fA-F]{8}(?:-[0-9a-fA-F]{4}){3}-[0-9a-fA-F]{12}")
 
 
 def check_query(params, allowed: set[str]) -> None:
@@ -394,6 +397,11 @@ class RunListApi(APIView):
             OpenApiParameter("status", str, description="Comma-separated statuses."),
             OpenApiParameter("chain", str, description="A chain name."),
             OpenApiParameter(
+                "schedule",
+                {"type": "string", "format": "uuid"},
+                description="A schedule id: the runs its ticks started (also once it is deleted).",
+            ),
+            OpenApiParameter(
                 "created_after",
                 str,
                 description="RFC 3339 timestamp with zone. Runs whose `created_at`, as shown "
@@ -405,7 +413,10 @@ class RunListApi(APIView):
         responses={200: RunPage, **problems()},
     )
     def get(self, request):
-        check_query(request.query_params, {"status", "chain", "created_after", "limit", "cursor"})
+        check_query(
+            request.query_params,
+            {"status", "chain", "schedule", "created_after", "limit", "cursor"},
+        )
         params = request.query_params
         statuses = None
         if params.get("status"):
@@ -438,10 +449,20 @@ class RunListApi(APIView):
                 "Unknown chain.",
                 errors=[{"field": "chain", "message": f"No chain {echo(chain)!r}."}],
             )
+        schedule = None
+        if "schedule" in params:
+            if not _UUID.fullmatch(params["schedule"]):
+                raise ApplicationError(
+                    "validation_error",
+                    "Invalid schedule.",
+                    errors=[{"field": "schedule", "message": "Must be a schedule id (a UUID)."}],
+                )
+            schedule = UUID(params["schedule"])
         runs, next_cursor = selectors.run_list(
             owner=request.user,
             status=statuses,
             chain=chain,
+            schedule=schedule,
             created_after=created_after,
             cursor=params.get("cursor") or None,
             limit=int_param(request.query_params, "limit", 20, 1, MAX_LIMIT),

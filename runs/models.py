@@ -149,6 +149,11 @@ class Run(models.Model):
         "self", null=True, blank=True, on_delete=models.SET_NULL, related_name="reruns"
     )
 
+    # The schedule whose tick started the run (schedules/), if any. A plain column, not a
+    # foreign key: runs outlive a deleted schedule and still list by its id, and the runs app
+    # does not depend on the schedules app (which depends on it).
+    schedule_id = models.UUIDField(null=True, blank=True)
+
     webhook_url = models.URLField(max_length=2000, blank=True)
     webhook_secret = models.CharField(max_length=200, blank=True)
     webhook_events = models.JSONField(default=list, blank=True)
@@ -180,6 +185,12 @@ class Run(models.Model):
                 fields=["worker"],
                 name="run_worker_running_idx",
                 condition=Q(status="running"),
+            ),
+            # GET /runs?schedule=: an owner's runs of one schedule newest first, keyset-paginated.
+            models.Index(
+                fields=["owner", "schedule_id", "-created_at", "-id"],
+                name="run_owner_schedule_idx",
+                condition=Q(schedule_id__isnull=False),
             ),
             # The admin's run list: every owner's runs newest first.
             models.Index(fields=["-created_at"], name="run_created_idx"),

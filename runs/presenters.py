@@ -78,6 +78,7 @@ def run_dict(run: Run) -> dict[str, Any]:
             {"url": run.webhook_url, "events": run.webhook_events} if run.webhook_url else None
         ),
         "rerun_of": str(run.rerun_of_id) if run.rerun_of_id else None,
+        "schedule_id": str(run.schedule_id) if run.schedule_id else None,
         **run_urls(run),
     }
 

@@ -120,6 +120,9 @@ class RunOut(serializers.Serializer):
     rerun_of = serializers.UUIDField(
         allow_null=True, help_text="The run this one re-runs (POST /runs/{id}/rerun)."
     )
+    schedule_id = serializers.UUIDField(
+        allow_null=True, help_text="The schedule whose tick started the run (section 10)."
+    )
     poll_url = serializers.CharField()
     events_url = serializers.CharField()
     ws_url = serializers.CharField()

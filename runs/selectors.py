@@ -181,17 +181,21 @@ def run_list(
     owner: Owner,
     status: list[str] | None = None,
     chain: str | None = None,
+    schedule: UUID | None = None,
     created_after: datetime | None = None,
     cursor: str | None = None,
     limit: int = 20,
 ) -> tuple[list[Run], str | None]:
     """A page of an owner's runs, newest first, and the cursor of the next page (or None).
-    `created_after` is inclusive: the API passes the first instant after the millisecond asked."""
+    `created_after` is inclusive: the API passes the first instant after the millisecond asked.
+    `schedule`: the runs its ticks started (run_owner_schedule_idx)."""
     runs: QuerySet[Run] = Run.objects.filter(owner=owner).select_related("chain")
     if status:
         runs = runs.filter(status__in=status)
     if chain:
         runs = runs.filter(chain__name=chain)
+    if schedule:
+        runs = runs.filter(schedule_id=schedule)
     if created_after:
         runs = runs.filter(created_at__gte=created_after)
     if cursor:

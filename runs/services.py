@@ -371,6 +371,7 @@ class NewRun:
     input: Any
     metadata: dict
     webhook: dict | None = None
+    schedule_id: UUID | None = None  # the schedule whose tick starts it
 
 
 def run_create(
@@ -382,6 +383,7 @@ def run_create(
     webhook: dict | None = None,
     idempotency: IdempotencyRecord | None = None,
     rerun_of: Run | None = None,
+    schedule_id: UUID | None = None,
 ) -> Run:
     """Admit and queue a run: limits first, then the run, its first event and the idempotency
     record in one transaction; the task is enqueued after commit."""
@@ -389,7 +391,7 @@ def run_create(
     (run,) = _runs_admit_and_create(
         api_key=api_key,
         chain=chain,
-        new=[NewRun(run_input, metadata, webhook)],
+        new=[NewRun(run_input, metadata, webhook, schedule_id)],
         idempotency=idempotency,
         rerun_of=rerun_of,
     )
@@ -541,6 +543,7 @@ def runs_build(
                 webhook_secret=webhook.get("secret", ""),
                 webhook_events=webhook.get("events", []),
                 rerun_of=rerun_of,
+                schedule_id=item.schedule_id,
                 trace_parent=trace_parent,
                 created_at=now,
             )

@@ -188,11 +188,13 @@ def _runs_end_before_flush(request):
     """Before a transactional test's database is flushed, no run may still be written to: an
     executor mid-write and the flush's TRUNCATE can deadlock, and a run left going would leak
     into the next test. Queued runs are cancelled (a claim then fails) and running ones are
-    waited for."""
+    waited for. Schedules are paused first, so no executor's clock starts one meanwhile."""
     yield
     if _transactional(request):
         from runs.models import Run, RunStatus
+        from schedules.models import Schedule
 
+        Schedule.objects.update(paused=True, next_run_at=None)
         Run.objects.filter(status=RunStatus.QUEUED).update(status=RunStatus.CANCELLED)
         wait_until(
             lambda: not Run.objects.filter(status=RunStatus.RUNNING).exists(),

@@ -19,8 +19,11 @@ from agentsvc.services import api_key_create
 from runs.execution.executor import run_execute
 from runs.models import Chain, Run, RunStatus
 from runs.services import run_create
+from schedules.models import Schedule
+from schedules.services import schedule_create
 from tests.conftest import Api, fake
 from webhooks.models import WebhookDelivery, WebhookEndpoint, WebhookMessage
+from webhooks.services.deliveries import endpoint_disable_automatically
 
 RUNS = "/admin/runs/run/"
 KEYS = "/admin/agentsvc/apikey/"
@@ -415,3 +418,70 @@ def test_delivery_search_by_delivery_id_webhook_id_run_id_and_url(
         assert staff.get(deliveries, {"q": d1.message_id}).status_code == 200
     with django_assert_max_num_queries(8):
         assert staff.get(deliveries, {"q": str(d2.pk)}).status_code == 200
+
+
+def test_an_endpoint_disabled_automatically_shows_in_the_endpoint_list(staff, alice, local_ok):
+    endpoint = WebhookEndpoint.objects.create(
+        owner=alice.key.owner, url="https://a.example.com/in", secret="s", events=["run.completed"]
+    )
+    endpoint_disable_automatically(
+        endpoint_id=endpoint.pk,
+        reason="Failing for too long without a success.",
+        now=timezone.now(),
+    )
+    page = staff.get(ENDPOINTS, {"enabled__exact": "0"})
+    row = re.search(r"<tr[^>]*>.*?a\.example\.com/in.*?</tr>", page.content.decode(), re.S)
+    assert row and "Failing for too long without a success." in row.group(0)
+    endpoint.refresh_from_db()
+    assert endpoint.disabled_at is not None
+
+
+# --- Schedules ------------------------------------------------------------------------------
+
+SCHEDULES = "/admin/schedules/schedule/"
+
+
+def _schedule(api, chain, **timing) -> Schedule:
+    return schedule_create(
+        api_key=api.key,
+        chain_name=chain.name,
+        version=None,
+        cron=timing.get("cron", ""),
+        tz=timing.get("tz", "UTC"),
+        interval_s=timing.get("interval_s"),
+        run_input={"topic": "tides"},
+        metadata={},
+        webhook={"url": "https://hooks.example.com/s", "secret": "whsec_c2VjcmV0"},
+    )
+
+
+def test_schedules_list_pause_resume_and_delete(
+    staff, alice, bob, make_chain, django_assert_max_num_queries
+):
+    chain = make_chain("demo")
+    hourly = _schedule(alice, chain, interval_s=3600)
+    parisian = _schedule(bob, chain, cron="0 9 * * 1-5", tz="Europe/Paris")
+    for _ in range(10):
+        _schedule(alice, chain, interval_s=60)
+    with django_assert_max_num_queries(8):
+        page = staff.get(SCHEDULES).content.decode()
+    assert "every 3600 s" in page and "0 9 * * 1-5 (Europe/Paris)" in page
+    assert (
+        "whsec_" not in page
+        and "whsec_" not in staff.get(f"{SCHEDULES}{parisian.pk}/change/").content.decode()
+    )
+
+    staff.post(SCHEDULES, {"action": "pause", "_selected_action": [hourly.pk]})
+    hourly.refresh_from_db()
+    assert hourly.paused and hourly.next_run_at is None
+    staff.post(SCHEDULES, {"action": "resume", "_selected_action": [hourly.pk]})
+    hourly.refresh_from_db()
+    assert not hourly.paused and hourly.next_run_at > timezone.now()
+    assert logged(hourly, "Paused") and logged(hourly, "Resumed")
+
+    response = staff.post(
+        SCHEDULES, {"action": "delete_selected", "_selected_action": [parisian.pk], "post": "yes"}
+    )
+    assert response.status_code == 302
+    assert not Schedule.objects.filter(pk=parisian.pk).exists()
+    assert staff.get(f"{SCHEDULES}add/").status_code == 403

@@ -18,6 +18,7 @@ import httpx
 import pytest
 from django.db.models import Q
 from django.urls import URLResolver, get_resolver
+from django.utils import timezone
 from drf_spectacular.generators import SchemaGenerator
 from websockets.sync.client import connect
 
@@ -25,6 +26,8 @@ from agentsvc.models import IdempotencyRecord
 from runs.models import TERMINAL_EVENTS, Run
 from runs.routing import websocket_urlpatterns
 from runs.services import run_create
+from schedules.models import Schedule
+from schedules.services import schedule_create, schedules_fire_due
 from tests.conftest import fake, wait_until
 from tests.test_ws import frames_until_close
 from tests.webhook_support import SECRET, deliver_all, finished_run, hook_path
@@ -38,7 +41,7 @@ class Owned:
 
     method: str
     path: str
-    kind: str  # run | endpoint | delivery
+    kind: str  # run | endpoint | delivery | schedule
     status: int
     sample: str = ""  # default: the kind itself ("run" is her finished run)
     body: dict | None = None
@@ -75,12 +78,17 @@ OWNED = [
     Owned("POST", "/api/v1/deliveries/{delivery_id}/resend", "delivery", 202),
     # The run's id in the body ("{id}"): no ticket for another owner's run.
     Owned("POST", "/api/v1/stream-tickets", "run", 201, body={"run_id": "{id}"}),
+    Owned("GET", "/api/v1/schedules/{schedule_id}", "schedule", 200),
+    Owned("POST", "/api/v1/schedules/{schedule_id}/pause", "schedule", 200),
+    Owned("POST", "/api/v1/schedules/{schedule_id}/resume", "schedule", 200),
+    Owned("DELETE", "/api/v1/schedules/{schedule_id}", "schedule", 204),
 ]
 # Lists (and the id field of their items): only the caller's objects, whatever the filters and
 # the cursor (even one taken from another owner's page).
 LISTS = {
     ("GET", "/api/v1/runs"): "run_id",
     ("GET", "/api/v1/webhook-endpoints"): "id",
+    ("GET", "/api/v1/schedules"): "schedule_id",
 }
 LIST_QUERIES = [{}, {"limit": 100}]
 RUN_LIST_QUERIES = [
@@ -99,6 +107,7 @@ CREATES = {
     },
     ("POST", "/api/v1/webhook-endpoints"): {},  # the receiver's URL, filled in
     ("POST", "/api/v1/stream-tickets"): {},  # the caller's feed
+    ("POST", "/api/v1/chains/{name}/schedules"): {"interval_s": 3600, "input": {"topic": "t"}},
 }
 # API operations that hold no tenant data.
 SHARED = {
@@ -170,6 +179,7 @@ class Objects:
     queued: Run
     endpoint: WebhookEndpoint
     delivery: WebhookDelivery
+    schedule: Schedule  # its tick started one of her runs
 
     def ids(self, kind: str) -> list[str]:
         if kind == "run":
@@ -217,6 +227,7 @@ def _state(owner_id: int) -> dict:
             Q(delivery__message__run__owner_id=owner_id) | Q(delivery__endpoint__owner_id=owner_id)
         ).count(),
         "idempotency": IdempotencyRecord.objects.filter(owner_id=owner_id).count(),
+        "schedules": list(Schedule.objects.filter(owner_id=owner_id).order_by("id").values()),
     }
 
 
@@ -254,7 +265,21 @@ def objects(live_server_url, alice, bob, make_chain, receiver, local_ok) -> Obje
         owner=alice.key.owner, api_key=alice.key, chain=run.chain, input={"topic": "a"}
     )
     run_create(api_key=bob.key, chain=run.chain, run_input={"topic": "b"}, metadata={})
-    return Objects(run=run, queued=queued, endpoint=endpoint, delivery=delivery)
+    schedule = schedule_create(
+        api_key=alice.key,
+        chain_name="demo",
+        version=None,
+        cron="",
+        tz="UTC",
+        interval_s=3600,
+        run_input={"topic": "s"},
+        metadata={},
+        webhook=None,
+    )
+    Schedule.objects.filter(pk=schedule.pk).update(next_run_at=timezone.now())
+    schedules_fire_due()
+    schedule.refresh_from_db()
+    return Objects(run=run, queued=queued, endpoint=endpoint, delivery=delivery, schedule=schedule)
 
 
 @pytest.mark.django_db(transaction=True)
@@ -311,7 +336,7 @@ def test_lists_show_only_the_callers_objects(live_server_url, alice, bob, object
             if first["next"]:
                 queries.append({"cursor": httpx.URL(first["next"]).params["cursor"]})
             if path == "/api/v1/runs":
-                queries += RUN_LIST_QUERIES
+                queries += [*RUN_LIST_QUERIES, {"schedule": str(objects.schedule.id)}]
             for params in queries:
                 shown = {item[id_field] for item in page(bob, path, params)["results"]}
                 assert not shown & theirs, (path, params)
@@ -341,7 +366,10 @@ def test_idempotency_keys_are_per_owner(live_server_url, alice, bob, make_chain,
                         data = json.loads(response.read())
                         data = data["results"][0] if "results" in data else data  # a batch
                         made[api.key.name] = (
-                            data.get("run_id") or data.get("id") or data["ticket"],
+                            data.get("run_id")
+                            or data.get("id")
+                            or data.get("schedule_id")
+                            or data["ticket"],
                             data.get("secret"),
                         )
             (alice_id, alice_secret), (bob_id, bob_secret) = made["alice-key"], made["bob-key"]
@@ -349,6 +377,7 @@ def test_idempotency_keys_are_per_owner(live_server_url, alice, bob, make_chain,
             assert alice_secret is None or alice_secret != bob_secret, path
     assert Run.objects.filter(owner=bob.key.owner).count() == 4
     assert WebhookEndpoint.objects.filter(owner=bob.key.owner).count() == 1
+    assert Schedule.objects.filter(owner=bob.key.owner).count() == 1
 
 
 def _ticket(url: str, api, body: dict) -> str | None:

@@ -25,6 +25,8 @@ from websockets.sync.client import connect
 from agentsvc.models import ApiKey, hash_key
 from runs.models import Chain, Run, RunStatus
 from runs.services import run_create
+from schedules.models import Schedule
+from schedules.services import schedule_create
 from tests.conftest import Api, Proc, fake, process_env, start_web, wait_until
 from tests.test_ws import frames_until_close
 from tests.webhook_support import SECRET, deliver_all, finished_run, hook_path
@@ -102,8 +104,20 @@ def admin_objects(alice, make_chain, receiver, local_ok) -> dict:
     deliver_all()
     WebhookDelivery.objects.update(status=DeliveryStatus.FAILED)
     queued = run_create(api_key=alice.key, chain=run.chain, run_input={"topic": "a"}, metadata={})
+    schedule = schedule_create(
+        api_key=alice.key,
+        chain_name=run.chain.name,
+        version=None,
+        cron="*/15 * * * *",
+        tz="Europe/Paris",
+        interval_s=None,
+        run_input={"topic": "s"},
+        metadata={},
+        webhook={"url": url, "secret": SECRET},
+    )
     return {
         Run: queued,
+        Schedule: schedule,
         ApiKey: alice.key,
         Chain: run.chain,
         WebhookEndpoint: endpoint,

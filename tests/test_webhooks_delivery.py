@@ -23,7 +23,7 @@ from webhooks.services import (
     endpoint_delete,
     endpoint_rotate_secret,
 )
-from webhooks.services.deliveries import _claim
+from webhooks.services.deliveries import _claim, endpoint_disable_automatically
 
 pytestmark = pytest.mark.usefixtures("local_ok")
 
@@ -39,6 +39,12 @@ def own(receiver, path: str, events=None) -> dict:
 
 def verify(secret: str, request) -> dict:
     return Webhook(secret).verify(request.body, request.headers)
+
+
+def patch(api, path: str, body: dict):
+    return api.client.patch(
+        path, json.dumps(body), content_type="application/json", headers=api._headers(None)
+    )
 
 
 def test_signed_delivery_verifies_with_standardwebhooks(alice, make_chain, receiver):
@@ -207,8 +213,127 @@ def test_endpoint_failing_for_five_days_is_disabled(alice, make_chain, receiver)
     delivery_attempt(delivery_id=WebhookDelivery.objects.get().id)
     endpoint.refresh_from_db()
     assert not endpoint.enabled and endpoint.disabled_reason
-    assert endpoint.last_error == "private_target_error"  # loopback: what the tenant sees
+    assert endpoint.last_error == "private_target_error" and endpoint.disabled_at  # loopback
     assert WebhookAttempt.objects.get().error == "http_500"
+
+
+def test_a_disabled_endpoint_is_announced_to_the_owners_other_endpoints(
+    alice, bob, make_chain, receiver, settings
+):
+    """endpoint.disabled, signed with each receiving endpoint's secret, to every other enabled
+    endpoint of the owner (whatever events it takes), not to the disabled one nor to another
+    owner's; the API shows when, and re-enabling through it delivers again."""
+    settings.WEBHOOK_DISABLE_AFTER_S = 3600
+    failing_path = hook_path(status=500)
+    other_path, quiet_path, off_path, bobs_path = (hook_path() for _ in range(4))
+    owner = alice.key.owner
+    failing = endpoint_create(owner=owner, url=receiver.base_url + failing_path, events=ALL)
+    other = endpoint_create(owner=owner, url=receiver.base_url + other_path, events=ALL)
+    quiet = endpoint_create(owner=owner, url=receiver.base_url + quiet_path, events=["run.failed"])
+    off = endpoint_create(owner=owner, url=receiver.base_url + off_path, events=ALL)
+    WebhookEndpoint.objects.filter(pk=off.pk).update(enabled=False)
+    endpoint_create(owner=bob.key.owner, url=receiver.base_url + bobs_path, events=ALL)
+    since = timezone.now() - timedelta(hours=1, seconds=1)
+    WebhookEndpoint.objects.filter(pk=failing.pk).update(failing_since=since)
+
+    finished_run(alice, make_chain)
+    deliver_all()
+    failing.refresh_from_db()
+    assert not failing.enabled
+    assert failing.disabled_reason == "Failing for too long without a success."
+    shown = alice.get(f"/api/v1/webhook-endpoints/{failing.id}").json()
+    assert shown["enabled"] is False and shown["disabled_at"] and shown["failing_since"]
+
+    [announced] = [r for r in receiver.requests_for(other_path) if b"endpoint.disabled" in r.body]
+    payload = verify(other.secret, announced)
+    assert payload["type"] == "endpoint.disabled" and payload["id"].startswith("msg_")
+    assert payload["data"] == {
+        "endpoint_id": str(failing.id),
+        "url": failing.url,
+        "reason": "Failing for too long without a success.",
+        "failing_since": shown["failing_since"],
+        "disabled_at": shown["disabled_at"],
+        "last_error": "private_target_error",
+    }
+    [to_quiet] = receiver.requests_for(quiet_path)  # it takes no run.completed, but this
+    assert verify(quiet.secret, to_quiet)["type"] == "endpoint.disabled"
+    assert not [r for r in receiver.requests_for(failing_path) if b"endpoint.disabled" in r.body]
+    assert receiver.requests_for(off_path) == []
+    assert receiver.requests_for(bobs_path) == []  # bob's runs did not end; nor did his endpoint
+    assert WebhookMessage.objects.filter(event_type="endpoint.disabled").count() == 1
+
+    # Re-enabled through the API: enabled, no reason, no failing clock, and delivered again.
+    response = patch(alice, f"/api/v1/webhook-endpoints/{failing.id}", {"enabled": True})
+    assert response.status_code == 200
+    body = response.json()
+    assert body["enabled"] is True and body["disabled_reason"] is None
+    assert body["disabled_at"] is None and body["failing_since"] is None
+    before = len(receiver.requests_for(failing_path))
+    finished_run(alice, make_chain)
+    deliver_all()
+    assert len(receiver.requests_for(failing_path)) > before
+
+
+def test_a_410_is_announced_too_and_only_once(alice, make_chain, receiver):
+    gone_path, other_path = hook_path(status=410), hook_path()
+    owner = alice.key.owner
+    gone = endpoint_create(owner=owner, url=receiver.base_url + gone_path, events=ALL)
+    endpoint_create(owner=owner, url=receiver.base_url + other_path, events=ALL)
+    finished_run(alice, make_chain)
+    deliver_all()
+    message = WebhookMessage.objects.get(event_type="endpoint.disabled")
+    assert message.payload["data"]["reason"] == "The receiver answered 410 Gone."
+    assert message.payload["data"]["endpoint_id"] == str(gone.id)
+    # A second disable (another attempt that failed at the same time) finds it disabled.
+    assert not endpoint_disable_automatically(
+        endpoint_id=gone.id, reason="again", now=timezone.now()
+    )
+    assert WebhookMessage.objects.filter(event_type="endpoint.disabled").count() == 1
+
+
+def test_deleting_one_receiver_of_an_announcement_keeps_the_others(alice, make_chain, receiver):
+    owner = alice.key.owner
+    failing = endpoint_create(owner=owner, url=receiver.base_url + hook_path(), events=ALL)
+    first = endpoint_create(owner=owner, url=receiver.base_url + hook_path(), events=ALL)
+    second = endpoint_create(owner=owner, url=receiver.base_url + hook_path(), events=ALL)
+    assert endpoint_disable_automatically(endpoint_id=failing.id, reason="r", now=timezone.now())
+    endpoint_delete(endpoint=first)
+    [delivery] = WebhookDelivery.objects.filter(message__event_type="endpoint.disabled")
+    assert delivery.endpoint_id == second.id
+    endpoint_delete(endpoint=second)
+    assert not WebhookMessage.objects.filter(event_type="endpoint.disabled").exists()
+
+
+def test_abort_message_stops_the_retries_of_that_message(alice, make_chain, receiver):
+    aborting = hook_path(status=500, control="abort-message")
+    plain = hook_path(status=500)
+    run = finished_run(alice, make_chain, webhook=own(receiver, aborting))
+    deliver_all()
+    assert len(receiver.requests_for(aborting)) == 1  # without the header: 1 + 3 retries
+    [delivery] = alice.get(f"/api/v1/runs/{run.id}/deliveries").json()["results"]
+    assert delivery["status"] == "failed" and delivery["next_attempt_at"] is None
+    assert delivery["attempts"][0]["error"] == "private_target_error"  # loopback, to the tenant
+    assert WebhookAttempt.objects.get(delivery_id=delivery["id"]).error == (
+        "aborted_by_receiver: http_500"
+    )
+    # Only that message: the next one is attempted, and a resend still goes out.
+    finished_run(alice, make_chain, webhook=own(receiver, aborting))
+    deliver_all()
+    assert len(receiver.requests_for(aborting)) == 2
+    alice.post(f"/api/v1/deliveries/{delivery['id']}/resend")
+    deliver_all()
+    assert len(receiver.requests_for(aborting)) == 3
+    finished_run(alice, make_chain, webhook=own(receiver, plain))
+    deliver_all()
+    assert len(receiver.requests_for(plain)) == 4
+
+
+def test_abort_message_on_a_success_changes_nothing(alice, make_chain, receiver):
+    path = hook_path(control="abort-message")
+    run = finished_run(alice, make_chain, webhook=own(receiver, path))
+    deliver_all()
+    [delivery] = alice.get(f"/api/v1/runs/{run.id}/deliveries").json()["results"]
+    assert delivery["status"] == "succeeded" and delivery["attempts"][0]["error"] is None
 
 
 def test_a_success_clears_the_endpoint_error(alice, make_chain, receiver):

@@ -40,17 +40,18 @@ class WebhookEndpointAdmin(admin.ModelAdmin):
         "owner",
         "enabled",
         "disabled_reason",
+        "disabled_at",
         "failing_since",
         "last_error",
         "created_at",
     )
-    list_filter = ("enabled",)
+    list_filter = ("enabled", ("disabled_at", admin.DateFieldListFilter))
     list_select_related = ("owner",)
     search_fields = ("url", "description")
     show_full_result_count = False
     # Secrets never show in the admin.
     exclude = ("secret", "previous_secret")
-    readonly_fields = ("previous_secret_expires_at", "failing_since", "last_error")
+    readonly_fields = ("previous_secret_expires_at", "disabled_at", "failing_since", "last_error")
     action_form = ResendRangeForm
     actions = ("enable", "disable", "resend_failed")
 

@@ -29,7 +29,7 @@ class Outcome:
     error: str = ""
     excerpt: str = ""
     retry_after_s: float | None = None
-    # No retry will help (410, refused address, invalid URL).
+    # No retry will help (410, refused address, invalid URL), or the receiver asked for none.
     permanent: bool = False
     # Sent to a private address the allow-list opened (the excerpt is for operators only).
     private_target: bool = False
@@ -163,4 +163,12 @@ def attempt(*, url: str, msg_id: str, body: str, secrets: list[str]) -> Outcome:
         outcome.error = f"http_{status}"
         if status in (429, 503):
             outcome.retry_after_s = _retry_after(response.headers.get("retry-after"))
+    if outcome.error and _delivery_control(response) == "abort-message":
+        # Svix's delivery control: the receiver stops the retries of this message.
+        outcome.error = f"aborted_by_receiver: {outcome.error}"
+        outcome.permanent = True
     return outcome
+
+
+def _delivery_control(response: httpx.Response) -> str:
+    return response.headers.get("webhook-delivery", "").strip().lower()

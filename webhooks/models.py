@@ -23,6 +23,9 @@ class WebhookEndpoint(models.Model):
     description = models.CharField(max_length=500, blank=True)
     enabled = models.BooleanField(default=True)
     disabled_reason = models.CharField(max_length=200, blank=True)
+    # When it was last disabled (by a 410, failing for WEBHOOK_DISABLE_AFTER_S, the owner or an
+    # operator); null while enabled.
+    disabled_at = models.DateTimeField(null=True, blank=True)
     failing_since = models.DateTimeField(null=True, blank=True)
     last_error = models.CharField(max_length=500, blank=True)
     created_at = models.DateTimeField(auto_now_add=True)
@@ -45,11 +48,15 @@ class WebhookEndpoint(models.Model):
 
 
 WEBHOOK_TEST = "webhook.test"
+# An operational event: one of the owner's endpoints was disabled automatically. Sent to the
+# owner's other enabled endpoints, whatever events they subscribe to.
+ENDPOINT_DISABLED = "endpoint.disabled"
 
 
 class WebhookMessage(models.Model):
-    """One terminal event of a run, or a `webhook.test` sent to one endpoint (no run, seq 0);
-    its id is the `webhook-id` of every attempt and resend."""
+    """One terminal event of a run, or a message of no run (seq 0): a `webhook.test` sent to one
+    endpoint, an `endpoint.disabled` sent to the owner's other endpoints. Its id is the
+    `webhook-id` of every attempt and resend."""
 
     id = models.CharField(primary_key=True, max_length=40, editable=False)
     run = models.ForeignKey(

@@ -17,6 +17,7 @@ def endpoint_dict(endpoint: WebhookEndpoint, *, with_secret: bool = False) -> di
         "description": endpoint.description,
         "enabled": endpoint.enabled,
         "disabled_reason": endpoint.disabled_reason or None,
+        "disabled_at": iso(endpoint.disabled_at),
         "failing_since": iso(endpoint.failing_since),
         "last_error": endpoint.last_error or None,
         "created_at": iso(endpoint.created_at),

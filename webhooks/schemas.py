@@ -5,7 +5,7 @@ from __future__ import annotations
 from rest_framework import serializers
 
 from runs.models import TERMINAL_EVENTS
-from webhooks.models import WEBHOOK_TEST, DeliveryStatus, Trigger
+from webhooks.models import ENDPOINT_DISABLED, WEBHOOK_TEST, DeliveryStatus, Trigger
 
 
 class EndpointOut(serializers.Serializer):
@@ -15,6 +15,9 @@ class EndpointOut(serializers.Serializer):
     description = serializers.CharField()
     enabled = serializers.BooleanField()
     disabled_reason = serializers.CharField(allow_null=True)
+    disabled_at = serializers.DateTimeField(
+        allow_null=True, help_text="When it was disabled; null while enabled."
+    )
     failing_since = serializers.DateTimeField(allow_null=True)
     last_error = serializers.CharField(allow_null=True)
     created_at = serializers.DateTimeField()
@@ -46,7 +49,9 @@ class DeliveryOut(serializers.Serializer):
     endpoint_id = serializers.UUIDField(allow_null=True)
     url = serializers.URLField()
     event = serializers.ChoiceField(
-        [*TERMINAL_EVENTS, WEBHOOK_TEST], help_text="webhook.test: a test of an endpoint."
+        [*TERMINAL_EVENTS, WEBHOOK_TEST, ENDPOINT_DISABLED],
+        help_text="webhook.test: a test of an endpoint; endpoint.disabled: another endpoint of "
+        "the owner was disabled.",
     )
     status = serializers.ChoiceField(DeliveryStatus.choices)
     attempts = AttemptOut(many=True)

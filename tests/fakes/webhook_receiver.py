@@ -8,6 +8,7 @@ Behaviour is chosen per request by the query string, so parallel tests never sha
   retry_after=S   Retry-After header on every non-2xx answer
   redirect=1      answer 302 with Location: /ok
   delay_ms=MS     wait before answering
+  control=VALUE   webhook-delivery header on every answer (Svix's delivery control: abort-message)
 Run it: python -m tests.fakes.webhook_receiver --port 8290
 """
 
@@ -82,6 +83,8 @@ class _Handler(BaseHTTPRequestHandler):
             status, headers["Location"] = 302, "/ok"
         if opts.get("retry_after") and not 200 <= status < 300:
             headers["Retry-After"] = opts["retry_after"]
+        if opts.get("control"):
+            headers["webhook-delivery"] = opts["control"]
         reply = f"received {count}".encode()
         try:
             self.send_response(status)

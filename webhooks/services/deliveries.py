@@ -23,6 +23,7 @@ from runs.presenters import run_output
 from runs.timefmt import iso
 from webhooks import delivery as http
 from webhooks.models import (
+    ENDPOINT_DISABLED,
     WEBHOOK_TEST,
     DeliveryStatus,
     Trigger,
@@ -183,7 +184,8 @@ def _next_delay(auto_attempts: int, retry_after_s: float | None) -> float | None
 
 
 def _endpoint_after(endpoint: WebhookEndpoint, outcome: http.Outcome, now: datetime) -> None:
-    """The endpoint's health: last error, failing since, disabled on 410 or after 5 days."""
+    """The endpoint's health: last error, failing since, disabled on 410 or after failing for
+    WEBHOOK_DISABLE_AFTER_S without a success."""
     endpoints = WebhookEndpoint.objects.filter(pk=endpoint.pk)
     if outcome.ok:
         if endpoint.failing_since or endpoint.last_error:
@@ -192,14 +194,71 @@ def _endpoint_after(endpoint: WebhookEndpoint, outcome: http.Outcome, now: datet
     endpoints.update(last_error=outcome.tenant_error[:500])  # the API shows it to the tenant
     endpoints.filter(failing_since__isnull=True).update(failing_since=now)
     if outcome.status_code == 410:
-        endpoints.filter(enabled=True).update(
-            enabled=False, disabled_reason="The receiver answered 410 Gone."
+        endpoint_disable_automatically(
+            endpoint_id=endpoint.pk, reason="The receiver answered 410 Gone.", now=now
         )
     else:
         cutoff = now - timedelta(seconds=settings.WEBHOOK_DISABLE_AFTER_S)
-        endpoints.filter(enabled=True, failing_since__lte=cutoff).update(
-            enabled=False, disabled_reason="Failing for too long without a success."
+        endpoint_disable_automatically(
+            endpoint_id=endpoint.pk,
+            reason="Failing for too long without a success.",
+            now=now,
+            failing_before=cutoff,
         )
+
+
+def endpoint_disable_automatically(
+    *, endpoint_id: UUID, reason: str, now: datetime, failing_before: datetime | None = None
+) -> bool:
+    """Disable an enabled endpoint (failing since before `failing_before`, when given) and, in
+    the same transaction, send `endpoint.disabled` to the owner's other enabled endpoints. The
+    conditional UPDATE decides: of two attempts that fail at once, one disables and tells."""
+    rows = WebhookEndpoint.objects.filter(pk=endpoint_id, enabled=True)
+    if failing_before is not None:
+        rows = rows.filter(failing_since__lte=failing_before)
+    with transaction.atomic():
+        if not rows.update(enabled=False, disabled_reason=reason, disabled_at=now, updated_at=now):
+            return False
+        endpoint = WebhookEndpoint.objects.get(pk=endpoint_id)
+        others = list(
+            WebhookEndpoint.objects.filter(owner_id=endpoint.owner_id, enabled=True).exclude(
+                pk=endpoint_id
+            )
+        )
+        if others:
+            msg_id = WebhookMessage.new_id()
+            message = WebhookMessage.objects.create(
+                id=msg_id,
+                run=None,
+                event_type=ENDPOINT_DISABLED,
+                seq=0,
+                payload={
+                    "type": ENDPOINT_DISABLED,
+                    "id": msg_id,
+                    "timestamp": iso(now),
+                    "data": {
+                        "endpoint_id": str(endpoint.id),
+                        "url": endpoint.url,
+                        "reason": reason,
+                        "failing_since": iso(endpoint.failing_since),
+                        "disabled_at": iso(now),
+                        "last_error": endpoint.last_error or None,
+                    },
+                },
+                created_at=now,
+            )
+            WebhookDelivery.objects.bulk_create(
+                WebhookDelivery(message=message, endpoint=other, url=other.url, next_attempt_at=now)
+                for other in others
+            )
+            transaction.on_commit(deliveries_wake)
+    logger.warning(
+        "webhook endpoint %s disabled: %s (%s other endpoint(s) told)",
+        endpoint_id,
+        reason,
+        len(others),
+    )
+    return True
 
 
 def delivery_attempt(*, delivery_id: UUID | str, token: UUID | str | None = None) -> bool:

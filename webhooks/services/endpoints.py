@@ -29,8 +29,11 @@ def endpoint_create(
 
 
 def endpoint_update(*, endpoint: WebhookEndpoint, **changes: Any) -> WebhookEndpoint:
+    """Change an endpoint; re-enabling clears why and since when it was disabled and failing."""
     if changes.get("enabled") is True and not endpoint.enabled:
-        changes.update(disabled_reason="", failing_since=None)
+        changes.update(disabled_reason="", disabled_at=None, failing_since=None)
+    elif changes.get("enabled") is False and endpoint.enabled:
+        changes.setdefault("disabled_at", timezone.now())
     for name, value in changes.items():
         setattr(endpoint, name, value)
     endpoint.save()
@@ -73,6 +76,12 @@ def endpoint_delete(*, endpoint: WebhookEndpoint) -> None:
 def _endpoint_delete(endpoint_id) -> None:
     deliveries = WebhookDelivery.objects.select_for_update().filter(endpoint_id=endpoint_id)
     list(deliveries.values_list("pk"))
-    # Its test messages belong to no run: they go with it rather than linger without deliveries.
-    WebhookMessage.objects.filter(run__isnull=True, deliveries__endpoint_id=endpoint_id).delete()
+    # Messages of no run (its tests, `endpoint.disabled` events it was sent) go with their last
+    # delivery rather than linger without any; one also sent to other endpoints stays for them.
+    runless = list(
+        WebhookMessage.objects.filter(
+            run__isnull=True, deliveries__endpoint_id=endpoint_id
+        ).values_list("pk", flat=True)
+    )
     WebhookEndpoint.objects.filter(pk=endpoint_id).delete()
+    WebhookMessage.objects.filter(pk__in=runless, deliveries__isnull=True).delete()
