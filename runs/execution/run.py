@@ -444,8 +444,8 @@ class Execution:
                 if isinstance(item, Usage):
                     usage = item
                     continue
-                if isinstance(item, ToolCalls):
-                    calls = item.calls
+                if isinstance(item, ToolCalls):  # the model's own text: kept as the database can
+                    calls = tuple({k: text_storable(v) for k, v in c.items()} for c in item.calls)
                     continue
                 item = text_storable(item)
                 parts.append(item)
@@ -504,7 +504,7 @@ class Execution:
                     )
                 }
             except ToolError as e:
-                done = {"error": {"code": e.code, "message": e.message}}
+                done = {"error": {"code": e.code, "message": text_storable(e.message)}}
             self.step_record(
                 key,
                 done,
