@@ -1,0 +1,1 @@
+"""The code of the example code chains (chains/code.yaml)."""
