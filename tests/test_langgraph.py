@@ -219,7 +219,8 @@ def test_kill9_executor_holding_graph_runs(alice, executors, fake_model):
     from tests.test_faults import held_by, roomy, wait_ended
 
     roomy(alice)
-    researcher, writer = fake(tokens=3), fake(tokens=12, latency_ms=400)  # ~5 s in the writer
+    # Ten seconds in the writer: the survivor is up (a few seconds) before any run ends.
+    researcher, writer = fake(tokens=3), fake(tokens=25, latency_ms=400)
     prices = ",".join(f"{m}={PRICES[0]}:{PRICES[1]}" for m in (researcher, writer))
     env = {
         "LOCAL_MODEL_URL": fake_model.base_url,
