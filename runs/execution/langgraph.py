@@ -158,9 +158,10 @@ class GraphCheckpoints:
             _conninfo(),
             min_size=1,
             max_size=size,
-            # What AsyncPostgresSaver needs of its connections.
-            kwargs={"autocommit": True, "prepare_threshold": 0, "row_factory": dict_row},
-            check=AsyncConnectionPool.check_connection,
+            # What AsyncPostgresSaver needs of its connections; no prepared statements (they
+            # cost the loop more than they save the server here, and poolers refuse them).
+            kwargs={"autocommit": True, "prepare_threshold": None, "row_factory": dict_row},
+            configure=_no_commit_wait,
             name="langgraph-checkpoints",
             open=False,
         )
@@ -200,6 +201,15 @@ class _DurableSaver(AsyncPostgresSaver):
     async def aput_writes(self, config, writes, task_id, task_path=""):  # type: ignore[override]
         await self._steps_committed(config)
         await super().aput_writes(config, writes, task_id, task_path)
+
+
+async def _no_commit_wait(conn: psycopg.AsyncConnection) -> None:
+    """A checkpoint's commit does not wait for its WAL flush (a fifth of the time of a write,
+    which every run waits for at each super-step). A database crash may lose the last
+    checkpoints, never a step of the run's log that one of them depends on: the log commits
+    synchronously, and before them, so its flush covers what came earlier. A run resumed from
+    an older checkpoint does some nodes again and counts them once (their keys are in steps)."""
+    await conn.execute("SET synchronous_commit = off")
 
 
 def _conninfo() -> str:
