@@ -9,13 +9,15 @@ import time
 from collections import Counter
 from decimal import Decimal
 
+import psycopg
 import pytest
 from django.core.management import call_command
+from psycopg.rows import dict_row
 
 from runs.chains import chain_publish
 from runs.models import Chain, ChainKind, Run, RunEvent, RunStatus, RunStep
-from runs.services import run_create
-from tests.conftest import fake, wait_until
+from runs.services import run_cancel, run_create
+from tests.conftest import fake, process_env, wait_until
 from tests.test_engine import execute, requests_for
 
 PRICES = (Decimal("1000"), Decimal("3000"))  # USD per million tokens, in and out
@@ -58,6 +60,15 @@ def log(run: Run) -> list[tuple[str, dict]]:
 
 def of(run: Run, kind: str) -> list[dict]:
     return [data for type_, data in log(run) if type_ == kind]
+
+
+def checkpoint(run: Run):
+    """The run's last checkpoint in PostgreSQL (LangGraph's saver reads it), or None."""
+    from langgraph.checkpoint.postgres import PostgresSaver
+
+    url = process_env()["DATABASE_URL"]
+    with psycopg.connect(url, autocommit=True, row_factory=dict_row) as conn:
+        return PostgresSaver(conn).get_tuple({"configurable": {"thread_id": str(run.id)}})
 
 
 def test_nodes_are_agents(alice, local_is_fake, settings, fake_model):
@@ -108,6 +119,7 @@ def test_nodes_are_agents(alice, local_is_fake, settings, fake_model):
         == (researcher_in * 1000 + 3 * 3000) / Decimal(1_000_000)
     )
     assert requests_for(fake_model, researcher) == requests_for(fake_model, writer) == 1
+    assert checkpoint(run) is None  # the run ended: its checkpoints are deleted
 
 
 def test_tool_calls_of_a_tool_node(alice, local_is_fake, fake_model, settings):
@@ -202,7 +214,29 @@ def test_the_example_chain_loads_and_runs(alice, local_is_fake, capsys):
     assert output["topic"] == "tides" and output["brief"]
 
 
-# --- Resume: executors killed mid-run ------------------------------------------------------------
+# --- Real executor processes: cancelling a run, resuming one killed mid-run ---------------------
+
+
+@pytest.mark.slow
+@pytest.mark.django_db(transaction=True)
+def test_cancelling_a_run_stops_its_graph(alice, executors, fake_model):
+    executors(LOCAL_MODEL_URL=fake_model.base_url)
+    writer = fake(tokens=100, latency_ms=100)  # ten seconds of tokens
+    run_input = {"topic": "tides", "researcher_model": fake(tokens=2), "writer_model": writer}
+    run = start(alice, graph_chain("brief"), run_input)
+
+    def writing() -> bool:
+        return RunEvent.objects.filter(run=run, type="agent.output", data__agent="writer").exists()
+
+    wait_until(writing, 30, message="the writer's first tokens")
+    assert checkpoint(run) is not None  # the researcher's super-step
+    run_cancel(run=run, reason="api")
+    wait_until(lambda: Run.objects.get(pk=run.pk).status == RunStatus.CANCELLED, 5)
+    run.refresh_from_db()
+    assert (run.finished_at - run.cancel_requested_at).total_seconds() < 2
+    assert of(run, "run.cancelled")[0]["reason"] == "api"
+    wait_until(lambda: checkpoint(run) is None, 5, message="its checkpoints deleted")
+
 
 # 50 graph runs killed in their second node by default; LANGGRAPH_FAULT_RUNS=200 for the bench's.
 FAULT_RUNS = int(os.environ.get("LANGGRAPH_FAULT_RUNS", "50"))
@@ -275,3 +309,5 @@ def test_kill9_executor_holding_graph_runs(alice, executors, fake_model):
     usage = {(r.input_tokens, r.output_tokens, r.cost) for r in runs}
     assert usage == {(reference.input_tokens, reference.output_tokens, reference.cost)}
     assert survivor.alive()
+    # Resumed or not, an ended run's checkpoints are deleted.
+    wait_until(lambda: not any(checkpoint(r) for r in runs), 30, message="checkpoints deleted")

@@ -24,8 +24,10 @@ before the run's queued steps are committed, so the run's log is never behind it
   not count again (its key is in `steps`);
 - killed after its writes are saved: it does not run again.
 
-On SQLite (the embedded default) the checkpoints are kept in memory (`InMemorySaver`) and
-dropped when the run ends: a run does not resume in another process there.
+A run's checkpoints are deleted when it ends (completed, failed, cancelled, timed out), not
+when its execution stops for another to resume it. On SQLite (the embedded default) they are
+kept in memory (`InMemorySaver`) and dropped with the execution: a run does not resume in
+another process there.
 """
 
 from __future__ import annotations
@@ -33,6 +35,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import json
+import logging
 import threading
 import time
 from collections.abc import Callable
@@ -73,6 +76,8 @@ from runs.execution.tools import output_text
 if TYPE_CHECKING:
     from runs.execution.run import Execution
 
+logger = logging.getLogger(__name__)
+
 RESOURCE = "langgraph"  # the executor's GraphCheckpoints, in Executor.resources
 ERROR_MAX_CHARS = 1000
 # Django's own OPTIONS of a PostgreSQL database, not connection parameters.
@@ -90,6 +95,7 @@ async def graph_run(execution: Execution, graph: Pregel) -> Any:
     config: Any = {"configurable": {"thread_id": tracker.thread_id}, "callbacks": [tracker]}
     begun = execution.claim.resumed and await saver.aget_tuple(config) is not None
     state: Any = None
+    ended = True  # the run ends with this execution: nothing will resume from its checkpoints
     try:
         async for state in runnable.astream(  # noqa: B007 (the last one is the output)
             None if begun else execution.claim.input,
@@ -98,6 +104,13 @@ async def graph_run(execution: Execution, graph: Pregel) -> Any:
             durability="sync",
         ):
             pass
+    except asyncio.CancelledError:
+        # Cancelled or timed out, the run ends; lost or handed back, another execution resumes it.
+        stop = execution.stop
+        ended = (stop is not None and stop.kind == "cancel") or (
+            time.monotonic() >= execution.deadline
+        )
+        raise
     except GraphRecursionError:
         limit = ensure_config(runnable.config)["recursion_limit"]
         raise RunFailure(
@@ -110,8 +123,8 @@ async def graph_run(execution: Execution, graph: Pregel) -> Any:
         raise RunFailure("chain_error", f"{type(e).__name__}: {e}"[:ERROR_MAX_CHARS]) from e
     finally:
         checkpoints.commits.pop(tracker.thread_id, None)
-        if not checkpoints.durable:
-            saver.delete_thread(tracker.thread_id)  # in memory: nothing will resume it
+        if ended or not checkpoints.durable:  # in memory, nothing resumes a run in any case
+            checkpoints.forget(saver, tracker.thread_id)
     if isinstance(state, dict) and "__interrupt__" in state:
         raise RunFailure(
             "graph_interrupted",
@@ -134,6 +147,7 @@ class GraphCheckpoints:
         self.copies: dict[int, tuple[Pregel, list[Pregel]]] = {}
         # Each run's last queued step, as the future of its commit (thread_id -> future).
         self.commits: dict[str, asyncio.Future] = {}
+        self.forgetting: set[asyncio.Task] = set()  # checkpoints of ended runs being deleted
         self._lock = asyncio.Lock()
         self._turn = 0
 
@@ -176,7 +190,23 @@ class GraphCheckpoints:
             raise
         self.pool, self.durable, self.savers = pool, True, savers
 
+    def forget(self, saver: BaseCheckpointSaver, thread_id: str) -> None:
+        """Delete the checkpoints of a run that ended, in the background (its end does not
+        wait; killed before, they stay)."""
+        if not self.durable:
+            saver.delete_thread(thread_id)
+            return
+        task = asyncio.get_running_loop().create_task(saver.adelete_thread(thread_id))
+        self.forgetting.add(task)
+        task.add_done_callback(self._forgotten)
+
+    def _forgotten(self, task: asyncio.Task) -> None:
+        self.forgetting.discard(task)
+        if not task.cancelled() and task.exception() is not None:
+            logger.warning("checkpoints of a run not deleted: %s", task.exception())
+
     async def aclose(self) -> None:
+        await asyncio.gather(*self.forgetting, return_exceptions=True)
         if self.pool is not None:
             await self.pool.close()
 
@@ -204,11 +234,12 @@ class _DurableSaver(AsyncPostgresSaver):
 
 
 async def _no_commit_wait(conn: psycopg.AsyncConnection) -> None:
-    """A checkpoint's commit does not wait for its WAL flush (a fifth of the time of a write,
-    which every run waits for at each super-step). A database crash may lose the last
-    checkpoints, never a step of the run's log that one of them depends on: the log commits
-    synchronously, and before them, so its flush covers what came earlier. A run resumed from
-    an older checkpoint does some nodes again and counts them once (their keys are in steps)."""
+    """A checkpoint's commit does not wait for its WAL flush, which is most of a write's time
+    (a saver made about 300 writes a second waiting for it, 3,000 without), and every run waits
+    for its checkpoint at each super-step. A database crash may lose the last checkpoints,
+    never a step of the run's log that one of them depends on: the log commits synchronously,
+    and before them, so its flush covers what came earlier. A run resumed from an older
+    checkpoint does some nodes again, and counts them once (their keys are in `steps`)."""
     await conn.execute("SET synchronous_commit = off")
 
 
