@@ -164,6 +164,22 @@ def test_tool_calls_of_a_tool_node(alice, local_is_fake, fake_model, settings):
     assert requests_for(fake_model, assistant) == 2
 
 
+def test_tasks_sent_to_a_node_and_a_subgraph(alice, local_is_fake, fake_model):
+    model = fake(tokens=2)
+    run = execute(start(alice, graph_chain("fans"), {"topic": "tides", "model": model}))
+    assert run.status == RunStatus.COMPLETED, run.error_message
+    # Three tasks of one node in one super-step: three agents, indexed in the order they start.
+    started = [(d["agent"], d["index"]) for d in of(run, "agent.started")]
+    assert started == [("part", 0), ("part", 1), ("part", 2), ("inner", 3)]
+    outputs = Counter(d["index"] for d in of(run, "agent.output"))
+    assert set(outputs) == {0, 1, 2}  # the subgraph calls no model
+    steps = dict(RunStep.objects.filter(run=run).values_list("key", "output_tokens"))
+    assert steps == {"g1/part/0": 2, "g1/part/1": 2, "g1/part/2": 2, "g2/inner": 0}
+    assert run.output_tokens == 6 and requests_for(fake_model, model) == 3
+    output = of(run, "run.completed")[0]["output"]
+    assert len(output["parts"]) == 3 and output["brief"] == " / ".join(output["parts"])
+
+
 def test_a_graph_that_loops_fails_at_its_recursion_limit(alice, local_is_fake):
     run = execute(start(alice, graph_chain("loops"), {}))
     assert run.status == RunStatus.FAILED

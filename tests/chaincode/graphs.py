@@ -3,12 +3,13 @@
 
 from __future__ import annotations
 
-from typing import TypedDict
+import operator
+from typing import Annotated, TypedDict
 
 from langchain_core.tools import tool
 from langgraph.graph import END, START, MessagesState, StateGraph
 from langgraph.prebuilt import ToolNode, tools_condition
-from langgraph.types import interrupt
+from langgraph.types import Send, interrupt
 
 from agentsvc.chainkit import chat_model
 
@@ -128,3 +129,44 @@ def ask(state: Brief) -> Brief:
 
 
 asks = StateGraph(Brief).add_node("ask", ask).add_edge(START, "ask").compile()
+
+
+class Fan(TypedDict, total=False):
+    topic: str
+    model: str
+    parts: Annotated[list[str], operator.add]
+    brief: str
+
+
+async def part(state: dict) -> dict:
+    answer = await chat_model(state["model"]).ainvoke(f"Part {state['topic']}")
+    return {"parts": [answer.content]}
+
+
+def fan_out(state: Fan) -> list[Send]:
+    return [
+        Send("part", {"topic": f"{state['topic']} {i}", "model": state["model"]}) for i in range(3)
+    ]
+
+
+async def edit(state: Fan) -> Fan:
+    return {"brief": " / ".join(state["parts"])}
+
+
+class Edited(TypedDict):
+    brief: str
+
+
+inner = (
+    StateGraph(Fan, output_schema=Edited).add_node("edit", edit).add_edge(START, "edit").compile()
+)
+
+# Three tasks sent to one node in one super-step, then a subgraph as a node.
+fans = (
+    StateGraph(Fan)
+    .add_node("part", part)
+    .add_node("inner", inner)
+    .add_conditional_edges(START, fan_out, ["part"])
+    .add_edge("part", "inner")
+    .compile()
+)
