@@ -261,12 +261,14 @@ FAULT_RUNS = int(os.environ.get("LANGGRAPH_FAULT_RUNS", "50"))
 @pytest.mark.slow
 @pytest.mark.django_db(transaction=True)
 @pytest.mark.timeout(300)
-def test_kill9_executor_holding_graph_runs(alice, executors, fake_model):
-    """An executor holding FAULT_RUNS LangGraph runs in their second node is killed (SIGKILL).
-    The survivor resumes each from its last checkpoint: every run completes once, the first
-    node's model gets each run's request once, and each run's usage and cost equal those of a
-    run nobody killed."""
-    from tests.test_faults import held_by, roomy, wait_ended
+@pytest.mark.parametrize("fault", ["sigkill", "sigterm"])
+def test_executor_stopped_holding_graph_runs(alice, executors, fake_model, fault):
+    """An executor holding FAULT_RUNS LangGraph runs in their second node is killed (SIGKILL:
+    the survivor finds it lost) or stopped (SIGTERM, no drain: it hands them back). The
+    survivor resumes each from its last checkpoint: every run completes once, the first node's
+    model gets each run's request once, and each run's usage and cost equal those of a run
+    nobody stopped."""
+    from tests.test_faults import held_by, requeued, roomy, wait_ended
 
     roomy(alice)
     # Ten seconds in the writer: the survivor is up (a few seconds) before any run ends.
@@ -277,6 +279,7 @@ def test_kill9_executor_holding_graph_runs(alice, executors, fake_model):
         "MODEL_PRICES": prices,
         "HEARTBEAT_S": "0.5",
         "WORKER_LOST_AFTER_S": "3",
+        "WORKER_DRAIN_S": "0",
     }
     chain = graph_chain("brief", timeout_s=120)
     models = {"researcher_model": researcher, "writer_model": writer}
@@ -292,12 +295,18 @@ def test_kill9_executor_holding_graph_runs(alice, executors, fake_model):
     wait_until(in_writer, 90, 0.2, "every run in its writer")
     assert len(held_by(doomed, ids)) == FAULT_RUNS
     survivor = executors(**env)
-    doomed.kill()
+    if fault == "sigkill":
+        doomed.kill()
+    else:
+        doomed.terminate()
     wait_ended(ids, 120)
+    # Lost, a run is retried (its next attempt); handed back, the same attempt goes on.
+    reason, attempt = {"sigkill": ("worker_lost", 2), "sigterm": ("worker_shutdown", 1)}[fault]
+    assert requeued(ids, reason) == FAULT_RUNS
 
     runs = list(Run.objects.filter(pk__in=ids))
     assert Counter(r.status for r in runs) == {RunStatus.COMPLETED: FAULT_RUNS}
-    assert {r.attempt for r in runs} == {2}
+    assert {r.attempt for r in runs} == {attempt}
     # The researcher's model got each run's request once: the survivor did not run it again.
     assert requests_for(fake_model, researcher) == FAULT_RUNS
     assert requests_for(fake_model, writer) == 2 * FAULT_RUNS
@@ -312,7 +321,7 @@ def test_kill9_executor_holding_graph_runs(alice, executors, fake_model):
             "run.completed",
         ], (run.id, types)
         resumed = of(run, "run.resumed")[0]
-        assert (resumed["index"], resumed["attempt"], resumed["steps"]) == (1, 2, 1)
+        assert (resumed["index"], resumed["attempt"], resumed["steps"]) == (1, attempt, 1)
         after = types[types.index("run.resumed") :]
         assert after.count("agent.started") == after.count("agent.completed") == 1
         assert [d["index"] for d in of(run, "agent.started")] == [0, 1, 1]
