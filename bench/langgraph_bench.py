@@ -5,7 +5,8 @@
 
 The graph is bench/langgraph_graph.py: `researcher` then `writer`, each one model call of
 `--tokens` tokens at `--latency-ms` a token from the fake OpenAI-compatible model
-(agentsvc/demo_model_server.py, in its own process), so a run is about 2 s of model time.
+(agentsvc/demo_model_server.py, in its own process), so a run is about 2 s of model time. Its
+model is made once, at import, as a chain owner's module would.
 
 1. agentsvc: production configuration (PostgreSQL + Redis), ONE executor (`manage.py executor
    --concurrency RUNS`, through bench/executor_probe.py). After a warm-up, `--runs` runs are
@@ -82,7 +83,7 @@ def wait_executor(stats: Path, timeout: float = 60) -> None:
         time.sleep(0.1)
 
 
-def queue_runs(key, chain, n: int, model: str) -> list:
+def queue_runs(key, chain, n: int) -> list:
     from django.db import transaction
 
     from runs.services import run_create
@@ -92,14 +93,14 @@ def queue_runs(key, chain, n: int, model: str) -> list:
             run_create(
                 api_key=key,
                 chain=chain,
-                run_input={"topic": f"run {i}", "model": model},
+                run_input={"topic": f"run {i}"},
                 metadata={},
             ).id
             for i in range(n)
         ]
 
 
-def agentsvc(args, key, chain, model: str, env: dict, tmp: Path, pg: PgSampler) -> dict:
+def agentsvc(args, key, chain, env: dict, tmp: Path, pg: PgSampler) -> dict:
     from runs.models import Run, RunEvent, RunStep
 
     stats = tmp / "probe.jsonl"
@@ -108,8 +109,8 @@ def agentsvc(args, key, chain, model: str, env: dict, tmp: Path, pg: PgSampler) 
     command = executor_command(concurrency=args.runs, stats=stats)
     with processes(command, env=executor_env(env), log_dir=log_dir):
         wait_executor(stats)
-        wait_ended(queue_runs(key, chain, WARMUP, model), 60)  # imports, checkpoint pool
-        ids = queue_runs(key, chain, args.runs, model)
+        wait_ended(queue_runs(key, chain, WARMUP), 60)  # imports, checkpoint pool
+        ids = queue_runs(key, chain, args.runs)
         wait_ended(ids, 600)
         samples = read_samples(stats)
     rows = list(
@@ -143,12 +144,12 @@ def agentsvc(args, key, chain, model: str, env: dict, tmp: Path, pg: PgSampler) 
     }
 
 
-def reference(args, model: str) -> dict:
+def reference(args) -> dict:
     from bench.langgraph_graph import graph
 
     async def invoke(i: int) -> float:
         began = time.monotonic()
-        state = await graph.ainvoke({"topic": f"run {i}", "model": model})
+        state = await graph.ainvoke({"topic": f"run {i}"})
         assert state["brief"], state
         return time.monotonic() - began
 
@@ -179,6 +180,7 @@ def main() -> None:
     model_url = f"http://127.0.0.1:{model_port}/v1"
     model = f"fake?tokens={args.tokens}&latency_ms={args.latency_ms}"
     env.update(
+        LANGGRAPH_BENCH_MODEL=model,
         LOCAL_MODEL_URL=model_url,
         QUEUE_MAX="100000000",
         DJANGO_SETTINGS_MODULE="agentsvc.settings",
@@ -222,10 +224,10 @@ def main() -> None:
     ):
         wait_http(f"{model_url}/models")
         if "agentsvc" not in skip:
-            results["agentsvc"] = agentsvc(args, key, chain, model, env, tmp, pg)
+            results["agentsvc"] = agentsvc(args, key, chain, env, tmp, pg)
             print("agentsvc", results["agentsvc"], flush=True)
         if "reference" not in skip:
-            results["reference"] = reference(args, model)
+            results["reference"] = reference(args)
             print("reference", results["reference"], flush=True)
     write_json(args.json, results)
     report(results)

@@ -1,33 +1,33 @@
 """The graph of bench/langgraph_bench.py: two nodes, `researcher` then `writer`, each one model
-call streamed from the model the input names (the writer prompted with the researcher's notes).
-Both sides of the benchmark run this very object: agentsvc's executor (its entrypoint) and the
-reference's `ainvoke`."""
+call streamed from the fake model named by LANGGRAPH_BENCH_MODEL (the writer prompted with the
+researcher's notes). Both sides of the benchmark run this very object: agentsvc's executor (its
+entrypoint) and the reference's `ainvoke`."""
 
 from __future__ import annotations
 
+import os
 from typing import TypedDict
 
 from langgraph.graph import END, START, StateGraph
 
 from agentsvc.chainkit import chat_model
 
+# streaming=True: the reference streams too (the fake model only streams).
+llm = chat_model(os.environ.get("LANGGRAPH_BENCH_MODEL", "fake?tokens=10"), streaming=True)
+
 
 class Brief(TypedDict, total=False):
     topic: str
-    model: str
     notes: str
     brief: str
 
 
 async def researcher(state: Brief) -> Brief:
-    # streaming=True: the reference streams too (the fake model only streams).
-    answer = await chat_model(state["model"], streaming=True).ainvoke(state["topic"])
-    return {"notes": answer.content}
+    return {"notes": (await llm.ainvoke(state["topic"])).content}
 
 
 async def writer(state: Brief) -> Brief:
-    answer = await chat_model(state["model"], streaming=True).ainvoke(state["notes"])
-    return {"brief": answer.content}
+    return {"brief": (await llm.ainvoke(state["notes"])).content}
 
 
 graph = (
