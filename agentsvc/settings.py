@@ -264,6 +264,9 @@ EXECUTOR_CANCEL_POLL_MS = env_int("EXECUTOR_CANCEL_POLL_MS", 100, minimum=10)
 TOOL_THREADS = env_int("TOOL_THREADS", 32, minimum=1)
 # A tool's output is cut to this many characters before the model reads it.
 TOOL_OUTPUT_MAX_CHARS = env_int("TOOL_OUTPUT_MAX_CHARS", 20_000, minimum=100)
+# LangGraph chains keep their checkpoints in PostgreSQL over this many connections per executor
+# (as many savers: a saver writes one thing at a time).
+LANGGRAPH_DB_POOL_MAX = env_int("LANGGRAPH_DB_POOL_MAX", 4, minimum=1)
 # On SIGTERM: runs in flight get this long to finish, then go back to the queue.
 WORKER_DRAIN_S = env_float("WORKER_DRAIN_S", 20, minimum=0)
 

@@ -80,6 +80,7 @@ SCENARIOS = {
         ["--runs", "300", "--samples", "15"],
         420,
     ),
+    "langgraph": ("langgraph_bench.py", ["--runs", "1000"], ["--runs", "300"], 300),
 }
 
 
@@ -343,6 +344,30 @@ def rows(r: dict) -> list[tuple]:
             ("10 tool calls", "overhead per tool round ms (call and result durable), p50",
              num(rd["overhead_per_round_ms"], 2), "", "", "≤ 2 ms",
              met(rd["overhead_per_round_ms"] <= 2)),
+        ]  # fmt: skip
+    g = r.get("langgraph", {})
+    if "agentsvc" in g and "reference" in g:
+        a, ref, cfg = g["agentsvc"], g["reference"], g["config"]
+        shape = (
+            f"{a['runs']:,} runs of a LangGraph graph ({cfg['nodes']} nodes x {cfg['tokens']} "
+            f"tokens at {cfg['latency_ms']} ms), 1 executor"
+        )
+        out += [
+            ("11 LangGraph", f"drain s, first created → last done, {shape}; ref: the same "
+             "graph's ainvoke gathered in one process", num(a["drain_s"], 1),
+             num(ref["drain_s"], 1), ratio(a["drain_s"], ref["drain_s"]), "≤ 1.2x",
+             met(a["drain_s"] <= 1.2 * ref["drain_s"])),
+            ("11 LangGraph", "run duration ms p50 / p99; ref: ainvoke's",
+             ms(a["run_duration_p50_ms"], a["run_duration_p99_ms"]),
+             ms(ref["run_duration_p50_ms"], ref["run_duration_p99_ms"]), "", "", ""),
+            ("11 LangGraph", "CPU ms per run: the executor process; ref: the ainvoke process",
+             num(a["cpu_ms_per_run"], 1), num(ref["cpu_ms_per_run"], 1),
+             ratio(a["cpu_ms_per_run"], ref["cpu_ms_per_run"]), "", ""),
+            ("11 LangGraph", "start latency ms p50 / p99; events and steps a run; PostgreSQL "
+             "connections of the executor, max",
+             f"{ms(a['start_latency_p50_ms'], a['start_latency_p99_ms'])}; "
+             f"{a['events_per_run']:.0f}, {a['steps_per_run']:.0f}; "
+             f"{a.get('connections_max', '—')}", "", "", "", ""),
         ]  # fmt: skip
     for name, error in failed:
         out.append((name, "failed", error, "", "", "", met(False)))

@@ -72,6 +72,15 @@ def test_serve_runs_a_chain_end_to_end(tmp_path):
         assert body["status"] == "completed"
         assert "tides" in body["output"]
         assert body["usage"]["output_tokens"] > 0
+        # The example LangGraph chain (chains/code.yaml), its checkpoints in memory on SQLite.
+        created = http.post(
+            "/api/v1/chains/langgraph-brief/runs", json={"input": {"topic": "tides"}}
+        )
+        assert created.status_code == 202, created.text
+        run_id = created.json()["run_id"]
+        body = wait_until(finished, 30, 0.1, "the LangGraph run")
+        assert body["status"] == "completed", body
+        assert body["output"]["topic"] == "tides" and body["output"]["brief"]
         assert http.get("/readyz").status_code == 200
     finally:
         proc.send_signal(signal.SIGTERM)

@@ -159,11 +159,16 @@ class EventWriter:
         self.work.set()
         return await self._wait(execution.run_id)
 
-    async def _wait(self, run_id: UUID) -> int | None:
+    def committed(self, run_id: UUID) -> asyncio.Future:
+        """Done when what the run has queued so far is committed (its seq; None if the run is
+        no longer ours). Ask right after queueing: until the run queues something, it waits."""
         future = self.waiters.get(run_id)
         if future is None:
             future = self.waiters[run_id] = asyncio.get_running_loop().create_future()
-        return await asyncio.shield(future)
+        return future
+
+    async def _wait(self, run_id: UUID) -> int | None:
+        return await asyncio.shield(self.committed(run_id))
 
     async def backpressure(self) -> None:
         """Runs pause while too many events wait (the database is slower than the models)."""
@@ -276,6 +281,9 @@ class Executor:
         self.cancel_wake = asyncio.Event()
         self.draining = False
         self.started_runs = 0
+        # What a kind of chain keeps for the process (LangGraph's checkpointer), by name, made
+        # on first use; each is closed (`aclose()`) with the model clients.
+        self.resources: dict[str, Any] = {}
 
     @staticmethod
     def now() -> datetime:
@@ -283,6 +291,8 @@ class Executor:
 
     async def close_clients(self) -> None:
         await asyncio.gather(*(client.aclose() for client in self.clients))
+        for resource in self.resources.values():
+            await resource.aclose()
 
     # --- Runs -----------------------------------------------------------------------------
 

@@ -243,13 +243,16 @@ class Execution:
         *,
         usage: Usage | None = None,
         model: str = "",
+        cost: Decimal | None = None,
         **fields: Any,
     ) -> None:
         """Record a finished step with its event, in the same transaction: a later execution of
-        the run finds it in `steps` and does not do it again. Its usage counts here, once."""
-        cost = Decimal(0)
-        if usage is not None:
-            cost = model_cost(model, usage)
+        the run finds it in `steps` and does not do it again. Its usage counts here, once, at
+        `model`'s prices (or at `cost`, for a step whose calls went to several models)."""
+        if usage is None:
+            cost = Decimal(0)
+        else:
+            cost = model_cost(model, usage) if cost is None else cost
             self.input_tokens += usage.input_tokens
             self.output_tokens += usage.output_tokens
             self.cost += cost
