@@ -301,7 +301,10 @@ if LOG_FORMAT not in ("plain", "json"):
 LOGGING = {
     "version": 1,
     "disable_existing_loggers": False,
-    "filters": {"context": {"()": "agentsvc.logs.ContextFilter"}},
+    "filters": {
+        "context": {"()": "agentsvc.logs.ContextFilter"},
+        "task_chatter": {"()": "agentsvc.logs.TaskChatterFilter"},
+    },
     "formatters": {
         "plain": {
             "()": "agentsvc.logs.PlainFormatter",
@@ -320,6 +323,8 @@ LOGGING = {
     "loggers": {
         "django.channels.server": {"level": "WARNING"},
         "httpx": {"level": "WARNING"},
+        # Without the lines of each task it runs (LOG_LEVEL=DEBUG: with them).
+        "django-q": {"filters": [] if LOG_LEVEL == "DEBUG" else ["task_chatter"]},
     },
 }
 

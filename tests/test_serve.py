@@ -7,6 +7,7 @@ import os
 import re
 import signal
 import socket
+import sqlite3
 import subprocess
 import sys
 
@@ -33,7 +34,9 @@ def embedded_env(tmp_path, **extra) -> dict[str, str]:
     return env
 
 
-def start_serve(tmp_path, *, sigint_ignored: bool = False) -> tuple[subprocess.Popen, int]:
+def start_serve(
+    tmp_path, *, sigint_ignored: bool = False, **env: str
+) -> tuple[subprocess.Popen, int]:
     """`manage.py serve` in a process group of its own, as a terminal runs a command; with
     `sigint_ignored`, as a script runs a job in the background (SIGINT inherited ignored)."""
     port = free_port()
@@ -45,7 +48,7 @@ def start_serve(tmp_path, *, sigint_ignored: bool = False) -> tuple[subprocess.P
     proc = subprocess.Popen(
         [sys.executable, "manage.py", "serve", "--port", str(port)],
         cwd=ROOT,
-        env=embedded_env(tmp_path),
+        env=embedded_env(tmp_path, **env),
         stdout=log,
         stderr=subprocess.STDOUT,
         start_new_session=True,
@@ -148,6 +151,30 @@ def test_ctrl_c_on_a_job_started_in_the_background_stops_it_too(tmp_path):
     proc, _ = start_serve(tmp_path, sigint_ignored=True)
     try:
         wait_for_banner(tmp_path, proc)
+    finally:
+        code, text = ctrl_c(tmp_path, proc)
+    assert_stopped_normally(code, text)
+
+
+def test_an_idle_service_prints_nothing_after_its_banner(tmp_path):
+    """The banner is the last thing a user reads until they make a request: the processes say
+    they are up before it, and the scheduled tasks (the keeper and the purge, every 30 s) write
+    nothing while there is nothing to do."""
+    proc, _ = start_serve(tmp_path, Q_SCHEDULER="true")  # as make run has it (the suite's: off)
+    database = tmp_path / "data" / "agentsvc.sqlite3"
+
+    def ticks() -> int:
+        with contextlib.closing(sqlite3.connect(database)) as db:
+            return db.execute(
+                "SELECT count(*) FROM django_q_task WHERE success AND func IN "
+                "('runs.tasks.keeper_pass', 'agentsvc.tasks.purge_expired')"
+            ).fetchone()[0]
+
+    try:
+        wait_for_banner(tmp_path, proc)
+        wait_until(lambda: ticks() >= 2, 90, 0.5, "a scheduled tick")
+        text = serve_output(tmp_path)
+        assert text.rstrip().endswith("Ctrl-C stops everything."), text
     finally:
         code, text = ctrl_c(tmp_path, proc)
     assert_stopped_normally(code, text)

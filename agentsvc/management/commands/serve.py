@@ -18,6 +18,7 @@ from django.conf import settings
 from django.core.management import call_command
 from django.core.management.base import BaseCommand, CommandError
 
+from agentsvc.health import processes_not_ready
 from agentsvc.local_model import model_command
 from agentsvc.services import api_key_authenticate, api_key_create
 
@@ -159,6 +160,15 @@ class Command(BaseCommand):
                 MODEL_READY_TIMEOUT_S,
                 "the local model server",
             )
+        # The banner comes last: the executor and the worker are up (and have said so) first.
+        missing = self._wait(
+            lambda: "; ".join(f"{n}: {d}" for n, d in processes_not_ready().items()),
+            children,
+            60,
+            "the executor and the worker",
+        )
+        if missing:
+            raise CommandError(f"not ready within 60 s: {missing}")
         self._banner(base, key, model_url)
         model_reported = False
         while True:
@@ -193,21 +203,31 @@ class Command(BaseCommand):
     def _wait_for(
         self, url: str, children: dict[str, subprocess.Popen], timeout: float, what: str
     ) -> None:
+        def answers() -> str | None:
+            try:
+                return None if httpx.get(url, timeout=1).status_code == 200 else "not yet"
+            except httpx.HTTPError:
+                return "not yet"
+
+        missing = self._wait(answers, children, timeout, what)
+        if missing:
+            raise CommandError(f"{what} did not answer at {url} within {timeout:g} s")
+
+    def _wait(self, missing, children: dict[str, subprocess.Popen], timeout: float, what: str):
+        """Poll `missing()` (what is not there yet, or None) until it is all there, a child
+        exits (CommandError) or `timeout` passes; returns what is still missing."""
         deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
+        while True:
             for name, child in children.items():
                 if child.poll() is not None:
                     raise CommandError(
                         f"the {name} process exited with {child.returncode} "
                         f"while waiting for {what}; see the messages above."
                     )
-            try:
-                if httpx.get(url, timeout=1).status_code == 200:
-                    return
-            except httpx.HTTPError:
-                pass
+            left = missing()
+            if not left or time.monotonic() >= deadline:
+                return left
             time.sleep(0.3)
-        raise CommandError(f"{what} did not answer at {url} within {timeout:g} s")
 
     def _banner(self, base: str, key: str, model_url: str) -> None:
         model = {
