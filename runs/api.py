@@ -7,6 +7,7 @@ from datetime import datetime
 from django.conf import settings
 from django.core.validators import RegexValidator
 from django.http import Http404
+from django.http.request import MediaType
 from django.utils import timezone
 from drf_spectacular.utils import (
     OpenApiParameter,
@@ -564,6 +565,27 @@ class RunEventsApi(APIView):
         after, limit = events_window(request.query_params)
         events = selectors.run_events_after(run=run, after=after, limit=limit, types=types)
         return Response(events_answer(run, events, after=after, limit=limit, types=types))
+
+
+EVENTS_JSON, EVENTS_SSE = "application/json", "text/event-stream"
+
+
+def events_representation(accept: str) -> str | None:
+    """GET /runs/{id}/events answers the JSON page or the stream, as the Accept header asks
+    (the DRF view, the stream's view and the lane): EVENTS_SSE when it names the stream, else
+    EVENTS_JSON when it admits JSON (no header, `*/*`, `application/*`), else None (406)."""
+    if EVENTS_SSE in accept:
+        return EVENTS_SSE
+    if not accept.strip():
+        return EVENTS_JSON
+    for token in accept.split(","):
+        media = MediaType(token.strip())
+        if media.quality and (media.main_type, media.sub_type) in _JSON_RANGES:
+            return EVENTS_JSON
+    return None
+
+
+_JSON_RANGES = {("*", "*"), ("application", "*"), ("application", "json")}
 
 
 def events_filter(params) -> frozenset[str] | None:

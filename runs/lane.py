@@ -20,12 +20,14 @@ from agentsvc.idempotency import BODY_FIELD
 from agentsvc.models import ApiKey
 from runs import selectors, services
 from runs.api import (
+    EVENTS_JSON,
     accepted_headers,
     chain_not_found,
     create_body,
     detail_answer,
     events_answer,
     events_filter,
+    events_representation,
     events_window,
 )
 from runs.chains import chain_validate_input
@@ -210,8 +212,8 @@ async def runs_retrieve(call: lane.Call, run_id: str) -> lane.Answer | None:
 
 async def run_events_page(call: lane.Call, run_id: str) -> lane.Answer | None:
     """GET /api/v1/runs/{id}/events as JSON (RunEventsApi); the stream (Accept:
-    text/event-stream) is Django's."""
-    if "text/event-stream" in call.headers.get("accept", ""):
+    text/event-stream) and the 406 are Django's."""
+    if events_representation(call.headers.get("accept", "")) != EVENTS_JSON:
         return None
     key, run = await _key_and_run(call, run_id)
     if key is None:
