@@ -389,12 +389,14 @@ SPECTACULAR_SETTINGS = {
         "TerminalEventEnum": "runs.models.TERMINAL_EVENTS",
         "DeliveryStatusEnum": "webhooks.models.DeliveryStatus",
         "AttemptTriggerEnum": "webhooks.models.Trigger",
+        "ViolatedPolicyEnum": "agentsvc.openapi.VIOLATED_POLICIES",
     },
     "POSTPROCESSING_HOOKS": [
         "drf_spectacular.hooks.postprocess_schema_enums",
         "runs.openapi.add_stream_operations",
         "agentsvc.openapi.add_common_headers",
         "agentsvc.openapi.add_links",
+        "agentsvc.openapi.add_tags",
     ],
 }
 # --- Webhooks -------------------------------------------------------------------------------
