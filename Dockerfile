@@ -9,16 +9,18 @@ FROM ${BASE} AS builder
 RUN apt-get update \
     && apt-get install -y --no-install-recommends build-essential \
     && rm -rf /var/lib/apt/lists/*
-# llama.cpp for the CPU family, not for the build machine's CPU: the Makefile's flags and reason.
-ARG LLAMA_CMAKE_ARGS="-DGGML_NATIVE=OFF -DGGML_AVX=ON -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON"
 ENV PATH=/opt/venv/bin:$PATH PIP_NO_CACHE_DIR=1 PIP_DISABLE_PIP_VERSION_CHECK=1
 RUN python3 -m venv /opt/venv && pip install --upgrade pip
 WORKDIR /app
-# The dependencies (and the llama.cpp build) in a layer that only pyproject.toml changes.
+# The dependencies and the llama.cpp build (for the CPU family, only what the model server
+# loads: scripts/llama-wheel, as `make run` builds it) in a layer that only pyproject.toml and
+# the build's script change.
 COPY pyproject.toml README.md ./
+COPY scripts/llama-wheel scripts/llama-lean.cmake scripts/
 RUN mkdir agentsvc runs webhooks schedules \
     && touch agentsvc/__init__.py runs/__init__.py webhooks/__init__.py schedules/__init__.py \
-    && CMAKE_ARGS="$LLAMA_CMAKE_ARGS" CMAKE_BUILD_PARALLEL_LEVEL=$(nproc) pip install '.[local]' \
+    && scripts/llama-wheel pip /tmp/wheels && rm -rf /tmp/wheels \
+    && pip install '.[local]' \
     && pip uninstall -y agentsvc
 COPY . .
 # Editable: the code runs from /app, beside manage.py, templates/ and chains/.

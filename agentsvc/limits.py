@@ -79,6 +79,13 @@ def _redis_call(key: ApiKey, counters: list[Counter]) -> tuple[list[str], list[i
     return names, args, window_end
 
 
+def _left(window_end: int) -> float:
+    """Seconds until the window ending at `window_end` gives way to the next one.
+    django-ratelimit names a window by its last whole second: it still counts through that
+    second, so the next window starts one second after `window_end`."""
+    return window_end + 1 - time.time()
+
+
 def _counts(key: ApiKey, counters: list[Counter]) -> list[tuple[int, float]]:
     """Count: [(count, seconds left in the window)], one per counter up to the first refused."""
     from agentsvc.cache import RedisCache
@@ -90,8 +97,9 @@ def _counts(key: ApiKey, counters: list[Counter]) -> list[tuple[int, float]]:
         if script is None:
             script = _scripts[id(client)] = client.register_script(_COUNT_SCRIPT)
         names, args, window_end = _redis_call(key, counters)
-        left = window_end - time.time()
-        return [(int(c), left) for c in script(keys=names, args=args)]
+        counted = script(keys=names, args=args)
+        left = _left(window_end)
+        return [(int(c), left) for c in counted]
     out = []
     for group, quota, n in counters:
         for i in range(n):
@@ -102,7 +110,7 @@ def _counts(key: ApiKey, counters: list[Counter]) -> list[tuple[int, float]]:
             if i == 0 and count + n - 1 > quota:
                 count += n - 1  # refused: only the first stays counted
                 break
-        out.append((count, usage["time_left"]))
+        out.append((count, usage["time_left"] + 1))  # whole seconds to window_end: _left
         if count > quota:
             break
     return out
@@ -115,7 +123,7 @@ async def counts_async(redis, key: ApiKey, counters: list[Counter]) -> list[tupl
         script = _scripts[id(redis)] = redis.register_script(_COUNT_SCRIPT)
     names, args, window_end = _redis_call(key, counters)
     counted = await script(keys=names, args=args)
-    left = window_end - time.time()
+    left = _left(window_end)
     return [(int(c), left) for c in counted]
 
 

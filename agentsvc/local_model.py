@@ -43,7 +43,7 @@ def model_command(model_url: str) -> list[str] | None:
     if importlib.util.find_spec("llama_cpp") is None:
         raise CommandError(
             "llama-cpp-python is not installed: run `make setup` (it builds "
-            "llama.cpp once, about 10 minutes on 2 cores), or set "
+            "llama.cpp once, about 2 minutes on 2 cores), or set "
             "LOCAL_MODEL=demo for the scripted model."
         )
     return [

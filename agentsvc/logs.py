@@ -74,6 +74,19 @@ class ContextFilter(logging.Filter):
         return True
 
 
+class TaskChatterFilter(logging.Filter):
+    """django-q2 writes four INFO lines for every task it runs (enqueued, created from its
+    schedule, processing, processed): on an idle service, the keeper's and the purge's ticks
+    every 30 s. Those lines go; the cluster's start and stop and every warning and error (a
+    task that failed) stay. The scheduled tasks log themselves what they did, when they did
+    something."""
+
+    _PER_TASK = frozenset({"tasks", "scheduler", "worker", "monitor"})  # django_q's modules
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return record.levelno >= logging.WARNING or record.module not in self._PER_TASK
+
+
 class PlainFormatter(logging.Formatter):
     """`time level logger message`, then ` request_id=… run_id=… key_prefix=…` where set."""
 

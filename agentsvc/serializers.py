@@ -1,7 +1,8 @@
 from __future__ import annotations
 
-from datetime import datetime
+from datetime import UTC, datetime
 
+from drf_spectacular.utils import extend_schema_field
 from rest_framework import serializers
 
 
@@ -62,17 +63,30 @@ class StrictBooleanField(serializers.BooleanField):
         return data
 
 
+RFC3339_MESSAGE = "Must be an RFC 3339 timestamp with a time zone."
+
+
+def rfc3339_utc(text: str) -> datetime:
+    """An RFC 3339 timestamp with a zone, as UTC; ValueError for anything else. As UTC: RFC 3339
+    (and fromisoformat) take offsets up to ±23:59, PostgreSQL only up to ±15:59 (a 500)."""
+    value = datetime.fromisoformat(text)
+    if value.tzinfo is None:
+        raise ValueError("no time zone")
+    try:
+        return value.astimezone(UTC)
+    except OverflowError:  # 0001-01-01T00:00:00+01:00 is before year 1 in UTC
+        raise ValueError("out of range") from None
+
+
+@extend_schema_field({"type": "string", "format": "date-time"})
 class RFC3339Field(StrictCharField):
     """An RFC 3339 timestamp with a zone (DRF's DateTimeField takes a naive one as local)."""
 
-    default_error_messages = {"not_rfc3339": "Must be an RFC 3339 timestamp with a time zone."}
+    default_error_messages = {"not_rfc3339": RFC3339_MESSAGE}
 
     def to_internal_value(self, data):
         text = super().to_internal_value(data)
         try:
-            value = datetime.fromisoformat(text)
+            return rfc3339_utc(text)
         except ValueError:
             self.fail("not_rfc3339")
-        if value.tzinfo is None:
-            self.fail("not_rfc3339")
-        return value

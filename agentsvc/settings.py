@@ -309,7 +309,10 @@ if LOG_FORMAT not in ("plain", "json"):
 LOGGING = {
     "version": 1,
     "disable_existing_loggers": False,
-    "filters": {"context": {"()": "agentsvc.logs.ContextFilter"}},
+    "filters": {
+        "context": {"()": "agentsvc.logs.ContextFilter"},
+        "task_chatter": {"()": "agentsvc.logs.TaskChatterFilter"},
+    },
     "formatters": {
         "plain": {
             "()": "agentsvc.logs.PlainFormatter",
@@ -328,6 +331,8 @@ LOGGING = {
     "loggers": {
         "django.channels.server": {"level": "WARNING"},
         "httpx": {"level": "WARNING"},
+        # Without the lines of each task it runs (LOG_LEVEL=DEBUG: with them).
+        "django-q": {"filters": [] if LOG_LEVEL == "DEBUG" else ["task_chatter"]},
     },
 }
 
@@ -395,12 +400,14 @@ SPECTACULAR_SETTINGS = {
         "TerminalEventEnum": "runs.models.TERMINAL_EVENTS",
         "DeliveryStatusEnum": "webhooks.models.DeliveryStatus",
         "AttemptTriggerEnum": "webhooks.models.Trigger",
+        "ViolatedPolicyEnum": "agentsvc.openapi.VIOLATED_POLICIES",
     },
     "POSTPROCESSING_HOOKS": [
         "drf_spectacular.hooks.postprocess_schema_enums",
         "runs.openapi.add_stream_operations",
         "agentsvc.openapi.add_common_headers",
         "agentsvc.openapi.add_links",
+        "agentsvc.openapi.add_tags",
     ],
 }
 # --- Webhooks -------------------------------------------------------------------------------

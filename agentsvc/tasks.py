@@ -9,9 +9,12 @@ logger = logging.getLogger(__name__)
 
 
 def purge_expired() -> int:
-    """Scheduled: delete idempotency records past IDEMPOTENCY_TTL_S and old token windows."""
-    tokens_purge()
+    """Scheduled: delete idempotency records past IDEMPOTENCY_TTL_S and old token windows. A
+    line in the log only when something was deleted."""
+    windows = tokens_purge()
     deleted = idempotency_purge()
-    if deleted:
-        logger.info("purged %d expired idempotency records", deleted)
+    if deleted or windows:
+        logger.info(
+            "purged %d expired idempotency records and %d old token windows", deleted, windows
+        )
     return deleted

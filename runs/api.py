@@ -7,8 +7,9 @@ from datetime import datetime
 from uuid import UUID
 
 from django.conf import settings
-from django.core.validators import RegexValidator
+from django.core.validators import MaxLengthValidator, MinLengthValidator, RegexValidator
 from django.http import Http404
+from django.http.request import MediaType
 from django.utils import timezone
 from drf_spectacular.utils import (
     OpenApiParameter,
@@ -24,10 +25,12 @@ from agentsvc.errors import ApplicationError, echo
 from agentsvc.idempotency import IdempotentMixin
 from agentsvc.openapi import IDEMPOTENCY_KEY, problems
 from agentsvc.serializers import (
+    RFC3339_MESSAGE,
     StrictCharField,
     StrictFloatField,
     StrictIntegerField,
     StrictSerializer,
+    rfc3339_utc,
 )
 from runs import selectors, services
 from runs.events import event_filter_parse
@@ -81,17 +84,14 @@ def int_param(params, name: str, default: int, lo: int, hi: int) -> int:
 
 
 def rfc3339(raw: str, field: str) -> datetime:
-    """An RFC 3339 timestamp with a zone, or a 400 naming `field`."""
+    """An RFC 3339 timestamp with a zone, as UTC (rfc3339_utc), or a 400 naming `field`."""
     try:
-        value = datetime.fromisoformat(raw)
-        if value.tzinfo is None:
-            raise ValueError
-        return value
+        return rfc3339_utc(raw)
     except ValueError:
         raise ApplicationError(
             "validation_error",
             f"Invalid {field}.",
-            errors=[{"field": field, "message": "Must be an RFC 3339 timestamp with a time zone."}],
+            errors=[{"field": field, "message": RFC3339_MESSAGE}],
         ) from None
 
 
@@ -215,7 +215,14 @@ class RunBatchItemInput(StrictSerializer):
 
 
 class RunBatchInput(StrictSerializer):
-    items = RunBatchItemInput(many=True, allow_empty=False, max_length=MAX_BATCH)
+    items = serializers.ListSerializer(
+        child=RunBatchItemInput(),
+        allow_empty=False,
+        max_length=MAX_BATCH,
+        # Never reached (allow_empty and max_length answer first); they state the bounds in the
+        # OpenAPI document, as minItems and maxItems.
+        validators=[MinLengthValidator(1), MaxLengthValidator(MAX_BATCH)],
+    )
     version = StrictIntegerField(required=False, min_value=1, max_value=2**31 - 1)
     idempotency_key = idempotency_key_field()
 
@@ -403,7 +410,7 @@ class RunListApi(APIView):
             ),
             OpenApiParameter(
                 "created_after",
-                str,
+                {"type": "string", "format": "date-time"},
                 description="RFC 3339 timestamp with zone. Runs whose `created_at`, as shown "
                 "(to the millisecond), is later: a run's own `created_at` excludes that run.",
             ),
@@ -435,7 +442,7 @@ class RunListApi(APIView):
                     ],
                 )
         created_after = None
-        if params.get("created_after"):
+        if "created_after" in params:  # given empty: a 400 too, as the document says
             # Shown to the millisecond, stored to the microsecond: "after" the millisecond named.
             created_after = rfc3339(params["created_after"], "created_after")
             try:
@@ -585,6 +592,27 @@ class RunEventsApi(APIView):
         after, limit = events_window(request.query_params)
         events = selectors.run_events_after(run=run, after=after, limit=limit, types=types)
         return Response(events_answer(run, events, after=after, limit=limit, types=types))
+
+
+EVENTS_JSON, EVENTS_SSE = "application/json", "text/event-stream"
+
+
+def events_representation(accept: str) -> str | None:
+    """GET /runs/{id}/events answers the JSON page or the stream, as the Accept header asks
+    (the DRF view, the stream's view and the lane): EVENTS_SSE when it names the stream, else
+    EVENTS_JSON when it admits JSON (no header, `*/*`, `application/*`), else None (406)."""
+    if EVENTS_SSE in accept:
+        return EVENTS_SSE
+    if not accept.strip():
+        return EVENTS_JSON
+    for token in accept.split(","):
+        media = MediaType(token.strip())
+        if media.quality and (media.main_type, media.sub_type) in _JSON_RANGES:
+            return EVENTS_JSON
+    return None
+
+
+_JSON_RANGES = {("*", "*"), ("application", "*"), ("application", "json")}
 
 
 def events_filter(params) -> frozenset[str] | None:

@@ -20,12 +20,14 @@ from agentsvc.idempotency import BODY_FIELD
 from agentsvc.models import ApiKey
 from runs import selectors, services
 from runs.api import (
+    EVENTS_JSON,
     accepted_headers,
     chain_not_found,
     create_body,
     detail_answer,
     events_answer,
     events_filter,
+    events_representation,
     events_window,
 )
 from runs.chains import chain_validate_input
@@ -44,7 +46,7 @@ async def runs_create(call: lane.Call, name: str) -> lane.Answer | None:
     if body is None or BODY_FIELD in body:
         return None
     try:
-        data, invalid = create_body(body), None
+        data, invalid = await _create_body(body), None
     except ValidationError as exc:  # answered once the key authenticates
         data, invalid = {}, exc
     version = data.get("version")
@@ -58,20 +60,23 @@ async def runs_create(call: lane.Call, name: str) -> lane.Answer | None:
         if chain is None:
             raise chain_not_found(name, version)
         chain_validate_input(chain=chain, data=data["input"])
-        if services.queue_depth_stale():
+        depth = services.queue_depth_cached()
+        if depth is None:
             _, ((depth,),) = await call.fetch(services.QUEUED_COUNT_SQL, [])
             services.queue_depth_set(depth)
-        services.queue_check(adding=1)
+        services.queue_check(adding=1, depth=depth)
     except (ApplicationError, ValidationError):
         await call.admit(key)  # refused before its run start: still a request
         raise
     await call.admit(key, runs=1)
-    if not selectors.chain_agents_known(chain.pk):
-        await sync_to_async(selectors.chain_agents)(chain.pk)  # once per version and process
+    agents = selectors.chain_agents_cached(chain.pk)
+    if agents is None:  # once per version and process
+        agents = await sync_to_async(selectors.chain_agents)(chain.pk)
     starts = services.runs_build(
         api_key=key,
         chain=chain,
         new=[services.NewRun(data["input"], data["metadata"], data.get("webhook"))],
+        agents=agents,
     )
     await call.release()  # the start waits on a connection of its own
     used, written = await _starts.write(starts)
@@ -80,6 +85,14 @@ async def runs_create(call: lane.Call, name: str) -> lane.Answer | None:
     wakeups_publish(services.runs_wakeups(starts))
     (run,) = starts.runs
     return lane.Answer(202, run_handle(run), accepted_headers(run))
+
+
+async def _create_body(body: dict) -> dict:
+    """create_body; in a thread when the body names a webhook, whose URL's host is resolved
+    (webhooks/ssrf.py): a DNS answer may take seconds, and the loop serves every other call."""
+    if "webhook" not in body:
+        return create_body(body)
+    return await sync_to_async(create_body, thread_sensitive=False)(body)
 
 
 class _GroupStarts:
@@ -199,8 +212,8 @@ async def runs_retrieve(call: lane.Call, run_id: str) -> lane.Answer | None:
 
 async def run_events_page(call: lane.Call, run_id: str) -> lane.Answer | None:
     """GET /api/v1/runs/{id}/events as JSON (RunEventsApi); the stream (Accept:
-    text/event-stream) is Django's."""
-    if "text/event-stream" in call.headers.get("accept", ""):
+    text/event-stream) and the 406 are Django's."""
+    if events_representation(call.headers.get("accept", "")) != EVENTS_JSON:
         return None
     key, run = await _key_and_run(call, run_id)
     if key is None:

@@ -3,6 +3,7 @@ drf-spectacular postprocessing hook (SPECTACULAR_SETTINGS in agentsvc/settings.p
 
 from __future__ import annotations
 
+from agentsvc.openapi import API_KEY, IDEMPOTENCY_KEY
 from runs.events import EVENT_NAMES
 
 _EVENT = {
@@ -17,14 +18,25 @@ _EVENT = {
 }
 _SSE = {
     "text/event-stream": {
-        # One server-sent event (as OpenAPI 3.2 describes them): `data` is the event's JSON
-        # (its fields plus run_id, seq and ts); the leading `retry:` block carries no event.
+        # The body is text: a sequence of server-sent events. `itemSchema` (OpenAPI 3.2, which
+        # tools read in 3.1 documents too) describes each event; `schema`, the whole body, states
+        # no type, so that it holds both for 3.1 readers (the body: text, what generated
+        # clients hand back) and for those that read a stream as the list of its events (3.2).
         "schema": {
+            "description": "Server-sent events (each one: itemSchema): `retry: <ms>`, then for "
+            "each event `id: <seq>`, `event: <type>` and `data: <JSON>` lines ending with a "
+            "blank line; `: ping` comments when idle. Read it with an SSE client."
+        },
+        "itemSchema": {
             "type": "object",
             "properties": {
                 "id": {"type": "string", "pattern": "^[0-9]+$"},
                 "event": {"type": "string"},
-                "data": {"type": "string", "contentMediaType": "application/json"},
+                "data": {
+                    "type": "string",
+                    "contentMediaType": "application/json",
+                    "description": "The event's JSON: its fields, run_id, seq and ts.",
+                },
                 "retry": {"type": "integer"},
             },
         },
@@ -71,10 +83,12 @@ def add_stream_operations(result, generator, request, public):
             "summary": "A run's events: a JSON page, or live SSE with Accept: text/event-stream",
             "description": "With `Accept: text/event-stream`: every stored event with seq > "
             "`after` (or `Last-Event-ID`), then live ones; `: ping` when idle; the stream ends "
-            "after the terminal event. A browser's EventSource, which cannot send the key, "
-            "authenticates the stream with `?ticket=` (POST /api/v1/stream-tickets).",
-            "tags": ["runs"],
-            "security": [{"apiKey": []}],
+            "after the terminal event. Reconnecting to an ended run's stream with nothing left "
+            "after the cursor (its terminal seq) answers 204, which stops an EventSource "
+            "reconnecting. A browser's EventSource, which cannot send the key, authenticates "
+            "the stream with `?ticket=` (POST /api/v1/stream-tickets). An Accept header that "
+            "admits neither JSON nor the stream: 406.",
+            "security": API_KEY,
             "parameters": [
                 run_id,
                 {
@@ -120,7 +134,11 @@ def add_stream_operations(result, generator, request, public):
                         **_SSE,
                     },
                 },
-                **_problem_responses(result, 400, 401, 404, 429, 503),
+                "204": {
+                    "description": "SSE only: the run has ended and nothing (of `events`, with "
+                    "a filter) is left after the cursor; do not reconnect."
+                },
+                **_problem_responses(result, 400, 401, 404, 406, 429, 503),
             },
         }
     }
@@ -129,8 +147,7 @@ def add_stream_operations(result, generator, request, public):
         "post": {
             "operationId": "runs_stream",
             "summary": "Start a run and stream its events (SSE)",
-            "tags": ["chains"],
-            "security": [{"apiKey": []}],
+            "security": API_KEY,
             "parameters": [
                 {
                     "name": "name",
@@ -143,8 +160,10 @@ def add_stream_operations(result, generator, request, public):
                     "name": "Idempotency-Key",
                     "in": "header",
                     "required": False,
-                    "schema": {"type": "string", "minLength": 1, "maxLength": 257},
-                    "description": "A repeated key streams the first request's run from seq 1.",
+                    "schema": IDEMPOTENCY_KEY.type,
+                    "description": "A repeated key streams the first request's run from seq 1 "
+                    "(`Idempotent-Replayed: true`). At most 255 printable ASCII characters (257 "
+                    'in the quoted form `"..."`).',
                 },
             ],
             "requestBody": {

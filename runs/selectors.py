@@ -93,9 +93,10 @@ def chain_agents(chain_id: int) -> tuple[Agent, ...]:
     return agents
 
 
-def chain_agents_known(chain_id: int) -> bool:
-    """Whether chain_agents answers without a query (async callers skip a thread hop)."""
-    return chain_id in _agents
+def chain_agents_cached(chain_id: int) -> tuple[Agent, ...] | None:
+    """What chain_agents answers without a query, or None (async callers then read them in a
+    thread, and pass what they have on: the cache may be emptied meanwhile)."""
+    return _agents.get(chain_id)
 
 
 _R, _C = f'"{Run._meta.db_table}"', f'"{Chain._meta.db_table}"'

@@ -30,6 +30,7 @@ from runs.events import FEED_EVENTS, RUN_QUEUED, TERMINAL_EVENTS, terminal_hooks
 from runs.models import (
     ACTIVE_STATUSES,
     TERMINAL_STATUSES,
+    Agent,
     Chain,
     Run,
     RunEvent,
@@ -322,8 +323,11 @@ _queue_depth: tuple[float, int] = (0.0, 0)
 QUEUED_COUNT_SQL = f"SELECT count(*) FROM {Run._meta.db_table} WHERE status = 'queued'"
 
 
-def queue_depth_stale() -> bool:
-    return time.monotonic() - _queue_depth[0] >= settings.QUEUE_DEPTH_CACHE_S
+def queue_depth_cached() -> int | None:
+    """This process's count of queued runs, or None when it is older than QUEUE_DEPTH_CACHE_S:
+    no query, so async callers count (QUEUED_COUNT_SQL) on their own connections."""
+    at, depth = _queue_depth
+    return depth if time.monotonic() - at < settings.QUEUE_DEPTH_CACHE_S else None
 
 
 def queue_depth_set(depth: int) -> None:
@@ -333,14 +337,17 @@ def queue_depth_set(depth: int) -> None:
 
 def queue_depth() -> int:
     """Queued runs, counted at most once per QUEUE_DEPTH_CACHE_S per process."""
-    if queue_depth_stale():
-        queue_depth_set(Run.objects.filter(status=RunStatus.QUEUED).count())
-    return _queue_depth[1]
+    depth = queue_depth_cached()
+    if depth is None:
+        depth = Run.objects.filter(status=RunStatus.QUEUED).count()
+        queue_depth_set(depth)
+    return depth
 
 
-def queue_check(*, adding: int = 1) -> None:
-    """Backpressure: 503 `queue_full` when `adding` more runs would pass QUEUE_MAX waiting."""
-    if queue_depth() + adding > settings.QUEUE_MAX:
+def queue_check(*, adding: int = 1, depth: int | None = None) -> None:
+    """Backpressure: 503 `queue_full` when `adding` more runs would pass QUEUE_MAX waiting.
+    `depth` is the count the caller has (async callers must pass it); else queue_depth()."""
+    if (queue_depth() if depth is None else depth) + adding > settings.QUEUE_MAX:
         rejection("queue_full")
         raise ApplicationError(
             "queue_full",
@@ -349,12 +356,15 @@ def queue_check(*, adding: int = 1) -> None:
         )
 
 
-def token_reservation(*, chain: Chain, run_input: Any) -> int:
+def token_reservation(
+    *, chain: Chain, run_input: Any, agents: tuple[Agent, ...] | None = None
+) -> int:
     """What a run reserves of its key's token budget: its input and every agent's max_tokens (a
-    code chain's own max_tokens)."""
+    code chain's own max_tokens). `agents` are the chain's (chain_agents), when the caller has
+    them."""
     input_chars = len(json.dumps(run_input, separators=(",", ":"), ensure_ascii=False))
-    agents = sum(a.max_tokens for a in chain_agents(chain.pk))
-    return math.ceil(input_chars / 4) + agents + chain.max_tokens
+    agents = chain_agents(chain.pk) if agents is None else agents
+    return math.ceil(input_chars / 4) + sum(a.max_tokens for a in agents) + chain.max_tokens
 
 
 class Unset(enum.Enum):
@@ -515,14 +525,17 @@ def runs_build(
     idempotency: IdempotencyRecord | None = None,
     rerun_of: Run | None = None,
     answer: Callable[[list[Run]], dict] | None = None,
+    agents: tuple[Agent, ...] | None = None,
 ) -> Starts:
-    """The runs and their first events, in memory (422 `run_too_large` first): no query."""
+    """The runs and their first events, in memory (422 `run_too_large` first): no query when
+    the caller passes the chain's `agents` (chain_agents)."""
     n = len(new)
-    reserved = [token_reservation(chain=chain, run_input=item.input) for item in new]
+    agents = chain_agents(chain.pk) if agents is None else agents
+    reserved = [token_reservation(chain=chain, run_input=item.input, agents=agents) for item in new]
     what = "This run" if n == 1 else f"This batch of {n} runs"
     limits.tokens_fit(key=api_key, amount=sum(reserved), what=what)
     window = limits.token_window()
-    agents_total = len(chain_agents(chain.pk))
+    agents_total = len(agents)
     trace_parent = tracing.traceparent()
     now = timezone.now()
     runs = []

@@ -35,7 +35,16 @@ from agentsvc.models import ApiKey
 from agentsvc.parsers import strict_loads
 from agentsvc.serializers import StrictBooleanField
 from runs import services
-from runs.api import RunCreateInput, RunEventsApi, check_query, events_param, start_run
+from runs.api import (
+    EVENTS_JSON,
+    EVENTS_SSE,
+    RunCreateInput,
+    RunEventsApi,
+    check_query,
+    events_param,
+    events_representation,
+    start_run,
+)
 from runs.models import Run
 from runs.presenters import run_handle
 from runs.stream_limits import StreamLease, StreamLimitExceeded
@@ -45,6 +54,7 @@ from runs.streams import (
     authenticate_and_find,
     follow_run,
     parse_after,
+    stream_has_more,
 )
 from runs.tickets import ticket_authenticate_and_find
 
@@ -55,10 +65,6 @@ _events_json = RunEventsApi.as_view()
 
 class RunStreamInput(RunCreateInput):
     cancel_on_disconnect = StrictBooleanField(required=False, default=False)
-
-
-def _wants_sse(request: HttpRequest) -> bool:
-    return "text/event-stream" in request.headers.get("Accept", "")
 
 
 def _frames(rows: list[EventRow]) -> bytes:
@@ -171,8 +177,16 @@ def _sse_response(
 
 
 async def run_events(request: HttpRequest, run_id: UUID) -> HttpResponse:
-    """GET /api/v1/runs/{id}/events: the JSON page, or the stream with Accept: text/event-stream."""
-    if not _wants_sse(request):
+    """GET /api/v1/runs/{id}/events: the JSON page, or the stream with Accept: text/event-stream.
+    A stream with nothing left to send (the run has ended and nothing, of `events` with a
+    filter, is after the cursor) is a 204: the HTML standard's way of telling an EventSource
+    not to reconnect."""
+    representation = events_representation(request.headers.get("Accept", ""))
+    if representation is None:
+        return problem_response(
+            request, "not_acceptable", f"The events are {EVENTS_JSON} or {EVENTS_SSE}."
+        )
+    if representation == EVENTS_JSON:
         return await sync_to_async(_events_json)(request, run_id=run_id)
     if request.method != "GET":
         return problem_response(request, "method_not_allowed", headers={"Allow": "GET"})
@@ -210,6 +224,10 @@ async def run_events(request: HttpRequest, run_id: UUID) -> HttpResponse:
         )
     if run is None:
         return problem_response(request, "not_found", "No such run.")
+    if not await stream_has_more(run, after, events):
+        response = HttpResponse(status=204)
+        del response["Content-Type"]
+        return response
     lease = await _lease_or_problem(request, key)
     if isinstance(lease, HttpResponse):
         return lease

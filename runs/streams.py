@@ -58,6 +58,23 @@ def _events_after(run_id: UUID, after: int) -> list[EventRow]:
     ]
 
 
+def _events_remain(run_id: UUID, after: int, events: frozenset[str]) -> bool:
+    return RunEvent.objects.filter(run_id=run_id, seq__gt=after, type__in=events).exists()
+
+
+events_remain = db_async(_events_remain)
+
+
+async def stream_has_more(run: Run, after: int, events: frozenset[str] | None) -> bool:
+    """Whether following `run` after `after` can send anything: no once it has ended and
+    nothing (of `events`, with a filter) is left after the cursor."""
+    if not run.is_terminal:
+        return True
+    if after >= run.last_seq:
+        return False
+    return events is None or await events_remain(run.id, after, events)
+
+
 def _sse_frame(seq: int, event: str, data: dict[str, Any]) -> bytes:
     body = json.dumps(data, separators=(",", ":"))
     return f"id: {seq}\nevent: {event}\ndata: {body}\n\n".encode()

@@ -96,6 +96,8 @@ def test_stream_a_run_and_start_and_stream(client, make_chain):
     assert started[0].type == "run.queued" and started[-1].type == "run.completed"
     assert started[0].run_id != run_id
     assert client.runs.get(started[0].run_id)["status"] == "completed"
+    # Following an ended run from its last event: nothing, at once (the server's 204).
+    assert list(client.runs.stream(run_id, after=events[-1].seq)) == []
 
 
 def test_stream_resumes_after_the_connection_is_cut(
@@ -306,6 +308,8 @@ def test_async_client(live_server_url, worker, alice, make_chain, proxy):
             chains = [ch["name"] async for ch in c.chains.list()]
             with pytest.raises(NotFoundError):
                 await c.runs.get(str(uuid.uuid4()))
+            after_end = [e async for e in c.runs.stream(handle["run_id"], after=events[-1].seq)]
+            assert after_end == []  # the server's 204: nothing left
             return events, run, listed, chains
 
     events, run, listed, chains = asyncio.run(scenario())

@@ -105,14 +105,19 @@ def test_expired_key_starts_over(alice, chain):
     assert first != second
 
 
-def test_purge_removes_expired_records(alice, chain):
+def test_purge_removes_expired_records(alice, chain, caplog):
     post(alice, key="old")
     post(alice, key="new")
     IdempotencyRecord.objects.filter(key="old").update(
         expires_at=timezone.now() - timedelta(seconds=1)
     )
-    assert purge_expired() == 1
+    with caplog.at_level("INFO", logger="agentsvc.tasks"):
+        assert purge_expired() == 1
+        assert purge_expired() == 0  # nothing to do: nothing in the log
     assert list(IdempotencyRecord.objects.values_list("key", flat=True)) == ["new"]
+    assert [r.getMessage() for r in caplog.records if r.name == "agentsvc.tasks"] == [
+        "purged 1 expired idempotency records and 0 old token windows"
+    ]
 
 
 def test_abandoned_request_replays_its_run(alice, chain):

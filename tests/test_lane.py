@@ -7,16 +7,25 @@ limits it enforces are driven with real parallel requests."""
 
 from __future__ import annotations
 
+import asyncio
+import json
 import re
+import socket
+import time
 import uuid
 from concurrent.futures import ThreadPoolExecutor
 
 import httpx
 import pytest
+from asgiref.sync import sync_to_async
+from django.db import connections
 
+from agentsvc import lane
 from agentsvc.models import ApiKey, TokenWindow
 from runs.models import Run, RunEvent
 from runs.services import event_append
+from tests.conftest import process_env, start_web
+from tests.webhook_support import SECRET
 
 pytestmark = [pytest.mark.django_db(transaction=True), pytest.mark.slow]
 
@@ -234,3 +243,151 @@ def test_events_page_answers_as_the_view_does(http, alice, bob, make_chain):
     with http.stream("GET", path, headers={"Accept": "text/event-stream"}) as stream:
         assert stream.headers["content-type"].startswith("text/event-stream")
     assert lane_calls(http, EVENTS_ROUTE, "declined") == declined + 1
+
+
+def test_creates_with_the_queue_count_expiring_on_every_call(alice, make_chain, tmp_path):
+    """QUEUE_DEPTH_CACHE_S=0: every create counts the queued runs again. The lane counts on its
+    own connection and hands the count to the check, which counted again with the sync ORM on
+    the event loop when the count expired in between (a 500, SynchronousOnlyOperation)."""
+    make_chain("demo", schema={"type": "object"})
+    ApiKey.objects.filter(pk=alice.key.pk).update(max_active_runs=1000)
+    env = process_env(QUEUE_DEPTH_CACHE_S="0", QUEUE_MAX="48")
+    proc, url = start_web(env, tmp_path / "daphne.log")
+    headers = {"Authorization": f"Bearer {alice.raw_key}"}
+    try:
+        with httpx.Client(base_url=url, headers=headers, timeout=30) as http:
+            with ThreadPoolExecutor(16) as pool:
+                answers = list(
+                    pool.map(lambda i: http.post(CREATE, json={"input": {"n": i}}), range(48))
+                )
+            assert [a.status_code for a in answers] == [202] * 48, {a.text for a in answers}
+            # The count is the database's at each call: the 49th run does not fit.
+            full = http.post(CREATE, json={"input": {}})
+            assert full.status_code == 503 and full.json()["code"] == "queue_full"
+            assert lane_calls(http, CREATE_ROUTE, "answered") == 49
+    finally:
+        proc.stop()
+    assert Run.objects.count() == 48
+    assert "SynchronousOnlyOperation" not in proc.output()
+
+
+PUBLIC = "93.184.216.34"
+
+
+class SlowDNS:
+    """A resolver that answers names under .test with a public address after `delay` seconds;
+    other names resolve as usual."""
+
+    def __init__(self, monkeypatch) -> None:
+        self.delay = 0.0
+        self.asked: list[str] = []
+        self.real = socket.getaddrinfo
+        monkeypatch.setattr(socket, "getaddrinfo", self)
+
+    def __call__(self, host, port, *args, **kwargs):
+        if not str(host).endswith(".test"):
+            return self.real(host, port, *args, **kwargs)
+        self.asked.append(host)
+        time.sleep(self.delay)  # the resolver's own time: what a slow DNS server costs
+        return [(socket.AF_INET, socket.SOCK_STREAM, 6, "", (PUBLIC, int(port or 0)))]
+
+
+class LoopWatch:
+    """The longest the running loop left a 5 ms timer waiting past its time: how long some
+    call held the loop."""
+
+    TICK_S = 0.005
+
+    async def __aenter__(self) -> LoopWatch:
+        self.longest = 0.0
+        self._task = asyncio.create_task(self._tick())
+        await asyncio.sleep(0)
+        return self
+
+    async def _tick(self) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            before = loop.time()
+            await asyncio.sleep(self.TICK_S)
+            self.longest = max(self.longest, loop.time() - before - self.TICK_S)
+
+    async def __aexit__(self, *exc) -> None:
+        self._task.cancel()
+        await asyncio.gather(self._task, return_exceptions=True)
+
+
+async def asgi_call(app, method: str, path: str, key: str, body: dict | None = None):
+    """One HTTP request through the ASGI application, in this process: (status, JSON body)."""
+    headers = [(b"host", b"127.0.0.1"), (b"authorization", f"Bearer {key}".encode())]
+    content = b""
+    if body is not None:
+        content = json.dumps(body).encode()
+        headers.append((b"content-type", b"application/json"))
+    scope = {
+        "type": "http",
+        "asgi": {"version": "3.0"},
+        "http_version": "1.1",
+        "method": method,
+        "scheme": "http",
+        "path": path,
+        "raw_path": path.encode(),
+        "query_string": b"",
+        "root_path": "",
+        "headers": headers,
+        "client": ("127.0.0.1", 50000),
+        "server": ("127.0.0.1", 8000),
+    }
+    pending = [{"type": "http.request", "body": content, "more_body": False}]
+    sent: list[dict] = []
+
+    async def receive():
+        if pending:
+            return pending.pop(0)
+        await asyncio.Event().wait()  # the client stays until the answer
+
+    async def send(message):
+        sent.append(message)
+
+    await app(scope, receive, send)
+    return sent[0]["status"], json.loads(b"".join(m.get("body", b"") for m in sent[1:]))
+
+
+def test_a_lane_call_never_holds_the_event_loop(alice, make_chain, monkeypatch):
+    """A create naming a webhook resolves its host (the SSRF guard). With a resolver that takes
+    0.3 s, the loop that serves every other call of the process must not stall: no lane call
+    may hold it more than 50 ms."""
+    from agentsvc.asgi import application
+
+    make_chain("demo", schema={"type": "object"})
+    ApiKey.objects.filter(pk=alice.key.pk).update(max_active_runs=100)
+    dns = SlowDNS(monkeypatch)
+    hooked = {"input": {}, "webhook": {"url": "https://hooks.example.test/in", "secret": SECRET}}
+
+    async def scenario():
+        try:
+            # Once before watching: the lane's pool and scripts, the DRF serializers, a thread.
+            status, first = await asgi_call(application, "POST", CREATE, alice.raw_key, hooked)
+            assert status == 202, first
+            run_id = first["run_id"]
+            dns.delay = 0.3
+            async with LoopWatch() as watch:
+                answers = await asyncio.gather(
+                    asgi_call(application, "POST", CREATE, alice.raw_key, hooked),
+                    asgi_call(application, "POST", CREATE, alice.raw_key, {"input": {}}),
+                    asgi_call(application, "GET", f"/api/v1/runs/{run_id}", alice.raw_key),
+                    asgi_call(application, "GET", f"/api/v1/runs/{run_id}/events", alice.raw_key),
+                )
+            return answers, watch.longest
+        finally:
+            await sync_to_async(connections.close_all)()  # the lane's thread for sync steps
+            loop = asyncio.get_running_loop()
+            if (pool := lane._pools.pop(loop, None)) is not None:
+                await pool.close()
+            if (client := lane._redises.pop(loop, None)) is not None:
+                await client.aclose()
+
+    answers, longest = asyncio.run(scenario())
+    assert [status for status, _ in answers] == [202, 202, 200, 200], answers
+    assert Run.objects.filter(webhook_url="https://hooks.example.test/in").count() == 2
+    assert dns.asked == ["hooks.example.test"] * 2
+    assert longest < 0.05, f"a lane call held the event loop {longest * 1000:.0f} ms"

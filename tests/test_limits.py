@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import re
+import time
 
 import http_sf
 import pytest
@@ -57,6 +58,31 @@ def test_request_limit_per_key(alice, bob, make_chain):
     assert parse_ratelimit(response)[1]["requests"]["r"] == 0
     # Another key is not affected.
     assert bob.get("/api/v1/runs").status_code == 200
+
+
+class Clock:
+    """time.time(), moved only by the test: the moments at which a client calls."""
+
+    def __init__(self, monkeypatch, now: float) -> None:
+        self.now = now
+        monkeypatch.setattr(time, "time", lambda: self.now)
+
+
+@pytest.mark.parametrize("fraction", [0.0, 0.25, 0.999])
+def test_waiting_as_long_as_retry_after_says_is_enough(alice, monkeypatch, fraction):
+    """A client that waits exactly Retry-After seconds gets in, and not a second earlier: it
+    was one second short (a window is named by its last second, and counts through it)."""
+    set_limits(alice, requests_per_minute=1)
+    clock = Clock(monkeypatch, int(time.time()) + fraction)
+    for _ in range(3):  # the next window's call comes exactly when Retry-After said
+        assert alice.get("/api/v1/runs").status_code == 200
+        refused = alice.get("/api/v1/runs")
+        assert refused.status_code == 429
+        wait = int(refused["Retry-After"])
+        assert parse_ratelimit(refused)[1]["requests"]["t"] == wait
+        clock.now += wait - 1
+        assert alice.get("/api/v1/runs").status_code == 429
+        clock.now += 1
 
 
 def test_runs_per_minute(alice, make_chain):

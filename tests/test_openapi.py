@@ -70,3 +70,91 @@ def test_every_documented_problem_code_has_its_page(db, code):
     response = Client().get(f"/api/problems/{code}")
     assert response.status_code == 200, code
     assert code.encode() in response.content
+
+
+# --- What a client generated from the document needs to know -------------------------------
+
+
+def _document() -> dict:
+    return json.loads((ROOT / "docs" / "openapi.json").read_text())
+
+
+def _operations(document: dict):
+    for path, item in document["paths"].items():
+        for method, operation in item.items():
+            yield path, method, operation
+
+
+def test_streams_are_text_not_json_objects():
+    """A generated client parsed the stream as a JSON object and crashed on its first line: the
+    body's schema is no object (generated clients hand back its text), each event is the
+    itemSchema's (which schemathesis checks every event against)."""
+    paths = _document()["paths"]
+    for content in (
+        paths["/api/v1/chains/{name}/stream"]["post"]["responses"]["200"]["content"],
+        paths["/api/v1/runs/{run_id}/events"]["get"]["responses"]["200"]["content"],
+    ):
+        stream = content["text/event-stream"]
+        assert "type" not in stream["schema"] and "properties" not in stream["schema"]
+        assert set(stream["itemSchema"]["properties"]) == {"id", "event", "data", "retry"}
+    events = paths["/api/v1/runs/{run_id}/events"]["get"]["responses"]
+    assert "204" in events and "406" in events
+
+
+def test_headers_members_and_schemes_the_server_sends_are_declared():
+    document = _document()
+    schemes = document["components"]["securitySchemes"]
+    assert schemes["apiKeyHeader"] == {
+        "type": "apiKey",
+        "in": "header",
+        "name": "X-API-Key",
+        "description": "`ak_...`",
+    }
+    assert schemes["apiKey"]["scheme"] == "bearer"
+    problem = document["components"]["schemas"]["Problem"]["properties"]
+    assert problem["violated-policies"]["type"] == "array"
+    replayed = 0
+    for path, _, operation in _operations(document):
+        if path.startswith("/api/v1/"):
+            assert operation["security"] == [{"apiKey": []}, {"apiKeyHeader": []}], path
+        idempotent = [p for p in operation.get("parameters", []) if p["name"] == "Idempotency-Key"]
+        for status, response in operation["responses"].items():
+            if idempotent and status.startswith("2"):
+                assert "Idempotent-Replayed" in response["headers"], (path, status)
+                replayed += 1
+        for parameter in idempotent:  # what parse_key enforces
+            assert parameter["schema"]["maxLength"] == 257, path
+            assert parameter["schema"]["pattern"] == "^[\\u0020-\\u007e]+$", path
+    assert replayed >= 15
+    created = document["paths"]["/api/v1/webhook-endpoints"]["post"]["responses"]["201"]
+    assert "Location" in created["headers"]
+
+
+def test_constraints_the_server_enforces_are_stated():
+    document = _document()
+    schemas = document["components"]["schemas"]
+    items = schemas["RunBatchInputRequest"]["properties"]["items"]
+    assert (items["minItems"], items["maxItems"]) == (1, 100)
+    for name in ("since", "until"):
+        assert schemas["RecoverInputRequest"]["properties"][name]["format"] == "date-time"
+    (created_after,) = [
+        p
+        for p in document["paths"]["/api/v1/runs"]["get"]["parameters"]
+        if p["name"] == "created_after"
+    ]
+    assert created_after["schema"] == {"type": "string", "format": "date-time"}
+
+
+def test_one_tag_per_part_of_the_api():
+    """Tags become a generated client's modules: the runs' calls are together, whatever their
+    path (a run is started under /chains/{name}/)."""
+    document = _document()
+    tags = {t["name"] for t in document["tags"]}
+    assert tags == {"chains", "runs", "webhooks", "streams"}
+    by_tag: dict[str, set[str]] = {}
+    for _, _, operation in _operations(document):
+        (tag,) = operation["tags"]
+        by_tag.setdefault(tag, set()).add(operation["operationId"])
+    assert set(by_tag) == tags
+    assert {"runs_create", "runs_stream", "runs_events", "runs_retrieve"} <= by_tag["runs"]
+    assert by_tag["chains"] == {"chains_list", "chains_retrieve"}

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import signal
 import socket
+import sqlite3
 import subprocess
 import sys
 
@@ -32,26 +34,91 @@ def embedded_env(tmp_path, **extra) -> dict[str, str]:
     return env
 
 
-def test_serve_runs_a_chain_end_to_end(tmp_path):
+def start_serve(
+    tmp_path, *, sigint_ignored: bool = False, **env: str
+) -> tuple[subprocess.Popen, int]:
+    """`manage.py serve` in a process group of its own, as a terminal runs a command; with
+    `sigint_ignored`, as a script runs a job in the background (SIGINT inherited ignored)."""
     port = free_port()
     log = (tmp_path / "serve.log").open("w+")
+
+    def ignore_sigint():
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+
     proc = subprocess.Popen(
         [sys.executable, "manage.py", "serve", "--port", str(port)],
         cwd=ROOT,
-        env=embedded_env(tmp_path),
+        env=embedded_env(tmp_path, **env),
         stdout=log,
         stderr=subprocess.STDOUT,
         start_new_session=True,
+        preexec_fn=ignore_sigint if sigint_ignored else None,
     )
+    return proc, port
+
+
+def serve_output(tmp_path) -> str:
+    return (tmp_path / "serve.log").read_text()
+
+
+def wait_for_banner(tmp_path, proc) -> str:
+    """The demo key, once the banner is out."""
+
+    def banner():
+        text = serve_output(tmp_path)
+        assert proc.poll() is None, text
+        return re.search(r"demo API key: (ak_\S+)", text)
+
+    return wait_until(banner, 90, 0.3, "the banner").group(1)
+
+
+def children_of(pid: int) -> list[int]:
+    found = subprocess.run(["pgrep", "-P", str(pid)], capture_output=True, text=True).stdout
+    return [int(p) for p in found.split()]
+
+
+def alive(pid: int) -> bool:
     try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    return True
 
-        def banner():
-            text = (tmp_path / "serve.log").read_text()
-            assert proc.poll() is None, text
-            return re.search(r"demo API key: (ak_\S+)", text)
 
-        key = wait_until(banner, 90, 0.3, "the banner").group(1)
-        text = (tmp_path / "serve.log").read_text()
+def ctrl_c(tmp_path, proc) -> tuple[int, str]:
+    """What a terminal does on Ctrl-C (SIGINT to the foreground process group); returns the
+    exit code and the output. Every process the command started is gone by then."""
+    children = children_of(proc.pid)
+    assert len(children) == 4, children  # the model, the executor, the worker, the web server
+    try:
+        os.killpg(proc.pid, signal.SIGINT)
+        code = proc.wait(timeout=60)
+        assert not [pid for pid in children if alive(pid)], serve_output(tmp_path)
+    finally:
+        kill_all(proc, children)
+    return code, serve_output(tmp_path)
+
+
+def kill_all(proc, children: list[int]) -> None:
+    """After a failed test: nothing it started may outlive it."""
+    for pid in [*children, proc.pid]:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(pid, signal.SIGKILL)
+
+
+def assert_stopped_normally(code: int, text: str) -> None:
+    assert code == 0, text
+    after_banner = text[text.index("Ctrl-C stops everything.") :]
+    assert "Stopping: runs in progress get" in after_banner
+    assert after_banner.rstrip().endswith("agentsvc stopped."), after_banner
+    assert "exited with" not in text and "Error" not in text, text
+
+
+def test_serve_runs_a_chain_end_to_end_and_stops_on_ctrl_c(tmp_path):
+    proc, port = start_serve(tmp_path)
+    try:
+        key = wait_for_banner(tmp_path, proc)
+        text = serve_output(tmp_path)
         assert f"curl -s -X POST http://127.0.0.1:{port}/api/v1/chains/research-brief/runs" in text
         http = httpx.Client(
             base_url=f"http://127.0.0.1:{port}",
@@ -83,18 +150,57 @@ def test_serve_runs_a_chain_end_to_end(tmp_path):
         assert body["output"]["topic"] == "tides" and body["output"]["brief"]
         assert http.get("/readyz").status_code == 200
     finally:
-        proc.send_signal(signal.SIGTERM)
-        proc.wait(timeout=60)
-    # Stopping the command stops every process it started.
+        code, text = ctrl_c(tmp_path, proc)
+    assert_stopped_normally(code, text)
 
-    def group_empty():
-        return subprocess.run(["pgrep", "-g", str(proc.pid)], capture_output=True).stdout == b""
+
+def test_ctrl_c_on_a_job_started_in_the_background_stops_it_too(tmp_path):
+    """A script's background job inherits SIGINT ignored: the children (which stop on SIGINT)
+    ended, and the command reported each as a crash and exited 1."""
+    proc, _ = start_serve(tmp_path, sigint_ignored=True)
+    try:
+        wait_for_banner(tmp_path, proc)
+    finally:
+        code, text = ctrl_c(tmp_path, proc)
+    assert_stopped_normally(code, text)
+
+
+def test_an_idle_service_prints_nothing_after_its_banner(tmp_path):
+    """The banner is the last thing a user reads until they make a request: the processes say
+    they are up before it, and the scheduled tasks (the keeper and the purge, every 30 s) write
+    nothing while there is nothing to do."""
+    proc, _ = start_serve(tmp_path, Q_SCHEDULER="true")  # as make run has it (the suite's: off)
+    database = tmp_path / "data" / "agentsvc.sqlite3"
+
+    def ticks() -> int:
+        with contextlib.closing(sqlite3.connect(database)) as db:
+            return db.execute(
+                "SELECT count(*) FROM django_q_task WHERE success AND func IN "
+                "('runs.tasks.keeper_pass', 'agentsvc.tasks.purge_expired')"
+            ).fetchone()[0]
 
     try:
-        wait_until(group_empty, 20, 0.2, "the children to exit")
+        wait_for_banner(tmp_path, proc)
+        wait_until(lambda: ticks() >= 2, 90, 0.5, "a scheduled tick")
+        text = serve_output(tmp_path)
+        assert text.rstrip().endswith("Ctrl-C stops everything."), text
     finally:
-        if not group_empty():
-            os.killpg(proc.pid, signal.SIGKILL)
+        code, text = ctrl_c(tmp_path, proc)
+    assert_stopped_normally(code, text)
+
+
+def test_sigterm_stops_everything_and_exits_0(tmp_path):
+    proc, _ = start_serve(tmp_path)
+    children: list[int] = []
+    try:
+        wait_for_banner(tmp_path, proc)
+        children = children_of(proc.pid)
+        proc.send_signal(signal.SIGTERM)  # a service manager stops the command alone
+        assert proc.wait(timeout=60) == 0, serve_output(tmp_path)
+        assert not [pid for pid in children if alive(pid)]
+    finally:
+        kill_all(proc, children)
+    assert serve_output(tmp_path).rstrip().endswith("agentsvc stopped.")
 
 
 def test_serve_says_when_the_port_is_taken(tmp_path):

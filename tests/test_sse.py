@@ -112,8 +112,29 @@ def test_after_and_last_event_id_replay_a_finished_run(http, make_chain):
     # Last-Event-ID (the browser's reconnect) wins over the URL's ?after=.
     both, _ = read_all(http, run_id, headers={"Last-Event-ID": "2"}, params={"after": "0"})
     assert both[0].id == 3
-    done, _ = read_all(http, run_id, params={"after": str(n)})
-    assert done == []  # nothing left: the stream ends at once
+
+
+def test_reconnecting_to_an_ended_stream_answers_204(http, make_chain):
+    """An EventSource (a browser, requests-sse) reconnects whenever a stream ends, with the last
+    id it saw: at the end of a finished run that is a 204, which stops it, not a 200 that ends
+    at once and is reopened every `retry` ms for ever."""
+    make_chain("demo", models=[fake(tokens=3), fake(tokens=3)])
+    run_id = start(http)
+    full, _ = read_all(http, run_id)
+    url, last = f"/api/v1/runs/{run_id}/events", full[-1].id
+    for cursor in ({"headers": {**SSE, "Last-Event-ID": str(last)}}, {"params": {"after": last}}):
+        done = http.get(url, **{"headers": SSE, **cursor})
+        assert done.status_code == 204 and done.content == b"", done.text
+        assert "content-type" not in done.headers
+        assert done.headers["RateLimit"]  # still a request of the key
+    # With a filter, a reconnect sends the last event shown: nothing of the filter after it
+    # is the end too, though the run's terminal event comes later.
+    first, second = [f.id for f in full if f.event == "agent.started"]
+    filtered = {"events": "agent.started"}
+    done = http.get(url, headers={**SSE, "Last-Event-ID": str(second)}, params=filtered)
+    assert done.status_code == 204
+    rest, _ = read_all(http, run_id, {"Last-Event-ID": str(first)}, filtered)
+    assert [f.id for f in rest] == [second]
 
 
 def test_stream_endpoint_creates_and_streams(http, make_chain):
@@ -180,9 +201,16 @@ def test_stream_errors_are_problems_before_the_stream(http, make_chain, bob):
         headers={"Authorization": "Bearer nope"},
     )
     assert response.status_code == 401
-    # The JSON page still answers on the same URL without the SSE Accept header.
-    page = http.get(url)
-    assert page.status_code == 200 and page.json()["results"][0]["seq"] == 1
+    # The JSON page still answers on the same URL without the SSE Accept header, and to any
+    # Accept that admits JSON; one that admits neither is a 406 (on the fast lane's route too).
+    for accept in (None, "*/*", "application/*", "application/json; charset=utf-8"):
+        page = http.get(url, headers={"Accept": accept} if accept else {})
+        assert page.status_code == 200 and page.json()["results"][0]["seq"] == 1, accept
+    for accept in ("application/xml", "text/html", "application/json;q=0"):
+        refused = http.get(url, headers={"Accept": accept})
+        assert refused.status_code == 406, (accept, refused.text)
+        assert refused.headers["Content-Type"] == "application/problem+json"
+        assert refused.json()["code"] == "not_acceptable"
 
 
 def _read_some_then_hang_up(http, body: dict, n: int) -> str:

@@ -103,6 +103,9 @@ def test_recover_resends_the_failed_deliveries_since_a_time(http, make_chain, re
     ]
     # Nothing failed is left: a second recover finds nothing.
     assert http.post(recover, json={"since": "2000-01-01T00:00:00Z"}).json()["count"] == 0
+    # An offset PostgreSQL cannot take (RFC 3339 allows up to 23:59) was a 500.
+    far = http.post(recover, json={"since": "0302-08-06T10:20:59.208-17:45"})
+    assert far.status_code == 202 and far.json()["count"] == 0, far.text
 
 
 @pytest.mark.parametrize(
@@ -113,6 +116,7 @@ def test_recover_resends_the_failed_deliveries_since_a_time(http, make_chain, re
         ({"since": "2026-01-01T00:00:00"}, "since"),
         ({"since": 1700000000}, "since"),
         ({"since": "2026-01-01T00:00:00Z", "until": "soon"}, "until"),
+        ({"since": "0001-01-01T00:00:00+01:00"}, "since"),  # before year 1 in UTC
         ({"since": "2026-01-01T00:00:00Z", "colour": "red"}, "colour"),
     ],
 )

@@ -18,10 +18,64 @@ from django.conf import settings
 from django.core.management import call_command
 from django.core.management.base import BaseCommand, CommandError
 
+from agentsvc.health import processes_not_ready
 from agentsvc.local_model import model_command
 from agentsvc.services import api_key_authenticate, api_key_create
 
 MODEL_READY_TIMEOUT_S = 180
+
+
+_STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+
+
+class _StopRequested(Exception):
+    """Ctrl-C, SIGTERM or SIGHUP: stop every process, and exit 0."""
+
+
+def _stop_requested(signum, frame) -> None:
+    for stop in _STOP_SIGNALS:  # a second Ctrl-C while stopping changes nothing
+        signal.signal(stop, signal.SIG_IGN)
+    raise _StopRequested
+
+
+class _Children:
+    """The processes the command runs, each in a process group of its own."""
+
+    def __init__(self) -> None:
+        self.procs: dict[str, subprocess.Popen] = {}
+
+    def _popen(self, name: str, args: list[str], env: dict[str, str] | None = None) -> None:
+        self.procs[name] = subprocess.Popen(args, cwd=settings.BASE_DIR, env=env, process_group=0)
+
+    def start(self, model_cmd: list[str] | None, host: str, port: int, env: dict[str, str]):
+        python = sys.executable
+        if model_cmd:
+            self._popen("model", model_cmd)
+        self._popen("executor", [python, "manage.py", "executor"], env)
+        self._popen("worker", [python, "manage.py", "qcluster"], env)
+        self._popen(
+            "web",
+            [python, "-m", "daphne", "-b", host, "-p", str(port), "agentsvc.asgi:application"],
+            env,
+        )
+
+    def stop(self) -> list[str]:
+        """SIGTERM to each, then wait (the executor drains its runs); returns the names of
+        those that had to be killed."""
+        for signum in _STOP_SIGNALS:
+            signal.signal(signum, signal.SIG_IGN)
+        for child in self.procs.values():
+            if child.poll() is None:
+                child.send_signal(signal.SIGTERM)
+        killed = []
+        for name, child in self.procs.items():
+            try:
+                child.wait(timeout=settings.WORKER_DRAIN_S + 10)
+            except subprocess.TimeoutExpired:
+                child.kill()
+                child.wait()
+                killed.append(f"the {name}")
+        return killed
 
 
 def _port_free(host: str, port: int) -> bool:
@@ -64,71 +118,76 @@ class Command(BaseCommand):
             call_command("loadchains", str(settings.BASE_DIR / "chains" / name))
         key = self._demo_key()
 
-        python = sys.executable
         # The executor (webhooks) and the web process must know the web port: webhooks may not be
         # sent to it (webhooks/ssrf.py).
         env = {
             **os.environ,
             "SERVICE_PORTS": ",".join(map(str, sorted({*settings.SERVICE_PORTS, port}))),
         }
-        children: dict[str, subprocess.Popen] = {}
-        if model_cmd:
-            children["model"] = subprocess.Popen(model_cmd, cwd=settings.BASE_DIR)
-        children["executor"] = subprocess.Popen(
-            [python, "manage.py", "executor"], cwd=settings.BASE_DIR, env=env
-        )
-        children["worker"] = subprocess.Popen(
-            [python, "manage.py", "qcluster"], cwd=settings.BASE_DIR, env=env
-        )
-        children["web"] = subprocess.Popen(
-            [python, "-m", "daphne", "-b", host, "-p", str(port), "agentsvc.asgi:application"],
-            cwd=settings.BASE_DIR,
-            env=env,
-        )
-
-        def stop(*_):
-            for child in children.values():
-                if child.poll() is None:
-                    child.send_signal(signal.SIGTERM)
-            for child in children.values():
-                try:
-                    child.wait(timeout=settings.WORKER_DRAIN_S + 10)  # the executor drains
-                except subprocess.TimeoutExpired:
-                    child.kill()
-
-        signal.signal(signal.SIGTERM, lambda *_: (stop(), sys.exit(0)))
-        base = f"http://{host}:{port}"
+        children = _Children()
+        # Ctrl-C, SIGTERM and a closed terminal (SIGHUP) are the normal ways to leave: each child
+        # is stopped once, by SIGTERM from here (they run in process groups of their own, so a
+        # terminal's Ctrl-C reaches this process alone: a second signal while stopping made the
+        # worker hang). Installed explicitly: a job that a script starts in the background
+        # inherits SIGINT ignored, and Python then raises no KeyboardInterrupt.
+        for signum in _STOP_SIGNALS:
+            signal.signal(signum, _stop_requested)
         try:
-            self._wait_for(f"{base}/healthz", children, 60, "the web server")
-            if model_cmd:
-                self.stdout.write("Loading the local model…")
-                self._wait_for(
-                    f"{model_url.rstrip('/')}/models",
-                    children,
-                    MODEL_READY_TIMEOUT_S,
-                    "the local model server",
-                )
-            self._banner(base, key, model_url)
-            model_reported = False
-            while True:
-                time.sleep(0.5)
-                for name in ("web", "executor", "worker"):
-                    if children[name].poll() is not None:
-                        stop()
-                        raise CommandError(
-                            f"the {name} process exited with "
-                            f"{children[name].returncode}; stopped the others."
-                        )
-                model = children.get("model")
-                if model and model.poll() is not None and not model_reported:
-                    model_reported = True
-                    self.stderr.write(
-                        f"\nThe local model server exited with {model.returncode} (see the "
-                        "messages above). Runs on the demo chains now fail with "
-                        "provider_unavailable and /readyz says so. Restart with `make run`.\n"
+            children.start(model_cmd, host, port, env)
+            self._serve(children.procs, model_cmd, model_url, f"http://{host}:{port}", key)
+        except _StopRequested:
+            self.stdout.write(
+                f"\nStopping: runs in progress get {settings.WORKER_DRAIN_S:g} s to finish…"
+            )
+            self.stdout.flush()
+            killed = children.stop()
+            self.stdout.write(
+                "agentsvc stopped"
+                + (f" ({', '.join(killed)} did not stop in time: killed)." if killed else ".")
+            )
+        except BaseException:
+            children.stop()
+            raise
+
+    def _serve(self, children, model_cmd, model_url: str, base: str, key: str) -> None:
+        """Wait for the processes to come up, print the banner, then watch them until a stop is
+        requested (or one of them ends: CommandError)."""
+        self._wait_for(f"{base}/healthz", children, 60, "the web server")
+        if model_cmd:
+            self.stdout.write("Loading the local model…")
+            self._wait_for(
+                f"{model_url.rstrip('/')}/models",
+                children,
+                MODEL_READY_TIMEOUT_S,
+                "the local model server",
+            )
+        # The banner comes last: the executor and the worker are up (and have said so) first.
+        missing = self._wait(
+            lambda: "; ".join(f"{n}: {d}" for n, d in processes_not_ready().items()),
+            children,
+            60,
+            "the executor and the worker",
+        )
+        if missing:
+            raise CommandError(f"not ready within 60 s: {missing}")
+        self._banner(base, key, model_url)
+        model_reported = False
+        while True:
+            time.sleep(0.5)
+            for name in ("web", "executor", "worker"):
+                if children[name].poll() is not None:
+                    raise CommandError(
+                        f"the {name} process exited with "
+                        f"{children[name].returncode}; stopped the others."
                     )
-        except KeyboardInterrupt:
-            stop()
+            model = children.get("model")
+            if model and model.poll() is not None and not model_reported:
+                model_reported = True
+                self.stderr.write(
+                    f"\nThe local model server exited with {model.returncode} (see the "
+                    "messages above). Runs on the demo chains now fail with "
+                    "provider_unavailable and /readyz says so. Restart with `make run`.\n"
+                )
 
     def _demo_key(self) -> str:
         """The demo key, kept in DATA_DIR so it stays the same across restarts."""
@@ -145,21 +204,31 @@ class Command(BaseCommand):
     def _wait_for(
         self, url: str, children: dict[str, subprocess.Popen], timeout: float, what: str
     ) -> None:
+        def answers() -> str | None:
+            try:
+                return None if httpx.get(url, timeout=1).status_code == 200 else "not yet"
+            except httpx.HTTPError:
+                return "not yet"
+
+        missing = self._wait(answers, children, timeout, what)
+        if missing:
+            raise CommandError(f"{what} did not answer at {url} within {timeout:g} s")
+
+    def _wait(self, missing, children: dict[str, subprocess.Popen], timeout: float, what: str):
+        """Poll `missing()` (what is not there yet, or None) until it is all there, a child
+        exits (CommandError) or `timeout` passes; returns what is still missing."""
         deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
+        while True:
             for name, child in children.items():
                 if child.poll() is not None:
                     raise CommandError(
                         f"the {name} process exited with {child.returncode} "
                         f"while waiting for {what}; see the messages above."
                     )
-            try:
-                if httpx.get(url, timeout=1).status_code == 200:
-                    return
-            except httpx.HTTPError:
-                pass
+            left = missing()
+            if not left or time.monotonic() >= deadline:
+                return left
             time.sleep(0.3)
-        raise CommandError(f"{what} did not answer at {url} within {timeout:g} s")
 
     def _banner(self, base: str, key: str, model_url: str) -> None:
         model = {

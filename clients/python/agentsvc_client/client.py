@@ -301,6 +301,8 @@ class Runs:
             delay = None
             try:
                 with ctx as response:
+                    if response.status_code == 204:  # ended, nothing left after `last`
+                        return
                     if response.status_code != 200:
                         raw = response.read()
                         if not _core.is_retryable(response, raw) or failures + 1 >= (
