@@ -260,11 +260,24 @@ async def fetch(sql: str, params: list) -> tuple[list[str], list[tuple]]:
 
 
 def _redis():
+    """The loop's Redis client, on at most REDIS_POOL_MAX connections: a burst of calls waits
+    for one (REDIS_POOL_TIMEOUT_S, then 503) instead of opening a connection per call in flight,
+    which thousands of calls at once would hold open afterwards (and Redis refuses clients past
+    its maxclients, every process's included)."""
     loop = asyncio.get_running_loop()
     client = _redises.get(loop)
     if client is None:
-        client = _redises[loop] = redis.asyncio.Redis.from_url(settings.REDIS_URL)
+        pool = redis.asyncio.BlockingConnectionPool.from_url(
+            settings.REDIS_URL,
+            max_connections=settings.REDIS_POOL_MAX,
+            timeout=settings.REDIS_POOL_TIMEOUT_S,
+            client_name=LANE_CLIENT_NAME,
+        )
+        client = _redises[loop] = redis.asyncio.Redis(connection_pool=pool)
     return client
+
+
+LANE_CLIENT_NAME = "agentsvc-lane"  # CLIENT LIST tells the lane's connections apart
 
 
 _wrapper = None

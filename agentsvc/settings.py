@@ -110,6 +110,10 @@ TEMPLATES = [
 
 # Connections one process may hold (PostgreSQL): its pool's size.
 DB_POOL_MAX = env_int("DB_POOL_MAX", 20, minimum=1)
+# The fast lane's Redis connections per web process (rate counters), and how long a call waits
+# for a free one before it is answered 503.
+REDIS_POOL_MAX = env_int("REDIS_POOL_MAX", 32, minimum=1)
+REDIS_POOL_TIMEOUT_S = env_float("REDIS_POOL_TIMEOUT_S", 5, minimum=0.1)
 if EMBEDDED:
     DATA_DIR.mkdir(parents=True, exist_ok=True)
     DATABASES = {

@@ -17,7 +17,9 @@ from concurrent.futures import ThreadPoolExecutor
 
 import httpx
 import pytest
+import redis
 from asgiref.sync import sync_to_async
+from django.conf import settings as django_settings
 from django.db import connections
 
 from agentsvc import lane
@@ -391,3 +393,37 @@ def test_a_lane_call_never_holds_the_event_loop(alice, make_chain, monkeypatch):
     assert Run.objects.filter(webhook_url="https://hooks.example.test/in").count() == 2
     assert dns.asked == ["hooks.example.test"] * 2
     assert longest < 0.05, f"a lane call held the event loop {longest * 1000:.0f} ms"
+
+
+def test_a_burst_of_calls_holds_at_most_the_pool_of_redis_connections(alice, make_chain, tmp_path):
+    """200 creates at once through a web process whose lane may hold 4 Redis connections: all
+    answered, and the process never holds more than 4 (without a bound it opened one per call
+    in flight, and kept them)."""
+    make_chain("demo", schema={"type": "object"})
+    ApiKey.objects.filter(pk=alice.key.pk).update(
+        max_active_runs=1000, runs_per_minute=100_000, requests_per_minute=100_000
+    )
+    proc, url = start_web(process_env(REDIS_POOL_MAX="4"), tmp_path / "daphne.log")
+    client = redis.Redis.from_url(django_settings.REDIS_URL)
+    try:
+
+        def lane_connections() -> int:
+            return sum(1 for c in client.client_list() if c.get("name") == lane.LANE_CLIENT_NAME)
+
+        before = lane_connections()
+
+        async def burst() -> list[int]:
+            limits = httpx.Limits(max_connections=200)
+            headers = {"Authorization": f"Bearer {alice.raw_key}"}
+            async with httpx.AsyncClient(base_url=url, headers=headers, limits=limits) as http:
+                answers = await asyncio.gather(
+                    *(http.post(CREATE, json={"input": {}}, timeout=60) for _ in range(200))
+                )
+            return [a.status_code for a in answers]
+
+        statuses = asyncio.run(burst())
+        assert statuses == [202] * 200
+        assert lane_connections() - before <= 4
+    finally:
+        proc.stop()
+        client.close()
