@@ -407,8 +407,14 @@ def test_a_burst_of_calls_holds_at_most_the_pool_of_redis_connections(alice, mak
     client = redis.Redis.from_url(django_settings.REDIS_URL)
     try:
 
-        def lane_connections() -> int:
-            return sum(1 for c in client.client_list() if c.get("name") == lane.LANE_CLIENT_NAME)
+        db = str(client.connection_pool.connection_kwargs.get("db", 0))
+
+        def lane_connections() -> int:  # of web processes on this Redis database
+            return sum(
+                1
+                for c in client.client_list()
+                if c.get("name") == lane.LANE_CLIENT_NAME and str(c.get("db")) == db
+            )
 
         before = lane_connections()
 
