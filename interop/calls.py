@@ -91,6 +91,21 @@ def problem_answer(response) -> Problem:
     return Problem(response.status_code, json.loads(response.content), headers)
 
 
+def fields_renamed(exc: Exception, names: dict[str, str]) -> ApplicationError:
+    """A validation error whose fields are renamed from the REST body's to the protocol's
+    request (`input.topic` → `message.parts[0].data.topic`, `arguments.topic`)."""
+    problem = problem_of(exc, "")
+    errors = []
+    for error in problem.body.get("errors", []):
+        field = error["field"]
+        for old, new in names.items():
+            if field == old or field.startswith((f"{old}.", f"{old}[")):
+                field = new + field[len(old) :]
+                break
+        errors.append({**error, "field": field})
+    return ApplicationError("validation_error", problem.detail, errors=errors)
+
+
 _fast: bool | None = None
 
 

@@ -107,21 +107,6 @@ def _invalid(field: str, message: str, detail: str = "The request is not valid."
     )
 
 
-def _renamed(exc: ApplicationError | ValidationError, names: dict[str, str]) -> ApplicationError:
-    """A validation error whose fields are renamed from the REST body's to the A2A request's
-    (`input.topic` → `message.parts[0].data.topic`)."""
-    problem = calls.problem_of(exc, "")
-    errors = []
-    for error in problem.body.get("errors", []):
-        field = error["field"]
-        for old, new in names.items():
-            if field == old or field.startswith((f"{old}.", f"{old}[")):
-                field = new + field[len(old) :]
-                break
-        errors.append({**error, "field": field})
-    return ApplicationError("validation_error", problem.detail, errors=errors)
-
-
 def _caller(context: ServerCallContext) -> calls.Caller:
     return context.state["caller"]
 
@@ -219,7 +204,7 @@ async def _push_webhook(config: TaskPushNotificationConfig, field: str) -> dict:
         return await calls.webhook_valid(config.url, config.authentication.credentials)
     except ValidationError as exc:
         names = {"url": f"{field}.url", "secret": f"{field}.authentication.credentials"}
-        raise _renamed(exc, names) from None
+        raise calls.fields_renamed(exc, names) from None
 
 
 def _push_config(run: Run) -> TaskPushNotificationConfig:
@@ -275,7 +260,7 @@ class ChainsRequestHandler(RequestHandler):
         try:
             data = dict(create_body({"input": run_input, "metadata": metadata}))
         except ValidationError as exc:
-            raise _renamed(exc, names) from None
+            raise calls.fields_renamed(exc, names) from None
         config = params.configuration
         if config.HasField("task_push_notification_config"):
             field = "configuration.taskPushNotificationConfig"
@@ -288,7 +273,7 @@ class ChainsRequestHandler(RequestHandler):
             if exc.code in calls.REFUSED_STARTS:
                 return None, rejected_task(calls.problem_of(exc, caller.path), message.context_id)
             if exc.code == "validation_error":
-                raise _renamed(exc, names) from None
+                raise calls.fields_renamed(exc, names) from None
             raise
         return run, None
 
@@ -384,7 +369,7 @@ class ChainsRequestHandler(RequestHandler):
                 limit=size,
             )
         except ApplicationError as exc:
-            raise _renamed(exc, {"cursor": "pageToken"}) from None
+            raise calls.fields_renamed(exc, {"cursor": "pageToken"}) from None
         length = params.history_length if params.HasField("history_length") else None
         tasks = [
             run_task(run, history_length=length, artifacts=params.include_artifacts) for run in runs

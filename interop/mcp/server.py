@@ -145,8 +145,11 @@ async def call_tool(
         raise MCPError(types.INVALID_PARAMS, f"Unknown tool: {params.name[:64]}") from None
     try:
         data = dict(create_body({"input": params.arguments or {}, "metadata": {}}))
+    except ValidationError as exc:
+        return _refused(calls.fields_renamed(exc, {"input": "arguments"}), ctx)
+    try:
         lease = await stream_lease(caller.key.pk)
-    except (ApplicationError, ValidationError) as exc:
+    except ApplicationError as exc:
         return _refused(exc, ctx)
     try:
         try:
@@ -157,6 +160,8 @@ async def call_tool(
                 fingerprinted={"name": params.name, "arguments": params.arguments},
             )
         except ApplicationError as exc:
+            if exc.code == "validation_error":
+                exc = calls.fields_renamed(exc, {"input": "arguments"})
             return _refused(exc, ctx)
         try:
             await _follow(ctx, run)
