@@ -15,8 +15,10 @@ RateLimit headers; each request is measured and logged as Django's are.
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import logging
+import os
 import re
 import time
 from dataclasses import dataclass
@@ -26,7 +28,7 @@ from django.conf import settings
 from django.http import QueryDict
 from django.http.request import split_domain_port, validate_host
 
-from agentsvc import lane, limits, metrics
+from agentsvc import lane, limits, metrics, tracing
 from agentsvc.auth import Headers
 from agentsvc.errors import ApplicationError, echo
 from agentsvc.middleware import query_problem
@@ -180,6 +182,13 @@ def refusal(found: Target, problem: calls.Problem, body: Any = None) -> tuple[in
     return problem.status, problem.body
 
 
+@functools.cache
+def _security_headers() -> tuple[tuple[bytes, bytes], ...]:
+    """The headers the lane adds as Django's middleware would: the API's own (settings do not
+    change while a process runs)."""
+    return tuple(lane._security_headers())
+
+
 @dataclass(frozen=True)
 class _Shim:
     """What the problem checks read of a request."""
@@ -211,8 +220,7 @@ class Interop:
             nonlocal status
             if message["type"] == "http.response.start":
                 status = message["status"]
-                # The headers the lane adds as Django's middleware would: the API's own.
-                extra = list(lane._security_headers())
+                extra = list(_security_headers())
                 if scope.get("scheme") == "https" and (hsts := lane._hsts()) is not None:
                     extra.append(hsts)
                 state = caller.rate_state if caller is not None else None
@@ -243,10 +251,11 @@ class Interop:
             return await refuse(
                 ApplicationError("bad_request", f"Invalid HTTP_HOST header: {echo(raw)!r}.")
             )
-        shim = _Shim(scope["path"], QueryDict(scope.get("query_string", b"")))
-        if (response := query_problem(shim)) is not None:
-            problem = calls.problem_answer(response)
-            return await _send(answer, *refusal(found, problem), problem.headers, found)
+        if scope.get("query_string"):
+            shim = _Shim(scope["path"], QueryDict(scope["query_string"]))
+            if (response := query_problem(shim)) is not None:
+                problem = calls.problem_answer(response)
+                return await _send(answer, *refusal(found, problem), problem.headers, found)
         messages, body = await lane._read_body(receive)
         if body is None:
             if messages and messages[-1]["type"] == "http.disconnect":
@@ -291,7 +300,9 @@ async def _send(send, status: int, content: dict, headers: dict, found: Target) 
 
 
 def interop_mount(app):
-    """`app` with A2A and MCP in front of it, when the `interop` extra is installed."""
+    """`app` with A2A and MCP in front of it, when the `interop` extra is installed. The A2A
+    SDK's spans (its own switch) follow this service's tracing: off unless tracing is on."""
+    os.environ.setdefault("OTEL_INSTRUMENTATION_A2A_SDK_ENABLED", str(tracing.enabled()).lower())
     try:
         import a2a.server  # noqa: F401
         import mcp.server  # noqa: F401

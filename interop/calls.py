@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 from uuid import UUID
@@ -244,11 +245,11 @@ def _start(
 
 
 async def run_start(
-    caller: Caller, *, chain: Chain, data: dict, fingerprinted: Any
+    caller: Caller, *, chain: Chain, data: dict, fingerprinted: Callable[[], Any]
 ) -> tuple[Run, bool]:
     """Start a run of `chain` with `data` (input, metadata, webhook as a REST create body has
     them, validated but for the input): the same limits, statement and idempotency as `POST
-    /api/v1/chains/{name}/runs` (an `Idempotency-Key` header; `fingerprinted` is what its
+    /api/v1/chains/{name}/runs` (an `Idempotency-Key` header; `fingerprinted()` is what its
     fingerprint covers). Returns (run, replayed)."""
     idempotency_key = request_key(caller.headers, None)
     if caller.call is not None and idempotency_key is None and not caller.counted:
@@ -257,7 +258,8 @@ async def run_start(
             caller.call, key=caller.key, chain=chain, name=chain.name, data=data
         )
         return run, False
-    return await db_async(_start)(caller, chain, data, idempotency_key, fingerprinted)
+    body = fingerprinted() if idempotency_key is not None else None
+    return await db_async(_start)(caller, chain, data, idempotency_key, body)
 
 
 def _run_find(owner, run_id: UUID, chain_name: str | None) -> Run:

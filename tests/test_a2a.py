@@ -530,6 +530,18 @@ def test_an_input_the_schema_refuses_is_invalid_params_naming_the_field(
             return typed.value, two.value
 
     typed, two = scenario(run)
+    incomplete = httpx.post(
+        f"{live_server_url}/a2a/v1/chains/demo/message:send",
+        json={"message": {"parts": []}},
+        headers={"Authorization": f"Bearer {alice.raw_key}", "A2A-Version": "1.0"},
+    )
+    assert incomplete.status_code == 400
+    (_, bad_request) = incomplete.json()["error"]["details"]
+    assert [v["field"] for v in bad_request["fieldViolations"]] == [
+        "message.message_id",
+        "message.role",
+        "message.parts",
+    ]
     assert typed.message == "The input does not match the input schema of demo."
     assert typed.data["errors"] == [
         {"field": "message.parts[0].data.topic", "message": "5 is not of type 'string'"}

@@ -157,7 +157,7 @@ async def call_tool(
                 caller,
                 chain=chain,
                 data=data,
-                fingerprinted={"name": params.name, "arguments": params.arguments},
+                fingerprinted=lambda: {"name": params.name, "arguments": params.arguments},
             )
         except ApplicationError as exc:
             if exc.code == "validation_error":
