@@ -277,11 +277,14 @@ async def a2a_reader(port: int, key: str, run_id: str, samples: list[float]) -> 
 
 async def latency(port: int, key, raw: str, chain, silent_chain) -> dict:
     ids = await asyncio.to_thread(idle_runs, key, chain, 2 * ARGS.runs + 6)
-    held = []
+    held: list[Stream] = []
     if ARGS.hold:
         silent = await asyncio.to_thread(idle_runs, key, silent_chain, 20)
-        for i in range(ARGS.hold):
-            held.append(await Stream.open(port, f"/api/v1/runs/{silent[i % 20]}/events", raw))
+        for i in range(0, ARGS.hold, 40):  # 40 opening at a time
+            batch = range(i, min(i + 40, ARGS.hold))
+            held += await asyncio.gather(
+                *(Stream.open(port, f"/api/v1/runs/{silent[j % 20]}/events", raw) for j in batch)
+            )
     results = {}
     readers = {"sse": sse_reader, "a2a": a2a_reader}
     for warm, reader in zip(ids[:6:2], readers.values(), strict=False):  # warm-up
