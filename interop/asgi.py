@@ -245,6 +245,10 @@ class Interop:
             code, content = refusal(found, problem, body)
             await _send(answer, code, content, problem.headers, found)
 
+        if found.app == "mcp" and scope["method"] != "POST":
+            # No stream of the server's own (GET): stateless, a request's notifications ride
+            # its response. The SDK would hold a GET open with nothing ever to send.
+            return await refuse(ApplicationError("method_not_allowed", headers={"Allow": "POST"}))
         host = _host(headers, scope)
         if host is None:
             raw = headers.get("host", "")

@@ -148,6 +148,9 @@ def test_refused_credentials_are_401_with_the_problem(live_server_url, alice):
     ambiguous = httpx.post(f"{live_server_url}/mcp", json=body, headers=both)
     assert ambiguous.status_code == 400
     assert ambiguous.json()["error"]["data"]["code"] == "ambiguous_credentials"
+    # No stream of the server's own: a GET would be held open with nothing to send.
+    held = httpx.get(f"{live_server_url}/mcp", headers={"Authorization": f"Bearer {alice.raw_key}"})
+    assert held.status_code == 405 and held.headers["Allow"] == "POST"
 
     async def run():
         with pytest.raises(ExceptionGroup) as refused:
