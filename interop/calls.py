@@ -42,9 +42,11 @@ from runs.seen import run_seen
 from webhooks.serializers import RunWebhookInput
 
 AUTH_HEADERS = {"WWW-Authenticate": 'Bearer realm="api"'}
-# The codes of a run start refused by a limit or by backpressure: the caller may come back.
+# The codes of a run start refused by a limit or by backpressure (or while the first request
+# with its Idempotency-Key is still being answered): the caller may come back.
 REFUSED_STARTS = frozenset(
     {
+        "idempotency_request_in_progress",
         "rate_limited",
         "token_budget_exceeded",
         "run_too_large",
@@ -281,7 +283,9 @@ async def run_find(caller: Caller, run_id: str, chain_name: str | None = None) -
 
 
 def _run_reload(run_id: UUID) -> Run:
-    return Run.objects.select_related("chain").get(pk=run_id)
+    run = Run.objects.select_related("chain").get(pk=run_id)
+    run_seen(run_id=run.id, status=run.status, last_seen_at=run.last_seen_at)  # waited on
+    return run
 
 
 run_reload = db_async(_run_reload)

@@ -31,6 +31,7 @@ from a2a.types.a2a_pb2 import (
 )
 from a2a.utils.errors import (
     InvalidParamsError,
+    InvalidRequestError,
     TaskNotCancelableError,
     TaskNotFoundError,
     UnsupportedOperationError,
@@ -585,10 +586,14 @@ def test_an_idempotency_key_makes_a_retried_send_the_same_task(
             request = send(immediately=True)
             first = (await only(client.send_message(request))).task
             again = (await only(client.send_message(request))).task
-            return first, again
+            with pytest.raises(InvalidRequestError) as reused:
+                await only(client.send_message(send({"topic": "other"}, immediately=True)))
+            return first, again, reused.value
 
-    first, again = scenario(run)
+    first, again, reused = scenario(run)
     assert first.id == again.id and Run.objects.count() == 1
+    assert reused.message == "This Idempotency-Key was used with a different request body."
+    assert reused.data["code"] == "idempotency_key_reused"
 
 
 def test_context_ids_group_tasks(live_server_url, worker, alice, make_chain):

@@ -37,6 +37,7 @@ from a2a.utils.errors import (
     ContentTypeNotSupportedError,
     InternalError,
     InvalidParamsError,
+    InvalidRequestError,
     TaskNotCancelableError,
     TaskNotFoundError,
     UnsupportedOperationError,
@@ -77,6 +78,7 @@ MAX_PAGE = 100
 _ERRORS: dict[str, type[A2AError]] = {
     "not_found": TaskNotFoundError,
     "validation_error": InvalidParamsError,
+    "idempotency_key_reused": InvalidRequestError,
     "run_not_cancellable": TaskNotCancelableError,
 }
 
