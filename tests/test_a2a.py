@@ -184,6 +184,7 @@ def test_send_at_once_then_get_and_the_rest_api_shows_the_same_run(
 
     first, task = scenario(run)
     assert first.status.state == TaskState.TASK_STATE_SUBMITTED
+    assert not first.history  # the caller has the message it sent
     assert task.id == first.id and task.status.state == TaskState.TASK_STATE_COMPLETED
     rest = alice.get(f"/api/v1/runs/{task.id}").json()
     assert rest["status"] == "completed" and rest["input"] == {"topic": "tides"}

@@ -470,8 +470,9 @@ def _chain_name(caller: calls.Caller) -> str | None:
     return caller.chain.name if caller.chain is not None else None
 
 
-def _history(configuration) -> int | None:
-    return configuration.history_length if configuration.HasField("history_length") else None
+def _history(configuration) -> int:
+    """A send's answer echoes the message it was sent only when historyLength asks for it."""
+    return configuration.history_length if configuration.HasField("history_length") else 0
 
 
 async def _follow(run: Run, *, after: int) -> AsyncGenerator:
