@@ -18,7 +18,7 @@ WHEELS := $(HOME)/.cache/agentsvc/wheels
 $(BIN)/.installed-base: pyproject.toml clients/python/pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
-	$(BIN)/pip install --quiet -e '.[langgraph,openai-agents]' -e './clients/python[webhooks]'
+	$(BIN)/pip install --quiet -e '.[langgraph,openai-agents,interop]' -e './clients/python[webhooks]'
 	touch $@
 
 $(BIN)/.installed-dev: $(BIN)/.installed-base

@@ -17,6 +17,7 @@ from agentsvc.handlers import (  # noqa: E402
     daphne_raw_bodies,
 )
 from agentsvc.lane import Lane  # noqa: E402
+from interop.asgi import interop_mount  # noqa: E402
 
 django_asgi_app = OneHopASGIHandler()
 daphne_raw_bodies()
@@ -52,7 +53,8 @@ application = ProtocolTypeRouter(
         # The hottest API calls on the fast lane; static files (admin, API docs) served
         # in-process from the installed apps: few, small, and no outside network or build step
         # needed. Everything else goes to Django.
-        "http": RequestIdMiddleware(Lane(StaticFilesHandler(django_asgi_app))),
+        # A2A and MCP (interop) beside the lane.
+        "http": RequestIdMiddleware(interop_mount(Lane(StaticFilesHandler(django_asgi_app)))),
         "websocket": RequestIdMiddleware(
             BrowserOriginValidator(
                 AuthMiddlewareStack(

@@ -29,11 +29,14 @@ def _is_api(request) -> bool:
 
 
 def _query_problem(request):
+    return query_problem(request) if _is_api(request) else None
+
+
+def query_problem(request):
     """401 for a key in the URL, where it would end up in access logs and browser history;
     400 for a NUL anywhere in the query string: no parameter may hold one, and PostgreSQL
-    refuses it in a query with an error that would otherwise surface as a 500."""
-    if not _is_api(request):
-        return None
+    refuses it in a query with an error that would otherwise surface as a 500. Every API
+    path's (Django's, and A2A's and MCP's at the ASGI layer)."""
     if "api_key" in request.GET:
         return problem_response(
             request,

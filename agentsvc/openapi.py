@@ -196,6 +196,7 @@ TAGS = {
     "runs": "Starting, reading, streaming and cancelling runs.",
     "webhooks": "Webhook endpoints and deliveries.",
     "streams": "Stream tickets for browsers.",
+    "schedules": "Runs started on a cron or an interval.",
 }
 _TAG_OF = {
     "chains_": "chains",
@@ -203,6 +204,7 @@ _TAG_OF = {
     "webhook_endpoints_": "webhooks",
     "deliveries_": "webhooks",
     "stream_tickets_": "streams",
+    "schedules_": "schedules",
 }
 
 

@@ -312,3 +312,41 @@ def pyspy_top(path: Path, n: int = 12) -> dict:
         "inclusive": {k: incl[k].most_common(n) for k in kinds},
         "self": {k: own[k].most_common(n) for k in kinds},
     }
+
+
+# --- Runs held for stream benchmarks (stream_bench.py, interop_bench.py) ---------------------
+HELD = "bench-held"  # no executor's id: executors neither claim, beat for nor recover these
+
+
+def idle_runs(key, chain, n: int) -> list[str]:
+    """Runs no executor will take: `running`, held by no executor, with no heartbeat or
+    deadline (so neither an executor's lost-run check nor the keeper, which is off, moves
+    them), and only their `run.queued` event. Their streams stay open and silent until the
+    benchmark queues one (`enqueue`). Django must be set up."""
+    from runs.models import Run, RunEvent, RunStatus
+    from runs.timefmt import iso
+
+    runs = []
+    for _ in range(n):
+        run = Run.objects.create(
+            owner=key.owner, api_key=key, chain=chain, input={}, agents_total=1, last_seq=1,
+            status=RunStatus.RUNNING, worker=HELD,
+        )  # fmt: skip
+        RunEvent.objects.create(
+            run=run, seq=1, type="run.queued", created_at=run.created_at,
+            data={"run_id": str(run.id), "seq": 1, "ts": iso(run.created_at)},
+        )  # fmt: skip
+        runs.append(str(run.id))
+    return runs
+
+
+def enqueue(run_id: str) -> None:
+    """Hand a held run to the queue and wake the executors, as `run_create` does on commit."""
+    from runs.events import RUN_QUEUED
+    from runs.models import Run, RunStatus
+    from runs.wakeup import wakeup_publish
+
+    run = Run.objects.filter(pk=run_id, worker=HELD)
+    owner_id = run.values_list("owner_id", flat=True).get()
+    run.update(status=RunStatus.QUEUED, worker="")
+    wakeup_publish(run_id=run_id, owner_id=owner_id, seq=1, event=RUN_QUEUED)

@@ -35,9 +35,11 @@ sys.path.insert(0, str(ROOT))
 from bench.common import (  # noqa: E402
     PY,
     config_env,
+    enqueue,
     executor_command,
     exit_on_sigterm,
     free_port,
+    idle_runs,
     pct,
     processes,
     reset_database,
@@ -88,10 +90,7 @@ from websockets.asyncio.client import connect as ws_connect  # noqa: E402
 from agentsvc.demo_model_server import start_in_thread  # noqa: E402
 from agentsvc.services import api_key_create  # noqa: E402
 from runs.chains import chain_publish  # noqa: E402
-from runs.events import RUN_QUEUED  # noqa: E402
-from runs.models import Run, RunEvent, RunStatus  # noqa: E402
-from runs.timefmt import iso  # noqa: E402
-from runs.wakeup import wakeup_publish  # noqa: E402
+from runs.models import Run, RunStatus  # noqa: E402
 
 HOST = "127.0.0.1"
 
@@ -181,36 +180,6 @@ async def follow(sse: Sse, samples: list[float], split: list | None = None) -> i
 
 
 # --- scenarios ---------------------------------------------------------------------------------
-HELD = "bench-held"  # no executor's id: executors neither claim, beat for nor recover these
-
-
-def idle_runs(key, chain, n: int) -> list[str]:
-    """Runs no executor will take: `running`, held by no executor, with no heartbeat or
-    deadline (so neither an executor's lost-run check nor the keeper, which is off, moves
-    them), and only their `run.queued` event. Their streams stay open and silent until the
-    benchmark queues one (`enqueue`)."""
-    runs = []
-    for _ in range(n):
-        run = Run.objects.create(
-            owner=key.owner, api_key=key, chain=chain, input={}, agents_total=1, last_seq=1,
-            status=RunStatus.RUNNING, worker=HELD,
-        )  # fmt: skip
-        RunEvent.objects.create(
-            run=run, seq=1, type="run.queued", created_at=run.created_at,
-            data={"run_id": str(run.id), "seq": 1, "ts": iso(run.created_at)},
-        )  # fmt: skip
-        runs.append(str(run.id))
-    return runs
-
-
-def enqueue(run_id: str) -> None:
-    """Hand a held run to the queue and wake the executors, as `run_create` does on commit."""
-    run = Run.objects.filter(pk=run_id, worker=HELD)
-    owner_id = run.values_list("owner_id", flat=True).get()
-    run.update(status=RunStatus.QUEUED, worker="")
-    wakeup_publish(run_id=run_id, owner_id=owner_id, seq=1, event=RUN_QUEUED)
-
-
 async def sse_run(raw: str, run_id: str, samples: list[float], split: list) -> None:
     sse = await Sse.open("GET", f"/api/v1/runs/{run_id}/events", raw)
     async for frame in sse.frames():  # replayed up to run.queued: the stream is live now

@@ -81,6 +81,12 @@ SCENARIOS = {
         420,
     ),
     "langgraph": ("langgraph_bench.py", ["--runs", "1000"], ["--runs", "300"], 300),
+    "interop": (
+        "interop_bench.py",
+        ["--window", "10", "--rounds", "2", "--runs", "30", "--hold", "1000"],
+        ["--window", "5", "--rounds", "1", "--runs", "10", "--hold", "200"],
+        300,
+    ),
 }
 
 
@@ -368,6 +374,25 @@ def rows(r: dict) -> list[tuple]:
              f"{ms(a['start_latency_p50_ms'], a['start_latency_p99_ms'])}; "
              f"{a['events_per_run']:.0f}, {a['steps_per_run']:.0f}; "
              f"{a.get('connections_max', '—')}", "", "", "", ""),
+        ]  # fmt: skip
+    i = r.get("interop", {})
+    if "starts" in i:
+        st, lat, cfg = i["starts"], i["latency"], i["config"]
+        rest, a2a, rpc = st["rest"], st["a2a"], st["jsonrpc"]
+        sse, sub = lat["sse"], lat["a2a"]
+        conns = cfg["connections"]
+        out += [
+            ("12 A2A and MCP", f"A2A message:send (return_immediately) req/s, {conns} "
+             "connections, one daphne process; ref: REST POST /runs, same process",
+             num(a2a["rps"]), num(rest["rps"]), ratio(a2a["rps"], rest["rps"]), "≥ 0.8x",
+             met(a2a["rps"] >= 0.8 * rest["rps"])),
+            ("12 A2A and MCP", "A2A JSON-RPC SendMessage req/s; ref: REST POST /runs",
+             num(rpc["rps"]), num(rest["rps"]), ratio(rpc["rps"], rest["rps"]), "", ""),
+            ("12 A2A and MCP", f"token → client ms p50 / p99, tasks/{{id}}:subscribe, "
+             f"{lat['open_streams']:,} idle SSE streams open; ref: SSE",
+             ms(sub["p50_ms"], sub["p99_ms"]), ms(sse["p50_ms"], sse["p99_ms"]),
+             f"{sub['p99_ms'] - sse['p99_ms']:+.1f} ms", "p99 within 5 ms of SSE's",
+             met(sub["p99_ms"] <= sse["p99_ms"] + 5)),
         ]  # fmt: skip
     for name, error in failed:
         out.append((name, "failed", error, "", "", "", met(False)))

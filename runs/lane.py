@@ -50,13 +50,40 @@ async def runs_create(call: lane.Call, name: str) -> lane.Answer | None:
     except ValidationError as exc:  # answered once the key authenticates
         data, invalid = {}, exc
     version = data.get("version")
-    key, row = await call.key(selectors.key_chain_query(name, version))
+    key, chain = await key_and_chain(call, name, version)
     if key is None:
         return None
+    run = await run_start(call, key=key, chain=chain, name=name, data=data, invalid=invalid)
+    return lane.Answer(202, run_handle(run), accepted_headers(run))
+
+
+async def key_and_chain(
+    call: lane.Call, name: str, version: int | None = None
+) -> tuple[ApiKey | None, Chain | None]:
+    """The caller's key and the chain version a start asks for, in one statement; (None, None)
+    when the credentials do not authenticate."""
+    key, row = await call.key(selectors.key_chain_query(name, version))
+    if key is None:
+        return None, None
+    return key, lane.joined(row, Chain, "chain")
+
+
+async def run_start(
+    call: lane.Call,
+    *,
+    key: ApiKey,
+    chain: Chain | None,
+    name: str,
+    data: dict,
+    invalid: Exception | None = None,
+) -> Run:
+    """Start a run of a request not counted yet (the REST create, A2A, MCP): the checks, the
+    request and the run start counted in one round trip, the start statement (grouped). A
+    request refused before its run start still counts as a request."""
+    version = data.get("version")
     try:
         if invalid is not None:
             raise invalid
-        chain = lane.joined(row, Chain, "chain")
         if chain is None:
             raise chain_not_found(name, version)
         chain_validate_input(chain=chain, data=data["input"])
@@ -84,7 +111,7 @@ async def runs_create(call: lane.Call, name: str) -> lane.Answer | None:
         await sync_to_async(services.runs_refused)(starts, used)
     wakeups_publish(services.runs_wakeups(starts))
     (run,) = starts.runs
-    return lane.Answer(202, run_handle(run), accepted_headers(run))
+    return run
 
 
 async def _create_body(body: dict) -> dict:

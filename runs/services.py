@@ -728,6 +728,21 @@ def run_cancel(*, run: Run, reason: str) -> Run:
     return run
 
 
+def run_webhook_set(*, run: Run, webhook: dict | None) -> bool:
+    """Give a run that has not ended its webhook (url, secret, events; None: none), the one its
+    terminal event's message goes to. False when the run has ended: the UPDATE waits for a
+    terminal event being written and then finds the run ended, so a webhook set is never
+    missed by the end it was set before."""
+    webhook = webhook or {}
+    return bool(
+        Run.objects.filter(pk=run.id, status__in=ACTIVE_STATUSES).update(
+            webhook_url=webhook.get("url", ""),
+            webhook_secret=webhook.get("secret", ""),
+            webhook_events=webhook.get("events", []),
+        )
+    )
+
+
 def run_wait(*, run_id: UUID, timeout_s: float) -> Run:
     """Poll until the run is terminal or the time is up; returns the run as last read."""
     deadline = time.monotonic() + timeout_s

@@ -47,7 +47,7 @@ from runs.api import (
 )
 from runs.models import Run
 from runs.presenters import run_handle
-from runs.stream_limits import StreamLease, StreamLimitExceeded
+from runs.stream_limits import StreamLease, stream_lease
 from runs.streams import (
     EventRow,
     authenticate,
@@ -103,22 +103,9 @@ async def _admit_or_problem(request: HttpRequest, key: ApiKey) -> HttpResponse |
 
 async def _lease_or_problem(request: HttpRequest, key: ApiKey) -> StreamLease | HttpResponse:
     try:
-        return await StreamLease(key.pk).acquire()
-    except StreamLimitExceeded as e:
-        if e.scope == "key":
-            return problem_response(
-                request,
-                "concurrency_limit",
-                f"This key may hold {settings.STREAMS_PER_KEY} open streams at once.",
-                headers={"Retry-After": "1"},
-                **{"violated-policies": ["streams"]},
-            )
-        return problem_response(
-            request,
-            "streams_full",
-            "This server holds as many open streams as it may; try again shortly.",
-            headers={"Retry-After": "1"},
-        )
+        return await stream_lease(key.pk)
+    except ApplicationError as e:
+        return exception_problem(request, e)
 
 
 async def _stream(

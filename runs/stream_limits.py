@@ -20,7 +20,7 @@ import redis
 from asgiref.sync import sync_to_async
 from django.conf import settings
 
-from agentsvc.errors import PROBLEMS
+from agentsvc.errors import PROBLEMS, ApplicationError
 
 logger = logging.getLogger(__name__)
 
@@ -156,3 +156,23 @@ class StreamLease:
                 await sync_to_async(_shared_release, thread_sensitive=False)(self.key_id, self.id)
             except Exception:
                 logger.exception("stream lease not released; it expires in %s s", LEASE_TTL_S)
+
+
+async def stream_lease(key_id: int) -> StreamLease:
+    """A lease for one more open stream of this key (SSE, A2A, an MCP tool call): 429
+    `concurrency_limit` over STREAMS_PER_KEY, 503 `streams_full` over STREAMS_MAX."""
+    try:
+        return await StreamLease(key_id).acquire()
+    except StreamLimitExceeded as e:
+        if e.scope == "key":
+            raise ApplicationError(
+                "concurrency_limit",
+                f"This key may hold {settings.STREAMS_PER_KEY} open streams at once.",
+                headers={"Retry-After": "1"},
+                **{"violated-policies": ["streams"]},
+            ) from None
+        raise ApplicationError(
+            "streams_full",
+            "This server holds as many open streams as it may; try again shortly.",
+            headers={"Retry-After": "1"},
+        ) from None

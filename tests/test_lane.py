@@ -406,7 +406,6 @@ def test_a_burst_of_calls_holds_at_most_the_pool_of_redis_connections(alice, mak
     proc, url = start_web(process_env(REDIS_POOL_MAX="4"), tmp_path / "daphne.log")
     client = redis.Redis.from_url(django_settings.REDIS_URL)
     try:
-
         db = str(client.connection_pool.connection_kwargs.get("db", 0))
 
         def lane_connections() -> int:  # of web processes on this Redis database

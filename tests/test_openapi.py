@@ -150,7 +150,7 @@ def test_one_tag_per_part_of_the_api():
     path (a run is started under /chains/{name}/)."""
     document = _document()
     tags = {t["name"] for t in document["tags"]}
-    assert tags == {"chains", "runs", "webhooks", "streams"}
+    assert tags == {"chains", "runs", "webhooks", "streams", "schedules"}
     by_tag: dict[str, set[str]] = {}
     for _, _, operation in _operations(document):
         (tag,) = operation["tags"]

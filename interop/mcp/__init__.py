@@ -1,0 +1,1 @@
+"""MCP over streamable HTTP at /mcp (`mcp`): every published chain a tool."""
