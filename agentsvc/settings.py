@@ -335,6 +335,7 @@ LOGGING = {
     "loggers": {
         "django.channels.server": {"level": "WARNING"},
         "httpx": {"level": "WARNING"},
+        "httpx2": {"level": "WARNING"},  # the openai package's copy of httpx (framework chains)
         # Without the lines of each task it runs (LOG_LEVEL=DEBUG: with them).
         "django-q": {"filters": [] if LOG_LEVEL == "DEBUG" else ["task_chatter"]},
     },
