@@ -10,6 +10,7 @@ import socket
 import sqlite3
 import subprocess
 import sys
+import threading
 
 import httpx
 import pytest
@@ -267,3 +268,39 @@ def test_web_serves_one_port_from_several_processes(tmp_path):
 
 def log_text(tmp_path) -> str:
     return (tmp_path / "web.log").read_text()
+
+
+def test_ctrl_c_stops_everything_when_its_output_has_no_reader(tmp_path):
+    """`make run | tee log`: the same Ctrl-C stops tee, and the command's last lines find a
+    closed pipe. The children stopped anyway (they had been left running, holding the port)."""
+    port = free_port()
+    proc = subprocess.Popen(
+        [sys.executable, "manage.py", "serve", "--port", str(port)],
+        cwd=ROOT,
+        env=embedded_env(tmp_path),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+    )
+    children: list[int] = []
+    try:
+        seen: list[str] = []
+
+        def read_to_banner() -> None:
+            for line in iter(proc.stdout.readline, b""):
+                seen.append(line.decode(errors="replace"))
+                if b"Ctrl-C stops everything." in line:
+                    return
+
+        reader = threading.Thread(target=read_to_banner, daemon=True)
+        reader.start()
+        reader.join(120)
+        assert any("Ctrl-C stops everything." in line for line in seen), "".join(seen)
+        children = children_of(proc.pid)
+        assert children
+        proc.stdout.close()  # the reader is gone
+        os.killpg(proc.pid, signal.SIGINT)
+        proc.wait(timeout=60)
+        wait_until(lambda: not [p for p in children if alive(p)], 30, 0.1, "the children to end")
+    finally:
+        kill_all(proc, children)

@@ -136,18 +136,23 @@ class Command(BaseCommand):
             children.start(model_cmd, host, port, env)
             self._serve(children.procs, model_cmd, model_url, f"http://{host}:{port}", key)
         except _StopRequested:
-            self.stdout.write(
-                f"\nStopping: runs in progress get {settings.WORKER_DRAIN_S:g} s to finish…"
-            )
-            self.stdout.flush()
+            self._say(f"\nStopping: runs in progress get {settings.WORKER_DRAIN_S:g} s to finish…")
             killed = children.stop()
-            self.stdout.write(
+            self._say(
                 "agentsvc stopped"
                 + (f" ({', '.join(killed)} did not stop in time: killed)." if killed else ".")
             )
-        except BaseException:
-            children.stop()
-            raise
+        finally:
+            children.stop()  # whatever ended serving: none of them outlives this command
+
+    def _say(self, text: str) -> None:
+        """A line that may find no reader (`make run | tee log`, the tee stopped by the same
+        Ctrl-C): stopping goes on without it."""
+        try:
+            self.stdout.write(text)
+            self.stdout.flush()
+        except OSError:
+            pass
 
     def _serve(self, children, model_cmd, model_url: str, base: str, key: str) -> None:
         """Wait for the processes to come up, print the banner, then watch them until a stop is
