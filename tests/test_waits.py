@@ -250,7 +250,8 @@ def code_chain(entrypoint: str, name: str, **extra):
     return chain
 
 
-def test_code_chain_asks_then_approves(alice, local_fake):
+@pytest.mark.usefixtures("local_fake")
+def test_code_chain_asks_then_approves(alice):
     writer = fake(tokens=4)
     chain = code_chain("tests.chaincode.functions:asks", "asker")
     run = execute(
@@ -271,7 +272,8 @@ def test_code_chain_asks_then_approves(alice, local_fake):
     assert keys == {"c0:ask", "c1:approval", "c2:writer"}
 
 
-def test_parallel_asks_are_asked_one_after_the_other(alice, local_fake):
+@pytest.mark.usefixtures("local_fake")
+def test_parallel_asks_are_asked_one_after_the_other(alice):
     chain = code_chain("tests.chaincode.functions:asks_twice_at_once", "two-asks")
     run = execute(run_create(api_key=alice.key, chain=chain, run_input={}, metadata={}))
     assert len(typed(run, "run.input_required")) == 1
@@ -285,7 +287,8 @@ def test_parallel_asks_are_asked_one_after_the_other(alice, local_fake):
     assert json.loads(run.output) == {"first": {"n": 1}, "second": {"n": 2}}
 
 
-def test_a_chain_catching_exceptions_still_waits(alice, local_fake):
+@pytest.mark.usefixtures("local_fake")
+def test_a_chain_catching_exceptions_still_waits(alice):
     chain = code_chain("tests.chaincode.functions:asks_and_catches", "catcher")
     run = execute(run_create(api_key=alice.key, chain=chain, run_input={}, metadata={}))
     assert run.status == RunStatus.INPUT_REQUIRED
