@@ -107,7 +107,9 @@ class Execution:
         self.output_tokens = claim.output_tokens
         self.cost = claim.cost
         self.stop: Stop | None = None
-        self.waiting = False  # stopping to wait for input: no other request is made
+        # Set while the run stops to wait for input (done once written): a request asked in
+        # parallel is not made, it is asked once the first is answered.
+        self.waiting: asyncio.Future | None = None
         self.task: asyncio.Task | None = None
         self.http: httpx.AsyncClient  # the executor's model connections this run uses
         self.span: Span = NonRecordingSpan(None)  # the execution's span (tracing on)
@@ -317,9 +319,10 @@ class Execution:
         done = self.steps.get(key)
         if done is not None:
             return done
-        if self.waiting:  # asked in parallel with another: it is asked once that one is answered
+        if self.waiting is not None:
+            await asyncio.shield(self.waiting)
             raise InputWait
-        self.waiting = True
+        self.waiting = asyncio.get_running_loop().create_future()
         self.resumed(index)
         now = self.executor.now()
         expires_at = now + timedelta(
@@ -357,7 +360,10 @@ class Execution:
             # Not if someone asked it to stop meanwhile: then the run is left to that.
             self.when.q() & Q(cancel_requested_at__isnull=True),
         )
-        await self.executor.writer.last_write(self, append)
+        try:
+            await self.executor.writer.last_write(self, append)
+        finally:
+            self.waiting.set_result(None)
         raise InputWait
 
     async def _body(self) -> Any:
