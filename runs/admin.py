@@ -254,10 +254,11 @@ class RunAdmin(admin.ModelAdmin):
     def _respond(self, request, run: Run, **answer) -> bool:
         """Answer as the staff user (recorded as `staff:<username>`); False with a message
         when the service refuses."""
+        request_id = run.input_request["request_id"]
         try:
             inputs.run_respond(
                 run=run,
-                request_id=run.input_request["request_id"],
+                request_id=request_id,
                 by=inputs.answerer_of_staff(request.user.get_username()),
                 **answer,
             )
@@ -267,7 +268,7 @@ class RunAdmin(admin.ModelAdmin):
             self.message_user(request, f"{run.id}: {detail}", messages.ERROR)
             return False
         shown = json.dumps(answer.get("answer")) if "answer" in answer else answer
-        self.log_change(request, run, f"Answered {run.input_request['request_id']}: {shown}.")
+        self.log_change(request, run, f"Answered {request_id}: {shown}.")
         return True
 
     def answer_view(self, request, run_id):

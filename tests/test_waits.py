@@ -468,3 +468,94 @@ def test_cancel_service_on_each_status(alice, fake_model):
     chain = file_chain(fake_model, name="each", approval={"prompt": "Go?"})
     run = execute(start(alice, chain))
     assert run_cancel(run=run, reason="admin").status == RunStatus.CANCELLED
+
+
+# --- Operators -------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def staff(db):
+    from django.contrib.auth import get_user_model
+    from django.test import Client
+
+    user = get_user_model().objects.create_superuser("ops", "ops@example.com", "pw")
+    client = Client()
+    client.force_login(user)
+    return client
+
+
+def logged(run: Run, fragment: str) -> bool:
+    from django.contrib.admin.models import LogEntry
+
+    entries = LogEntry.objects.filter(object_id=str(run.pk))
+    return any(fragment in entry.get_change_message() for entry in entries)
+
+
+def test_admin_lists_waiting_runs_by_age_and_shows_the_request(staff, alice, fake_model):
+    chain = file_chain(fake_model, name="ops", approval={"prompt": "Ship {{ input.topic }}?"})
+    old, new = execute(start(alice, chain, "old")), execute(start(alice, chain, "new"))
+    plain = start(alice, file_chain(fake_model, name="ops-plain"))
+    request = dict(old.input_request, requested_at="2026-01-01T00:00:00.000Z")
+    Run.objects.filter(pk=old.pk).update(input_request=request)
+    waiting = staff.get("/admin/runs/run/", {"waiting": "any"}).content.decode()
+    assert str(old.id)[:8] in waiting and str(new.id)[:8] in waiting
+    assert str(plain.id)[:8] not in waiting
+    day = staff.get("/admin/runs/run/", {"waiting": "1d"}).content.decode()
+    assert str(old.id)[:8] in day and str(new.id)[:8] not in day
+    page = staff.get(f"/admin/runs/run/{new.id}/change/").content.decode()
+    assert "Ship new?" in page and f"/admin/runs/run/{new.id}/answer/" in page
+
+
+def test_staff_approve_refuse_and_answer(staff, alice, fake_model):
+    gate = file_chain(fake_model, name="ops-gate", approval={"prompt": "Go?"})
+    asks = file_chain(fake_model, name="ops-ask", ask={"prompt": "City?", "schema": CITY})
+    approved, refused = execute(start(alice, gate, "a")), execute(start(alice, gate, "b"))
+    asked = execute(start(alice, asks))
+
+    answer_page = staff.get(f"/admin/runs/run/{approved.id}/answer/").content.decode()
+    assert "Go?" in answer_page and 'value="yes"' in answer_page
+    response = staff.post(f"/admin/runs/run/{approved.id}/answer/", {"approve": "yes"})
+    assert response.status_code == 302
+    received = RunEvent.objects.get(run=approved, type="run.input_received").data
+    assert received["by"] == "staff:ops"
+    assert logged(approved, "Answered")
+
+    changelist = "/admin/runs/run/"
+    staff.post(changelist, {"action": "refuse_selected", "_selected_action": [refused.pk]})
+    refused = execute(refused)
+    assert refused.status == RunStatus.FAILED and refused.error_code == "input_refused"
+    assert "staff:ops" in refused.error_message
+
+    bad = staff.post(f"/admin/runs/run/{asked.id}/answer/", {"input": '{"city": 3}'})
+    assert bad.status_code == 200 and "input.city" in bad.content.decode()
+    assert Run.objects.get(pk=asked.pk).status == RunStatus.INPUT_REQUIRED
+    staff.post(f"/admin/runs/run/{asked.id}/answer/", {"input": '{"city": "Lyon"}'})
+    step = RunStep.objects.get(run=asked, key="a0/ask")
+    assert step.data["input"] == {"city": "Lyon"} and step.data["by"] == "staff:ops"
+    assert execute(asked).status == RunStatus.COMPLETED
+    gone = staff.get(f"/admin/runs/run/{asked.id}/answer/").content.decode()
+    assert "waits for no answer" in gone
+
+
+def test_answer_page_is_for_staff_only(alice, fake_model, db):
+    from django.contrib.auth import get_user_model
+    from django.test import Client
+
+    run = execute(start(alice, file_chain(fake_model, name="ops-x", approval={"prompt": "Go?"})))
+    visitor = Client()
+    visitor.force_login(get_user_model().objects.create_user("v", "v@example.com", "pw"))
+    response = visitor.post(f"/admin/runs/run/{run.id}/answer/", {"approve": "yes"})
+    assert response.status_code == 302 and "/admin/login/" in response["Location"]
+    assert Run.objects.get(pk=run.pk).status == RunStatus.INPUT_REQUIRED
+
+
+def test_dashboard_shows_waiting_runs_apart(staff, alice, fake_model):
+    chain = file_chain(fake_model, name="dash", approval={"prompt": "Deploy {{ input.topic }}?"})
+    run = execute(start(alice, chain, "prod"))
+    state = staff.get("/dashboard/state").json()
+    assert state["counts"]["waiting"] == 1
+    (row,) = state["waiting"]
+    assert row["run_id"] == str(run.id) and row["prompt"] == "Deploy prod?"
+    assert row["kind"] == "approval" and row["agent"] == "writer"
+    page = staff.get("/dashboard/").content.decode()
+    assert '<strong id="count-waiting">1</strong>' in page and "Deploy prod?" in page
