@@ -559,3 +559,50 @@ def test_dashboard_shows_waiting_runs_apart(staff, alice, fake_model):
     assert row["kind"] == "approval" and row["agent"] == "writer"
     page = staff.get("/dashboard/").content.decode()
     assert '<strong id="count-waiting">1</strong>' in page and "Deploy prod?" in page
+
+
+# --- Webhooks ---------------------------------------------------------------------------------
+
+
+@pytest.mark.usefixtures("local_ok")
+def test_webhooks_may_subscribe_to_requests_for_input(alice, fake_model, receiver):
+    from standardwebhooks import Webhook
+
+    from tests.webhook_support import SECRET, deliver_all, hook_path
+    from webhooks.services import endpoint_create
+
+    asking, ends_only, own = hook_path(), hook_path(), hook_path()
+    endpoint = endpoint_create(
+        owner=alice.key.owner, url=receiver.base_url + asking, events=["run.input_required"]
+    )
+    endpoint_create(
+        owner=alice.key.owner,
+        url=receiver.base_url + ends_only,
+        events=["run.completed", "run.failed", "run.cancelled", "run.timed_out"],
+    )
+    webhook = {"url": receiver.base_url + own, "secret": SECRET, "events": ["run.input_required"]}
+    chain = file_chain(fake_model, name="hooked", approval={"prompt": "Go {{ input.topic }}?"})
+    run = execute(
+        run_create(
+            api_key=alice.key, chain=chain, run_input={"topic": "x"}, metadata={}, webhook=webhook
+        )
+    )
+    deliver_all()
+    assert receiver.requests_for(ends_only) == []
+    [request] = receiver.requests_for(own)
+    payload = Webhook(SECRET).verify(request.body, request.headers)
+    assert payload["type"] == "run.input_required"
+    data = payload["data"]
+    assert data["status"] == "input_required" and data["run_id"] == str(run.id)
+    assert data["input_request"]["prompt"] == "Go x?"
+    assert data["input_request"]["request_id"] == request_of(alice, run)["request_id"]
+    [to_endpoint] = receiver.requests_for(asking)
+    verified = Webhook(endpoint.secret).verify(to_endpoint.body, to_endpoint.headers)
+    assert verified["type"] == "run.input_required"
+    # The endpoint API lists the event among the subscribable ones.
+    listed = alice.get("/api/v1/webhook-endpoints").json()["results"]
+    assert ["run.input_required"] in [e["events"] for e in listed]
+    refused = alice.post(
+        "/api/v1/webhook-endpoints", {"url": receiver.base_url + "/x", "events": ["run.queued"]}
+    )
+    assert "run.input_required" in refused.json()["errors"][0]["message"]
