@@ -538,6 +538,7 @@ class RunInputApi(IdempotentMixin, APIView):
             by=inputs.answerer_of_key(request.auth),
             approve=data.get("approve"),
             answer=data.get("input"),
+            key=request.auth,
         )
         return Response(run_dict(run), status=status.HTTP_202_ACCEPTED)
 

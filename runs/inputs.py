@@ -69,9 +69,11 @@ def run_respond(
     by: str,
     approve: bool | None = None,
     answer: Any = None,
+    key: ApiKey | None = None,
 ) -> Run:
     """Answer the run's pending request: `approve` for an approval, `answer` (validated against
-    the request's schema) for an input. Returns the run, reloaded (`queued`).
+    the request's schema) for an input. Returns the run as written (`queued`). `key`: the key
+    that answers, if any (when it is the run's own, its slot is taken without reading it).
 
     409 `input_already_received` for a request answered before, 404 for an id the run does not
     wait on, 409 `run_not_waiting` for a run that waits on nothing, 400 for an answer of the
@@ -122,10 +124,14 @@ def run_respond(
         steps=[(request["key"], run.attempt, data, Usage(0, 0), Decimal(0), now)],
     )
     with transaction.atomic():
-        if events_write(appends=[append])[run.id] is None:
+        seq = events_write(appends=[append])[run.id]
+        if seq is None:
             raise _refused(run, request_id)
         if run.api_key_id is not None:
-            key = ApiKey.objects.get(pk=run.api_key_id)
+            if key is None or key.pk != run.api_key_id:
+                key = ApiKey.objects.get(pk=run.api_key_id)
             limits.active_runs_take(key=key)  # last: locks the key's row; 429 undoes it all
-    run.refresh_from_db()
+    for name, value in append.fields.items():
+        setattr(run, name, value)
+    run.last_seq = seq
     return run
