@@ -11,8 +11,8 @@ import httpx
 from agentsvc_client import _core
 from agentsvc_client._core import (
     AUTO,
-    KEEP,
     INPUT_REQUIRED,
+    KEEP,
     SSE_HEADERS,
     TERMINAL_STATUSES,
     Event,
