@@ -85,20 +85,26 @@ def held(pid: int, sampler: PgSampler, seconds: float = 5) -> dict:
 
 async def answer_all(base: str, key: str, requests: dict[str, str], rate: float) -> dict:
     """POST an approval of every run, one every 1/rate s (each in its own task, so a slow
-    answer does not delay the next): their HTTP statuses and latencies."""
+    answer does not delay the next): their final HTTP statuses and latencies. A 429 or 503 is
+    retried after its Retry-After, as a client would (counted)."""
     limits = httpx.Limits(max_connections=64, max_keepalive_connections=64)
     statuses: list[int] = []
     latencies: list[float] = []
+    retried: list[int] = []
     async with httpx.AsyncClient(
         base_url=base, headers={"Authorization": f"Bearer {key}"}, timeout=60, limits=limits
     ) as http:
 
         async def one(run_id: str, request_id: str) -> None:
-            started = time.perf_counter()
-            response = await http.post(
-                f"/api/v1/runs/{run_id}/input", json={"request_id": request_id, "approve": True}
-            )
-            latencies.append(time.perf_counter() - started)
+            body = {"request_id": request_id, "approve": True}
+            for _ in range(10):
+                started = time.perf_counter()
+                response = await http.post(f"/api/v1/runs/{run_id}/input", json=body)
+                latencies.append(time.perf_counter() - started)
+                if response.status_code not in (429, 503):
+                    break
+                retried.append(response.status_code)
+                await asyncio.sleep(float(response.headers.get("Retry-After", 1)))
             statuses.append(response.status_code)
 
         tasks = []
@@ -111,6 +117,7 @@ async def answer_all(base: str, key: str, requests: dict[str, str], rate: float)
         spent = time.perf_counter() - began
     return {
         "statuses": statuses,
+        "retried": len(retried),
         "rate_achieved": round(len(requests) / spent, 1),
         "http_p50_ms": round(pct(latencies, 50) * 1000, 1),
         "http_p99_ms": round(pct(latencies, 99) * 1000, 1),
