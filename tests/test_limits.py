@@ -243,14 +243,7 @@ def test_cache_backends_of_requests_share_one_redis_pool(settings):
 
     from agentsvc.cache import RedisCache
 
-    params = {
-        "BACKEND": "agentsvc.cache.RedisCache",
-        "LOCATION": settings.CACHES["default"]["LOCATION"],
-    }
-    first = RedisCache(location, {})
-    second = RedisCache(location, {})
-    assert first._cache.get_client(write=True) is second._cache.get_client(write=True)
-    assert caches["default"]._cache.get_client(write=True) is first._cache.get_client(write=True)    location = settings.CACHES["default"]["LOCATION"]
+    location = settings.CACHES["default"]["LOCATION"]
     first = RedisCache(location, {})
     second = RedisCache(location, {})
     assert first._cache.get_client(write=True) is second._cache.get_client(write=True)
