@@ -1,11 +1,12 @@
 """Runs that wait for a person: what 10,000 waiting runs cost one executor host, and how fast
 answers resume them.
 
-    .venv/bin/python bench/waits_bench.py [--runs 10000] [--rate 100] [--json PATH]
+    .venv/bin/python bench/waits_bench.py [--runs 10000] [--rate 100] [--webs 1] [--json PATH]
 
-Production configuration (PostgreSQL + Redis), the fake model server, one daphne process, ONE
-executor (its PostgreSQL sessions tagged with application_name, as bench/common.py does).
-The chain has one agent with an `approval` (asked before it runs), the agent 5 tokens.
+Production configuration (PostgreSQL + Redis), the fake model server, one daphne process
+(`--webs N`: N on one port, `manage.py web --processes N`), ONE executor (its PostgreSQL
+sessions tagged with application_name, as bench/common.py does). The chain has one agent with
+an `approval` (asked before it runs), the agent 5 tokens.
 
 1. idle: after a warm-up (200 runs asked, answered and completed), the executor's RSS and its
    PostgreSQL connections (max over 5 s) with nothing to do.
@@ -59,14 +60,18 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--runs", type=int, default=10_000)
     p.add_argument("--rate", type=float, default=100, help="answers per second")
     p.add_argument("--warmup", type=int, default=200)
+    p.add_argument("--webs", type=int, default=1, help="web processes answering")
     p.add_argument("--json", help="write the results here")
     return p.parse_args()
 
 
 def cpu_s(pid: int) -> float:
-    """User + system CPU seconds of a process so far."""
+    """User + system CPU seconds so far of a process and its children (the web processes of
+    `manage.py web`)."""
     fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    own = (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    children = Path(f"/proc/{pid}/task/{pid}/children").read_text().split()
+    return own + sum(cpu_s(int(child)) for child in children)
 
 
 def held(pid: int, sampler: PgSampler, seconds: float = 5) -> dict:
@@ -201,14 +206,16 @@ def main() -> None:
         return {str(run_id): request["request_id"] for run_id, request in rows}
 
     base = f"http://127.0.0.1:{web_port}"
-    daphne = [PY, "-m", "daphne", "-b", "127.0.0.1", "-p", str(web_port)]
+    web_command = [PY, "-m", "daphne", "-b", "127.0.0.1", "-p", str(web_port)]
+    web_command.append("agentsvc.asgi:application")
+    if args.webs > 1:
+        web_command = [PY, "manage.py", "web", "--processes", str(args.webs)]
+        web_command += ["--port", str(web_port)]
     results: dict = {"config": vars(args)}
     with processes(model_command(model_port), env=env, log_dir=tmp) as _:
         wait_http(f"http://127.0.0.1:{model_port}/v1/models")
         (tmp / "web").mkdir()
-        with processes([*daphne, "agentsvc.asgi:application"], env=env, log_dir=tmp / "web") as (
-            web,
-        ):
+        with processes(web_command, env=env, log_dir=tmp / "web") as (web,):
             wait_http(f"{base}/healthz")
             (tmp / "x").mkdir()
             with (
