@@ -1,8 +1,13 @@
-"""Django's Redis cache, with one client object per connection pool.
+"""Django's Redis cache, with one client and connection pool per server, shared by every
+instance of the backend in the process.
 
-Django's client builds a new `redis.Redis` for every cache operation, about 90 µs of setting up
-response callbacks each time; a rate-limit check makes four. A client over a pool is safe to
-share between threads, so each pool gets one and keeps it.
+Django keeps a cache backend per thread and per async context (`caches` is an asgiref Local):
+under ASGI every request gets a new one, and Django's Redis client gives each instance its own
+connection pools, so each request opened new Redis connections, dropped only when garbage
+collected (hundreds per web process under load; a shared Redis refused clients past its
+`maxclients`). The pools and clients here belong to the process. Django's client also builds a
+new `redis.Redis` for every cache operation, about 90 µs of setting up response callbacks each
+time (a rate-limit check makes four); a client over a pool is safe to share between threads.
 """
 
 from __future__ import annotations
@@ -10,19 +15,19 @@ from __future__ import annotations
 from django.core.cache.backends.redis import RedisCache as DjangoRedisCache
 from django.core.cache.backends.redis import RedisCacheClient
 
+# (servers, pool options, pool index) -> the client over that pool. redis-py's pools notice a
+# fork and start afresh in the child.
+_clients: dict[tuple, object] = {}
+
 
 class _Client(RedisCacheClient):
-    def __init__(self, *args, **kwargs) -> None:
-        super().__init__(*args, **kwargs)
-        self._clients: dict[int, object] = {}
-
     def get_client(self, key=None, *, write=False):
         index = self._get_connection_pool_index(write)
-        client = self._clients.get(index)
+        shared = (tuple(self._servers), repr(sorted(self._pool_options.items())), index)
+        client = _clients.get(shared)
         if client is None:
-            client = self._clients[index] = self._client(
-                connection_pool=self._get_connection_pool(write)
-            )
+            pool = self._get_connection_pool(write)
+            client = _clients.setdefault(shared, self._client(connection_pool=pool))
         return client
 
 

@@ -106,6 +106,18 @@ PROBLEMS: dict[str, tuple[int, str, str]] = {
         "Run not cancellable",
         "The run has already ended, so it can no longer be cancelled.",
     ),
+    "run_not_waiting": (
+        409,
+        "Run not waiting for input",
+        "The run is not waiting for an answer (it has not asked, was answered, or has ended), "
+        "so there is nothing to answer.",
+    ),
+    "input_already_received": (
+        409,
+        "Input already received",
+        "This request of the run has already been answered (by another caller or an operator); "
+        "the first answer counts.",
+    ),
     "chain_failed": (
         502,
         "Chain failed",

@@ -142,6 +142,7 @@ _RUN_LINKS = _links(
     "runs_retrieve",
     "runs_cancel",
     "runs_rerun",
+    "runs_input",
     "runs_events",
     "runs_deliveries",
     "runs_webhooks_resend",
@@ -155,6 +156,7 @@ _LINKS = {
     ("runs_invoke", "200"): _RUN_LINKS,
     ("runs_invoke", "202"): _RUN_LINKS,
     ("runs_cancel", "200"): _RUN_LINKS,
+    ("runs_input", "202"): _RUN_LINKS,
     ("runs_retrieve", "200"): _RUN_LINKS,
     ("webhook_endpoints_create", "201"): _links(
         "endpoint_id",

@@ -204,6 +204,8 @@ REST_FRAMEWORK = {
 
 # --- Runs -----------------------------------------------------------------------------------
 RUN_TIMEOUT_MAX_S = env_int("RUN_TIMEOUT_MAX_S", 900, minimum=1)
+# The longest a run may wait for a person's answer (a chain's input_timeout_s, default 24 h).
+INPUT_TIMEOUT_MAX_S = env_int("INPUT_TIMEOUT_MAX_S", 7 * 86400, minimum=1)
 INVOKE_WAIT_DEFAULT_S = env_float("INVOKE_WAIT_DEFAULT_S", 30, minimum=0)
 INVOKE_WAIT_MAX_S = env_float("INVOKE_WAIT_MAX_S", 60, minimum=0)
 STREAM_COALESCE_MS = env_int("STREAM_COALESCE_MS", 50, minimum=0)

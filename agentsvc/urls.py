@@ -19,6 +19,7 @@ api_v1 = [
     path("runs/<uuid:run_id>", runs_api.RunDetailApi.as_view()),
     path("runs/<uuid:run_id>/cancel", runs_api.RunCancelApi.as_view()),
     path("runs/<uuid:run_id>/rerun", runs_api.RunRerunApi.as_view()),
+    path("runs/<uuid:run_id>/input", runs_api.RunInputApi.as_view()),
     path("stream-tickets", runs_api.StreamTicketCreateApi.as_view()),
     # JSON page or SSE by Accept; the stream views are async, outside DRF.
     path("runs/<uuid:run_id>/events", runs_sse.run_events),

@@ -87,6 +87,12 @@ SCENARIOS = {
         ["--window", "5", "--rounds", "1", "--runs", "10", "--hold", "200"],
         300,
     ),
+    "waits": (
+        "waits_bench.py",
+        ["--runs", "10000", "--rate", "100"],
+        ["--runs", "2000", "--rate", "100", "--warmup", "200"],
+        900,
+    ),
 }
 
 
@@ -393,6 +399,27 @@ def rows(r: dict) -> list[tuple]:
              ms(sub["p50_ms"], sub["p99_ms"]), ms(sse["p50_ms"], sse["p99_ms"]),
              f"{sub['p99_ms'] - sse['p99_ms']:+.1f} ms", "p99 within 5 ms of SSE's",
              met(sub["p99_ms"] <= sse["p99_ms"] + 5)),
+        ]  # fmt: skip
+    w = r.get("waits", {})
+    if "answers" in w:
+        idle, wait, a = w["idle"], w["waiting"], w["answers"]
+        cpu = a["cpu_ms_per_answer"]
+        out += [
+            ("13 waiting runs", f"executor RSS MB with {wait['runs']:,} runs waiting for input; "
+             "ref: idle after a warm-up", num(wait["rss_mb"], 1), num(idle["rss_mb"], 1),
+             ratio(wait["rss_mb"], idle["rss_mb"]), "≤ 1.1x",
+             met(wait["rss_mb"] <= 1.1 * idle["rss_mb"])),
+            ("13 waiting runs", "executor PostgreSQL connections, max; ref: idle",
+             wait["pg_connections_max"], idle["pg_connections_max"], "", "≤ 1.1x",
+             met(wait["pg_connections_max"] <= 1.1 * idle["pg_connections_max"])),
+            ("13 waiting runs", f"answer → next agent.started ms p50 / p99, {a['accepted']:,} "
+             f"answers at {w['config']['rate']:g}/s (achieved {a['rate_achieved']:g}/s) through "
+             "one web process, 1 executor", ms(a["answer_to_agent_p50_ms"],
+             a["answer_to_agent_p99_ms"]), "", "", "p99 ≤ 1,000",
+             met(a["answer_to_agent_p99_ms"] <= 1000)),
+            ("13 waiting runs", "answer POST ms p50 / p99; CPU ms per answer, web / executor",
+             f"{ms(a['http_p50_ms'], a['http_p99_ms'])}; {cpu['web']:.1f} / "
+             f"{cpu['executor']:.1f}", "", "", "", ""),
         ]  # fmt: skip
     for name, error in failed:
         out.append((name, "failed", error, "", "", "", met(False)))

@@ -1,8 +1,8 @@
 """The operators' console for runs and chains.
 
-Every action goes through the services the API uses (run_cancel, run_create, chain_publish) and
-is recorded as a LogEntry. Run lists stay fast on large tables: related rows joined, big columns
-deferred, no full count, and a capped count for the filtered one.
+Every action goes through the services the API uses (run_cancel, run_create, run_respond,
+chain_publish) and is recorded as a LogEntry. Run lists stay fast on large tables: related rows
+joined, big columns deferred, no full count, and a capped count for the filtered one.
 """
 
 from __future__ import annotations
@@ -10,21 +10,29 @@ from __future__ import annotations
 import json
 import uuid
 from collections.abc import Callable
+from datetime import datetime, timedelta
 from functools import cached_property
 
 from django import forms
 from django.contrib import admin, messages
+from django.core.exceptions import PermissionDenied
 from django.core.paginator import Paginator
 from django.db import transaction
 from django.db.models import Count, Q
-from django.urls import reverse
+from django.db.models.fields.json import KT
+from django.http import HttpResponseRedirect
+from django.shortcuts import get_object_or_404
+from django.template.response import TemplateResponse
+from django.urls import path, reverse
+from django.utils import timezone
 from django.utils.html import format_html, format_html_join
 
 from agentsvc.errors import ApplicationError
 from agentsvc.models import DISPLAY_PREFIX_LEN, KEY_PREFIX, ApiKey
-from runs import services
+from runs import inputs, services
 from runs.chains import ChainDefinitionError, chain_definition_normalize, chain_publish
-from runs.models import ACTIVE_STATUSES, Agent, Chain, Run, RunEvent
+from runs.models import ACTIVE_STATUSES, Agent, Chain, Run, RunEvent, RunStatus
+from runs.timefmt import iso
 
 COUNT_CAP = 10_000
 
@@ -66,6 +74,51 @@ class RunEventInline(admin.TabularInline):
         return False
 
 
+class WaitingFilter(admin.SimpleListFilter):
+    """Runs waiting for a person, by how long they have waited (their request's requested_at,
+    RFC 3339 UTC text, compares in time order)."""
+
+    title = "waiting for input"
+    parameter_name = "waiting"
+    AGES = {"any": None, "1h": timedelta(hours=1), "1d": timedelta(days=1)}
+
+    def lookups(self, request, model_admin):
+        return (("any", "waiting"), ("1h", "waiting over 1 hour"), ("1d", "waiting over 1 day"))
+
+    def queryset(self, request, queryset):
+        if self.value() not in self.AGES:
+            return queryset
+        waiting = queryset.filter(status=RunStatus.INPUT_REQUIRED)
+        age = self.AGES[self.value()]
+        if age is None:
+            return waiting
+        cutoff = iso(timezone.now() - age)
+        return waiting.alias(asked=KT("input_request__requested_at")).filter(asked__lt=cutoff)
+
+
+def _waited(run: Run) -> str:
+    """How long a waiting run has waited, for people: "3 h 12 min", "40 s"."""
+    asked = datetime.fromisoformat(run.input_request["requested_at"])
+    seconds = int((timezone.now() - asked).total_seconds())
+    if seconds < 60:
+        return f"{seconds} s"
+    minutes = seconds // 60
+    if minutes < 60:
+        return f"{minutes} min"
+    hours = minutes // 60
+    return f"{hours} h {minutes % 60} min" if hours < 48 else f"{hours // 24} days"
+
+
+class AnswerForm(forms.Form):
+    """Staff's answer to a request: approve or refuse an approval; an input as JSON."""
+
+    input = forms.JSONField(
+        required=False,
+        widget=forms.Textarea(attrs={"rows": 8, "cols": 80, "style": "font-family: monospace"}),
+        help_text="A JSON object matching the request's schema.",
+    )
+
+
 @admin.register(Run)
 class RunAdmin(admin.ModelAdmin):
     list_display = (
@@ -76,11 +129,13 @@ class RunAdmin(admin.ModelAdmin):
         "api_key",
         "created_at",
         "duration",
+        "waiting_for",
         "cost",
         "tokens",
     )
     list_filter = (
         "status",
+        WaitingFilter,
         ("chain__name", admin.AllValuesFieldListFilter),
         "owner",
         "created_at",
@@ -92,7 +147,7 @@ class RunAdmin(admin.ModelAdmin):
     paginator = CappedPaginator
     list_per_page = 50
     ordering = ("-created_at",)
-    actions = ("cancel_selected", "rerun")
+    actions = ("cancel_selected", "rerun", "approve_selected", "refuse_selected")
     inlines = (RunEventInline,)
     fieldsets = (
         (
@@ -108,6 +163,7 @@ class RunAdmin(admin.ModelAdmin):
                 )
             },
         ),
+        ("Waiting for input", {"fields": ("input_request_pretty",)}),
         ("Result", {"fields": ("input_pretty", "output", ("error_code", "error_message"))}),
         (
             "Usage",
@@ -170,6 +226,106 @@ class RunAdmin(admin.ModelAdmin):
     def input_pretty(self, run: Run) -> str:
         return _pretty(run.input)
 
+    @admin.display(description="waiting")
+    def waiting_for(self, run: Run) -> str:
+        return _waited(run) if run.is_waiting and run.input_request else "-"
+
+    @admin.display(description="request")
+    def input_request_pretty(self, run: Run) -> str:
+        if not run.is_waiting or not run.input_request:
+            return "-"
+        request = {k: v for k, v in run.input_request.items() if k != "key"}
+        url = reverse("admin:runs_run_answer", args=[run.pk])
+        return format_html(
+            '{}<p>Waiting for {}. <a class="button" href="{}">Answer this request</a></p>',
+            _pretty(request),
+            _waited(run),
+            url,
+        )
+
+    def get_urls(self):
+        answer = path(
+            "<uuid:run_id>/answer/",
+            self.admin_site.admin_view(self.answer_view),
+            name="runs_run_answer",
+        )
+        return [answer, *super().get_urls()]
+
+    def _respond(self, request, run: Run, **answer) -> bool:
+        """Answer as the staff user (recorded as `staff:<username>`); False with a message
+        when the service refuses."""
+        request_id = run.input_request["request_id"]
+        try:
+            inputs.run_respond(
+                run=run,
+                request_id=request_id,
+                by=inputs.answerer_of_staff(request.user.get_username()),
+                **answer,
+            )
+        except ApplicationError as e:
+            errors = "; ".join(f"{x['field']}: {x['message']}" for x in e.extra.get("errors", []))
+            detail = f"{e.detail} {errors}".strip()
+            self.message_user(request, f"{run.id}: {detail}", messages.ERROR)
+            return False
+        shown = json.dumps(answer.get("answer")) if "answer" in answer else answer
+        self.log_change(request, run, f"Answered {request_id}: {shown}.")
+        return True
+
+    def answer_view(self, request, run_id):
+        """Approve, refuse or answer a waiting run's request."""
+        run = get_object_or_404(Run.objects.select_related("chain"), pk=run_id)
+        if not self.has_view_permission(request, run):
+            raise PermissionDenied
+        change_url = reverse("admin:runs_run_change", args=[run.pk])
+        waiting = run.is_waiting and run.input_request
+        form = AnswerForm(request.POST or None)
+        if request.method == "POST" and waiting:
+            done = False
+            kind = run.input_request["kind"]
+            if kind == inputs.APPROVAL and request.POST.get("approve") in ("yes", "no"):
+                done = self._respond(request, run, approve=request.POST["approve"] == "yes")
+            elif kind == inputs.INPUT and form.is_valid():
+                done = self._respond(request, run, answer=form.cleaned_data["input"])
+            if done:
+                self.message_user(request, f"{run.id}: answered; the run is queued again.")
+                return HttpResponseRedirect(change_url)
+        context = {
+            **self.admin_site.each_context(request),
+            "title": f"Answer run {str(run.id)[:8]}",
+            "opts": self.model._meta,
+            "run": run,
+            "waiting": bool(waiting),
+            "request_shown": _pretty(
+                {k: v for k, v in (run.input_request or {}).items() if k != "key"}
+            ),
+            "kind": (run.input_request or {}).get("kind"),
+            "form": form,
+            "change_url": change_url,
+        }
+        return TemplateResponse(request, "admin/runs/run/answer.html", context)
+
+    @admin.action(description="Approve selected runs' approval requests")
+    def approve_selected(self, request, queryset) -> None:
+        self._answer_selected(request, queryset, approve=True)
+
+    @admin.action(description="Refuse selected runs' approval requests")
+    def refuse_selected(self, request, queryset) -> None:
+        self._answer_selected(request, queryset, approve=False)
+
+    def _answer_selected(self, request, queryset, *, approve: bool) -> None:
+        done = 0
+        for run in queryset.filter(status=RunStatus.INPUT_REQUIRED).select_related("chain"):
+            if run.input_request.get("kind") != inputs.APPROVAL:
+                self.message_user(
+                    request,
+                    f"{run.id}: asks for an input; answer it on its page.",
+                    messages.WARNING,
+                )
+                continue
+            done += self._respond(request, run, approve=approve)
+        verb = "approved" if approve else "refused"
+        self.message_user(request, f"{done} request(s) {verb}.")
+
     @admin.display(description="metadata")
     def metadata_pretty(self, run: Run) -> str:
         return _pretty(run.metadata)
@@ -179,10 +335,10 @@ class RunAdmin(admin.ModelAdmin):
         parts = [html for panel in _run_panels if (html := panel(run))]
         return format_html_join("", "{}", ((part,) for part in parts)) if parts else "None"
 
-    @admin.action(description="Cancel selected runs (queued and running)")
+    @admin.action(description="Cancel selected runs (queued, running or waiting for input)")
     def cancel_selected(self, request, queryset) -> None:
         done = 0
-        for run in queryset.filter(status__in=ACTIVE_STATUSES):
+        for run in queryset.filter(status__in=[*ACTIVE_STATUSES, RunStatus.INPUT_REQUIRED]):
             try:
                 services.run_cancel(run=run, reason="admin")
             except ApplicationError as e:
@@ -233,6 +389,9 @@ def _flatten(fields) -> list[str]:
 def chain_definition(chain: Chain) -> dict:
     """A version as the definition it was published from (the form's starting point)."""
     output = {"output_schema": chain.output_schema} if chain.output_schema is not None else {}
+    default_wait = Chain._meta.get_field("input_timeout_s").default
+    if chain.input_timeout_s != default_wait:
+        output["input_timeout_s"] = chain.input_timeout_s
     definition = {
         "name": chain.name,
         "description": chain.description,
@@ -263,11 +422,18 @@ def chain_definition(chain: Chain) -> dict:
         }
         if a.tools:
             agent["tools"] = [
-                {k: t[k] for k in ("function", "name", "description", "parameters")}
+                {
+                    k: t[k]
+                    for k in ("function", "name", "description", "parameters", "needs_approval")
+                    if k in t
+                }
                 for t in a.tools
             ]
             agent["max_tool_rounds"] = a.max_tool_rounds
             agent["tool_timeout_s"] = a.tool_timeout_s
+        for wait in ("approval", "ask"):
+            if getattr(a, wait) is not None:
+                agent[wait] = getattr(a, wait)
         agents.append(agent)
     return {**definition, "agents": agents}
 

@@ -14,6 +14,7 @@ from django.utils import timezone
 from drf_spectacular.utils import (
     OpenApiParameter,
     OpenApiResponse,
+    PolymorphicProxySerializer,
     extend_schema,
     extend_schema_field,
 )
@@ -26,13 +27,14 @@ from agentsvc.idempotency import IdempotentMixin
 from agentsvc.openapi import IDEMPOTENCY_KEY, problems
 from agentsvc.serializers import (
     RFC3339_MESSAGE,
+    StrictBooleanField,
     StrictCharField,
     StrictFloatField,
     StrictIntegerField,
     StrictSerializer,
     rfc3339_utc,
 )
-from runs import selectors, services
+from runs import inputs, selectors, services
 from runs.events import event_filter_parse
 from runs.models import TERMINAL_STATUSES, RunStatus
 from runs.presenters import chain_dict, event_dict, run_dict, run_handle
@@ -294,7 +296,15 @@ class RunInvokeApi(IdempotentMixin, APIView):
         parameters=[IDEMPOTENCY_KEY],
         responses={
             200: OpenApiResponse(RunOut, description="The run ended in time."),
-            202: OpenApiResponse(RunHandle, description="Still going; poll the handle."),
+            202: OpenApiResponse(
+                PolymorphicProxySerializer(
+                    component_name="RunInvokeAccepted",
+                    serializers=[RunHandle, RunOut],
+                    resource_type_field_name=None,
+                ),
+                description="Still going: the handle, poll it. Waiting for a person "
+                "(status input_required): the run, with its `input_request`.",
+            ),
             **problems(404, 409, 422, 502, 504),
         },
     )
@@ -319,6 +329,10 @@ class RunInvokeApi(IdempotentMixin, APIView):
             raise ApplicationError("chain_timed_out", run.error_message, run_id=str(run.id))
         if run.status in TERMINAL_STATUSES:
             return Response(run_dict(run))
+        if run.is_waiting:  # nothing to wait for until a person answers: what it asks
+            return Response(
+                run_dict(run), status=status.HTTP_202_ACCEPTED, headers=accepted_headers(run)
+            )
         return _accepted(run)
 
 
@@ -517,6 +531,44 @@ class RunCancelApi(IdempotentMixin, APIView):
         run = services.run_cancel(run=run, reason="api")
         code = status.HTTP_200_OK if run.is_terminal else status.HTTP_202_ACCEPTED
         return Response(run_dict(run), status=code)
+
+
+class RunInputInput(StrictSerializer):
+    request_id = StrictCharField(max_length=100, help_text="The `input_request`'s request_id.")
+    approve = StrictBooleanField(required=False, help_text="The answer to an approval.")
+    input = JSONObjectField(
+        required=False, help_text="The answer to an input request: valid against its schema."
+    )
+    idempotency_key = idempotency_key_field()
+
+
+class RunInputApi(IdempotentMixin, APIView):
+    @extend_schema(
+        operation_id="runs_input",
+        summary="Answer a run that waits for input (approve, refuse, or give the input)",
+        description="The answer is recorded with the key that sent it and the run is queued "
+        "again (it resumes where it asked). A request answered before: 409 "
+        "`input_already_received`; a request id the run does not wait on: 404; a run waiting "
+        "on nothing: 409 `run_not_waiting`; an input its schema refuses: 400 naming the field. "
+        "Taking the run's active-run slot again may be refused (429 `concurrency_limit`).",
+        request=RunInputInput,
+        parameters=[IDEMPOTENCY_KEY],
+        responses={202: RunOut, **problems(404, 409, 422)},
+    )
+    def post(self, request, run_id):
+        run = selectors.run_get(owner=request.user, run_id=run_id)
+        body = RunInputInput(data=request.data)
+        body.is_valid(raise_exception=True)
+        data = body.validated_data
+        run = inputs.run_respond(
+            run=run,
+            request_id=data["request_id"],
+            by=inputs.answerer_of_key(request.auth),
+            approve=data.get("approve"),
+            answer=data.get("input"),
+            key=request.auth,
+        )
+        return Response(run_dict(run), status=status.HTTP_202_ACCEPTED)
 
 
 class RunRerunApi(IdempotentMixin, APIView):

@@ -18,7 +18,7 @@ class RunsConfig(AppConfig):
         idempotency.abandoned_answer_register(
             lambda record: (run_handle(record.run), f"/api/v1/runs/{record.run_id}")
         )
-        events.on_terminal(run_totals_add)
+        events.on_written(run_totals_add)
         metrics.REGISTRY.register(RunsCollector())
         metrics.REGISTRY.register(StreamsCollector())
         lane.register()

@@ -34,6 +34,8 @@ AGENT_FIELDS = {
     "tools",
     "max_tool_rounds",
     "tool_timeout_s",
+    "approval",
+    "ask",
 }
 CHAIN_FIELDS = {
     "name",
@@ -41,6 +43,7 @@ CHAIN_FIELDS = {
     "input_schema",
     "output_schema",
     "timeout_s",
+    "input_timeout_s",
     "estimated_duration_s",
     "agents",
     "entrypoint",
@@ -93,6 +96,15 @@ def chain_definition_normalize(raw: dict) -> dict:
         raise ChainDefinitionError(
             f"{name}: timeout_s must be an integer from 1 to {settings.RUN_TIMEOUT_MAX_S}"
         )
+    input_timeout_s = raw.get("input_timeout_s")
+    if input_timeout_s is not None and (
+        not isinstance(input_timeout_s, int)
+        or isinstance(input_timeout_s, bool)
+        or not 1 <= input_timeout_s <= settings.INPUT_TIMEOUT_MAX_S
+    ):
+        raise ChainDefinitionError(
+            f"{name}: input_timeout_s must be an integer from 1 to {settings.INPUT_TIMEOUT_MAX_S}"
+        )
     estimated = raw.get("estimated_duration_s", min(30, timeout_s))
     if not isinstance(estimated, int) or estimated < 0:
         raise ChainDefinitionError(f"{name}: estimated_duration_s must be a non-negative integer")
@@ -114,6 +126,8 @@ def chain_definition_normalize(raw: dict) -> dict:
         normalized["agents"] = _agents_normalize(name, raw.get("agents"))
     if output_schema is not None:  # only then: the hash of every other chain stays as it was
         normalized["output_schema"] = output_schema
+    if input_timeout_s is not None:  # likewise
+        normalized["input_timeout_s"] = input_timeout_s
     return normalized
 
 
@@ -234,10 +248,57 @@ def _agents_normalize(name: str, agents: Any) -> list[dict]:
             raise ChainDefinitionError(
                 f"{name}: agent {agent['name']}: max_tool_rounds and tool_timeout_s need tools"
             )
+        # Likewise only when given: what a person is asked before the agent runs.
+        normalized_agent.update(_wait_normalize(f"{name}: agent {agent['name']}", agent))
         normalized_agents.append(normalized_agent)
     if len({a["name"] for a in normalized_agents}) != len(normalized_agents):
         raise ChainDefinitionError(f"{name}: agent names must be unique")
     return normalized_agents
+
+
+def _wait_normalize(where: str, agent: dict) -> dict:
+    """An agent's `approval: {prompt}` or `ask: {prompt, schema}` (not both): the prompt a
+    template over the agent prompt's context, the schema that of the answer (an object)."""
+    if "approval" in agent and "ask" in agent:
+        raise ChainDefinitionError(f"{where}: give approval or ask, not both")
+    for field, allowed in (("approval", {"prompt"}), ("ask", {"prompt", "schema"})):
+        if field not in agent:
+            continue
+        wait = agent[field]
+        if (
+            not isinstance(wait, dict)
+            or not isinstance(wait.get("prompt"), str)
+            or not (wait["prompt"].strip())
+        ):
+            raise ChainDefinitionError(f"{where}: {field} must be a mapping with a prompt")
+        unknown = set(wait) - allowed
+        if unknown:
+            raise ChainDefinitionError(f"{where}: {field}: unknown fields {sorted(unknown)}")
+        try:
+            _templates.from_string(wait["prompt"])
+        except TemplateSyntaxError as e:
+            raise ChainDefinitionError(f"{where}: {field}: bad template: {e}") from None
+        normalized = {"prompt": wait["prompt"]}
+        if field == "ask":
+            normalized["schema"] = answer_schema_check(f"{where}: ask", wait.get("schema"))
+        return {field: normalized}
+    return {}
+
+
+def answer_schema_check(where: str, schema: Any) -> dict:
+    """The JSON Schema of an answer to a question (`ask`, `ctx.ask`): an object's; ValueError
+    (ChainDefinitionError) otherwise. None: any object."""
+    if schema is None:
+        return {"type": "object"}
+    if not isinstance(schema, dict) or schema.get("type") != "object":
+        raise ChainDefinitionError(f"{where}: schema must be a JSON Schema of an object")
+    try:
+        Draft202012Validator.check_schema(schema)
+    except SchemaError as e:
+        raise ChainDefinitionError(
+            f"{where}: schema is not valid JSON Schema: {e.message}"
+        ) from None
+    return schema
 
 
 def _tools_normalize(where: str, agent: dict) -> dict:
@@ -288,6 +349,7 @@ def chain_publish(*, definition: dict) -> tuple[Chain, bool]:
         model=d.get("model", ""),
         max_tokens=d.get("max_tokens", 0),
         timeout_s=d["timeout_s"],
+        input_timeout_s=d.get("input_timeout_s", Chain._meta.get_field("input_timeout_s").default),
         estimated_duration_s=d["estimated_duration_s"],
         definition_hash=digest,
         published=True,
@@ -308,6 +370,8 @@ def chain_publish(*, definition: dict) -> tuple[Chain, bool]:
                 tools=a.get("tools", []),
                 max_tool_rounds=a.get("max_tool_rounds", 8),
                 tool_timeout_s=a.get("tool_timeout_s", 30),
+                approval=a.get("approval"),
+                ask=a.get("ask"),
             )
             for i, a in enumerate(d.get("agents", []))
         ]
@@ -357,11 +421,30 @@ def _template(source: str) -> Template:
     return _templates.from_string(source)
 
 
+def agent_context(
+    *, run_input: Any, outputs: dict[str, str], previous: str, answers: dict[str, Any]
+) -> Context:
+    """What an agent's prompts (and its approval's or question's prompt) are rendered with."""
+    return Context(
+        {"input": run_input, "outputs": outputs, "previous": previous, "answers": answers},
+        autoescape=False,
+    )
+
+
+def template_render(source: str, context: Context) -> str:
+    return _template(source).render(context)
+
+
 def agent_messages(
-    *, agent: Agent, run_input: Any, outputs: dict[str, str], previous: str
+    *,
+    agent: Agent,
+    run_input: Any,
+    outputs: dict[str, str],
+    previous: str,
+    answers: dict[str, Any] | None = None,
 ) -> list[dict[str, str]]:
-    context = Context(
-        {"input": run_input, "outputs": outputs, "previous": previous}, autoescape=False
+    context = agent_context(
+        run_input=run_input, outputs=outputs, previous=previous, answers=answers or {}
     )
     messages = []
     if agent.system_prompt:
@@ -378,6 +461,18 @@ def agent_messages(
 @lru_cache(maxsize=512)
 def _output_validator(schema_json: str) -> Draft202012Validator:
     return Draft202012Validator(json.loads(schema_json), format_checker=FormatChecker())
+
+
+def answer_validate(*, schema: dict, data: Any) -> None:
+    """A validation_error listing every field of an answer (`input`) that `schema` refuses."""
+    validator = _output_validator(canonical_json(schema))
+    errors = sorted(validator.iter_errors(data), key=lambda e: list(map(str, e.absolute_path)))
+    if errors:
+        raise ApplicationError(
+            "validation_error",
+            "The input does not match the schema of the request.",
+            errors=[{"field": _error_field(e), "message": _error_message(e)} for e in errors[:50]],
+        )
 
 
 def output_parse(*, schema: dict, text: str) -> Any:

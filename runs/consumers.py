@@ -37,6 +37,7 @@ _STATUS_OF = {
     "run.started": "running",
     "agent.started": "running",
     "agent.completed": "running",
+    "run.input_required": "input_required",
     "run.completed": "completed",
     "run.failed": "failed",
     "run.cancelled": "cancelled",

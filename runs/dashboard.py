@@ -1,8 +1,10 @@
 """The operators' live dashboard: a page, its counters and its cancel button, for staff only.
 
-The page is rendered once with the newest runs and the counters; dashboard.js then follows the
-status feed and a run's event stream over the WebSockets the API serves (a staff session is a
-credential there), re-reads the counters, and cancels through run_cancel like the admin does.
+The page is rendered once with the newest runs, the runs waiting for a person (apart: they
+may wait for days, and someone has to answer them in the admin) and the counters; dashboard.js
+then follows the status feed and a run's event stream over the WebSockets the API serves (a
+staff session is a credential there), re-reads the counters, and cancels through run_cancel
+like the admin does.
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ from runs.models import Run
 from runs.timefmt import iso
 
 RECENT_RUNS = 50
+WAITING_RUNS = 50
 
 
 @staff_member_required
@@ -33,10 +36,32 @@ def dashboard(request):
         "dashboard.html",
         {
             "runs": [run_row(run) for run in selectors.run_recent_list(limit=RECENT_RUNS)],
+            "waiting": _waiting_rows(),
             "counts": selectors.run_counts(now=timezone.now()),
             "recent_runs": RECENT_RUNS,
         },
     )
+
+
+def _waiting_rows() -> list[dict[str, Any]]:
+    return [waiting_row(run) for run in selectors.run_waiting_list(limit=WAITING_RUNS)]
+
+
+def waiting_row(run: Run) -> dict[str, Any]:
+    """A row of the waiting runs' table: what the run asks, since when, until when."""
+    request = run.input_request or {}
+    return {
+        "run_id": str(run.id),
+        "chain": run.chain.name,
+        "version": run.chain.version,
+        "owner": run.owner.name,
+        "kind": request.get("kind"),
+        "agent": request.get("agent"),
+        "tool": request.get("tool"),
+        "prompt": request.get("prompt", ""),
+        "requested_at": request.get("requested_at"),
+        "expires_at": request.get("expires_at"),
+    }
 
 
 def run_row(run: Run) -> dict[str, Any]:
@@ -67,6 +92,7 @@ def state(request):
         {
             "counts": selectors.run_counts(now=timezone.now()),
             "runs": [run_row(run) for run in selectors.run_recent_list(limit=RECENT_RUNS)],
+            "waiting": _waiting_rows(),
         }
     )
 

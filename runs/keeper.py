@@ -18,9 +18,9 @@ from django.db.models import Q
 from django.db.models.functions import Coalesce
 from django.utils import timezone
 
-from runs.events import owners_watched
+from runs.events import RUN_TIMED_OUT, owners_watched
 from runs.models import ACTIVE_STATUSES, TERMINAL_STATUSES, Chain, Executor, Run, RunStatus
-from runs.services import event_append, run_cancel
+from runs.services import Append, event_append, events_write, run_cancel
 
 logger = logging.getLogger(__name__)
 
@@ -68,6 +68,45 @@ def runs_time_out(*, now: datetime | None = None) -> int:
             error_message=f"The run exceeded {timeout_s} s.",
         )
         ended += seq is not None
+    return ended
+
+
+def runs_expire_inputs(*, now: datetime | None = None) -> int:
+    """End runs whose request for input nobody answered in time (their chain's input_timeout_s):
+    timed_out, reason input_timeout. A waiting run holds no slot: its end gives none back."""
+    now = now or timezone.now()
+    rows = list(
+        Run.objects.filter(status=RunStatus.INPUT_REQUIRED, input_expires_at__lt=now)
+        .order_by("input_expires_at")
+        .values_list("id", "input_request")[:BATCH]
+    )
+    ended = 0
+    for run_id, request in rows:
+        asked, expired = (
+            datetime.fromisoformat(request[name]) for name in ("requested_at", "expires_at")
+        )
+        timeout_s = round((expired - asked).total_seconds())
+        message = f"Nobody answered the run's request for input within {timeout_s} s."
+        written = events_write(
+            appends=[
+                Append(
+                    run_id,
+                    [(RUN_TIMED_OUT, {"timeout_s": timeout_s, "reason": "input_timeout"}, now)],
+                    {
+                        "status": RunStatus.TIMED_OUT,
+                        "finished_at": now,
+                        "current_agent": "",
+                        "input_request": None,
+                        "input_expires_at": None,
+                        "error_code": "input_timeout",
+                        "error_message": message,
+                    },
+                    Q(status=RunStatus.INPUT_REQUIRED, input_expires_at__lt=now),
+                    holds_slot=False,
+                )
+            ]
+        )
+        ended += written[run_id] is not None
     return ended
 
 
@@ -197,6 +236,7 @@ def keeper_pass(*, now: datetime | None = None) -> dict[str, int]:
     lost = runs_recover_lost(now=now)
     done = {
         "timed_out": runs_time_out(now=now),
+        "input_timed_out": runs_expire_inputs(now=now),
         "worker_lost_retried": lost["retried"],
         "worker_lost_failed": lost["failed"],
         "worker_lost_cancelled": lost["cancelled"],

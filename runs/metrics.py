@@ -46,6 +46,11 @@ class RunsCollector:
             "Runs queued or running",
             value=sum(row["n"] for row in active.values()),
         )
+        yield GaugeMetricFamily(
+            "agentsvc_runs_waiting_for_input",
+            "Runs waiting for a person's answer (input_required)",
+            value=Run.objects.filter(status=RunStatus.INPUT_REQUIRED).count(),
+        )
 
         cutoff = now - timedelta(seconds=settings.WORKER_LOST_AFTER_S)
         alive = Executor.objects.filter(heartbeat_at__gte=cutoff).aggregate(

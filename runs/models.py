@@ -37,6 +37,9 @@ class Chain(models.Model):
     # `response_format` json_schema), and the run's output is the parsed value. Null: text.
     output_schema = models.JSONField(null=True, blank=True)
     timeout_s = models.PositiveIntegerField(default=120)
+    # How long a run of this version waits for a person's answer (approval or input) before the
+    # keeper ends it timed_out (input_timeout); at most INPUT_TIMEOUT_MAX_S.
+    input_timeout_s = models.PositiveIntegerField(default=86400)
     estimated_duration_s = models.PositiveIntegerField(default=30)
     published = models.BooleanField(default=True)
     # SHA-256 of the canonical definition: loading an unchanged file adds no version.
@@ -73,6 +76,11 @@ class Agent(models.Model):
     tools = models.JSONField(default=list, blank=True)
     max_tool_rounds = models.PositiveIntegerField(default=8)
     tool_timeout_s = models.FloatField(default=30)
+    # What a person is asked before the agent runs: `approval` {prompt} (refused: the run fails
+    # input_refused) or `ask` {prompt, schema} (the answer reaches the prompt as
+    # {{ answers.<name> }}). Prompts are templates over the agent prompt's context.
+    approval = models.JSONField(null=True, blank=True)
+    ask = models.JSONField(null=True, blank=True)
 
     class Meta:
         constraints = [
@@ -92,8 +100,12 @@ class RunStatus(models.TextChoices):
     FAILED = "failed"
     CANCELLED = "cancelled"
     TIMED_OUT = "timed_out"
+    # Stopped at a step boundary until a person answers (Run.input_request); holds no executor,
+    # no active-run slot of its key and no token reservation beyond what it used.
+    INPUT_REQUIRED = "input_required"
 
 
+# Runs that hold an active-run slot of their key and an executor's attention (or wait for one).
 ACTIVE_STATUSES = frozenset({RunStatus.QUEUED, RunStatus.RUNNING})
 TERMINAL_STATUSES = frozenset(
     {RunStatus.COMPLETED, RunStatus.FAILED, RunStatus.CANCELLED, RunStatus.TIMED_OUT}
@@ -135,6 +147,12 @@ class Run(models.Model):
 
     cancel_requested_at = models.DateTimeField(null=True, blank=True)
     cancel_reason = models.CharField(max_length=16, blank=True)
+
+    # While the run waits for a person (input_required): what it asks, {request_id, key (the
+    # step the answer is recorded as), kind, agent, prompt, schema?, tool?, arguments?,
+    # requested_at, expires_at}, and when the keeper ends it unanswered. Null otherwise.
+    input_request = models.JSONField(null=True, blank=True)
+    input_expires_at = models.DateTimeField(null=True, blank=True)
 
     # Tokens this run reserved against its key's per-minute budget, and in which window.
     tokens_reserved = models.PositiveIntegerField(default=0)
@@ -192,6 +210,13 @@ class Run(models.Model):
                 name="run_owner_schedule_idx",
                 condition=Q(schedule_id__isnull=False),
             ),
+            # The keeper's expiry of unanswered requests, and the operators' list of waiting runs
+            # (soonest to expire first); only waiting runs are in it.
+            models.Index(
+                fields=["input_expires_at"],
+                name="run_input_waiting_idx",
+                condition=Q(status="input_required"),
+            ),
             # The admin's run list: every owner's runs newest first.
             models.Index(fields=["-created_at"], name="run_created_idx"),
             # Retention: the keeper deletes finished runs oldest first.
@@ -213,6 +238,10 @@ class Run(models.Model):
     @property
     def is_terminal(self) -> bool:
         return self.status in TERMINAL_STATUSES
+
+    @property
+    def is_waiting(self) -> bool:
+        return self.status == RunStatus.INPUT_REQUIRED
 
 
 class Executor(models.Model):

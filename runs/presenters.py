@@ -43,6 +43,15 @@ def run_output(run: Run) -> Any:
     return run.output
 
 
+def input_request_dict(run: Run) -> dict[str, Any] | None:
+    """What a waiting run asks (the members of its `run.input_required`, and when it asked);
+    None for a run that waits on nothing."""
+    request = run.input_request
+    if not run.is_waiting or not request:
+        return None
+    return {k: v for k, v in request.items() if k != "key"}
+
+
 def run_dict(run: Run) -> dict[str, Any]:
     duration_ms = None
     if run.started_at and run.finished_at:
@@ -73,6 +82,7 @@ def run_dict(run: Run) -> dict[str, Any]:
         "started_at": iso(run.started_at),
         "finished_at": iso(run.finished_at),
         "cancel_requested": run.cancel_requested_at is not None,
+        "input_request": input_request_dict(run),
         "metadata": run.metadata,
         "webhook": (
             {"url": run.webhook_url, "events": run.webhook_events} if run.webhook_url else None

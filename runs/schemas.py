@@ -97,6 +97,29 @@ class WebhookOut(serializers.Serializer):
     events = serializers.ListField(child=serializers.CharField())
 
 
+class InputRequestOut(serializers.Serializer):
+    request_id = serializers.CharField(help_text="Send it back with the answer.")
+    kind = serializers.ChoiceField(
+        ["approval", "input"], help_text="approval: answer `approve`; input: answer `input`."
+    )
+    agent = serializers.CharField(
+        allow_null=True, help_text="The agent it is asked before (or for); null from code."
+    )
+    prompt = serializers.CharField()
+    schema = serializers.JSONField(
+        required=False, help_text="kind input: the JSON Schema the answer's `input` must match."
+    )
+    tool = serializers.CharField(required=False, help_text="A tool approval: the tool called.")
+    call_id = serializers.CharField(required=False, help_text="A tool approval: the call's id.")
+    arguments = serializers.JSONField(
+        required=False, help_text="A tool approval: the arguments the model wrote."
+    )
+    requested_at = serializers.DateTimeField()
+    expires_at = serializers.DateTimeField(
+        help_text="Unanswered by then, the run ends timed_out (input_timeout)."
+    )
+
+
 class RunOut(serializers.Serializer):
     run_id = serializers.UUIDField()
     chain = serializers.CharField()
@@ -115,6 +138,9 @@ class RunOut(serializers.Serializer):
     started_at = serializers.DateTimeField(allow_null=True)
     finished_at = serializers.DateTimeField(allow_null=True)
     cancel_requested = serializers.BooleanField()
+    input_request = InputRequestOut(
+        allow_null=True, help_text="What the run asks while it is input_required; else null."
+    )
     metadata = serializers.DictField()
     webhook = WebhookOut(allow_null=True)
     rerun_of = serializers.UUIDField(

@@ -247,11 +247,21 @@ def run_recent_list(*, limit: int = 50) -> list[Run]:
     return list(runs.order_by("-created_at")[:limit])
 
 
-def run_counts(*, now: datetime) -> dict[str, int]:
-    """Active (running), queued, and failed in the hour before `now`, over every owner.
+def run_waiting_list(*, limit: int = 50) -> list[Run]:
+    """Every owner's runs waiting for a person, soonest to expire first (run_input_waiting_idx
+    serves it)."""
+    runs = Run.objects.filter(status=RunStatus.INPUT_REQUIRED).select_related("chain", "owner")
+    runs = runs.defer("input", "output", "metadata", "error_message", "webhook_secret")
+    return list(runs.order_by("input_expires_at")[:limit])
 
-    Two queries on partial indexes: run_active_idx for the live ones, run_finished_idx for the
-    failures (a failed run always has finished_at).
+
+def run_counts(*, now: datetime) -> dict[str, int]:
+    """Active (running), queued, waiting for input, and failed in the hour before `now`, over
+    every owner.
+
+    Three queries on partial indexes: run_active_idx for the live ones, run_input_waiting_idx
+    for the waiting ones, run_finished_idx for the failures (a failed run always has
+    finished_at).
     """
     live = dict(
         Run.objects.filter(status__in=ACTIVE_STATUSES)
@@ -265,6 +275,7 @@ def run_counts(*, now: datetime) -> dict[str, int]:
     return {
         "active": live.get(RunStatus.RUNNING, 0),
         "queued": live.get(RunStatus.QUEUED, 0),
+        "waiting": Run.objects.filter(status=RunStatus.INPUT_REQUIRED).count(),
         "failed_last_hour": failed,
     }
 

@@ -25,8 +25,16 @@ from agentsvc import limits, tracing
 from agentsvc.errors import ApplicationError
 from agentsvc.metrics import rejection
 from agentsvc.models import ApiKey, IdempotencyRecord, TokenWindow
+from runs import events as run_events
 from runs.chains import chain_validate_input
-from runs.events import FEED_EVENTS, RUN_QUEUED, TERMINAL_EVENTS, terminal_hooks_call
+from runs.events import (
+    FEED_EVENTS,
+    RUN_CANCELLED,
+    RUN_INPUT_REQUIRED,
+    RUN_QUEUED,
+    TERMINAL_EVENTS,
+    written_hooks_call,
+)
 from runs.models import (
     ACTIVE_STATUSES,
     TERMINAL_STATUSES,
@@ -82,15 +90,18 @@ class Expect:
 class Append:
     """Events of one run to write together, and what they change on the run's row.
 
-    `events` are (type, data, at); a terminal event may only come last. With `when`, nothing of
-    this run is written unless its row matches (a conditional state transition). `steps` are
-    the run's finished steps (key, attempt, data, usage, cost, at), written with the events."""
+    `events` are (type, data, at); a terminal event (or `run.input_required`) may only come
+    last. With `when`, nothing of this run is written unless its row matches (a conditional
+    state transition). `steps` are the run's finished steps (key, attempt, data, usage, cost,
+    at), written with the events. `holds_slot` is False for the end of a run that was waiting
+    for input: it gave its key's active-run slot back when it started waiting."""
 
     run_id: UUID
     events: list[tuple[str, dict[str, Any], datetime]]
     fields: dict[str, Any] = field(default_factory=dict)
     when: Q | Expect | None = None
     steps: list[tuple] = field(default_factory=list)
+    holds_slot: bool = True
 
 
 _RETURNING = (
@@ -110,7 +121,7 @@ def _update_one(append: Append) -> tuple | None:
     if when is not None:
         runs = runs.filter(when)
     if append.events[-1][0] in TERMINAL_EVENTS:
-        runs = runs.filter(status__in=ACTIVE_STATUSES)  # a run ends once
+        runs = runs.exclude(status__in=TERMINAL_STATUSES)  # a run ends once
     n = len(append.events)
     return _update_returning(runs, {"last_seq": F("last_seq") + n, **append.fields}, _RETURNING)
 
@@ -184,16 +195,20 @@ def events_write(*, appends: list[Append]) -> dict[UUID, int | None]:
 
     Per run, an UPDATE takes the run's row lock, bumps last_seq by its number of events and
     applies its fields (for an executor's runs, one statement for all of them), so concurrent
-    writers are serialised and seq stays gapless; then every event goes in one INSERT. Terminal
-    events also write what their hooks write (webhook messages) and give the keys' active-run
-    slots back, in the same transaction. Returns each run's new last seq, or None where its
-    condition did not hold (nothing of that run was written).
+    writers are serialised and seq stays gapless; then every event goes in one INSERT. Events
+    that hooks registered for also write what their hooks write (webhook messages, totals).
+    Terminal events, and `run.input_required` (the run stops holding anything while it waits),
+    give the keys' active-run slots back and settle the runs' token reservations to what they
+    used, in the same transaction. Returns each run's new last seq, or None where its condition
+    did not hold (nothing of that run was written).
     """
     written: dict[UUID, int | None] = {}
     rows: list[tuple[UUID, int, str, dict[str, Any], datetime]] = []
     wakeups: list[tuple[UUID, int | None, int, str, bool]] = []
     ended: list[tuple] = []
+    waiting: list[UUID] = []
     hooked: list[tuple[UUID, str, int, datetime]] = []
+    hooked_names = run_events.HOOKED_EVENTS
     released: dict[int, int] = {}
     steps: list[tuple] = []
     with transaction.atomic(savepoint=False):
@@ -211,6 +226,8 @@ def events_write(*, appends: list[Append]) -> dict[UUID, int | None]:
                 seq = last_seq - n + 1 + i
                 data = {**data, "run_id": run, "seq": seq, "ts": iso(at)}
                 rows.append((append.run_id, seq, event, data, at))
+                if event in hooked_names:
+                    hooked.append((append.run_id, event, seq, at))
             steps += [
                 (
                     append.run_id,
@@ -224,18 +241,28 @@ def events_write(*, appends: list[Append]) -> dict[UUID, int | None]:
                 )
                 for key, attempt, data, usage, cost, at in append.steps
             ]
-            last_type, _, last_at = append.events[-1]
+            last_type = append.events[-1][0]
             feed = any(event in FEED_EVENTS for event, _, _ in append.events)
             wakeups.append((append.run_id, owner_id, last_seq, last_type, feed))
-            if last_type in TERMINAL_EVENTS:
+            gives_back = (last_type in TERMINAL_EVENTS and append.holds_slot) or (
+                last_type == RUN_INPUT_REQUIRED
+            )
+            if last_type in TERMINAL_EVENTS or last_type == RUN_INPUT_REQUIRED:
                 ended.append(row)
-                hooked.append((append.run_id, last_type, last_seq, last_at))
-                if key_id is not None:
-                    released[key_id] = released.get(key_id, 0) + 1
+            if last_type == RUN_INPUT_REQUIRED:
+                waiting.append(append.run_id)
+            if gives_back and key_id is not None:
+                released[key_id] = released.get(key_id, 0) + 1
         _rows_insert(RunEvent, _EVENT_COLUMNS, rows)
         _rows_insert(RunStep, _STEP_COLUMNS, steps)
+        if waiting:
+            # Settled below to what they used so far: that is now what they have reserved, so
+            # their end settles only what they use after an answer.
+            Run.objects.filter(pk__in=waiting).update(
+                tokens_reserved=F("input_tokens") + F("output_tokens")
+            )
         if hooked:
-            terminal_hooks_call(ended=hooked)
+            written_hooks_call(events=hooked)
         for key_id in sorted(released):  # last, and in one order: they lock the keys' rows
             limits.active_runs_release(key_id=key_id, count=released[key_id])
         if wakeups:
@@ -295,8 +322,9 @@ def event_append(
 
 
 def _tokens_settle(ended: list[tuple]) -> None:
-    """After terminal events commit: settle the runs' token reservations to their real usage,
-    summed per key and window (refunds) and per key (overspend), in one transaction."""
+    """After terminal events (and waits) commit: settle the runs' token reservations to their
+    real usage, summed per key and window (refunds) and per key (overspend), in one
+    transaction."""
     refunds: dict[tuple[int, int], int] = {}
     overspent: dict[int, int] = {}
     for _, _, key_id, reserved, window, input_tokens, output_tokens in ended:
@@ -703,23 +731,38 @@ def runs_refused(starts: Starts, used: int | None) -> None:
 
 
 def run_cancel(*, run: Run, reason: str) -> Run:
-    """Cancel a queued run at once; ask a running one to stop. Returns the run, reloaded."""
-    now = timezone.now()
-    cancelled = event_append(
-        run_id=run.id,
-        event="run.cancelled",
-        data={"reason": reason},
-        now=now,
-        when=Q(status=RunStatus.QUEUED),
-        status=RunStatus.CANCELLED,
-        finished_at=now,
-        cancel_requested_at=now,
-        cancel_reason=reason,
-    )
-    if not cancelled and Run.objects.filter(
-        pk=run.id, status=RunStatus.RUNNING, cancel_requested_at__isnull=True
-    ).update(cancel_requested_at=now, cancel_reason=reason):
-        transaction.on_commit(executors_wake_for_cancel)
+    """Cancel a queued run, or one waiting for input, at once; ask a running one to stop.
+    Returns the run, reloaded.
+
+    Each is a conditional write on the status; a run that moved between them (started, or
+    stopped to wait) is tried again on its new status."""
+    for _ in range(3):
+        now = timezone.now()
+        fields = {
+            "status": RunStatus.CANCELLED,
+            "finished_at": now,
+            "cancel_requested_at": now,
+            "cancel_reason": reason,
+        }
+        event = [(RUN_CANCELLED, {"reason": reason}, now)]
+        queued = Append(run.id, event, fields, Q(status=RunStatus.QUEUED))
+        waiting = Append(
+            run.id,
+            event,
+            {**fields, "current_agent": "", "input_request": None, "input_expires_at": None},
+            Q(status=RunStatus.INPUT_REQUIRED),
+            holds_slot=False,
+        )
+        if any(events_write(appends=[append])[run.id] is not None for append in (queued, waiting)):
+            break
+        if Run.objects.filter(
+            pk=run.id, status=RunStatus.RUNNING, cancel_requested_at__isnull=True
+        ).update(cancel_requested_at=now, cancel_reason=reason):
+            transaction.on_commit(executors_wake_for_cancel)
+            break
+        status = Run.objects.values_list("status", flat=True).get(pk=run.id)
+        if status not in (RunStatus.QUEUED, RunStatus.INPUT_REQUIRED):
+            break  # running and already asked to stop, or ended
     run.refresh_from_db()
     if run.status in TERMINAL_STATUSES and run.status != RunStatus.CANCELLED:
         raise ApplicationError(
@@ -744,14 +787,15 @@ def run_webhook_set(*, run: Run, webhook: dict | None) -> bool:
 
 
 def run_wait(*, run_id: UUID, timeout_s: float) -> Run:
-    """Poll until the run is terminal or the time is up; returns the run as last read."""
+    """Poll until the run is terminal or waits for a person, or the time is up; returns the
+    run as last read."""
     deadline = time.monotonic() + timeout_s
     interval = 0.05
     while True:
         run = Run.objects.select_related("chain").get(pk=run_id)
         run_seen(run_id=run.id, status=run.status, last_seen_at=run.last_seen_at)
         remaining = deadline - time.monotonic()
-        if run.is_terminal or remaining <= 0:
+        if run.is_terminal or run.is_waiting or remaining <= 0:
             return run
         time.sleep(min(interval, remaining))
         interval = min(interval * 1.5, 0.5)

@@ -12,7 +12,7 @@ from collections.abc import Sequence
 
 from django.db import connection
 
-from runs.events import Ended
+from runs.events import Written
 from runs.models import Chain, Run, RunTotal
 
 DURATION_BUCKETS_S: Sequence[float] = (0.1, 0.5, 1, 2, 5, 10, 30, 60, 120, 300, 600)
@@ -51,12 +51,12 @@ def _sql(count: int) -> str:
     )
 
 
-def run_totals_add(*, ended: Ended) -> None:
+def run_totals_add(*, events: Written) -> None:
     """The terminal hook: add the runs that just ended (their rows already carry the final
     status, times, tokens and cost) to the totals, in one INSERT … SELECT … ON CONFLICT."""
-    if not ended:
+    if not events:
         return
     pk = Run._meta.pk
-    params = [pk.get_db_prep_value(run_id, connection) for run_id, _, _, _ in ended]
+    params = [pk.get_db_prep_value(run_id, connection) for run_id, _, _, _ in events]
     with connection.cursor() as cursor:
         cursor.execute(_sql(len(params)), params)

@@ -66,6 +66,7 @@ BODY_ROUTES = [
     ("post", "/api/v1/webhook-endpoints/{endpoint}/rotate-secret"),
     ("post", "/api/v1/webhook-endpoints/{endpoint}/test"),
     ("post", "/api/v1/webhook-endpoints/{endpoint}/recover"),
+    ("post", "/api/v1/runs/{run}/input"),
 ]
 
 BAD_BODIES = {
@@ -133,6 +134,9 @@ WRONG_TYPES = [
     ("post", "/api/v1/chains/demo/runs/batch", {"items": [[]]}, "items[0]"),
     ("post", "/api/v1/chains/demo/runs/batch", {"items": [{"input": "x"}]}, "items[0]"),
     ("post", "/api/v1/runs/{run}/rerun", {"input": []}, "input"),
+    ("post", "/api/v1/runs/{run}/input", {"request_id": 1, "approve": True}, "request_id"),
+    ("post", "/api/v1/runs/{run}/input", {"request_id": "r", "approve": 1}, "approve"),
+    ("post", "/api/v1/runs/{run}/input", {"request_id": "r", "input": "x"}, "input"),
     ("post", "/api/v1/runs/{run}/rerun", {"webhook": "none"}, "webhook"),
     ("post", "/api/v1/webhook-endpoints/{endpoint}/recover", {"since": 5}, "since"),
     ("post", "/api/v1/webhook-endpoints/{endpoint}/recover", {"since": None}, "since"),

@@ -100,7 +100,7 @@ def test_state_counts_active_queued_and_failed_in_the_last_hour(staff, alice, bo
     )
     Run.objects.filter(pk=runs[4].pk).update(status=RunStatus.TIMED_OUT, finished_at=now)
     state = staff.get(STATE).json()
-    assert state["counts"] == {"active": 2, "queued": 1, "failed_last_hour": 1}
+    assert state["counts"] == {"active": 2, "queued": 1, "waiting": 0, "failed_last_hour": 1}
     assert [r["run_id"] for r in state["runs"]] == [str(r.id) for r in reversed(runs)]
     assert state["runs"][-1]["owner"] == "alice"
     assert state["runs"][-1]["status"] == "running"
@@ -115,8 +115,8 @@ def test_state_queries_do_not_grow_with_runs(staff, alice, make_chain, django_as
     for _ in range(5):
         start(alice, chain)
     staff.get(STATE)
-    # session, user, two counts, the runs with their chains and owners
-    with django_assert_num_queries(5):
+    # session, user, three counts, the runs with their chains and owners, the waiting runs
+    with django_assert_num_queries(7):
         assert len(staff.get(STATE).json()["runs"]) == 5
 
 
@@ -155,6 +155,7 @@ def test_series_counts_runs_per_minute_and_queue_waits(alice, bob, make_chain):
         "failed": {minute(t3): 1},
         "cancelled": {minute(t20): 1},
         "timed_out": {},
+        "input_required": {},
     }
     waits = {i: w for i, w in enumerate(series["queue_wait_s"]) if w is not None}
     assert waits == {

@@ -57,9 +57,10 @@ pytestmark = [pytest.mark.django_db(transaction=True), pytest.mark.slow]
 def execution_problems(run_id) -> list[str]:
     """What the event log of a run says against the invariants: seq 1..n without a gap, one
     terminal event and it is the last, and one execution at a time (after `run.started`, the
-    agents go 0, 1, ... from the agent a `run.resumed` names, until the end or a `run.queued`:
-    recovered from a lost executor, or handed back on SIGTERM; a completed run's output is
-    exactly the chunks of its last agent's last execution)."""
+    agents go 0, 1, ... from the agent a `run.resumed` names, until the end, a `run.queued`
+    (recovered from a lost executor, or handed back on SIGTERM) or a `run.input_required` (it
+    stopped to wait for a person); a completed run's output is exactly the chunks of its last
+    agent's last execution)."""
     rows = list(
         RunEvent.objects.filter(run_id=run_id).order_by("seq").values_list("seq", "type", "data")
     )
@@ -71,7 +72,7 @@ def execution_problems(run_id) -> list[str]:
         problems.append(f"ends {ends}")
     executing, agent, chunks = False, -1, {}
     for seq, type_, data in rows:
-        if type_ == "run.queued":
+        if type_ in ("run.queued", "run.input_required"):
             executing = False
         elif type_ == "run.started":
             if executing:

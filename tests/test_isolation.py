@@ -53,6 +53,14 @@ OWNED = [
     Owned("GET", "/api/v1/runs/{run_id}", "run", 200),
     Owned("POST", "/api/v1/runs/{run_id}/cancel", "run", 200, sample="queued"),
     Owned("POST", "/api/v1/runs/{run_id}/rerun", "run", 202, body={}),
+    Owned(
+        "POST",
+        "/api/v1/runs/{run_id}/input",
+        "run",
+        202,
+        sample="waiting",
+        body={"request_id": "req_isolation", "approve": True},
+    ),
     Owned("GET", "/api/v1/runs/{run_id}/events", "run", 200),
     Owned("GET", "/api/v1/runs/{run_id}/events", "run", 200, accept="text/event-stream"),
     Owned("GET", "/api/v1/runs/{run_id}/deliveries", "run", 200),
@@ -177,13 +185,14 @@ def test_every_route_is_classified(db):
 class Objects:
     run: Run  # finished, with a delivery to the run's webhook and one to an endpoint
     queued: Run
+    waiting: Run  # waiting for an approval
     endpoint: WebhookEndpoint
     delivery: WebhookDelivery
     schedule: Schedule  # its tick started one of her runs
 
     def ids(self, kind: str) -> list[str]:
         if kind == "run":
-            return [str(self.run.id), str(self.queued.id)]
+            return [str(self.run.id), str(self.queued.id), str(self.waiting.id)]
         return [str(getattr(self, kind).id)]
 
     def sample(self, case: Owned) -> str:
@@ -264,6 +273,22 @@ def objects(live_server_url, alice, bob, make_chain, receiver, local_ok) -> Obje
     queued = Run.objects.create(
         owner=alice.key.owner, api_key=alice.key, chain=run.chain, input={"topic": "a"}
     )
+    waiting = Run.objects.create(
+        owner=alice.key.owner,
+        api_key=alice.key,
+        chain=run.chain,
+        input={"topic": "w"},
+        status="input_required",
+        input_request={
+            "request_id": "req_isolation",
+            "key": "a0/approval",
+            "kind": "approval",
+            "agent": "agent0",
+            "prompt": "Go?",
+            "requested_at": "2026-01-01T00:00:00.000Z",
+            "expires_at": "2099-01-01T00:00:00.000Z",
+        },
+    )
     run_create(api_key=bob.key, chain=run.chain, run_input={"topic": "b"}, metadata={})
     schedule = schedule_create(
         api_key=alice.key,
@@ -279,7 +304,14 @@ def objects(live_server_url, alice, bob, make_chain, receiver, local_ok) -> Obje
     Schedule.objects.filter(pk=schedule.pk).update(next_run_at=timezone.now())
     schedules_fire_due()
     schedule.refresh_from_db()
-    return Objects(run=run, queued=queued, endpoint=endpoint, delivery=delivery, schedule=schedule)
+    return Objects(
+        run=run,
+        queued=queued,
+        waiting=waiting,
+        endpoint=endpoint,
+        delivery=delivery,
+        schedule=schedule,
+    )
 
 
 @pytest.mark.django_db(transaction=True)

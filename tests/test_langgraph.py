@@ -5,6 +5,7 @@ killed mid-run for its resume from the checkpoints in PostgreSQL."""
 from __future__ import annotations
 
 import os
+import sys
 import time
 from collections import Counter
 from decimal import Decimal
@@ -15,6 +16,7 @@ from django.core.management import call_command
 from psycopg.rows import dict_row
 
 from runs.chains import chain_publish
+from runs.execution.code import entrypoint_load
 from runs.models import Chain, ChainKind, Run, RunEvent, RunStatus, RunStep
 from runs.services import run_cancel, run_create
 from tests.conftest import fake, process_env, wait_until
@@ -217,7 +219,11 @@ def test_the_run_timeout_stops_the_graph(alice, local_is_fake):
     assert of(run, "agent.completed")[-1]["agent"] == "researcher"
 
 
-def test_the_example_chain_loads_and_runs(alice, local_is_fake, capsys):
+def test_the_example_chain_loads_and_runs(alice, local_is_fake, capsys, monkeypatch):
+    # Its model is made when the module is imported, on the provider's settings of then: an
+    # import by an earlier test (loading chains/code.yaml) would keep the default server.
+    monkeypatch.delitem(sys.modules, "chains.examples.langgraph_brief", raising=False)
+    entrypoint_load.cache_clear()
     call_command("loadchains", "chains/code.yaml")
     chain = Chain.objects.get(name="langgraph-brief")
     assert chain.kind == ChainKind.LANGGRAPH

@@ -260,3 +260,17 @@ def test_limits_are_per_key_not_per_owner(alice, make_chain, limit):
     create(alice)
     assert create(alice).status_code == 429
     assert create(other).status_code == 202
+
+
+def test_cache_backends_of_requests_share_one_redis_pool(settings):
+    """Every request context under ASGI gets its own cache backend; they share the process's
+    Redis client and pool, so requests open no connections of their own."""
+    from django.core.cache import caches
+
+    from agentsvc.cache import RedisCache
+
+    location = settings.CACHES["default"]["LOCATION"]
+    first = RedisCache(location, {})
+    second = RedisCache(location, {})
+    assert first._cache.get_client(write=True) is second._cache.get_client(write=True)
+    assert caches["default"]._cache.get_client(write=True) is first._cache.get_client(write=True)

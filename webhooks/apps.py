@@ -6,7 +6,8 @@ class WebhooksConfig(AppConfig):
     default_auto_field = "django.db.models.BigAutoField"
 
     def ready(self) -> None:
-        """Webhooks subscribe to runs: messages written with each terminal event, endpoints
+        """Webhooks subscribe to runs: messages written with each event a webhook may subscribe
+        to (the ends, a request for input), endpoints
         that keep their owners' runs watched, delivery inside the executor process."""
         from agentsvc import metrics
         from runs import events
@@ -16,7 +17,7 @@ class WebhooksConfig(AppConfig):
         from webhooks.selectors import owners_with_endpoints
         from webhooks.services import messages_create_for_events
 
-        events.on_terminal(messages_create_for_events)
+        events.on_written(messages_create_for_events, events=events.SUBSCRIBABLE_EVENTS)
         events.on_owners_watched(owners_with_endpoints)
         executor.service_register(deliveries_pump)
         metrics.REGISTRY.register(WebhooksCollector())

@@ -4,14 +4,14 @@ from __future__ import annotations
 
 from rest_framework import serializers
 
-from runs.models import TERMINAL_EVENTS
+from runs.events import SUBSCRIBABLE_EVENTS
 from webhooks.models import ENDPOINT_DISABLED, WEBHOOK_TEST, DeliveryStatus, Trigger
 
 
 class EndpointOut(serializers.Serializer):
     id = serializers.UUIDField()
     url = serializers.URLField()
-    events = serializers.ListField(child=serializers.ChoiceField(TERMINAL_EVENTS))
+    events = serializers.ListField(child=serializers.ChoiceField(SUBSCRIBABLE_EVENTS))
     description = serializers.CharField()
     enabled = serializers.BooleanField()
     disabled_reason = serializers.CharField(allow_null=True)
@@ -49,7 +49,7 @@ class DeliveryOut(serializers.Serializer):
     endpoint_id = serializers.UUIDField(allow_null=True)
     url = serializers.URLField()
     event = serializers.ChoiceField(
-        [*TERMINAL_EVENTS, WEBHOOK_TEST, ENDPOINT_DISABLED],
+        [*SUBSCRIBABLE_EVENTS, WEBHOOK_TEST, ENDPOINT_DISABLED],
         help_text="webhook.test: a test of an endpoint; endpoint.disabled: another endpoint of "
         "the owner was disabled.",
     )

@@ -14,7 +14,7 @@ from agentsvc.serializers import (
     StrictCharField,
     StrictSerializer,
 )
-from runs.models import TERMINAL_EVENTS
+from runs.events import SUBSCRIBABLE_EVENTS, TERMINAL_EVENTS
 from webhooks.ssrf import BlockedAddress, check_url
 
 
@@ -41,14 +41,14 @@ def validate_secret(value: str) -> str:
 def _events_field(**kwargs) -> serializers.ListField:
     # DRF's own message repeats the value whole; this one names the choices instead.
     choice = serializers.ChoiceField(
-        choices=TERMINAL_EVENTS,
-        error_messages={"invalid_choice": f"Must be one of {', '.join(TERMINAL_EVENTS)}."},
+        choices=SUBSCRIBABLE_EVENTS,
+        error_messages={"invalid_choice": f"Must be one of {', '.join(SUBSCRIBABLE_EVENTS)}."},
     )
     return serializers.ListField(child=choice, allow_empty=False, **kwargs)
 
 
 def _dedupe(events: list[str]) -> list[str]:
-    return [e for e in TERMINAL_EVENTS if e in events]
+    return [e for e in SUBSCRIBABLE_EVENTS if e in events]
 
 
 class RunWebhookInput(StrictSerializer):

@@ -50,6 +50,7 @@ class Claimed:
     # the request that created it ("" when unknown).
     key_prefix: str = ""
     trace_parent: str = ""
+    input_timeout_s: int = 86400  # the chain's: how long the run may wait for a person
 
 
 def claim_condition(*, worker: str, attempt: int) -> Expect:
@@ -113,6 +114,7 @@ def runs_claim(
                 "chain__entrypoint",
                 "chain__provider",
                 "chain__model",
+                "chain__input_timeout_s",
             )[:limit]
         )
         if not rows:
@@ -154,6 +156,7 @@ def runs_claim(
             entrypoint=entrypoint,
             provider=provider,
             model=model,
+            input_timeout_s=input_timeout_s,
             resumed=before is not None,
             **done.get(run, {}),
         )
@@ -173,6 +176,7 @@ def runs_claim(
             entrypoint,
             provider,
             model,
+            input_timeout_s,
         ) in rows
         if written[run] is not None
     ]

@@ -7,6 +7,9 @@ calls streamed as `agent.output`, the tool loop, usage and cost) and `step()` ru
 once: both are steps, so a resumed run replays the function and each finished call answers at
 once from the record. A function resumed this way must call them in the same order with the
 same arguments (it is deterministic), as with any durable-execution engine.
+
+`ask()` and `approve()` are steps a person answers: the run stops there to wait (holding
+nothing), and the function, replayed once the answer is in, gets it back from `ask()`.
 """
 
 from __future__ import annotations
@@ -20,6 +23,7 @@ from uuid import UUID
 
 from django.conf import settings
 
+from runs.chains import ChainDefinitionError, answer_schema_check
 from runs.events import RUN_PROGRESS
 from runs.execution.providers import DeadlineExceeded, ProviderError
 from runs.execution.run import ChainError, RunFailure, storable
@@ -34,7 +38,8 @@ logger = logging.getLogger(__name__)
 
 class RunContext:
     """What a code chain's function is given: `await ctx.agent(...)`, `await ctx.step(...)`,
-    `ctx.progress(...)`, and the run's `input`, `run_id` and `attempt`."""
+    `await ctx.ask(...)`, `await ctx.approve(...)`, `ctx.progress(...)`, and the run's `input`,
+    `run_id` and `attempt`."""
 
     def __init__(self, execution: Execution) -> None:
         self._execution = execution
@@ -122,6 +127,26 @@ class RunContext:
             key, {"value": value}, RUN_PROGRESS, {"message": f"{name} finished", "step": name}
         )
         return value
+
+    async def ask(self, prompt: str, *, schema: dict | None = None, name: str = "ask") -> dict:
+        """Ask a person for an input (a JSON object valid against `schema`): the run waits
+        until it is answered (POST /runs/{id}/input, or an operator), then this returns it."""
+        try:
+            schema = answer_schema_check(f"ask {name!r}", schema)
+        except ChainDefinitionError as e:
+            raise ValueError(str(e)) from None
+        answer = await self._execution.wait_for_input(
+            self._next(name), kind="input", prompt=str(prompt), schema=schema, index=self._agents
+        )
+        return answer["input"]
+
+    async def approve(self, prompt: str, *, name: str = "approval") -> bool:
+        """Ask a person to approve (True) or refuse (False): the run waits for the answer.
+        What a refusal means is the function's to decide."""
+        answer = await self._execution.wait_for_input(
+            self._next(name), kind="approval", prompt=str(prompt), index=self._agents
+        )
+        return answer["approve"]
 
     def progress(self, message: str, **data: Any) -> None:
         """A `run.progress` event {message, data} (not repeated while a resumed run replays)."""

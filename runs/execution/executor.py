@@ -148,11 +148,18 @@ class EventWriter:
             chain=execution.claim.chain,
             version=execution.claim.version,
         )
+        return await self.last_write(execution, append)
+
+    async def last_write(self, execution: Execution, append: Append) -> int | None:
+        """The execution's last write (a hand-back, a stop to wait for input): after what is
+        pending of the run, in its transaction, under `append`'s condition; waits for its
+        commit and returns the seq, or None if the condition did not hold."""
         entry = self.pending.get(execution.run_id)
         if entry is not None and entry[0] is execution:
             entry[1].events.extend(append.events)
             entry[1].fields.update(append.fields)
             entry[1].steps.extend(append.steps)
+            entry[1].when = append.when
         else:
             self.pending[execution.run_id] = (execution, append)
         self.count += 1

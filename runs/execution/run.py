@@ -5,7 +5,11 @@ connection; its events go to the executor's group commit.
 
 Every finished step (a model call that asked for tools, a tool call, an agent) is recorded with
 its event (`RunStep`), so an execution of a run that an earlier one had started (its executor
-was lost, or handed it back) does each recorded step no more: it reads the result instead."""
+was lost, or handed it back) does each recorded step no more: it reads the result instead.
+
+A step may be a person's answer (`wait_for_input`): the execution stops there, the run waits
+holding nothing, and the answer, recorded as that step, is read when the run is executed
+again."""
 
 from __future__ import annotations
 
@@ -13,17 +17,26 @@ import asyncio
 import json
 import logging
 import time
+import uuid
 from dataclasses import dataclass
+from datetime import timedelta
 from decimal import Decimal
 from typing import TYPE_CHECKING, Any
 
 import httpx
 from django.conf import settings
+from django.db.models import Q
 from opentelemetry.trace import NonRecordingSpan, Span, SpanKind, Status, StatusCode
 
 from agentsvc import tracing
 from agentsvc.parsers import BodyError, strict_loads
-from runs.chains import agent_messages, output_parse, output_response_format
+from runs.chains import (
+    agent_context,
+    agent_messages,
+    output_parse,
+    output_response_format,
+    template_render,
+)
 from runs.events import (
     AGENT_COMPLETED,
     AGENT_OUTPUT,
@@ -33,6 +46,7 @@ from runs.events import (
     RUN_CANCELLED,
     RUN_COMPLETED,
     RUN_FAILED,
+    RUN_INPUT_REQUIRED,
     RUN_RESUMED,
     RUN_TIMED_OUT,
     STATUS_OF,
@@ -46,8 +60,9 @@ from runs.execution.providers import (
     provider_for,
 )
 from runs.execution.tools import ToolError, tool_call, tools_openai
-from runs.models import Agent, ChainKind
+from runs.models import Agent, ChainKind, RunStatus
 from runs.services import Append
+from runs.timefmt import iso
 
 if TYPE_CHECKING:
     from runs.execution.executor import Executor
@@ -92,6 +107,9 @@ class Execution:
         self.output_tokens = claim.output_tokens
         self.cost = claim.cost
         self.stop: Stop | None = None
+        # Set while the run stops to wait for input (done once written): a request asked in
+        # parallel is not made, it is asked once the first is answered.
+        self.waiting: asyncio.Future | None = None
         self.task: asyncio.Task | None = None
         self.http: httpx.AsyncClient  # the executor's model connections this run uses
         self.span: Span = NonRecordingSpan(None)  # the execution's span (tracing on)
@@ -176,6 +194,8 @@ class Execution:
             try:
                 async with asyncio.timeout(self.deadline - time.monotonic()):
                     output = await self._body()
+            except InputWait:
+                return  # written: the run waits, and is no longer this execution's
             except asyncio.CancelledError:
                 if self.stop is None:
                     raise  # not ours to handle: the process is going down
@@ -278,6 +298,77 @@ class Execution:
                 {"index": index, "attempt": self.claim.attempt, "steps": len(self.steps)},
             )
 
+    async def wait_for_input(
+        self,
+        key: str,
+        *,
+        kind: str,
+        prompt: str,
+        agent: str | None = None,
+        schema: dict | None = None,
+        index: int = 0,
+        **shown: Any,
+    ) -> dict[str, Any]:
+        """A person's answer to the step `key` of the run: {"approve": bool} for kind
+        "approval", {"input": {...}} (valid against `schema`) for kind "input", both with
+        "request_id" and "by" (who answered). A recorded answer is returned at once (the run is
+        replaying); otherwise the run stops here to wait: `run.input_required` {request_id,
+        kind, agent, prompt, schema?, **shown, expires_at} and status `input_required` are
+        written under the claim, and InputWait goes up through the chain's code, ending the
+        execution. Once answered, the run is queued again and an execution (on any executor)
+        replays it to here, where the answer is recorded. `shown` goes into the request as it
+        is (`tool`, `call_id`, `arguments` of a tool approval). `index`: the agent it is asked
+        before or in (for `run.resumed`)."""
+        done = self.steps.get(key)
+        if done is not None:
+            return done
+        if self.waiting is not None:
+            await asyncio.shield(self.waiting)
+            raise InputWait
+        self.waiting = asyncio.get_running_loop().create_future()
+        self.resumed(index)
+        now = self.executor.now()
+        expires_at = now + timedelta(
+            seconds=min(self.claim.input_timeout_s, settings.INPUT_TIMEOUT_MAX_S)
+        )
+        request: dict[str, Any] = {
+            "request_id": f"req_{uuid.uuid4().hex}",
+            "kind": kind,
+            "agent": agent,
+            "prompt": prompt,
+        }
+        if schema is not None:
+            request["schema"] = schema
+        request.update(shown)
+        request["expires_at"] = iso(expires_at)
+        try:
+            request = storable(request)
+        except ValueError as e:
+            raise RunFailure("input_request_invalid", f"The request for input is {e}") from None
+        append = Append(
+            self.run_id,
+            [(RUN_INPUT_REQUIRED, request, now)],
+            {
+                "status": RunStatus.INPUT_REQUIRED,
+                "worker": "",
+                "current_agent": agent or "",
+                "deadline_at": None,
+                "heartbeat_at": now,
+                "input_request": {**request, "key": key, "requested_at": iso(now)},
+                "input_expires_at": expires_at,
+                "input_tokens": self.input_tokens,
+                "output_tokens": self.output_tokens,
+                "cost": self.cost,
+            },
+            # Not if someone asked it to stop meanwhile: then the run is left to that.
+            self.when.q() & Q(cancel_requested_at__isnull=True),
+        )
+        try:
+            await self.executor.writer.last_write(self, append)
+        finally:
+            self.waiting.set_result(None)
+        raise InputWait
+
     async def _body(self) -> Any:
         if self.claim.kind == ChainKind.AGENTS:
             return await self._file_agents()
@@ -287,13 +378,21 @@ class Execution:
 
     async def _file_agents(self) -> str:
         outputs: dict[str, str] = {}
+        answers: dict[str, Any] = {}  # the agents' asks' answers, for later prompts
         previous = ""
         for index, agent in enumerate(self.agents):
             last = index == len(self.agents) - 1
             key = f"a{index}"
+            if agent.ask is not None and f"{key}/ask" in self.steps:
+                answers[agent.name] = self.steps[f"{key}/ask"]["input"]
             if key not in self.steps:
+                await self._agent_waits(key, index, agent, outputs, previous, answers)
                 messages = agent_messages(
-                    agent=agent, run_input=self.claim.input, outputs=outputs, previous=previous
+                    agent=agent,
+                    run_input=self.claim.input,
+                    outputs=outputs,
+                    previous=previous,
+                    answers=answers,
                 )
             else:
                 messages = []
@@ -312,6 +411,44 @@ class Execution:
             )
             outputs[agent.name] = previous = text
         return previous
+
+    async def _agent_waits(
+        self,
+        key: str,
+        index: int,
+        agent: Agent,
+        outputs: dict[str, str],
+        previous: str,
+        answers: dict[str, Any],
+    ) -> None:
+        """What a file agent asks a person before it runs: its approval (refused: the run
+        fails input_refused) or its question (the answer goes into `answers`)."""
+        wait = agent.approval or agent.ask
+        if wait is None:
+            return
+        context = agent_context(
+            run_input=self.claim.input, outputs=outputs, previous=previous, answers=answers
+        )
+        prompt = template_render(wait["prompt"], context)
+        if agent.approval is not None:
+            answer = await self.wait_for_input(
+                f"{key}/approval", kind="approval", agent=agent.name, prompt=prompt, index=index
+            )
+            if not answer["approve"]:
+                raise RunFailure(
+                    "input_refused",
+                    f"The approval asked before {agent.name} was refused ({answer['by']}).",
+                )
+        else:
+            answer = await self.wait_for_input(
+                f"{key}/ask",
+                kind="input",
+                agent=agent.name,
+                prompt=prompt,
+                schema=agent.ask["schema"],
+                index=index,
+            )
+            answers[agent.name] = answer["input"]
 
     async def agent(
         self,
@@ -383,9 +520,10 @@ class Execution:
                         ],
                     }
                 )
+                refused = await self._tool_approvals(round_key, agent, index, by_name, call)
                 results = await asyncio.gather(
                     *(
-                        self._tool(f"{round_key}/t{j}", agent, index, by_name, c)
+                        self._tool(f"{round_key}/t{j}", agent, index, by_name, c, refused.get(j))
                         for j, c in enumerate(call["tool_calls"])
                     )
                 )
@@ -490,15 +628,49 @@ class Execution:
         for data in events[1:]:
             self.emit(AGENT_TOOL_CALL, data)
 
+    async def _tool_approvals(
+        self, round_key: str, agent: Agent, index: int, by_name: dict[str, dict], call: dict
+    ) -> dict[int, str]:
+        """Before a round's tools run: a person approves each call of a tool that needs it,
+        one request at a time, in the round's order. The calls refused, and by whom."""
+        refused: dict[int, str] = {}
+        for j, c in enumerate(call["tool_calls"]):
+            tool = by_name.get(c["name"])
+            key = f"{round_key}/t{j}"
+            if tool is None or not tool.get("needs_approval") or key in self.steps:
+                continue
+            answer = await self.wait_for_input(
+                f"{key}/approval",
+                kind="approval",
+                agent=agent.name,
+                prompt=f"{agent.name} asks to call {c['name']}.",
+                index=index,
+                tool=c["name"],
+                call_id=c["id"],
+                arguments=arguments_shown(c["arguments"]),
+            )
+            if not answer["approve"]:
+                refused[j] = answer["by"]
+        return refused
+
     async def _tool(
-        self, key: str, agent: Agent, index: int, by_name: dict[str, dict], call: dict[str, str]
+        self,
+        key: str,
+        agent: Agent,
+        index: int,
+        by_name: dict[str, dict],
+        call: dict[str, str],
+        refused_by: str | None = None,
     ) -> str:
         """One tool call, recorded with its `agent.tool_result`: its output, or the error the
-        model reads instead (a tool that raises, times out or does not exist)."""
+        model reads instead (a tool that raises, times out or does not exist, or a call a
+        person refused)."""
         done = self.steps.get(key)
         if done is None:
             tool = by_name.get(call["name"])
             try:
+                if refused_by is not None:
+                    raise ToolError("call_refused", f"A person refused this call ({refused_by}).")
                 if tool is None:
                     raise ToolError("tool_unknown", f"There is no tool named {call['name']!r}.")
                 done = {
@@ -526,6 +698,11 @@ class Execution:
 
     def append(self, events: list, fields: dict[str, Any]) -> Append:
         return Append(self.run_id, events, fields, self.when)
+
+
+class InputWait(BaseException):
+    """The run has stopped to wait for a person: raised up through the chain's code to end the
+    execution. Not an Exception, so a chain's `except Exception` lets it through."""
 
 
 class ChainError(Exception):

@@ -96,12 +96,13 @@ def _strip_titles(schema: Any) -> Any:
 
 def tool_describe(entry: Any) -> dict[str, Any]:
     """A chain file's tool entry (`module:function`, or a mapping with `function` and optionally
-    `name`, `description`, `parameters`) as the tool the agent stores; ValueError otherwise."""
+    `name`, `description`, `parameters`, `needs_approval`) as the tool the agent stores;
+    ValueError otherwise."""
     if isinstance(entry, str):
         entry = {"function": entry}
     if not isinstance(entry, dict):
         raise ValueError("a tool is `module:function` or a mapping with `function`")
-    unknown = set(entry) - {"function", "name", "description", "parameters"}
+    unknown = set(entry) - {"function", "name", "description", "parameters", "needs_approval"}
     if unknown:
         raise ValueError(f"unknown tool fields {sorted(unknown)}")
     path = entry.get("function")
@@ -126,12 +127,18 @@ def tool_describe(entry: Any) -> dict[str, Any]:
                 parameters["properties"][arg].setdefault("description", text)
     if not isinstance(parameters, dict) or parameters.get("type") != "object":
         raise ValueError(f"tool {path!r}: parameters must be a JSON Schema of an object")
-    return {
+    needs_approval = entry.get("needs_approval", False)
+    if not isinstance(needs_approval, bool):
+        raise ValueError(f"tool {path!r}: needs_approval must be true or false")
+    tool = {
         "name": name,
         "function": path,
         "description": str(entry.get("description", summary)),
         "parameters": parameters,
     }
+    if needs_approval:  # only then: the hash of a chain's other tools stays as it was
+        tool["needs_approval"] = True
+    return tool
 
 
 def tools_openai(tools: list[dict]) -> list[dict]:

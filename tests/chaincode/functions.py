@@ -46,3 +46,31 @@ async def nul_output(ctx, input):
 async def nul_progress(ctx, input):
     ctx.progress("a\x00b")
     return "never"
+
+
+CITY = {"type": "object", "required": ["city"], "properties": {"city": {"type": "string"}}}
+
+
+async def asks(ctx, input):
+    """A question, then an approval, then an agent about the answer."""
+    answer = await ctx.ask("Which city?", schema=CITY)
+    if not await ctx.approve(f"Write about {answer['city']}?"):
+        return {"skipped": answer["city"]}
+    text = await ctx.agent("writer", f"Write about {answer['city']}", model=input.get("model"))
+    return {"city": answer["city"], "text": text}
+
+
+async def asks_twice_at_once(ctx, input):
+    """Two questions asked in parallel: the run asks them one after the other."""
+    import asyncio
+
+    first, second = await asyncio.gather(ctx.ask("First?"), ctx.ask("Second?"))
+    return {"first": first, "second": second}
+
+
+async def asks_and_catches(ctx, input):
+    """A chain that catches every Exception around its question still waits."""
+    try:
+        return await ctx.ask("Anything?")
+    except Exception as e:  # what a chain owner may write
+        return {"caught": type(e).__name__}

@@ -41,3 +41,17 @@ def huge(topic: str) -> str:
 def untyped(topic):
     """A tool without type hints: any JSON value is taken."""
     return f"untyped {topic}"
+
+
+SENT: list[str] = []
+
+
+def send_email(to: str, subject: str = "hello") -> str:
+    """Send an email (a tool that acts: the tests' chains ask a person first).
+
+    Args:
+        to: the address
+        subject: the subject line
+    """
+    SENT.append(to)
+    return f"sent to {to}"

@@ -18,8 +18,9 @@ from opentelemetry.trace import Span, SpanKind, Status, StatusCode
 
 from agentsvc import logs, tracing
 from agentsvc.errors import ApplicationError
+from runs.events import RUN_INPUT_REQUIRED
 from runs.models import TERMINAL_EVENTS, Run
-from runs.presenters import run_output
+from runs.presenters import input_request_dict, run_output
 from runs.timefmt import iso
 from webhooks import delivery as http
 from webhooks.models import (
@@ -65,6 +66,8 @@ def _payload(*, run: Run, event: str, seq: int, msg_id: str, now: datetime) -> d
     duration_ms = None
     if run.started_at and run.finished_at:
         duration_ms = int((run.finished_at - run.started_at).total_seconds() * 1000)
+    # A request for input tells its subscriber what to answer (POST /runs/{id}/input).
+    request = {"input_request": input_request_dict(run)} if event == RUN_INPUT_REQUIRED else {}
     return {
         "type": event,
         "id": msg_id,
@@ -89,6 +92,7 @@ def _payload(*, run: Run, event: str, seq: int, msg_id: str, now: datetime) -> d
             "finished_at": iso(run.finished_at),
             "metadata": run.metadata,
             "seq": seq,
+            **request,
         },
     }
 
@@ -109,18 +113,19 @@ def _targets(
     return targets
 
 
-def messages_create_for_events(*, ended: list[tuple[UUID, str, int, datetime]]) -> None:
-    """Called by `runs.services.events_write` inside the transaction of terminal events (run,
-    event, seq, time), so a message exists if and only if its event does; this process's
-    delivery pump is woken on commit. Three queries and two inserts for any number of runs."""
-    runs = Run.objects.select_related("chain").in_bulk([run_id for run_id, _, _, _ in ended])
+def messages_create_for_events(*, events: list[tuple[UUID, str, int, datetime]]) -> None:
+    """Called by `runs.services.events_write` inside the transaction of the events a webhook may
+    subscribe to (run, event, seq, time), so a message exists if and only if its event does;
+    this process's delivery pump is woken on commit. Three queries and two inserts for any
+    number of runs."""
+    runs = Run.objects.select_related("chain").in_bulk([run_id for run_id, _, _, _ in events])
     endpoints: dict[int, list[WebhookEndpoint]] = {}
     owners = {run.owner_id for run in runs.values()}
     for endpoint in WebhookEndpoint.objects.filter(owner_id__in=owners, enabled=True):
         endpoints.setdefault(endpoint.owner_id, []).append(endpoint)
     messages: list[WebhookMessage] = []
     deliveries: list[WebhookDelivery] = []
-    for run_id, event, seq, now in ended:
+    for run_id, event, seq, now in events:
         run = runs[run_id]
         targets = _targets(run=run, event=event, endpoints=endpoints.get(run.owner_id, []))
         if not targets:
@@ -431,7 +436,7 @@ def run_webhooks_resend(*, run: Run) -> list[WebhookDelivery]:
         )
         if message is None:
             seq = run.last_seq
-            messages_create_for_events(ended=[(run.id, event, seq, now)])
+            messages_create_for_events(events=[(run.id, event, seq, now)])
             return list(WebhookDelivery.objects.filter(message__run=run).order_by("created_at"))
         existing = {d.endpoint_id: d for d in message.deliveries.select_related("endpoint")}
         new = [

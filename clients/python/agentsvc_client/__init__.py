@@ -1,6 +1,13 @@
 """Python client of the agentsvc HTTP API: runs, streaming with resume, webhooks, typed errors."""
 
-from agentsvc_client._core import AUTO, KEEP, TERMINAL_EVENTS, TERMINAL_STATUSES, Event
+from agentsvc_client._core import (
+    AUTO,
+    INPUT_REQUIRED,
+    KEEP,
+    TERMINAL_EVENTS,
+    TERMINAL_STATUSES,
+    Event,
+)
 from agentsvc_client.aio import AsyncClient
 from agentsvc_client.client import Client
 from agentsvc_client.errors import (
@@ -23,6 +30,7 @@ from agentsvc_client.webhooks import WebhookVerificationError, verify_webhook
 
 __all__ = [
     "AUTO",
+    "INPUT_REQUIRED",
     "KEEP",
     "TERMINAL_EVENTS",
     "TERMINAL_STATUSES",

@@ -34,6 +34,8 @@ KEEP: Any = _Keep()
 
 TERMINAL_EVENTS = frozenset({"run.completed", "run.failed", "run.cancelled", "run.timed_out"})
 TERMINAL_STATUSES = frozenset({"completed", "failed", "cancelled", "timed_out"})
+INPUT_REQUIRED = "input_required"
+"""The status of a run waiting for a person's answer (its `input_request` says what to send)."""
 SSE_HEADERS = {"Accept": "text/event-stream"}
 
 
@@ -61,6 +63,12 @@ class Event:
     @property
     def is_terminal(self) -> bool:
         return self.type in TERMINAL_EVENTS
+
+    @property
+    def is_input_required(self) -> bool:
+        """The run stopped to wait for a person (`data` is the request): the stream stays open
+        until someone answers and the run ends."""
+        return self.type == "run.input_required"
 
 
 @dataclass
@@ -148,6 +156,18 @@ def events_param(events: Iterable[str] | None) -> dict[str, str]:
         return {}
     names = [events] if isinstance(events, str) else list(events)
     return {"events": ",".join(names)}
+
+
+def respond_body(request_id: str, approve: bool | None, input: dict | None) -> dict[str, Any]:
+    """The answer to a request: `approve` (an approval) or `input` (an input), not both."""
+    if (approve is None) == (input is None):
+        raise ValueError("pass either approve=True/False or input={...}")
+    body: dict[str, Any] = {"request_id": request_id}
+    if approve is not None:
+        body["approve"] = approve
+    else:
+        body["input"] = input
+    return body
 
 
 def rerun_body(input: dict | None, metadata: dict | None, webhook: Any) -> dict[str, Any]:

@@ -12,6 +12,7 @@ import httpx
 from agentsvc_client import _core
 from agentsvc_client._core import (
     AUTO,
+    INPUT_REQUIRED,
     KEEP,
     SSE_HEADERS,
     TERMINAL_STATUSES,
@@ -173,6 +174,23 @@ class Runs:
             "POST", f"/api/v1/runs/{run_id}/cancel", idempotency_key=idempotency_key
         )
 
+    async def respond(
+        self,
+        run_id: str,
+        request_id: str,
+        *,
+        approve: bool | None = None,
+        input: dict | None = None,
+        idempotency_key: Any = AUTO,
+    ) -> dict:
+        """Answer what a waiting run asks (its `input_request`): `approve=True/False` for an
+        approval, `input={...}` for an input. The run (202, queued again). A request answered
+        before raises ConflictError `input_already_received`."""
+        body = _core.respond_body(request_id, approve, input)
+        return await self._c.call(
+            "POST", f"/api/v1/runs/{run_id}/input", json=body, idempotency_key=idempotency_key
+        )
+
     async def rerun(
         self,
         run_id: str,
@@ -248,14 +266,15 @@ class Runs:
         *,
         on_progress: Callable[[dict], None] | None = None,
     ) -> dict:
-        """Poll until the run ends, sleeping as Retry-After says; WaitTimeout past `timeout`."""
+        """Poll until the run ends or waits for a person (status `input_required`: answer it
+        with `respond`), sleeping as Retry-After says; WaitTimeout past `timeout`."""
         deadline = time.monotonic() + timeout
         while True:
             response = await self._c.request("GET", f"/api/v1/runs/{run_id}")
             run = response.json()
             if on_progress:
                 on_progress(run)
-            if run["status"] in TERMINAL_STATUSES:
+            if run["status"] in TERMINAL_STATUSES or run["status"] == INPUT_REQUIRED:
                 return run
             remaining = deadline - time.monotonic()
             if remaining <= 0:

@@ -2,7 +2,8 @@
 
 Exit codes: 0 the run completed (or the command succeeded); 1 the run ended failed, cancelled or
 timed out; 2 bad usage or configuration; 3 the API answered an error; 4 the service could not be
-reached; 5 --wait gave up before the run ended (the run goes on).
+reached; 5 --wait gave up before the run ended (the run goes on); 6 the run waits for a person's
+answer (`agentsvc respond RUN ...`).
 """
 
 from __future__ import annotations
@@ -12,11 +13,19 @@ import json
 import sys
 from typing import Any
 
-from agentsvc_client._core import Event
+from agentsvc_client._core import INPUT_REQUIRED, Event
 from agentsvc_client.client import Client
 from agentsvc_client.errors import AgentsvcError, APIConnectionError, APIError, WaitTimeout
 
-EXIT_OK, EXIT_RUN_NOT_COMPLETED, EXIT_USAGE, EXIT_API, EXIT_CONNECTION, EXIT_WAIT = range(6)
+(
+    EXIT_OK,
+    EXIT_RUN_NOT_COMPLETED,
+    EXIT_USAGE,
+    EXIT_API,
+    EXIT_CONNECTION,
+    EXIT_WAIT,
+    EXIT_INPUT_REQUIRED,
+) = range(7)
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -41,7 +50,9 @@ def _parser() -> argparse.ArgumentParser:
         "--events",
         help="with --stream: only these comma-separated event types (e.g. agent.output)",
     )
-    run.add_argument("--wait", action="store_true", help="show progress until the end")
+    run.add_argument(
+        "--wait", action="store_true", help="show progress until the end (or a request for input)"
+    )
     run.add_argument("--timeout", type=float, default=600, help="--wait gives up after (s)")
     run.add_argument("--json", action="store_true", default=argparse.SUPPRESS)
 
@@ -60,6 +71,15 @@ def _parser() -> argparse.ArgumentParser:
     rerun.add_argument("--metadata", help="a JSON object instead of the original metadata")
     for action in runs_sub.choices.values():
         action.add_argument("--json", action="store_true", default=argparse.SUPPRESS)
+
+    respond = sub.add_parser("respond", help="answer what a waiting run asks")
+    respond.add_argument("run_id")
+    answer = respond.add_mutually_exclusive_group(required=True)
+    answer.add_argument("--approve", action="store_true", help="approve the request")
+    answer.add_argument("--refuse", action="store_true", help="refuse the request")
+    answer.add_argument("--input", help="the answer to an input request, a JSON object")
+    respond.add_argument("--request", help="the request id (default: the run's pending one)")
+    respond.add_argument("--json", action="store_true", default=argparse.SUPPRESS)
 
     batch = sub.add_parser("batch", help="start many runs of CHAIN at once, all or none")
     batch.add_argument("chain")
@@ -124,7 +144,21 @@ def _summary(run: dict) -> str:
     ]
     if run.get("error"):
         lines.append(f"error     {run['error'].get('code')}: {run['error'].get('message')}")
+    request = run.get("input_request")
+    if request:
+        lines += _request_lines(request)
     return "\n".join(lines)
+
+
+def _request_lines(request: dict) -> list[str]:
+    what = request.get("kind")
+    if request.get("tool"):
+        what = f"{what} of {request['tool']}({json.dumps(request.get('arguments'))})"
+    lines = [f"asks      {what}: {request.get('prompt')}"]
+    if request.get("schema"):
+        lines.append(f"schema    {json.dumps(request['schema'])}")
+    lines.append(f"request   {request.get('request_id')} (expires {request.get('expires_at')})")
+    return lines
 
 
 def _progress(run: dict) -> None:
@@ -140,7 +174,7 @@ def _finish(client: Client, run: dict, as_json: bool) -> int:
         _print_json(run)
     else:
         print(_summary(run))
-    return EXIT_OK if run["status"] == "completed" else EXIT_RUN_NOT_COMPLETED
+    return _exit_of(run)
 
 
 def _run(client: Client, args: argparse.Namespace) -> int:
@@ -162,6 +196,8 @@ def _run(client: Client, args: argparse.Namespace) -> int:
             else:
                 agent = _print_event(event, agent)
             sys.stdout.flush()
+            if event.is_input_required:
+                break  # a person answers (agentsvc respond); the run waits, nothing is lost
         if not args.json:
             print()
         final = client.runs.get(run_id)
@@ -196,7 +232,26 @@ def _print_event(event: Event, agent: str | None) -> str | None:
 
 
 def _exit_of(run: dict) -> int:
+    if run["status"] == INPUT_REQUIRED:
+        return EXIT_INPUT_REQUIRED
     return EXIT_OK if run["status"] == "completed" else EXIT_RUN_NOT_COMPLETED
+
+
+def _respond(client: Client, args: argparse.Namespace) -> int:
+    answer = _json_arg(args.input, "--input")
+    request_id = args.request
+    if request_id is None:
+        request = client.runs.get(args.run_id).get("input_request")
+        if not request:
+            return _usage(f"run {args.run_id} is not waiting for input")
+        request_id = request["request_id"]
+    approve = None if answer is not None else bool(args.approve)
+    run = client.runs.respond(args.run_id, request_id, approve=approve, input=answer)
+    if args.json:
+        _print_json(run)
+    else:
+        print(f"answered {request_id}; run {run['run_id']} is {run['status']}")
+    return EXIT_OK
 
 
 def _runs(client: Client, args: argparse.Namespace) -> int:
@@ -303,6 +358,7 @@ def main(argv: list[str] | None = None) -> int:
     commands = {
         "run": _run,
         "runs": _runs,
+        "respond": _respond,
         "batch": _batch,
         "endpoints": _endpoints,
         "chains": _chains,

@@ -1,12 +1,13 @@
 // The operators' dashboard: follows /ws/v1/runs (status feed) and /ws/v1/runs/{id} (a run's
-// events) with the page's staff session, re-reads /dashboard/state for the counters, draws the
-// charts of /dashboard/series as SVG, and cancels through /dashboard/runs/{id}/cancel. Plain
-// JavaScript, no build step.
+// events) with the page's staff session, re-reads /dashboard/state for the counters and the runs
+// waiting for a person, draws the charts of /dashboard/series as SVG, and cancels through
+// /dashboard/runs/{id}/cancel. Plain JavaScript, no build step.
 "use strict";
 
 (() => {
   const NIL = "00000000-0000-0000-0000-000000000000";
-  const RANK = { queued: 0, running: 1, completed: 2, failed: 2, cancelled: 2, timed_out: 2 };
+  // A run goes queued -> running (-> input_required -> queued -> running ...) -> an end.
+  const ENDED = new Set(["completed", "failed", "cancelled", "timed_out"]);
   const TERMINAL = new Set(["run.completed", "run.failed", "run.cancelled", "run.timed_out"]);
   const body = document.body;
   const maxRows = Number(body.dataset.maxRows);
@@ -86,8 +87,9 @@
     return row;
   }
 
-  // Applies what a feed frame or a state read knows about a run. Statuses only move forward, so
-  // an answer read before a newer frame arrived cannot take a row back.
+  // Applies what a feed frame or a state read knows about a run. An ended run stays ended, so an
+  // answer read before its last frame arrived cannot take its row back (before its end, a run
+  // may go back to queued: after a person's answer; the next state read is the truth).
   function show(run) {
     let row = rowOf(run.run_id);
     if (!row) {
@@ -98,7 +100,7 @@
       row = newRow(run);
     }
     const current = row.dataset.status;
-    if (current && RANK[run.status] < RANK[current]) return;
+    if (current && ENDED.has(current) && !ENDED.has(run.status)) return;
     row.dataset.status = run.status;
     const cell = (name) => row.querySelector(`[data-col="${name}"]`);
     cell("status").firstElementChild.textContent = run.status;
@@ -110,7 +112,8 @@
     cell("tokens").textContent = run.usage.total_tokens;
     const action = cell("action");
     action.textContent = "";
-    if (run.status === "queued" || (run.status === "running" && !run.cancel_requested)) {
+    const waits = run.status === "queued" || run.status === "input_required";
+    if (waits || (run.status === "running" && !run.cancel_requested)) {
       const button = document.createElement("button");
       button.type = "button";
       button.className = "cancel";
@@ -134,12 +137,47 @@
       const state = await response.json();
       $("count-active").textContent = state.counts.active;
       $("count-queued").textContent = state.counts.queued;
+      $("count-waiting").textContent = state.counts.waiting;
+      showWaiting(state.waiting);
       $("count-failed").textContent = state.counts.failed_last_hour;
       for (const run of state.runs.slice().reverse()) show(run);
     } catch (error) {
       say(`Could not read the counters: ${error.message}`);
     }
   }
+  // The runs waiting for a person, redrawn whole from each state read (at most 50 rows).
+  function showWaiting(runs) {
+    const rows = document.querySelector("#waiting tbody");
+    rows.textContent = "";
+    if (!runs.length) {
+      const row = rows.insertRow();
+      row.className = "none";
+      const cell = row.insertCell();
+      cell.colSpan = 7;
+      cell.textContent = "No run is waiting.";
+      return;
+    }
+    for (const run of runs) {
+      const row = rows.insertRow();
+      row.dataset.runId = run.run_id;
+      const link = document.createElement("a");
+      link.href = body.dataset.answerUrl.replace(NIL, run.run_id);
+      link.textContent = run.run_id.slice(0, 8);
+      row.insertCell().append(link);
+      row.insertCell().textContent = `${run.chain} v${run.version}`;
+      row.insertCell().textContent = run.owner;
+      const tool = run.tool ? ` of ${run.tool}` : "";
+      row.insertCell().textContent = `${run.kind}${tool}${run.agent ? ` (${run.agent})` : ""}`;
+      row.insertCell().textContent = run.prompt;
+      for (const at of [run.requested_at, run.expires_at]) {
+        const time = document.createElement("time");
+        time.dateTime = at;
+        time.textContent = at;
+        row.insertCell().append(time);
+      }
+    }
+  }
+
   function refresh() {
     if (pending) return;
     pending = setTimeout(readState, Math.max(0, lastRead + 1000 - Date.now()));
