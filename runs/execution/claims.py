@@ -137,7 +137,10 @@ def runs_claim(
             for run, _, chain_id, _, timeout_s, *_ in rows
         ]
         written = events_write(appends=appends)
-        done = _steps_done([row[0] for row in rows if row[10] is not None])
+    # After the claim's commit, in a statement of its own: a transaction that holds the runs'
+    # rows while it reads another table can deadlock with a TRUNCATE (and the steps of a run
+    # are written only under its claim, which is now this one).
+    done = _steps_done([row[0] for row in rows if row[10] is not None and written[row[0]]])
     claimed = [
         Claimed(
             run_id=run,
