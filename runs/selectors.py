@@ -166,6 +166,19 @@ def decode_cursor(cursor: str, *parsers: Callable[[str], Any]) -> list[Any]:
         ) from None
 
 
+def newest_first_page(rows: QuerySet, *, cursor: str | None, limit: int) -> tuple[list, str | None]:
+    """A page of `rows` (UUID keys) newest first, keyset-paginated on (created_at, id), and the
+    cursor of the next page or None."""
+    if cursor:
+        created, pk = decode_cursor(cursor, datetime.fromisoformat, UUID)
+        rows = rows.filter(Q(created_at__lt=created) | Q(created_at=created, id__lt=pk))
+    page = list(rows.order_by("-created_at", "-id")[: limit + 1])
+    if len(page) <= limit:
+        return page, None
+    page = page[:limit]
+    return page, encode_cursor(page[-1].created_at, page[-1].id)
+
+
 def chain_page(*, cursor: str | None, limit: int) -> tuple[list[Chain], str | None]:
     """A page of the latest chains by name, and the cursor of the next page (or None)."""
     chains = chain_latest_list()

@@ -2,14 +2,12 @@
 
 from __future__ import annotations
 
-from datetime import datetime
 from uuid import UUID
 
-from django.db.models import Q
 from django.http import Http404
 
 from agentsvc.models import Owner
-from runs.selectors import decode_cursor, encode_cursor
+from runs.selectors import newest_first_page
 from schedules.models import Schedule
 
 
@@ -24,12 +22,4 @@ def schedule_list(
     *, owner: Owner, cursor: str | None, limit: int
 ) -> tuple[list[Schedule], str | None]:
     """A page of the owner's schedules, newest first (schedule_owner_created_idx)."""
-    schedules = Schedule.objects.filter(owner=owner)
-    if cursor:
-        created, pk = decode_cursor(cursor, datetime.fromisoformat, UUID)
-        schedules = schedules.filter(Q(created_at__lt=created) | Q(created_at=created, id__lt=pk))
-    page = list(schedules.order_by("-created_at", "-id")[: limit + 1])
-    if len(page) <= limit:
-        return page, None
-    page = page[:limit]
-    return page, encode_cursor(page[-1].created_at, page[-1].id)
+    return newest_first_page(Schedule.objects.filter(owner=owner), cursor=cursor, limit=limit)

@@ -10,7 +10,7 @@ from django.http import Http404
 
 from agentsvc.models import Owner
 from runs.models import Run
-from runs.selectors import decode_cursor, encode_cursor
+from runs.selectors import decode_cursor, encode_cursor, newest_first_page
 from webhooks.models import WebhookAttempt, WebhookDelivery, WebhookEndpoint
 
 
@@ -25,15 +25,9 @@ def endpoint_list(
     *, owner: Owner, cursor: str | None, limit: int
 ) -> tuple[list[WebhookEndpoint], str | None]:
     """A page of the owner's endpoints, newest first."""
-    endpoints = WebhookEndpoint.objects.filter(owner=owner)
-    if cursor:
-        created, pk = decode_cursor(cursor, datetime.fromisoformat, UUID)
-        endpoints = endpoints.filter(Q(created_at__lt=created) | Q(created_at=created, id__lt=pk))
-    page = list(endpoints.order_by("-created_at", "-id")[: limit + 1])
-    if len(page) <= limit:
-        return page, None
-    page = page[:limit]
-    return page, encode_cursor(page[-1].created_at, page[-1].id)
+    return newest_first_page(
+        WebhookEndpoint.objects.filter(owner=owner), cursor=cursor, limit=limit
+    )
 
 
 def _with_log(deliveries):
